@@ -1,0 +1,3 @@
+"""batchlab: measure batch size and normalization choices for PyTorch models."""
+
+__version__ = "0.1.0"

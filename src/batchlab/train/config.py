@@ -40,10 +40,12 @@ class TrainConfig:
     eval_every: int = 0  # evaluate every N steps; 0: at the end of every epoch
     eval_train: bool = True  # also record loss/accuracy on (a fixed subset of) the training set
     seed: int = 0
-    norm: str = "batch"  # norm layer the model is built with (see batchlab.norm.create_norm)
+    norm: str | None = None  # norm layer of the model (see batchlab.norm.create_norm); None: the task's default
     activation: str = "relu"
     device: str = "cpu"
     amp: bool = False  # torch.autocast: bfloat16 on CPU, float16 + GradScaler on CUDA
+    amp_dtype: str | None = None  # override the autocast dtype: "bfloat16" or "float16" (float16 uses a GradScaler)
+    lbfgs_max_iter: int = 5  # inner iterations per batch for optimizer "lbfgs"
     drop_last: bool = False
     grad_clip: float | None = None
     divergence_loss: float = 1e4  # a training loss above this (or non-finite) ends the run as "diverged"
@@ -68,6 +70,8 @@ class TrainConfig:
             _check_positive_int("max_steps", self.max_steps)
         if self.max_examples is not None:
             _check_positive_int("max_examples", self.max_examples)
+        if self.amp_dtype not in (None, "bfloat16", "float16"):
+            raise ValueError(f"amp_dtype must be None, 'bfloat16' or 'float16'; got {self.amp_dtype!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.eval_every < 0:

@@ -1,5 +1,26 @@
 """Data sets that need no download, and readers for MNIST/CIFAR-10 files on disk."""
 
 from batchlab.data.arrays import ArrayDataset
+from batchlab.data.cifar import load_cifar10, read_cifar_batch
+from batchlab.data.digits import load_digits
+from batchlab.data.idx import check_labels, load_mnist, read_idx_images, read_idx_labels
+from batchlab.data.mnist1d import cache_dir, generate_mnist1d, load_mnist1d
+from batchlab.data.sequence import SequenceDataset, make_sequences
+from batchlab.data.synthetic import make_gaussian_mixture
 
-__all__ = ["ArrayDataset"]
+__all__ = [
+    "ArrayDataset",
+    "SequenceDataset",
+    "cache_dir",
+    "check_labels",
+    "generate_mnist1d",
+    "load_cifar10",
+    "load_digits",
+    "load_mnist",
+    "load_mnist1d",
+    "make_gaussian_mixture",
+    "make_sequences",
+    "read_cifar_batch",
+    "read_idx_images",
+    "read_idx_labels",
+]

@@ -226,7 +226,9 @@ def _fit(
         nonlocal loss_sum, loss_count
         t0 = time.perf_counter()
         val_loss, val_acc = evaluate(model, val.x, val.y, task, autocast=autocast)
-        tr_loss, tr_acc = evaluate(model, train_eval_x, train_eval_y, task, autocast=autocast)
+        tr_loss, tr_acc = (
+            evaluate(model, train_eval_x, train_eval_y, task, autocast=autocast) if cfg.eval_train else (math.nan, math.nan)
+        )
         row: dict[str, Any] = {
             "step": ctx.step, "epoch": ctx.examples / n, "examples": ctx.examples,
             "wall_time": time.perf_counter() - t_start, "train_time": train_time, "lr": ctx.lr,
@@ -289,7 +291,7 @@ def _fit(
                     l.backward()
                     return l
 
-                step_loss = float(optimizer.step(closure))
+                step_loss = float(optimizer.step(closure).detach())
             else:
                 step_loss = 0.0
                 for i, idx in enumerate(micro_idx):

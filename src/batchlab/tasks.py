@@ -68,6 +68,7 @@ class Task:
             "n_val": len(self.val_set),
             "shape": list(self.train_set.x.shape[1:]),
             "checksum": float(self.train_set.x.double().sum()) + float(self.val_set.x.double().sum()),
+            "info": {k: v for k, v in self.info.items() if isinstance(v, (str, int, float, bool, list, tuple, type(None)))},
         }
 
 

@@ -1,0 +1,47 @@
+"""``batchlab reproduce``: the claim experiments."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from batchlab.cli import CliError, positive_int
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("reproduce", help="run the experiment behind every claim and write a report with verdicts")
+    p.add_argument("--quick", action="store_true", help="small configuration: the whole suite in about 10 minutes on a 2-core CPU")
+    p.add_argument("--only", default=None, help="comma-separated claim ids or experiment ids, e.g. C10,C17")
+    p.add_argument("--out", default="batchlab-out/reproduce", help="output folder (report at OUT/index.html)")
+    p.add_argument("--seeds", type=positive_int, default=None, help="seeds per setting (default 3; 2 with --quick)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--list", action="store_true", help="list the experiments and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_reproduce)
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from batchlab.experiments.base import experiments
+    from batchlab.experiments.runner import print_summary, reproduce, select
+
+    if args.list:
+        for exp in experiments().values():
+            print(f"{','.join(exp.claims):<10} {exp.id:<22} {exp.title}")
+        return 0
+    only = args.only.split(",") if args.only else None
+    try:
+        select(only)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CliError(f"--device {args.device!r}: CUDA is not available on this machine")
+    elif args.device != "cpu":
+        raise CliError(f"--device must be cpu or cuda, got {args.device!r}")
+    outcomes = reproduce(only=only, quick=args.quick, out=args.out, seeds=args.seeds, device=args.device,
+                         progress=not args.quiet)
+    print_summary(outcomes, Path(args.out))
+    return 0 if all(o.status == "ok" for o in outcomes) else 1

@@ -1,0 +1,229 @@
+"""The experiment framework behind ``batchlab reproduce``.
+
+An :class:`Experiment` tests one or more claims of ``CLAIMS.md``. It declares its parameters for
+the full and the ``--quick`` run, gathers data through :class:`ExperimentContext` (whose
+``fit`` and ``cached`` go through the results store, so a rerun or an interrupted run costs
+nothing twice), and then, as pure functions of that data, computes a verdict per claim with the
+decision rule written in its code (:meth:`Experiment.decide`) and draws its figures
+(:meth:`Experiment.plot`). ``decide`` never sees anything but the data, so tests can feed it
+data built to make a claim false, or too noisy to tell.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from batchlab.store import Store, run_key
+from batchlab.tasks import Task, get_task
+from batchlab.train.config import RunResult, TrainConfig
+from batchlab.train.loop import fit
+
+VerdictName = Literal["supported", "refuted", "inconclusive"]
+VERDICTS = ("supported", "refuted", "inconclusive")
+
+
+@dataclass
+class Verdict:
+    """The outcome of one claim's decision rule.
+
+    Attributes:
+        claim: the claim id, e.g. ``"C01"``.
+        verdict: ``"supported"``, ``"refuted"`` or ``"inconclusive"``.
+        reason: one or two sentences saying which part of the rule decided it, with numbers.
+        effect: the numbers the rule looked at (means, spreads over seeds, thresholds).
+    """
+
+    claim: str
+    verdict: VerdictName
+    reason: str
+    effect: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}; got {self.verdict!r}")
+
+
+def spread(values: Iterable[float]) -> dict[str, float]:
+    """Mean, min, max, standard deviation and count of finite ``values`` (NaN-safe)."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return {"mean": math.nan, "min": math.nan, "max": math.nan, "std": math.nan, "n": 0}
+    return {
+        "mean": statistics.fmean(vals),
+        "min": min(vals),
+        "max": max(vals),
+        "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+        "n": len(vals),
+    }
+
+
+def fmt_spread(s: dict[str, float], digits: int = 3) -> str:
+    """``mean [min..max] (n=k)`` for a :func:`spread` dict."""
+    if not s.get("n"):
+        return "n/a"
+    return f"{s['mean']:.{digits}g} [{s['min']:.{digits}g}..{s['max']:.{digits}g}] (n={s['n']})"
+
+
+def steps_to_target(history: Sequence[dict[str, Any]], target: float, key: str = "val_acc", x: str = "step") -> float:
+    """The first ``x`` at which ``key`` reaches ``target``; ``inf`` if it never does."""
+    for row in history:
+        v = row.get(key)
+        if v is not None and v >= target:
+            return float(row[x])
+    return math.inf
+
+
+@dataclass
+class ExperimentContext:
+    """What an experiment's ``run`` gets: settings and a cached way to train."""
+
+    experiment_id: str
+    quick: bool
+    seeds: list[int]
+    device: str
+    store: Store
+    out_dir: Path
+    progress: bool = False
+    _tasks: dict[str, Task] = field(default_factory=dict)
+    trials_run: int = 0
+    trials_loaded: int = 0
+
+    def task(self, spec: str, **kwargs: Any) -> Task:
+        """A task by name, built once per distinct kwargs."""
+        key = spec + repr(sorted(kwargs.items()))
+        if key not in self._tasks:
+            self._tasks[key] = get_task(spec, **kwargs)
+        return self._tasks[key]
+
+    def fit(self, task: Task | str, config: TrainConfig, *, model_fn: Callable[[], Any] | None = None,
+            variant: str = "", **task_kwargs: Any) -> RunResult:
+        """Train through the results store: a stored run is loaded, never rerun.
+
+        Args:
+            task: a Task or a name (built with ``task_kwargs``).
+            config: the run's config; ``device`` is overridden by the context's.
+            model_fn: build the model yourself (e.g. a variant the task can't make); give it a
+                distinct ``variant`` string so its runs are stored under their own key.
+            variant: part of the key, for anything the config does not say.
+        """
+        t = self.task(task, **task_kwargs) if isinstance(task, str) else task
+        config = config.replace(device=self.device)
+        key = run_key(t.fingerprint(), config.to_dict(), variant=variant)
+
+        def run() -> dict[str, Any]:
+            self.trials_run += 1
+            model = model_fn() if model_fn is not None else None
+            return fit(t, config, model=model, raise_errors=False).to_dict()
+
+        before = self.trials_run
+        payload = self.store.run_or_load(key, run, kind=f"experiment:{self.experiment_id}")
+        if self.trials_run == before:
+            self.trials_loaded += 1
+        return RunResult.from_dict(payload)
+
+    def cached(self, name: str, params: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run a measurement that is not a plain training run, through the store.
+
+        ``name`` and ``params`` (JSON-able) identify it; ``fn`` returns a JSON-able dict.
+        """
+        key = run_key({"experiment": self.experiment_id, "measurement": name}, params, device=self.device)
+
+        def run() -> dict[str, Any]:
+            self.trials_run += 1
+            out = dict(fn())
+            out.setdefault("status", "ok")
+            return out
+
+        before = self.trials_run
+        payload = self.store.run_or_load(key, run, kind=f"experiment:{self.experiment_id}")
+        if self.trials_run == before:
+            self.trials_loaded += 1
+        return payload
+
+
+class Experiment:
+    """Base class. Subclasses set the class attributes and implement the three methods.
+
+    Attributes:
+        id: short name of the experiment (also its folder in the report), e.g. ``"bn_speed"``.
+        claims: the claim ids it tests, e.g. ``("C01",)``.
+        title: one line.
+        seed_doc: the seed document(s) the claims come from, e.g. ``"002"``.
+        statements: claim id -> the claim as the seed states it.
+        rules: claim id -> the decision rule, with its thresholds, written before any data is seen.
+    """
+
+    id: ClassVar[str] = ""
+    claims: ClassVar[tuple[str, ...]] = ()
+    title: ClassVar[str] = ""
+    seed_doc: ClassVar[str] = ""
+    statements: ClassVar[dict[str, str]] = {}
+    rules: ClassVar[dict[str, str]] = {}
+
+    def params(self, quick: bool) -> dict[str, Any]:
+        """The experiment's settings for the full run or ``--quick`` (JSON-able)."""
+        raise NotImplementedError
+
+    def run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:
+        """Gather the data (JSON-able) the verdict and figures are computed from."""
+        raise NotImplementedError
+
+    def decide(self, data: dict[str, Any], params: dict[str, Any]) -> list[Verdict]:
+        """One :class:`Verdict` per claim, computed from ``data`` only with the rules in ``rules``."""
+        raise NotImplementedError
+
+    def plot(self, data: dict[str, Any], params: dict[str, Any]) -> list[Any]:
+        """Matplotlib figures (titles, axis labels with units, legends)."""
+        raise NotImplementedError
+
+
+_EXPERIMENTS: dict[str, type[Experiment]] = {}
+
+
+def register(cls: type[Experiment]) -> type[Experiment]:
+    """Class decorator adding an experiment to the registry."""
+    if not cls.id or not cls.claims:
+        raise ValueError(f"experiment {cls.__name__} must set id and claims")
+    missing = [c for c in cls.claims if c not in cls.rules or c not in cls.statements]
+    if missing:
+        raise ValueError(f"experiment {cls.id!r} has no statement or rule for claim(s) {', '.join(missing)}")
+    if cls.id in _EXPERIMENTS and _EXPERIMENTS[cls.id] is not cls:
+        raise ValueError(f"experiment id {cls.id!r} registered twice")
+    _EXPERIMENTS[cls.id] = cls
+    return cls
+
+
+def experiments() -> dict[str, type[Experiment]]:
+    """All registered experiments, by id, in claim order."""
+    from batchlab.experiments import load_all
+
+    load_all()
+    return dict(sorted(_EXPERIMENTS.items(), key=lambda kv: (min(kv[1].claims), kv[0])))
+
+
+@dataclass
+class Outcome:
+    """One experiment's result as written to ``DIR/<id>/outcome.json``."""
+
+    id: str
+    claims: list[str]
+    title: str
+    status: str  # "ok" or "failed"
+    verdicts: list[dict[str, Any]]
+    params: dict[str, Any]
+    figures: list[str]
+    wall_time: float
+    trials_run: int
+    trials_loaded: int
+    quick: bool
+    seeds: list[int]
+    command: str
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -93,7 +93,8 @@ def read_idx_labels(path: str | os.PathLike[str], *, num_classes: int = 10) -> n
 
 
 def find_mnist_files(root: str | os.PathLike[str]) -> dict[str, Path]:
-    """Paths of the four MNIST files under ``root`` (or ``root/MNIST/raw``), raw or ``.gz``."""
+    """Paths of the four MNIST files, raw or ``.gz``, in ``root`` or its ``mnist``, ``MNIST`` or
+    ``MNIST/raw`` (torchvision's layout) subfolder."""
     root = Path(root).expanduser()
     expected = ", ".join(f"{n}[.gz]" for n in MNIST_FILES.values())
     if not root.is_dir():
@@ -101,7 +102,7 @@ def find_mnist_files(root: str | os.PathLike[str]) -> dict[str, Path]:
     found: dict[str, Path] = {}
     missing = []
     for key, name in MNIST_FILES.items():
-        for folder in (root, root / "MNIST" / "raw"):
+        for folder in (root, root / "mnist", root / "MNIST", root / "MNIST" / "raw"):
             cands = [folder / name, folder / f"{name}.gz"]
             hit = next((c for c in cands if c.is_file()), None)
             if hit is not None:
@@ -110,7 +111,10 @@ def find_mnist_files(root: str | os.PathLike[str]) -> dict[str, Path]:
         else:
             missing.append(f"{name}[.gz]")
     if missing:
-        raise ValueError(f"MNIST folder {str(root)!r} is missing {', '.join(missing)}; expected files: {expected}")
+        raise ValueError(
+            f"MNIST folder {str(root)!r} is missing {', '.join(missing)}; expected files: {expected} "
+            "(in the folder itself or in its mnist/, MNIST/ or MNIST/raw/ subfolder)"
+        )
     return found
 
 

@@ -299,8 +299,9 @@ def _fit(
                     with autocast:
                         loss = task.loss(model(xb), yb)
                     weight = idx.shape[0] / step_n
-                    (scaler.scale(loss * weight) if scaler is not None else loss * weight).backward()
-                    step_loss += float(loss.detach()) * weight
+                    scaled = loss if weight == 1.0 else loss * weight
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                    step_loss += loss.item() * weight
                     if callbacks:
                         ctx.micro_batch, ctx.micro_batch_size = i, idx.shape[0]
                         for cb in callbacks:

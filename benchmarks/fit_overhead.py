@@ -1,0 +1,82 @@
+"""fit() against a plain hand-written torch loop: same model, data, batch, epochs and evaluation.
+
+Both train for the same number of epochs at batch 128 with SGD+momentum and evaluate on the
+validation set after every epoch. Runs are interleaved (raw, fit, raw, fit, ...) and the ratio of
+medians is printed. Target: fit / raw <= 1.05.
+
+    .venv/bin/python benchmarks/fit_overhead.py [--repeats 7] [--epochs 5] [--tasks digits-mlp,mnist1d-cnn]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from batchlab.tasks import get_task
+from batchlab.train import TrainConfig, fit
+
+
+def raw_loop(task, model, batch_size: int, epochs: int, lr: float, seed: int) -> float:
+    """The loop a person writes by hand; returns the last validation accuracy."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    x, y = task.train_set.x, task.train_set.y
+    n = x.shape[0]
+    acc = 0.0
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(n, generator=gen)
+        total = 0.0
+        for i in range(0, n, batch_size):
+            idx = perm[i : i + batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss = task.loss(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            total += loss.item()
+        model.eval()
+        with torch.no_grad():
+            logits = model(task.val_set.x)
+            acc = float((logits.argmax(1) == task.val_set.y).float().mean())
+    return acc
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", default="digits-mlp,mnist1d-cnn")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch_size}, "
+          f"epochs {args.epochs}, {args.repeats} interleaved repeats")
+    print(f"{'task':<14} {'raw s':>8} {'fit s':>8} {'fit/raw':>8}  {'raw acc':>7} {'fit acc':>7}")
+    for name in args.tasks.split(","):
+        task = get_task(name)
+        cfg = TrainConfig(batch_size=args.batch_size, epochs=args.epochs, optimizer="momentum", lr=task.lr,
+                          eval_train=False)
+        raw_t, fit_t = [], []
+        for rep in range(args.repeats + 1):  # the first pair warms up
+            torch.manual_seed(rep)
+            model = task.make_model()
+            t0 = time.perf_counter()
+            raw_acc = raw_loop(task, model, args.batch_size, args.epochs, task.lr, rep)
+            t1 = time.perf_counter()
+            torch.manual_seed(rep)
+            model = task.make_model()  # built outside the timed region, as for the raw loop
+            t1 = time.perf_counter()
+            r = fit(task, cfg.replace(seed=rep), model=model)
+            t2 = time.perf_counter()
+            if rep:
+                raw_t.append(t1 - t0)
+                fit_t.append(t2 - t1)
+        raw_m, fit_m = statistics.median(raw_t), statistics.median(fit_t)
+        print(f"{name:<14} {raw_m:8.3f} {fit_m:8.3f} {fit_m / raw_m:8.3f}  {raw_acc:7.3f} {r.final['val_acc']:7.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -223,6 +223,9 @@ class Outcome:
     quick: bool
     seeds: list[int]
     command: str
+    seed_doc: str = ""
+    statements: dict[str, str] = field(default_factory=dict)
+    rules: dict[str, str] = field(default_factory=dict)
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:

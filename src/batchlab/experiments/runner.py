@@ -82,7 +82,8 @@ def run_experiment(
         id=exp.id, claims=list(exp.claims), title=exp.title, status=status,
         verdicts=[v.__dict__ for v in verdicts], params=params, figures=figures,
         wall_time=time.perf_counter() - t0, trials_run=ctx.trials_run, trials_loaded=ctx.trials_loaded,
-        quick=quick, seeds=seeds, command=rerun_command(exp_cls, quick, out), error=error,
+        quick=quick, seeds=seeds, command=rerun_command(exp_cls, quick, out), seed_doc=exp.seed_doc,
+        statements=dict(exp.statements), rules=dict(exp.rules), error=error,
     )
     (folder / "outcome.json").write_text(json.dumps(outcome.to_dict(), indent=1, default=_json_default))
     return outcome

@@ -1,0 +1,92 @@
+"""The ``batchlab reproduce`` report: built from the ``outcome.json`` files alone (runs nothing)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from batchlab.report.html import write_report
+
+SEED_FILES = {  # the seed documents (Chinese), described in English so any browser renders them
+    "000": "000, blog post 'Choosing the batch size and BatchNorm when training neural networks'",
+    "001": "001, blog post 'The effect of Batch_Size on training results'",
+    "002": "002, lecture notes 'What to do when a network won't train (5): Batch Normalization'",
+    "003": "003, lecture notes (Hung-yi Lee's ML course) 'Batch and momentum'",
+    "004": "004, blog collection 'BatchNorm topics'",
+}
+
+
+def load_outcomes(out: str | Path) -> list[dict[str, Any]]:
+    """Every ``out/*/outcome.json``, in claim order."""
+    out = Path(out)
+    found = [json.loads(p.read_text()) for p in sorted(out.glob("*/outcome.json"))]
+    return sorted(found, key=lambda o: (min(o["claims"]), o["id"]))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "never" if v > 0 else "-inf"
+        if math.isnan(v):
+            return "n/a"
+        return f"{v:.4g}"
+    if isinstance(v, dict) and {"mean", "min", "max"} <= set(v):
+        if not v.get("n"):
+            return "n/a"
+        return f"{_fmt(v['mean'])} [{_fmt(v['min'])} .. {_fmt(v['max'])}] (n={v.get('n')})"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_fmt(x) for x in v[:12]) + (" ..." if len(v) > 12 else "")
+    if isinstance(v, dict):
+        return "; ".join(f"{k}: {_fmt(x)}" for k, x in list(v.items())[:12])
+    return str(v)
+
+
+def _seed_docs(code: str) -> str:
+    return "; ".join(SEED_FILES.get(c.strip(), c.strip()) for c in code.split(",") if c.strip())
+
+
+def write_reproduce_report(out: str | Path) -> Path:
+    """Write ``out/index.html`` from the outcomes found in ``out``."""
+    out = Path(out)
+    outcomes = load_outcomes(out)
+    summary_rows = []
+    sections: list[dict[str, Any]] = []
+    for o in outcomes:
+        for v in sorted(o["verdicts"], key=lambda v: v["claim"]):
+            summary_rows.append({
+                "claim": v["claim"], "verdict": v["verdict"], "experiment": o["id"],
+                "seeds": len(o["seeds"]), "time (s)": round(o["wall_time"], 1),
+                "trials run / loaded": f"{o['trials_run']} / {o['trials_loaded']}",
+                "status": o["status"],
+            })
+            claim = v["claim"]
+            text = [
+                f"**Claim** (seed {_seed_docs(o.get('seed_doc', ''))}): {o.get('statements', {}).get(claim, '')}",
+                f"**Decision rule** (fixed before the data): {o.get('rules', {}).get(claim, '')}",
+                f"**Verdict: {v['verdict']}.** {v['reason']}",
+            ]
+            if o["status"] != "ok":
+                text.append(f"**The experiment failed:** ```{(o.get('error') or '').strip().splitlines()[-1][:300]}```")
+            effect_rows = [{"quantity": k, "value (mean [min .. max] over seeds)": _fmt(x)} for k, x in v.get("effect", {}).items()]
+            sections.append({
+                "title": f"{claim}: {o['title']}",
+                "id": claim.lower(),
+                "verdict": v["verdict"],
+                "text": text,
+                "tables": [{"rows": effect_rows, "caption": "The numbers behind the verdict"}] if effect_rows else None,
+                "figures": [str(out / f) for f in o["figures"]],
+                "code": o["command"],
+            })
+    counts = {k: sum(r["verdict"] == k for r in summary_rows) for k in ("supported", "refuted", "inconclusive")}
+    quick = any(o["quick"] for o in outcomes)
+    intro = [
+        "Each claim that the seed documents make about batch size and batch normalization, tested by an "
+        "experiment on this machine's built-in tasks. Every verdict is computed from the data by the decision "
+        "rule shown beside it, written before the experiment ran.",
+        f"{len(summary_rows)} claims: {counts['supported']} supported, {counts['refuted']} refuted, "
+        f"{counts['inconclusive']} inconclusive." + (" Quick configuration (fewer seeds, smaller budgets)." if quick else ""),
+    ]
+    sections.insert(0, {"title": "Summary", "tables": [{"rows": summary_rows, "caption": "Verdict per claim"}]})
+    return write_report(out, "batchlab reproduce: claims about batch size and BatchNorm, tested", sections, intro=intro)

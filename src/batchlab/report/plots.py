@@ -87,6 +87,10 @@ def _legend(ax: Axes, n_series: int, title: str | None = None) -> None:
         ax.legend(fontsize="small", ncol=2 if n_series > 8 else 1, title=title, title_fontsize="small")
 
 
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def _short(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:g}"
@@ -200,7 +204,7 @@ def plot_curves(
         ax.set_yscale("log")
     ax.set_xlabel(axis_label(x))
     ax.set_ylabel(axis_label(y))
-    ax.set_title(title or f"{axis_label(y).split(' (')[0]} vs {axis_label(x).split(' (')[0]}")
+    ax.set_title(title or _sentence(f"{axis_label(y).split(' (')[0]} vs {axis_label(x).split(' (')[0]}"))
     ax.grid(True, alpha=0.3)
     if missing:
         ax.text(0.01, 0.01, "no points: " + "; ".join(missing)[:200], transform=ax.transAxes, fontsize="x-small",
@@ -294,7 +298,7 @@ def plot_xy(
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title or f"{ylabel.split(' (')[0]} vs {xlabel.split(' (')[0]}")
+    ax.set_title(title or _sentence(f"{ylabel.split(' (')[0]} vs {xlabel.split(' (')[0]}"))
     ax.grid(True, alpha=0.3)
     _legend(ax, sum(1 for s in items if s.get("label")))
     return fig
@@ -347,8 +351,7 @@ def plot_heatmap(
     fig, ax = _new_axes(ax, figsize=(max(4.5, 0.8 * len(xlabels) + 2.5), max(3.5, 0.5 * len(ylabels) + 2.0)))
     import matplotlib
 
-    cm = matplotlib.colormaps[cmap].copy()
-    cm.set_bad("#d0d0d0")
+    cm = matplotlib.colormaps[cmap].with_extremes(bad="#d0d0d0")
     im = ax.imshow(masked, cmap=cm, aspect="auto", vmin=vmin, vmax=vmax, origin="upper")
     ax.set_xticks(range(len(xlabels)), [str(v) for v in xlabels], rotation=45 if len(xlabels) > 8 else 0)
     ax.set_yticks(range(len(ylabels)), [str(v) for v in ylabels])

@@ -1,0 +1,413 @@
+"""Pure torch functions behind every batchlab normalization layer.
+
+The modules in :mod:`batchlab.norm.layers` hold parameters and buffers and call these functions.
+Where the semantics are identical to a torch kernel (batch, group, layer normalization) the
+function dispatches to ``torch.nn.functional`` so forward and backward run in one fused native
+kernel. Batch Renorm and Ghost BN are expressed through the same native kernel:
+
+* Batch Renorm (Ioffe 2017) multiplies the batch-normalized value by ``r`` and adds ``d``, both
+  treated as constants by the gradient (stop-gradient). ``gamma * (xhat * r + d) + beta`` is a
+  batch norm with weight ``gamma * r`` and bias ``gamma * d + beta``, so one cheap statistics
+  pass (no gradient) to get ``r`` and ``d`` plus the native kernel gives the exact forward and
+  backward of the paper.
+* Ghost BN (Hoffer et al. 2017, Algorithm 1) normalizes each virtual batch with its own
+  statistics and updates the running statistics once per virtual batch, in order.
+
+All functions take and return tensors shaped ``(N, C, *)`` (channel second), as torch does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "batch_norm",
+    "batch_renorm",
+    "ghost_batch_norm",
+    "group_norm",
+    "layer_norm",
+    "instance_norm",
+    "check_batch_size",
+    "reduce_dims",
+]
+
+
+def reduce_dims(x: Tensor) -> tuple[int, ...]:
+    """The dimensions that batch statistics reduce over: all but the channel dimension 1."""
+    return (0, *range(2, x.dim()))
+
+
+def check_batch_size(x: Tensor) -> None:
+    """Raise torch's error when training would see one value per channel.
+
+    Args:
+        x: input of shape ``(N, C, *)``.
+
+    Raises:
+        ValueError: ``"Expected more than 1 value per channel when training, got input size
+            torch.Size([...])"``, the same message as ``torch.nn.functional.batch_norm``.
+    """
+    size = x.size()
+    n = size[0]
+    for s in size[2:]:
+        n *= s
+    if n == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+
+
+def batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Batch normalization (Ioffe & Szegedy 2015) with torch's exact semantics.
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias``. With ``training`` the mean and the
+    biased variance of the batch (over every dimension but 1) are used and the running buffers,
+    when given, are updated in place with ``running = (1 - momentum) * running + momentum * stat``
+    where the variance stat is the unbiased (Bessel-corrected) batch variance. Without
+    ``training`` the running buffers are used.
+
+    Args:
+        x: input ``(N, C, *)``.
+        running_mean: per-channel running mean ``(C,)`` or None.
+        running_var: per-channel running variance ``(C,)`` or None.
+        weight: per-channel scale gamma or None (1).
+        bias: per-channel shift beta or None (0).
+        training: use batch statistics (and update the running buffers).
+        momentum: update factor of the running buffers.
+        eps: added to the variance before the square root.
+
+    Returns:
+        The normalized tensor, same shape as ``x``.
+    """
+    # torch's kernel: identical semantics, one fused pass forward and backward.
+    return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def _view_c(t: Tensor, x: Tensor) -> Tensor:
+    return t.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+def batch_renorm(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    rmax: float = 3.0,
+    dmax: float = 5.0,
+) -> Tensor:
+    """Batch Renormalization (Ioffe 2017, "Batch Renormalization: Towards Reducing Minibatch
+    Dependence in Batch-Normalized Models", Algorithm 1).
+
+    Training: ``xhat = (x - mean_B) / std_B * r + d`` with ``std_B = sqrt(var_B + eps)``,
+    ``std = sqrt(running_var + eps)``, ``r = stopgrad(clip(std_B / std, 1/rmax, rmax))`` and
+    ``d = stopgrad(clip((mean_B - running_mean) / std, -dmax, dmax))``; then
+    ``y = weight * xhat + bias``. The running buffers are updated as in :func:`batch_norm`
+    (unbiased variance). Inference uses the running statistics, exactly like batch norm.
+    With ``rmax=1, dmax=0`` this is batch norm.
+
+    Implementation: ``weight * (xhat_B * r + d) + bias`` equals batch norm with weight
+    ``weight * r`` and bias ``weight * d + bias``; since ``r`` and ``d`` carry no gradient, the
+    native batch-norm kernel gives the exact gradient of the paper (``dL/dgamma`` picks up the
+    factors ``r`` and ``d`` through autograd of those two products).
+
+    Args:
+        x: input ``(N, C, *)``.
+        running_mean: running mean ``(C,)`` (required: r and d are defined against it).
+        running_var: running variance ``(C,)``.
+        weight: gamma or None.
+        bias: beta or None.
+        training: batch statistics with correction (True) or running statistics (False).
+        momentum: update factor of the running buffers.
+        eps: added to both variances before the square root.
+        rmax: clip of ``r`` to ``[1/rmax, rmax]``; must be >= 1.
+        dmax: clip of ``d`` to ``[-dmax, dmax]``; must be >= 0.
+
+    Returns:
+        The renormalized tensor, same shape as ``x``.
+    """
+    if rmax < 1.0:
+        raise ValueError(f"rmax must be >= 1, got {rmax}")
+    if dmax < 0.0:
+        raise ValueError(f"dmax must be >= 0, got {dmax}")
+    if not training:
+        return F.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps)
+    check_batch_size(x)
+    with torch.no_grad():
+        var_b, mean_b = torch.var_mean(x, dim=reduce_dims(x), correction=0)
+        var_b = var_b.to(running_var.dtype)
+        mean_b = mean_b.to(running_mean.dtype)
+        std = torch.sqrt(running_var + eps)
+        r = (torch.sqrt(var_b + eps) / std).clamp_(1.0 / rmax, rmax)
+        d = ((mean_b - running_mean) / std).clamp_(-dmax, dmax)
+        r = r.to(x.dtype)
+        d = d.to(x.dtype)
+    w = r if weight is None else weight * r
+    b = d if weight is None else weight * d
+    if bias is not None:
+        b = b + bias
+    return F.batch_norm(x, running_mean, running_var, w, b, True, momentum, eps)
+
+
+def _ghost_sizes(n: int, virtual_batch_size: int) -> list[int]:
+    """Sizes of the ghost batches: ``virtual_batch_size`` each, the last one smaller."""
+    full, rest = divmod(n, virtual_batch_size)
+    return [virtual_batch_size] * full + ([rest] if rest else [])
+
+
+def ghost_batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    virtual_batch_size: int = 32,
+    num_batches_tracked: Tensor | None = None,
+    impl: str = "native",
+) -> Tensor:
+    """Ghost Batch Normalization (Hoffer, Hubara & Soudry 2017, "Train longer, generalize
+    better", Algorithm 1).
+
+    In training the batch is cut into consecutive virtual batches of ``virtual_batch_size``
+    samples (the last one may be smaller) and each is normalized with its own statistics. The
+    running buffers are updated once per virtual batch, in order, exactly as a loop of torch
+    ``BatchNorm`` calls over the chunks would update them; ``num_batches_tracked`` (when given)
+    counts virtual batches and ``momentum=None`` gives their cumulative average. Inference uses
+    the running statistics.
+
+    Two implementations with identical results:
+
+    * ``impl="native"`` (default): torch's fused batch-norm kernel per virtual batch, outputs
+      concatenated. Fastest on CPU (see docs/norm.md for measurements).
+    * ``impl="vectorized"``: the batch is viewed as ``(G, N/G, C, S)``, the statistics of all
+      virtual batches are computed in one go and a custom autograd function computes the
+      backward; needs ``N`` divisible by ``virtual_batch_size``. Unfused element-wise passes make
+      it slower than the native kernel on CPU; kept as the readable statement of the math and as
+      a cross-check in the tests.
+
+    Args:
+        x: input ``(N, C, *)``.
+        running_mean, running_var: running buffers ``(C,)`` or None.
+        weight, bias: affine parameters or None.
+        training: ghost-batch statistics (True) or running statistics (False).
+        momentum: update factor per virtual batch; None for the cumulative average.
+        eps: added to the variance.
+        virtual_batch_size: samples per virtual batch (>= 1).
+        num_batches_tracked: counter buffer incremented by the number of virtual batches.
+        impl: "native" or "vectorized".
+
+    Returns:
+        The normalized tensor, same shape as ``x``.
+    """
+    if not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
+        raise ValueError(f"virtual_batch_size must be a positive int, got {virtual_batch_size!r}")
+    if impl not in ("native", "vectorized"):
+        raise ValueError(f"impl must be one of 'native', 'vectorized', got {impl!r}")
+    if not training:
+        return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    sizes = _ghost_sizes(x.shape[0], virtual_batch_size)
+    for s in sizes:
+        check_batch_size(x.narrow(0, 0, s))
+    k0 = 0 if num_batches_tracked is None else int(num_batches_tracked.item())
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(len(sizes))
+    if impl == "vectorized":
+        if len(set(sizes)) != 1:
+            raise ValueError(
+                f"impl='vectorized' needs the batch size ({x.shape[0]}) to be a multiple of "
+                f"virtual_batch_size ({virtual_batch_size})"
+            )
+        return _ghost_vectorized(x, running_mean, running_var, weight, bias, momentum, eps, len(sizes), k0)
+    if len(sizes) == 1 and momentum is not None:
+        return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
+    outs = []
+    for i, chunk in enumerate(x.split(sizes)):
+        m = momentum if momentum is not None else 1.0 / (k0 + i + 1)
+        outs.append(F.batch_norm(chunk, running_mean, running_var, weight, bias, True, m, eps))
+    return torch.cat(outs)
+
+
+class _GhostNormFn(torch.autograd.Function):
+    """Normalize ``x`` viewed as ``(G, V, C, S)`` with statistics per ``(G, C)``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float):  # type: ignore[override]
+        n, c = x.shape[0], x.shape[1]
+        xv = x.reshape(groups, n // groups, c, -1)
+        if xv.shape[3] > 1:
+            # Row statistics over the contiguous last dim, combined exactly over V (equal counts).
+            var_r, mean_r = torch.var_mean(xv, dim=3, correction=0)
+            mean = mean_r.mean(1, keepdim=True)
+            var = (var_r + (mean_r - mean).square()).mean(1, keepdim=True)
+            mean, var = mean.unsqueeze(-1), var.unsqueeze(-1)
+        else:
+            var, mean = torch.var_mean(xv, dim=(1, 3), keepdim=True, correction=0)
+        invstd = torch.rsqrt(var + eps)
+        xhat = torch.addcmul(-mean * invstd, xv, invstd)
+        if weight is not None:
+            b = bias.view(1, 1, c, 1) if bias is not None else torch.zeros_like(weight).view(1, 1, c, 1)
+            y = torch.addcmul(b, xhat, weight.view(1, 1, c, 1))
+        elif bias is not None:
+            y = xhat + bias.view(1, 1, c, 1)
+        else:
+            y = xhat.clone()
+        ctx.save_for_backward(xhat, weight, invstd)
+        ctx.has_bias = bias is not None
+        var_u = var * (xv.shape[1] * xv.shape[3]) / max(xv.shape[1] * xv.shape[3] - 1, 1)
+        ctx.mark_non_differentiable(mean, var_u)
+        return y.view(x.shape), mean.view(groups, c), var_u.view(groups, c)
+
+    @staticmethod
+    def backward(ctx, gy: Tensor, _gm: Tensor, _gv: Tensor):  # type: ignore[override]
+        xhat, weight, invstd = ctx.saved_tensors
+        c = xhat.shape[2]
+        gv = gy.reshape(xhat.shape)
+        m = xhat.shape[1] * xhat.shape[3]
+        if xhat.shape[3] > 1:
+            sg = gv.sum(3).sum(1, keepdim=True).unsqueeze(-1)
+            sgx = torch.linalg.vecdot(gv, xhat).sum(1, keepdim=True).unsqueeze(-1)
+        else:
+            sg = gv.sum((1, 3), keepdim=True)
+            sgx = (gv * xhat).sum((1, 3), keepdim=True)
+        k1 = invstd if weight is None else weight.view(1, 1, c, 1) * invstd
+        # dx = w * invstd * (g - mean(g) - xhat * mean(g * xhat))
+        dx = torch.addcmul(-k1 * sg / m, xhat, -k1 * sgx / m).addcmul_(gv, k1)
+        gw = sgx.sum((0, 1, 3)) if weight is not None and ctx.needs_input_grad[1] else None
+        gb = sg.sum((0, 1, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx.view(gy.shape), gw, gb, None, None
+
+
+def _ghost_vectorized(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float | None,
+    eps: float,
+    groups: int,
+    k0: int,
+) -> Tensor:
+    y, mean, var_u = _GhostNormFn.apply(x, weight, bias, groups, eps)
+    if running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            # Sequential EMA over the G virtual batches in closed form.
+            if momentum is None:
+                # cumulative average: r_new = (k0 * r + sum_i s_i) / (k0 + G)
+                wr = k0 / (k0 + groups)
+                ws = torch.full((groups,), 1.0 / (k0 + groups), dtype=running_mean.dtype, device=x.device)
+            else:
+                wr = (1.0 - momentum) ** groups
+                ws = torch.tensor(
+                    [momentum * (1.0 - momentum) ** (groups - 1 - i) for i in range(groups)],
+                    dtype=running_mean.dtype,
+                    device=x.device,
+                )
+            running_mean.mul_(wr).add_(ws @ mean.to(running_mean.dtype))
+            running_var.mul_(wr).add_(ws @ var_u.to(running_var.dtype))
+    return y
+
+
+def group_norm(
+    x: Tensor, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5
+) -> Tensor:
+    """Group Normalization (Wu & He 2018): per sample, statistics over each group of
+    ``C / num_groups`` channels and all spatial positions; biased variance; per-channel affine.
+
+    Args:
+        x: input ``(N, C, *)``.
+        num_groups: number of groups; must divide ``C``.
+        weight, bias: per-channel affine ``(C,)`` or None.
+        eps: added to the variance.
+
+    Returns:
+        The normalized tensor.
+    """
+    if x.dim() < 2 or x.shape[1] % num_groups:
+        raise ValueError(
+            f"num_groups must divide the number of channels, got num_groups={num_groups} for input of shape {tuple(x.shape)}"
+        )
+    return F.group_norm(x, num_groups, weight, bias, eps)
+
+
+def layer_norm(
+    x: Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Layer Normalization (Ba, Kiros & Hinton 2016) over the trailing ``normalized_shape`` dims,
+    biased variance, element-wise affine.
+
+    Args:
+        x: input ``(*, *normalized_shape)``.
+        normalized_shape: the trailing dimensions to normalize over.
+        weight, bias: element-wise affine of shape ``normalized_shape`` or None.
+        eps: added to the variance.
+
+    Returns:
+        The normalized tensor.
+    """
+    return F.layer_norm(x, tuple(normalized_shape), weight, bias, eps)
+
+
+def instance_norm(
+    x: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Instance Normalization (Ulyanov et al. 2016): per sample and channel, statistics over the
+    spatial positions (biased variance). This is group norm with one channel per group.
+
+    With ``use_input_stats`` and running buffers, the buffers are updated like torch's
+    ``instance_norm``: ``running = (1 - momentum) * running + momentum * mean_n(stat_n)`` where
+    ``stat_n`` is the per-instance mean and unbiased variance. Without ``use_input_stats`` the
+    running statistics normalize the input.
+
+    Args:
+        x: input ``(N, C, *)`` with at least one spatial dimension.
+        running_mean, running_var: running buffers ``(C,)`` or None.
+        weight, bias: per-channel affine or None.
+        use_input_stats: per-instance statistics (True) or running statistics (False).
+        momentum: update factor of the running buffers.
+        eps: added to the variance.
+
+    Returns:
+        The normalized tensor.
+    """
+    if not use_input_stats:
+        if running_mean is None or running_var is None:
+            raise ValueError("use_input_stats=False needs running_mean and running_var, got None")
+        return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    spatial = math.prod(x.shape[2:])
+    if spatial <= 1:
+        raise ValueError(f"Expected more than 1 spatial element when training, got input size {x.size()}")
+    if running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            var, mean = torch.var_mean(x, dim=tuple(range(2, x.dim())), correction=1)
+            running_mean.mul_(1 - momentum).add_(mean.mean(0).to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_(var.mean(0).to(running_var.dtype), alpha=momentum)
+    return F.group_norm(x, x.shape[1], weight, bias, eps)

@@ -299,9 +299,7 @@ def write_report(
     secs = [_as_section(s, i) for i, s in enumerate(sections)]
     out = Path(out_dir)
     fig_dir = out / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    for old in fig_dir.glob("fig-*"):  # figures of an earlier report in the same folder
-        old.unlink()
+    pngs: dict[str, bytes] = {}  # written after every input image was read (one may live in fig_dir)
 
     used: set[str] = {"contents"}
     toc, body = [], []
@@ -328,13 +326,20 @@ def write_report(
             data, mime, suffix = _figure_bytes(f, f"sections[{i}].figures[{j}]")
             n_fig += 1
             name = f"fig-{n_fig:02d}-{anchor[:40]}{suffix}"
-            (fig_dir / name).write_bytes(data)
+            pngs[name] = data
             alt = caption or _figure_title(f) or f"{sec.title}, figure {j + 1}"
             uri = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
             cap = f"<figcaption>{_inline(str(caption))}</figcaption>" if caption else ""
             parts.append(f'<figure><img src="{uri}" alt="{html.escape(str(alt))}" '
                          f'data-file="figures/{name}">{cap}</figure>')
         body.append("\n".join(p for p in parts if p) + "\n</section>")
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    for stale in fig_dir.glob("fig-*"):  # figures of an earlier report in the same folder
+        if stale.name not in pngs:
+            stale.unlink()
+    for name, data in pngs.items():
+        (fig_dir / name).write_bytes(data)
 
     from batchlab import __version__
 

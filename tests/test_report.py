@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import math
 import re
+import os
 import shutil
 import subprocess
 import sys
@@ -274,7 +275,11 @@ def render_probe(page: Path, tmp_path: Path, extra_html: str = "") -> tuple[int,
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (CI installs it: apt-get install -y chromium)")
+# CI sets BATCHLAB_REQUIRE_BROWSER=1 so that a missing browser fails there instead of skipping.
+@pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("BATCHLAB_REQUIRE_BROWSER"),
+    reason="no chromium binary on PATH (CI installs it: apt-get install -y chromium)",
+)
 def test_every_image_renders_in_chromium(run_dir, tmp_path):
     index = report_from_dir(run_dir)
     assert render_probe(index, tmp_path) == (3, 0)

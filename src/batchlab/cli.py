@@ -222,6 +222,8 @@ _EXTENSIONS: list[Callable[[Any], None]] = []
 def _load_extensions() -> None:
     import importlib
 
+    if _EXTENSIONS:
+        return
     for name in ("batchlab.cli_batchsize", "batchlab.cli_norm", "batchlab.cli_experiments", "batchlab.cli_slim"):
         try:
             module = importlib.import_module(name)

@@ -1,0 +1,105 @@
+"""The command line: output, files and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from batchlab.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "batchlab.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+class _Done:
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the CLI in-process (fast) and return its exit status and output."""
+
+    def call(*args: str) -> _Done:
+        try:
+            code = main(list(args))
+        except SystemExit as e:
+            code = int(e.code or 0)
+        out = capsys.readouterr()
+        return _Done(code, out.out, out.err)
+
+    return call
+
+
+def test_help_lists_the_commands():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for cmd in ("tasks", "train", "report", "reproduce"):
+        assert cmd in r.stdout
+
+
+def test_tasks_lists_builtins(capsys):
+    assert main(["tasks"]) == 0
+    out = capsys.readouterr().out
+    for name in ("digits-mlp", "digits-cnn", "mnist1d-mlp", "mnist1d-cnn", "mnist-cnn", "cifar10-resnet"):
+        assert name in out
+
+
+def test_train_writes_json_and_report(tmp_path: Path, capsys):
+    out = tmp_path / "runs"
+    for b in ("32", "128"):
+        assert main(["train", "--task", "digits-mlp", "--batch-size", b, "--epochs", "2", "--out", str(out), "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out.split("\n}\n")[0] + "\n}")
+    assert summary["status"] == "ok" and summary["config"]["batch_size"] == 32
+    assert summary["final"]["val_acc"] > 0.5
+    files = sorted(out.glob("*.json"))
+    assert len(files) == 2
+    full = json.loads(files[0].read_text())
+    assert len(full["history"]) == 2
+    assert main(["report", str(out)]) == 0
+    index = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert index == out / "report" / "index.html"
+    assert index.exists() and "<img" in index.read_text()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--batch-size", "0"], "argument --batch-size: must be a positive integer, got '0'"),
+        (["--batch-size", "-4"], "argument --batch-size: must be a positive integer, got '-4'"),
+        (["--batch-size", "1.5"], "argument --batch-size: must be a positive integer, got '1.5'"),
+        (["--batch-size", "5000"], "--batch-size 5000 is larger than the training set of digits-mlp (1438 examples)"),
+        (["--optimizer", "rmsprop"], "argument --optimizer: invalid choice: 'rmsprop'"),
+        (["--lr", "-1"], "argument --lr: must be a positive finite number, got '-1'"),
+        (["--norm", "weird"], "--norm 'weird' is unknown; known:"),
+    ],
+)
+def test_bad_train_arguments_exit_2_with_one_line(cli, args, message):
+    r = cli("train", "--task", "digits-mlp", "--epochs", "1", *args)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert message in lines[0]
+
+
+def test_unknown_task_and_bad_entry_point_exit_2(cli):
+    r = run_cli("train", "--task", "no-such-task")
+    assert r.returncode == 2 and "unknown task 'no-such-task'; known tasks:" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = cli("train", "--task", "nonexistent_mod_xyz:make")
+    assert r.returncode == 2 and "cannot import module 'nonexistent_mod_xyz'" in r.stderr
+
+
+def test_report_of_a_missing_folder_exits_2(cli, tmp_path: Path):
+    r = cli("report", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "is not a folder" in r.stderr
+
+
+def test_reproduce_only_unknown_claim_exits_2(cli, tmp_path: Path):
+    r = cli("reproduce", "--only", "C99", "--out", str(tmp_path))
+    assert r.returncode == 2 and "--only 'C99' matches no experiment" in r.stderr

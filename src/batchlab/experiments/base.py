@@ -89,6 +89,7 @@ class ExperimentContext:
     store: Store
     out_dir: Path
     progress: bool = False
+    backend: Any = None  # an object with fit_many(ctx, jobs, **task_kwargs) (e.g. the Ray backend); None: in-process
     _tasks: dict[str, Task] = field(default_factory=dict)
     trials_run: int = 0
     trials_loaded: int = 0
@@ -125,6 +126,13 @@ class ExperimentContext:
         if self.trials_run == before:
             self.trials_loaded += 1
         return RunResult.from_dict(payload)
+
+    def fit_many(self, jobs: Sequence[tuple[Task | str, TrainConfig]], **task_kwargs: Any) -> list[RunResult]:
+        """Several :meth:`fit` calls; with a parallel backend (``runner``'s ``backend``) the missing
+        ones run concurrently. Results come back in the order of ``jobs``."""
+        if self.backend is not None:
+            return self.backend.fit_many(self, jobs, **task_kwargs)
+        return [self.fit(t, c, **task_kwargs) for t, c in jobs]
 
     def cached(self, name: str, params: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Run a measurement that is not a plain training run, through the store.

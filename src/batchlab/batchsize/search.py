@@ -1,0 +1,320 @@
+"""Pivot search over batch sizes (claim C14): start at a pivot, halve or double while it helps.
+
+The procedure, in the words of the claim: train at the pivot (128 by default) and at its
+neighbours x0.5 and x2, each with the learning rate scaled from the task's by the optimizer's rule
+(linear for SGD, Goyal et al. 2017; square root for Adam, Malladi et al. 2022) and the same budget
+in examples, over at least two seeds. If a neighbour beats the pivot by more than the seed-to-seed
+noise, keep moving in that direction (x0.5 or x2) while each move improves by more than the noise.
+Bounded by ``[low, high]``, the training-set size and the memory maximum.
+
+A trial that diverges, runs out of memory or fails counts as a failure of that batch size (score
+-inf) and the search goes on. Every trial goes through the results store, so a rerun (or a resumed,
+interrupted search) runs nothing twice.
+
+The walk itself is the pure function :func:`pivot_walk` over ``run_batch(batch) -> [Trial]``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from batchlab.batchsize._store import key_for, open_store
+from batchlab.tasks import Task, get_task
+from batchlab.train import TrainConfig, default_lr_rule, fit, scale_lr
+
+TrialFn = Callable[[Task, TrainConfig], dict[str, Any]]
+
+
+@dataclass
+class Trial:
+    """One training run of the search."""
+
+    batch_size: int
+    seed: int
+    metric: float  # final validation metric (NaN when the run did not end "ok")
+    status: str  # "ok", "diverged", "oom" or "failed"
+    examples: int  # training examples processed
+    time: float  # seconds of wall time the run took (when it ran; a stored run reports its original time)
+    lr: float
+    steps: int = 0
+    error: str | None = None
+    accumulation: int = 1  # micro-batches per step (batch_size = micro-batch * accumulation)
+
+
+@dataclass
+class PivotResult:
+    """Outcome of :func:`pivot_search` (plain data).
+
+    Attributes:
+        best_batch: the batch the walk ended at (None when every visited size failed).
+        best_lr: its scaled learning rate.
+        trials: every trial, in the order run.
+        path: batch sizes visited, in order.
+        means, stds: per batch size, the mean and the seed-to-seed standard deviation of the metric.
+        noise: the pooled seed-to-seed standard deviation used as the improvement threshold.
+        stop_reason: why the walk stopped.
+        pivot, low, high: the (possibly lowered, see ``notes``) pivot and the bounds used.
+        budget_examples: training examples per trial.
+    """
+
+    best_batch: int | None
+    best_lr: float | None
+    trials: list[Trial]
+    path: list[int]
+    means: dict[str, float]
+    stds: dict[str, float]
+    noise: float
+    stop_reason: str
+    pivot: int
+    low: int
+    high: int
+    budget_examples: int
+    rule: str
+    seeds: list[int]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def examples(self) -> int:
+        return sum(t.examples for t in self.trials)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["examples"] = self.examples
+        return d
+
+
+def _score(trials: Sequence[Trial]) -> float:
+    if not trials or any(t.status != "ok" or not math.isfinite(t.metric) for t in trials):
+        return -math.inf
+    return statistics.fmean(t.metric for t in trials)
+
+
+def _pooled_std(groups: Sequence[Sequence[Trial]]) -> float:
+    """Pooled sample standard deviation of the metric across seeds, over successful batch sizes."""
+    num, den = 0.0, 0
+    for trials in groups:
+        vals = [t.metric for t in trials if t.status == "ok" and math.isfinite(t.metric)]
+        if len(vals) == len(trials) and len(vals) >= 2:
+            num += statistics.variance(vals) * (len(vals) - 1)
+            den += len(vals) - 1
+    return math.sqrt(num / den) if den else 0.0
+
+
+def check_range(pivot: int, low: int, high: int) -> None:
+    """Validate the search range; ValueError naming the argument, the allowed range and the value."""
+    for name, v in (("pivot", pivot), ("low", low), ("high", high)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if low > high:
+        raise ValueError(f"low must be <= high, got low={low} > high={high}")
+    if not low <= pivot <= high:
+        raise ValueError(f"pivot must be in [low, high] = [{low}, {high}], got {pivot}")
+
+
+def pivot_walk(
+    run_batch: Callable[[int], list[Trial]], pivot: int, low: int, high: int, min_delta: float = 0.0
+) -> tuple[int | None, list[int], dict[int, list[Trial]], float, str]:
+    """The pure walk of claim C14 (see the module docstring).
+
+    Args:
+        run_batch: runs every seed at one batch size and returns the trials.
+        pivot, low, high: start and bounds (``low <= pivot <= high``).
+        min_delta: an improvement must also exceed this (in metric units).
+
+    Returns:
+        ``(best, path, trials_by_batch, noise, stop_reason)``.
+    """
+    check_range(pivot, low, high)
+    done: dict[int, list[Trial]] = {}
+    path: list[int] = []
+
+    def ev(b: int) -> float:
+        if b not in done:
+            done[b] = list(run_batch(b))
+            path.append(b)
+        return _score(done[b])
+
+    def noise() -> float:
+        return max(_pooled_std(list(done.values())), min_delta)
+
+    ev(pivot)
+    neighbours = [b for b in (pivot // 2, pivot * 2) if low <= b <= high and b != pivot and b >= 1]
+    for b in neighbours:
+        ev(b)
+    cur = pivot
+    best_nb = max(neighbours, key=lambda b: _score(done[b]), default=None)
+    reason = "neighbours do not beat the pivot by more than the seed-to-seed noise"
+    if best_nb is not None and _score(done[best_nb]) > _score(done[pivot]) + noise():
+        up = best_nb > pivot
+        cur = best_nb
+        while True:
+            nxt = cur * 2 if up else cur // 2
+            if not low <= nxt <= high or nxt == cur:
+                reason = f"reached the {'upper' if up else 'lower'} bound"
+                break
+            if ev(nxt) > _score(done[cur]) + noise():
+                cur = nxt
+            else:
+                reason = f"x{'2' if up else '0.5'} from {cur} did not improve by more than the noise"
+                break
+    if _score(done[cur]) == -math.inf:
+        ok = [b for b in done if _score(done[b]) > -math.inf]
+        if not ok:
+            return None, path, done, noise(), "every trial failed (diverged, out of memory or error)"
+        cur = max(ok, key=lambda b: _score(done[b]))
+        reason += "; the walk ended on a failed size, the best successful one is returned"
+    return cur, path, done, noise(), reason
+
+
+def fit_trial(task: Task, config: TrainConfig) -> dict[str, Any]:
+    """Default trial: ``fit`` and keep what the search needs (errors become status "failed")."""
+    r = fit(task, config, raise_errors=False)
+    metric = r.final.get("val_acc", math.nan) if r.ok else math.nan
+    return {
+        "status": r.status, "metric": float(metric), "examples": r.examples, "time": r.wall_time, "steps": r.steps,
+        "error": None if r.error is None else r.error[-2000:], "final": r.final,
+    }
+
+
+def pivot_search(
+    task: Task | str,
+    pivot: int = 128,
+    low: int = 2,
+    high: int = 512,
+    *,
+    seeds: Sequence[int] = (0, 1),
+    budget_epochs: float | None = None,
+    budget_examples: int | None = None,
+    lr: float | None = None,
+    lr_batch: int | None = None,
+    optimizer: str | None = None,
+    rule: str | None = None,
+    max_batch: int | None = None,
+    accumulate: bool = False,
+    min_delta: float = 0.0,
+    norm: str | None = None,
+    device: str = "cpu",
+    store: Any = None,
+    trial_fn: TrialFn | None = None,
+    progress: bool = False,
+    kind: str = "batchsize-pivot",
+) -> PivotResult:
+    """Run the pivot search of claim C14 on ``task``.
+
+    Args:
+        task: a Task or registered name.
+        pivot, low, high: start and bounds; ``low <= pivot <= high`` or ValueError.
+        seeds: at least two seeds; the seed-to-seed spread is the noise threshold.
+        budget_epochs, budget_examples: the fixed per-trial budget (one of them; default the task's
+            epochs).
+        lr, lr_batch: the learning rate and the batch it is tuned for (default the task's);
+            each trial's LR is ``scale_lr(lr, lr_batch, batch, rule)``.
+        optimizer: default the task's.
+        rule: "linear", "sqrt" or "none" (default by optimizer: ``default_lr_rule``).
+        max_batch: the memory maximum (e.g. ``max_batch_size(task).batch_size``); the search never
+            goes above it. A pivot above it is halved until it fits (noted in ``notes``).
+        accumulate: when True, sizes above ``max_batch`` are still tried, as gradient accumulation
+            of micro-batches of the largest power of two <= ``max_batch`` (same gradient; BN sees
+            the micro-batch).
+        min_delta: an improvement must also exceed this.
+        norm, device: passed to the training config.
+        store: a ``batchlab.store.Store``, a path or None; trials are looked up there first.
+        trial_fn: ``trial_fn(task, config) -> {"status", "metric", "examples", "time"}``
+            (default: :func:`fit_trial`); for tests and custom training loops.
+        progress: progress bar over trials.
+        kind: the store's label for these trials.
+    """
+    task = get_task(task)
+    n = len(task.train_set)
+    check_range(pivot, low, high)
+    if pivot > n:
+        raise ValueError(f"pivot must be <= the training-set size ({n} examples), got {pivot}")
+    seeds = [int(s) for s in seeds]
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must hold at least two distinct seeds (the noise needs them), got {seeds!r}")
+    if budget_epochs is not None and budget_examples is not None:
+        raise ValueError("give one of budget_epochs and budget_examples, not both")
+    if budget_examples is None:
+        epochs = task.epochs if budget_epochs is None else budget_epochs
+        if not epochs > 0:
+            raise ValueError(f"budget_epochs must be positive, got {budget_epochs!r}")
+        budget_examples = max(1, round(epochs * n))
+    if not isinstance(budget_examples, int) or budget_examples < 1:
+        raise ValueError(f"budget_examples must be a positive integer, got {budget_examples!r}")
+    if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+        raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+    opt = optimizer or task.optimizer
+    rule = rule or default_lr_rule(opt)
+    base_lr = float(lr if lr is not None else task.lr)
+    base_batch = int(lr_batch if lr_batch is not None else task.batch_size)
+    notes: list[str] = []
+    micro_max = None
+    if accumulate and max_batch is not None:
+        micro_max = 1 << int(math.floor(math.log2(max_batch)))
+        eff_high = min(high, n)
+    else:
+        eff_high = min(high, n, max_batch if max_batch is not None else high)
+    if eff_high < high:
+        notes.append(f"upper bound lowered from {high} to {eff_high} ({'memory maximum' if max_batch is not None and max_batch == eff_high else 'training-set size'})")
+    if eff_high < low:
+        raise ValueError(f"no batch size fits: low={low} but the memory maximum / training-set size is {eff_high}")
+    p = pivot
+    while p > eff_high:
+        p //= 2
+    if p < low:
+        p = eff_high
+    if p != pivot:
+        notes.append(f"pivot {pivot} is above the bound {eff_high}; started at {p}")
+    st = open_store(store)
+    run = trial_fn or fit_trial
+    fp = task.fingerprint()
+    trials: list[Trial] = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=f"pivot search {task.name}", unit="trial", disable=not progress, leave=False)
+
+    def run_batch(b: int) -> list[Trial]:
+        out = []
+        trial_lr = scale_lr(base_lr, base_batch, b, rule)
+        micro, acc = b, 1
+        if micro_max is not None and b > micro_max:
+            acc = math.ceil(b / micro_max)
+            micro = b // acc
+            if micro * acc != b:
+                raise ValueError(f"batch {b} is not a multiple of the micro-batch {micro_max}; use powers of two")
+        for s in seeds:
+            cfg = TrainConfig(
+                batch_size=micro, accumulation=acc, lr=trial_lr, optimizer=opt, max_examples=budget_examples, seed=s, norm=norm,
+                device=device, eval_train=False,
+            )
+            key = key_for(fp, cfg.to_dict(), kind=kind, trial_fn=getattr(run, "__qualname__", "custom"))
+            d = st.run_or_load(key, lambda cfg=cfg: run(task, cfg), kind=kind)
+            t = Trial(
+                batch_size=b, seed=s, metric=float(d.get("metric", math.nan)), status=str(d.get("status", "failed")),
+                examples=int(d.get("examples", 0)), time=float(d.get("time", 0.0)), lr=trial_lr,
+                steps=int(d.get("steps", 0)), error=d.get("error"), accumulation=acc,
+            )
+            trials.append(t)
+            out.append(t)
+            bar.update(1)
+            bar.set_postfix(batch=b, seed=s, metric=f"{t.metric:.4f}", refresh=False)
+        return out
+
+    try:
+        best, path, done, noise, reason = pivot_walk(run_batch, p, low, eff_high, min_delta=min_delta)
+    finally:
+        bar.close()
+    means = {str(b): _score(ts) for b, ts in done.items()}
+    stds = {
+        str(b): (statistics.stdev([t.metric for t in ts]) if _score(ts) > -math.inf and len(ts) > 1 else math.nan)
+        for b, ts in done.items()
+    }
+    return PivotResult(
+        best_batch=best, best_lr=None if best is None else scale_lr(base_lr, base_batch, best, rule), trials=trials,
+        path=path, means=means, stds=stds, noise=noise, stop_reason=reason, pivot=p, low=low, high=eff_high,
+        budget_examples=budget_examples, rule=rule, seeds=seeds, notes=notes,
+    )

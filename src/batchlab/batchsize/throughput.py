@@ -1,0 +1,172 @@
+"""Time per training step and examples per second across batch sizes, and the knee of that curve."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from batchlab.batchsize.memory import training_step
+from batchlab.batchsize.state import preserved_state
+from batchlab.tasks import Task, get_task
+from batchlab.train import is_oom, make_optimizer
+from batchlab.train.oom import free_memory
+
+KNEE_FRACTION = 0.9  # the knee: smallest batch reaching this fraction of the peak examples/s
+
+
+def find_knee(batch_sizes: Sequence[int], examples_per_sec: Sequence[float], fraction: float = KNEE_FRACTION) -> int | None:
+    """Smallest batch whose throughput reaches ``fraction`` of the best measured throughput.
+
+    Beyond the knee a bigger batch buys little speed (the device is saturated), while it still
+    costs statistical efficiency (McCandlish et al. 2018). Non-finite entries (failed sizes) are
+    ignored; None when nothing was measured.
+    """
+    if len(batch_sizes) != len(examples_per_sec):
+        raise ValueError(
+            f"batch_sizes and examples_per_sec must have the same length, got {len(batch_sizes)} and {len(examples_per_sec)}"
+        )
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    pts = sorted((b, r) for b, r in zip(batch_sizes, examples_per_sec) if math.isfinite(r) and r > 0)
+    if not pts:
+        return None
+    peak = max(r for _, r in pts)
+    return next(b for b, r in pts if r >= fraction * peak)
+
+
+@dataclass
+class ThroughputResult:
+    """Per batch size: median seconds per step, examples per second, seconds per epoch.
+
+    Lists are aligned with ``batch_sizes``; a size that ran out of memory has NaN entries and
+    ``status`` "oom".
+    """
+
+    batch_sizes: list[int]
+    step_time: list[float]
+    examples_per_sec: list[float]
+    epoch_time: list[float]
+    status: list[str]
+    knee: int | None
+    n_train: int
+    device: str
+    warmup: int
+    repeats: int
+    examples_processed: int = 0  # training examples pushed through forward/backward while measuring
+    step_times_all: list[list[float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def time_per_step(self, batch: int) -> float:
+        """Measured seconds per step at ``batch`` (log-log interpolation between measured sizes)."""
+        pts = [(b, t) for b, t in zip(self.batch_sizes, self.step_time) if math.isfinite(t)]
+        if not pts:
+            return math.nan
+        pts.sort()
+        for b, t in pts:
+            if b == batch:
+                return t
+        if batch <= pts[0][0]:
+            return pts[0][1]
+        if batch >= pts[-1][0]:
+            (b0, t0), (b1, t1) = (pts[-2], pts[-1]) if len(pts) > 1 else (pts[-1], pts[-1])
+        else:
+            i = next(i for i, (b, _) in enumerate(pts) if b > batch)
+            (b0, t0), (b1, t1) = pts[i - 1], pts[i]
+        if b0 == b1:
+            return t1 * batch / b1
+        w = (math.log(batch) - math.log(b0)) / (math.log(b1) - math.log(b0))
+        return math.exp(math.log(t0) + w * (math.log(t1) - math.log(t0)))
+
+
+def throughput(
+    task: Task | str,
+    batch_sizes: Sequence[int],
+    *,
+    device: str = "cpu",
+    warmup: int = 2,
+    repeats: int = 5,
+    norm: str | None = None,
+    model: torch.nn.Module | None = None,
+    progress: bool = False,
+) -> ThroughputResult:
+    """Measure the training step time at each batch size.
+
+    Each size gets ``warmup`` untimed steps (allocator and kernel caches), then ``repeats`` timed
+    steps; the median is reported (robust to a scheduler hiccup on a shared machine). CUDA is
+    synchronised around each timed step. Model, optimizer and RNG state are restored after every
+    size, so each size starts from the same weights.
+
+    Args:
+        task: a Task or a registered name.
+        batch_sizes: sizes to time; each must be in ``[1, len(train_set)]``.
+        device: "cpu" or "cuda[:N]".
+        warmup, repeats: untimed and timed steps per size.
+        norm: the model's norm when ``model`` is None.
+        model: time this model instead of a fresh ``task.make_model``.
+        progress: show a progress bar.
+    """
+    task = get_task(task)
+    n = len(task.train_set)
+    sizes = [int(b) for b in batch_sizes]
+    if not sizes:
+        raise ValueError("batch_sizes must not be empty")
+    for b in sizes:
+        if not 1 <= b <= n:
+            raise ValueError(f"batch_sizes must be in [1, {n}] (the training-set size); got {b}")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    model = (model if model is not None else task.make_model(norm=norm)).to(dev)
+    optimizer = make_optimizer(task.optimizer, model.parameters(), task.lr)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(n, generator=g)
+    train_x, train_y = task.train_set.x.to(dev), task.train_set.y.to(dev)
+    step_time, status, all_times = [], [], []
+    processed = 0
+    from tqdm.auto import tqdm
+
+    for b in tqdm(sizes, desc="throughput", unit="size", disable=not progress, leave=False):
+        idx = perm[:b].to(dev)
+        x, y = train_x.index_select(0, idx), train_y.index_select(0, idx)
+        times: list[float] = []
+        try:
+            with preserved_state(model, optimizer):
+                model.train()
+                for i in range(warmup + repeats):
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize(dev)
+                    t0 = time.perf_counter()
+                    training_step(task, model, optimizer, x, y)
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize(dev)
+                    processed += b
+                    if i >= warmup:
+                        times.append(time.perf_counter() - t0)
+            step_time.append(statistics.median(times))
+            status.append("ok")
+        except Exception as e:  # noqa: BLE001
+            if not is_oom(e):
+                raise
+            free_memory()
+            step_time.append(math.nan)
+            status.append("oom")
+        all_times.append(times)
+    eps = [b / t if math.isfinite(t) and t > 0 else math.nan for b, t in zip(sizes, step_time)]
+    epoch = [math.ceil(n / b) * t for b, t in zip(sizes, step_time)]
+    return ThroughputResult(
+        batch_sizes=sizes, step_time=step_time, examples_per_sec=eps, epoch_time=epoch, status=status,
+        knee=find_knee(sizes, eps), n_train=n, device=str(dev), warmup=warmup, repeats=repeats,
+        examples_processed=processed, step_times_all=all_times,
+    )

@@ -1,0 +1,189 @@
+"""Batch-size sub-commands: ``suggest``, ``find-max-batch``, ``throughput``, ``noise-scale``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from batchlab.cli import CliError, add_task_args, load_task, positive_float, positive_int
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def memory_size(text: str) -> int:
+    """``"4G"``, ``"512MiB"``, ``"1000000"`` -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"must be a size like 4G, 512MiB or a number of bytes, got {text!r}")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive size, got {text!r}")
+    return value
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        out = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers, got {text!r}") from None
+    if not out or any(v < 1 for v in out):
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers, got {text!r}")
+    return out
+
+
+def _range_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--low", type=positive_int, default=2, help="smallest batch considered (default 2)")
+    p.add_argument("--high", type=positive_int, default=512, help="largest batch considered (default 512; capped at the data set)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+
+
+def _check_range(args: argparse.Namespace, task: Any) -> None:
+    n = len(task.train_set)
+    if args.low > args.high:
+        raise CliError(f"--low ({args.low}) must be <= --high ({args.high})")
+    if args.low > n:
+        raise CliError(f"--low {args.low} is larger than the training set of {task.name} ({n} examples); allowed: 1..{n}")
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, allow_nan=True, default=str)
+
+
+def cmd_suggest(args: argparse.Namespace) -> int:
+    from batchlab.batchsize import suggest
+    from batchlab.batchsize.report import write_suggestion_report
+
+    task = load_task(args)
+    _check_range(args, task)
+    if args.seeds < 2:
+        raise CliError(f"--seeds must be >= 2 (the seed-to-seed noise needs two), got {args.seeds}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        s = suggest(
+            task, device=args.device, low=args.low, high=args.high, seeds=tuple(range(args.seeds)),
+            budget_epochs=args.budget, check_fraction=args.check_fraction, memory_limit=args.memory_limit,
+            store=out, quick=args.quick, progress=not args.quiet,
+        )
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    (out / "suggestion.json").write_text(s.to_json(indent=2))
+    index = write_suggestion_report(s, out)
+    print(s.summary())
+    print(f"report: {index}")
+    print(f"examples processed: {s.total_examples} ({s.budget_examples} per full training run); {s.wall_time:.1f} s")
+    return 0 if s.status == "ok" else 1
+
+
+def cmd_find_max_batch(args: argparse.Namespace) -> int:
+    from batchlab.batchsize import max_batch_size
+
+    task = load_task(args)
+    _check_range(args, task)
+    try:
+        r = max_batch_size(task, device=args.device, memory_limit=args.memory_limit, low=args.low, high=args.high)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    print(_json(r.to_dict()))
+    return 0 if r.batch_size is not None else 1
+
+
+def cmd_throughput(args: argparse.Namespace) -> int:
+    from batchlab.batchsize import throughput
+
+    task = load_task(args)
+    n = len(task.train_set)
+    sizes = args.batch_sizes or [b for b in (2**k for k in range(1, 10)) if b <= n]
+    bad = [b for b in sizes if b > n]
+    if bad:
+        raise CliError(f"--batch-sizes {bad[0]} is larger than the training set of {task.name} ({n} examples); allowed: 1..{n}")
+    try:
+        r = throughput(task, sizes, device=args.device, warmup=args.warmup, repeats=args.repeats, progress=not args.quiet)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    if args.json:
+        print(_json(r.to_dict()))
+        return 0
+    print(f"{'batch':>7} {'ms/step':>10} {'examples/s':>12} {'s/epoch':>9}  status")
+    for b, t, e, ep, st in zip(r.batch_sizes, r.step_time, r.examples_per_sec, r.epoch_time, r.status):
+        print(f"{b:>7} {t * 1e3:>10.3f} {e:>12.0f} {ep:>9.3f}  {st}" if math.isfinite(t) else f"{b:>7} {'-':>10} {'-':>12} {'-':>9}  {st}")
+    print(f"knee (smallest batch at 90% of the peak examples/s): {r.knee}")
+    return 0
+
+
+def cmd_noise_scale(args: argparse.Namespace) -> int:
+    from batchlab.batchsize import noise_scale
+
+    task = load_task(args)
+    n = len(task.train_set)
+    if args.micro_batch * args.accumulation > n:
+        raise CliError(
+            f"--micro-batch x --accumulation = {args.micro_batch * args.accumulation} is larger than the training set "
+            f"of {task.name} ({n} examples)"
+        )
+    if args.accumulation < 2:
+        raise CliError(f"--accumulation must be >= 2 (two batch sizes are needed), got {args.accumulation}")
+    try:
+        r = noise_scale(task, micro_batch=args.micro_batch, accumulation=args.accumulation, steps=args.steps,
+                        beta=args.beta, device=args.device, progress=not args.quiet)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    d = r.to_dict()
+    if not args.history:
+        d.pop("history")
+    print(_json(d))
+    return 0 if r.status == "ok" else 1
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("suggest", help="recommend batch size, learning rate and accumulation (with an HTML report)")
+    add_task_args(p)
+    _range_args(p)
+    p.add_argument("--budget", type=positive_float, default=None, help="full training budget in epochs (default: the task's)")
+    p.add_argument("--check-fraction", type=positive_float, default=0.2,
+                   help="per-trial budget of the check as a fraction of --budget (default 0.2)")
+    p.add_argument("--seeds", type=positive_int, default=2, help="seeds per checked batch (>= 2, default 2)")
+    p.add_argument("--memory-limit", type=memory_size, default=None, help="bytes a step may use, e.g. 4G (CPU default: half the available RAM)")
+    p.add_argument("--out", default="batchlab-suggest", help="output folder: index.html, suggestion.json, batchlab.db")
+    p.add_argument("--quick", action="store_true", help="fewer measurements (half the noise steps and check budget)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_suggest)
+
+    p = sub.add_parser("find-max-batch", help="largest batch whose whole training step fits in memory (JSON)")
+    add_task_args(p)
+    _range_args(p)
+    p.add_argument("--memory-limit", type=memory_size, default=None, help="bytes a step may use, e.g. 4G")
+    p.set_defaults(func=cmd_find_max_batch)
+
+    p = sub.add_parser("throughput", help="time per step, examples/s and time per epoch per batch size")
+    add_task_args(p)
+    p.add_argument("--batch-sizes", type=int_list, default=None, help="comma-separated (default: 2,4,...,512)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=positive_int, default=5)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_throughput)
+
+    p = sub.add_parser("noise-scale", help="gradient noise scale B_simple from micro-batch gradient norms (JSON)")
+    add_task_args(p)
+    p.add_argument("--micro-batch", type=positive_int, default=16)
+    p.add_argument("--accumulation", type=positive_int, default=4)
+    p.add_argument("--steps", type=positive_int, default=100)
+    p.add_argument("--beta", type=float, default=0.95)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--history", action="store_true", help="include the per-step history")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_noise_scale)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from batchlab.cli import main
+
+    sys.exit(main())

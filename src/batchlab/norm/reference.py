@@ -139,6 +139,9 @@ def batchrenorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, para
         gamma, beta: ``(C,)``.
         params: as :func:`batchnorm_forward` plus ``rmax`` (3.0) and ``dmax`` (5.0);
             ``running_mean``/``running_var`` are required in train mode (r and d use them).
+            Optional ``r``/``d`` (arrays shaped like the per-channel statistics) fix the two
+            factors: they are constants for the gradient (stop-gradient), so a numerical
+            gradient check must hold them fixed too.
 
     Returns:
         ``(out, cache)``.
@@ -152,8 +155,8 @@ def batchrenorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, para
     rm, rv = params["running_mean"], params["running_var"]
     xhat, mu, var, invstd = _normalize(x, axes, eps)
     std = np.sqrt(rv.reshape(cs) + eps)
-    r = np.clip(np.sqrt(var + eps) / std, 1.0 / rmax, rmax)
-    d = np.clip((mu - rm.reshape(cs)) / std, -dmax, dmax)
+    r = params["r"] if "r" in params else np.clip(np.sqrt(var + eps) / std, 1.0 / rmax, rmax)
+    d = params["d"] if "d" in params else np.clip((mu - rm.reshape(cs)) / std, -dmax, dmax)
     out = gamma.reshape(cs) * (xhat * r + d) + beta.reshape(cs)
     _update_running(params, mu, var, x.size // x.shape[1])
     return out, {"xhat": xhat, "invstd": invstd, "gamma": gamma, "axes": axes, "r": r, "d": d}

@@ -19,14 +19,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: setup
-	$(BL) train --task digits-cnn --epochs 5 --out $(OUT)/train
-	$(BL) report $(OUT)/train
+	$(BL) suggest --task digits-mlp --out $(OUT)/suggest
+	$(BL) reproduce --quick --out $(OUT)/reproduce
 
 test: setup
 	$(PY) -m pytest -q
 
 bench: setup
 	$(PY) benchmarks/fit_overhead.py
+	$(PY) benchmarks/norm_speed.py
+	$(PY) benchmarks/noise_overhead.py
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

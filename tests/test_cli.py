@@ -103,3 +103,16 @@ def test_report_of_a_missing_folder_exits_2(cli, tmp_path: Path):
 def test_reproduce_only_unknown_claim_exits_2(cli, tmp_path: Path):
     r = cli("reproduce", "--only", "C99", "--out", str(tmp_path))
     assert r.returncode == 2 and "--only 'C99' matches no experiment" in r.stderr
+
+
+def test_bn_health_reports_every_bn_layer(cli):
+    r = cli("bn-health", "--task", "digits-mlp", "--epochs", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert [layer["kind"] for layer in report["layers"]] == ["BatchNorm1d"] * 3
+    assert all(0.0 <= layer["saturated_fraction"] <= 1.0 for layer in report["layers"])
+
+
+def test_bn_health_bad_checkpoint_exits_2(cli, tmp_path: Path):
+    r = cli("bn-health", "--task", "digits-mlp", "--checkpoint", str(tmp_path / "missing.pt"))
+    assert r.returncode == 2 and "--checkpoint" in r.stderr and "is not a file" in r.stderr

@@ -1,0 +1,63 @@
+"""``batchlab bn-health``: diagnose the BatchNorm layers of a task's model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from batchlab.cli import CliError, add_task_args, load_task, nonneg_float, positive_int
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("bn-health", help="check a model's BatchNorm layers: dead channels, collapsed or non-finite "
+                                         "statistics, train/eval gap, saturation")
+    add_task_args(p)
+    p.add_argument("--checkpoint", help="state_dict file (torch.save) to load into the task's model")
+    p.add_argument("--epochs", type=nonneg_float, default=1.0,
+                   help="train this many epochs first when no checkpoint is given (0: the fresh model)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="validation examples in the checked batch")
+    p.add_argument("--norm", default=None, help="norm of the model (default: the task's)")
+    p.add_argument("--activation", choices=("relu", "sigmoid", "tanh"), default="relu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_bn_health)
+
+
+def cmd_bn_health(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from batchlab.norm import bn_health, format_bn_health
+    from batchlab.train import TrainConfig, fit
+
+    task = load_task(args)
+    torch.manual_seed(args.seed)
+    try:
+        model = task.make_model(norm=args.norm, activation=args.activation)
+    except ValueError as e:
+        raise CliError(f"--norm {args.norm!r}: {e}") from e
+    if args.checkpoint:
+        path = Path(args.checkpoint)
+        if not path.is_file():
+            raise CliError(f"--checkpoint {args.checkpoint!r} is not a file")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+        except Exception as e:  # noqa: BLE001 - any load failure is a usage error here
+            raise CliError(f"--checkpoint {args.checkpoint!r} does not load into {task.name}'s model: {e}") from e
+    elif args.epochs > 0:
+        result = fit(task, TrainConfig(batch_size=min(task.batch_size, len(task.train_set)), epochs=args.epochs,
+                                       seed=args.seed, norm=args.norm, activation=args.activation),
+                     model=model, progress=not args.json)
+        if not result.ok:
+            print(f"note: training ended with status {result.status}: {result.error}")
+    n = min(args.batch_size, len(task.val_set))
+    report = bn_health(model, task.val_set.x[:n])
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report), indent=2, default=str))
+    else:
+        print(format_bn_health(report))
+    return 0

@@ -111,6 +111,9 @@ def fold_bn(model: nn.Module) -> nn.Module:
     """
     if model.training:
         raise ValueError("fold_bn needs a model in eval mode (folding uses running statistics); call model.eval() first, got model.training=True")
+    training_bns = [n for n, m in model.named_modules() if _is_bn_like(m) and m.training]
+    if training_bns:
+        raise ValueError(f"fold_bn needs every batch norm in eval mode; call model.eval() first, got training layers {training_bns[:5]}")
     new = copy.deepcopy(model)
     pairs, _ = find_foldable_pairs(new)
     for layer_name, bn_name in pairs:

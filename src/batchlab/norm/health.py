@@ -184,6 +184,7 @@ def bn_health(model: nn.Module, batch: Any, thresholds: HealthThresholds | None 
                     output_gap = _finite_or_none((out_train.double() - out_eval.double()).norm().item() / max(den, 1e-12))
             except ValueError:
                 output_gap = None  # e.g. one value per channel: no batch statistics possible
+            _restore(model, state, modes)  # the train-mode pass moved the running statistics
         reports = []
         for name, m in layers.items():
             problems: list[str] = []
@@ -248,12 +249,17 @@ def bn_health(model: nn.Module, batch: Any, thresholds: HealthThresholds | None 
     finally:
         for h in handles:
             h.remove()
-        live = model.state_dict(keep_vars=True)
+        _restore(model, state, modes)
+
+
+def _restore(model: nn.Module, state: dict[str, Tensor], modes: dict[nn.Module, bool]) -> None:
+    live = model.state_dict(keep_vars=True)
+    with torch.no_grad():
         for k, v in state.items():
             if k in live:
                 live[k].data.copy_(v)
-        for mod, mode in modes.items():
-            mod.training = mode
+    for mod, mode in modes.items():
+        mod.training = mode
 
 
 def format_bn_health(report: BNHealth) -> str:

@@ -258,7 +258,11 @@ class _GhostNormFn(torch.autograd.Function):
             var = (var_r + (mean_r - mean).square()).mean(1, keepdim=True)
             mean, var = mean.unsqueeze(-1), var.unsqueeze(-1)
         else:
-            var, mean = torch.var_mean(xv, dim=(1, 3), keepdim=True, correction=0)
+            # (N, C) input: a two-pass mean/variance over dim 1 from plain sums; torch's Welford
+            # var_mean over a middle dimension is ~50x slower on CPU.
+            mean = xv.mean(1, keepdim=True)
+            xc = xv - mean
+            var = (xc * xc).mean(1, keepdim=True)
         invstd = torch.rsqrt(var + eps)
         xhat = torch.addcmul(-mean * invstd, xv, invstd)
         if weight is not None:
@@ -284,8 +288,8 @@ class _GhostNormFn(torch.autograd.Function):
             sg = gv.sum(3).sum(1, keepdim=True).unsqueeze(-1)
             sgx = torch.linalg.vecdot(gv, xhat).sum(1, keepdim=True).unsqueeze(-1)
         else:
-            sg = gv.sum((1, 3), keepdim=True)
-            sgx = (gv * xhat).sum((1, 3), keepdim=True)
+            sg = gv.sum(1, keepdim=True)
+            sgx = (gv * xhat).sum(1, keepdim=True)
         k1 = invstd if weight is None else weight.view(1, 1, c, 1) * invstd
         # dx = w * invstd * (g - mean(g) - xhat * mean(g * xhat))
         dx = torch.addcmul(-k1 * sg / m, xhat, -k1 * sgx / m).addcmul_(gv, k1)

@@ -1,0 +1,145 @@
+"""Forward + backward time of batchlab's normalization layers against torch's built-ins.
+
+Usage::
+
+    .venv/bin/python benchmarks/norm_speed.py            # shapes (256,64,32,32), (1024,512), (32,128,56,56)
+    .venv/bin/python benchmarks/norm_speed.py --quick    # smaller shapes
+    .venv/bin/python benchmarks/norm_speed.py --no-sync  # skip the two-rank SyncBatchNorm run
+
+Each row times ``y = layer(x); y.backward(g)`` for the batchlab layer and for its torch baseline
+on the same input, interleaved (ours, torch, ours, torch, ...) so that load on the machine hits
+both alike, and prints the median times and their ratio. Batch Renorm and Ghost BN are compared
+with torch's BatchNorm (target <= 1.5x); BatchNorm, GroupNorm and LayerNorm with their torch
+counterparts (target <= 1.1x). SyncBatchNorm runs on two gloo ranks (one thread each, half the
+batch each) against a plain BatchNorm on the same local half batch: the ratio is its overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+import batchlab.norm as N
+
+FULL_SHAPES = [(256, 64, 32, 32), (1024, 512), (32, 128, 56, 56)]
+QUICK_SHAPES = [(32, 16, 16, 16), (256, 128), (8, 32, 28, 28)]
+
+
+def _step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
+        layer(x).backward(g)
+
+    return run
+
+
+def time_pair(ours: Callable[[], None], ref: Callable[[], None], repeats: int, warmup: int = 2) -> tuple[float, float]:
+    """Median seconds of ``ours`` and ``ref``, measured interleaved."""
+    for _ in range(warmup):
+        ours()
+        ref()
+    t_ours, t_ref = [], []
+    for i in range(repeats):
+        order = [(ours, t_ours), (ref, t_ref)] if i % 2 == 0 else [(ref, t_ref), (ours, t_ours)]
+        for fn, acc in order:
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+    return statistics.median(t_ours), statistics.median(t_ref)
+
+
+def cases(shape: tuple[int, ...]) -> list[tuple[str, nn.Module, nn.Module, float]]:
+    c = shape[1]
+    spatial = len(shape) - 2
+    torch_bn = nn.BatchNorm1d if spatial <= 1 else nn.BatchNorm2d
+    ours_bn = N.BatchNorm1d if spatial <= 1 else N.BatchNorm2d
+    renorm = N.BatchRenorm1d if spatial <= 1 else N.BatchRenorm2d
+    ghost = N.GhostBatchNorm1d if spatial <= 1 else N.GhostBatchNorm2d
+    vbs = 32 if shape[0] >= 64 else max(2, shape[0] // 4)
+    out = [
+        ("BatchNorm", ours_bn(c), torch_bn(c), 1.1),
+        ("GroupNorm(8)", N.GroupNorm(c, 8), nn.GroupNorm(8, c), 1.1),
+        ("LayerNorm(C,*)", N.LayerNorm(shape[1:]), nn.LayerNorm(shape[1:]), 1.1),
+        # constant limits: r and d are active from the first step (the worst case)
+        ("BatchRenorm vs BN", renorm(c, warmup_steps=0, rmax_steps=0, dmax_steps=0), torch_bn(c), 1.5),
+        (f"GhostBN(vbs={vbs}) vs BN", ghost(c, virtual_batch_size=vbs), torch_bn(c), 1.5),
+        (f"GhostBN(vbs={vbs}, vectorized) vs BN", ghost(c, virtual_batch_size=vbs, impl="vectorized"), torch_bn(c), 1.5),
+    ]
+    if spatial >= 1:
+        out.append(("InstanceNorm", N.InstanceNorm2d(c) if spatial == 2 else N.InstanceNorm1d(c), nn.InstanceNorm2d(c) if spatial == 2 else nn.InstanceNorm1d(c), 1.1))
+    return out
+
+
+def _sync_worker(rank: int, world: int, init: str, shape: tuple[int, ...], repeats: int, out_file: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        local = (shape[0] // world, *shape[1:])
+        torch.manual_seed(rank)
+        x = torch.randn(local, requires_grad=True)
+        g = torch.randn(local)
+        c = shape[1]
+        bn_cls = nn.BatchNorm1d if len(shape) <= 3 else nn.BatchNorm2d
+        sync_t, ref_t = time_pair(_step(N.SyncBatchNorm(c), x, g), _step(bn_cls(c), x, g), repeats)
+        if rank == 0:
+            with open(out_file, "w") as f:
+                f.write(f"{sync_t} {ref_t}")
+    finally:
+        dist.destroy_process_group()
+
+
+def sync_overhead(shape: tuple[int, ...], repeats: int) -> tuple[float, float]:
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "times")
+        mp.spawn(_sync_worker, args=(2, f"file://{os.path.join(d, 'rdv')}", shape, repeats, out), nprocs=2, join=True)
+        with open(out) as f:
+            a, b = f.read().split()
+    return float(a), float(b)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smaller shapes")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per layer (default 9, quick 5)")
+    ap.add_argument("--no-sync", action="store_true", help="skip the two-rank SyncBatchNorm measurement")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument("--only", default=None, help="run only layers whose name contains this text")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    repeats = args.repeats or (5 if args.quick else 9)
+    torch.manual_seed(0)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores (load average {load:.1f}), medians of {repeats} interleaved repeats (forward + backward)")
+    print()
+    print("| shape | layer | batchlab ms | torch ms | ratio | target |")
+    print("|---|---|---:|---:|---:|---:|")
+    for shape in shapes:
+        x = torch.randn(shape, requires_grad=True)
+        g = torch.randn(shape)
+        for name, ours, ref, target in cases(shape):
+            if args.only and args.only not in name:
+                continue
+            t_o, t_r = time_pair(_step(ours, x, g), _step(ref, x, g), repeats)
+            flag = "" if t_o / t_r <= target else " (over)"
+            print(f"| {tuple(shape)} | {name} | {t_o * 1e3:.2f} | {t_r * 1e3:.2f} | {t_o / t_r:.2f}{flag} | {target} |", flush=True)
+    if not args.no_sync:
+        for shape in shapes:
+            t_s, t_b = sync_overhead(shape, repeats)
+            print(f"| {tuple(shape)} | SyncBatchNorm, 2 gloo ranks (1 thread each, N/2 per rank) vs BN on N/2 | {t_s * 1e3:.2f} | {t_b * 1e3:.2f} | {t_s / t_b:.2f} | reported |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

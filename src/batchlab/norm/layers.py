@@ -440,8 +440,8 @@ class CaffeBatchNorm(nn.Module):
             return BF.batch_norm(x, mean, var, None, None, False, 0.0, self.eps)
         BF.check_batch_size(x)
         if self.training:
+            mean_b, var_b = BF.batch_stats(x)
             with torch.no_grad():
-                var_b, mean_b = torch.var_mean(x, dim=BF.reduce_dims(x), correction=0)
                 m = x.numel() // x.shape[1]
                 corr = m / (m - 1) if m > 1 else 1.0
                 lam = self.moving_average_fraction

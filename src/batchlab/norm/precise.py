@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from batchlab.norm.functional import batch_stats
 from batchlab.norm.layers import is_batchnorm
 
 __all__ = ["precise_bn"]
@@ -36,11 +37,10 @@ class _Pooled:
         self.m2: Tensor | None = None
 
     def add(self, x: Tensor) -> None:
-        dims = (0, *range(2, x.dim()))
         nb = x.numel() // x.shape[1]
         if nb == 0:
             return
-        var_b, mean_b = torch.var_mean(x.detach(), dim=dims, correction=0)
+        mean_b, var_b = batch_stats(x.detach())
         mean_b, m2_b = mean_b.double(), var_b.double() * nb
         if self.mean is None or self.m2 is None:
             self.n, self.mean, self.m2 = nb, mean_b, m2_b

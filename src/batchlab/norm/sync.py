@@ -7,8 +7,8 @@ that implements ``all_reduce``: the forward all-reduces one packed float64 vecto
 result equals one batch norm over the concatenated batch. Each rank's parameter gradients are
 its local share; data-parallel training (DDP) sums/averages them as for any parameter.
 
-Numerics: each rank's sums come from its own mean and biased variance (torch.var_mean, a stable
-two-pass/Welford reduction) as ``n * mean`` and ``n * (var + mean**2)``, combined in float64.
+Numerics: each rank's sums come from its own mean and biased variance (torch's batch-norm
+statistics kernel, a stable per-channel reduction) as ``n * mean`` and ``n * (var + mean**2)``, combined in float64.
 The only cancellation left is ``E[x^2] - mean^2`` across ranks, in float64: with a 1e6 offset
 and unit variance its relative error is about 1e-4, far below float32 input resolution there.
 """
@@ -48,11 +48,10 @@ class _SyncBatchNormFn(torch.autograd.Function):
         process_group: Any,
     ) -> Tensor:
         c = x.shape[1]
-        dims = BF.reduce_dims(x)
         n_local = x.numel() // c if c else 0
         packed = torch.zeros(1 + 2 * c, dtype=torch.float64, device=x.device)
         if n_local > 0:
-            var_l, mean_l = torch.var_mean(x, dim=dims, correction=0)
+            mean_l, var_l = BF.batch_stats(x)
             mean_l, var_l = mean_l.double(), var_l.double()
             packed[0] = n_local
             packed[1 : 1 + c] = mean_l * n_local

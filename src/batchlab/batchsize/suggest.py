@@ -25,7 +25,8 @@ always pick the largest batch and waste examples.
 
 Normalization. If the per-device (micro-)batch is small (``small_batch`` = 8 or less) and the model
 has BatchNorm, its batch statistics are unreliable (Wu & He 2018); the suggestion says so and
-measures GroupNorm (and Ghost BN when registered) at the same batch with the same short budget.
+measures GroupNorm, Ghost BN (when registered) and precise BN statistics (BN retrained, then its
+running statistics recomputed over the training set) at the same batch with the same short budget.
 """
 
 from __future__ import annotations
@@ -118,7 +119,32 @@ class Suggestion:
 
 
 def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    """True when any module is a batch norm (torch's or batchlab's, via ``batchlab.norm.is_batchnorm``)."""
+    try:
+        from batchlab.norm import is_batchnorm
+    except ImportError:  # pragma: no cover - older norm package
+        def is_batchnorm(m: nn.Module) -> bool:
+            return isinstance(m, nn.modules.batchnorm._BatchNorm)
+    return any(is_batchnorm(m) for m in model.modules())
+
+
+def precise_bn_trial(task: Task, config: TrainConfig) -> dict[str, Any]:
+    """Train with BN, then recompute population statistics (precise BN, Wu & Johnson 2021) and evaluate."""
+    from batchlab.norm import precise_bn
+    from batchlab.train import evaluate, fit
+
+    model = task.make_model(norm=config.norm)
+    r = fit(task, config, model=model, raise_errors=False)
+    if not r.ok:
+        return {"status": r.status, "metric": math.nan, "examples": r.examples, "time": r.wall_time, "error": r.error}
+    import torch
+
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        batches = [x for x, _ in task.train_set.batches(256, generator=torch.Generator().manual_seed(config.seed))]
+        precise_bn(model, batches, num_batches=len(batches))
+    _, metric = evaluate(model, task.val_set.x, task.val_set.y, task)
+    return {"status": "ok", "metric": float(metric), "examples": r.examples + len(task.train_set), "time": r.wall_time}
 
 
 def _pow2_floor(x: float) -> int:
@@ -320,10 +346,16 @@ def suggest(
 def _norm_check(
     task: Task, micro: int, acc: int, search: Any, check_examples: int, device: str, st: Any, fp: dict[str, Any], run: bool
 ) -> tuple[dict[str, Any], int]:
-    """Measure GroupNorm (and Ghost BN when registered) at the suggested per-device batch."""
+    """Measure GroupNorm, Ghost BN and precise BN at the suggested per-device batch."""
     from batchlab.norm import known_norms
 
     alternatives = [nm for nm in ("group", "ghost") if nm in known_norms()]
+    try:
+        from batchlab.norm import precise_bn  # noqa: F401
+
+        alternatives.append("precise")
+    except ImportError:  # pragma: no cover
+        pass
     bn = [t.metric for t in search.trials if t.batch_size == micro * acc and t.status == "ok"]
     out: dict[str, Any] = {
         "per_device_batch": micro, "batchnorm": statistics.fmean(bn) if bn else math.nan, "alternatives": {},
@@ -337,12 +369,15 @@ def _norm_check(
         return out, 0
     for nm in alternatives:
         vals = []
+        trial = precise_bn_trial if nm == "precise" else fit_trial
         for s in search.seeds:
             cfg = TrainConfig(
                 batch_size=micro, accumulation=acc, lr=search.best_lr, optimizer=task.optimizer,
-                max_examples=check_examples, seed=s, norm=nm, device=device, eval_train=False,
+                max_examples=check_examples, seed=s, norm="batch" if nm == "precise" else nm, device=device,
+                eval_train=False,
             )
-            d = st.run_or_load(key_for(fp, cfg.to_dict(), kind="batchsize-norm"), lambda cfg=cfg: fit_trial(task, cfg), kind="batchsize-norm")
+            kind = f"batchsize-norm-{nm}"
+            d = st.run_or_load(key_for(fp, cfg.to_dict(), kind=kind), lambda cfg=cfg, trial=trial: trial(task, cfg), kind=kind)
             examples += int(d.get("examples", 0))
             if d.get("status") == "ok":
                 vals.append(float(d["metric"]))

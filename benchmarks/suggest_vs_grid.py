@@ -1,0 +1,102 @@
+"""Benchmark: ``batchlab.batchsize.suggest`` against the full grid of batch sizes (claim C14).
+
+For each task: train every power of two from 2 to 512 (capped at the training set) with the LR
+scaled by the optimizer's rule, the task's full budget and the same seeds; then run ``suggest``.
+Reported per task:
+
+- cost: training examples processed by suggest (memory probes, throughput timing, noise-scale run
+  and pivot-search trials all counted) / examples of the grid (target <= 15%);
+- regret: grid's best mean validation metric - grid's mean metric at the suggested batch, in
+  points (target <= 0.5);
+- whether the suggested batch is within one power of two of the grid's best.
+
+Both go through a results store (``--out/store.db``), so a rerun costs nothing.
+
+    .venv/bin/python benchmarks/suggest_vs_grid.py --tasks digits-mlp synthetic-mlp mnist1d-mlp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from batchlab.batchsize import suggest
+from batchlab.batchsize.search import fit_trial
+from batchlab.store import Store, run_key
+from batchlab.tasks import get_task
+from batchlab.train import TrainConfig, default_lr_rule, scale_lr
+
+
+def grid(task, seeds, budget_examples, store, low=2, high=512):
+    n = len(task.train_set)
+    rule = default_lr_rule(task.optimizer)
+    sizes = [b for b in (2**k for k in range(1, 12)) if low <= b <= min(high, n)]
+    rows = {}
+    examples = 0
+    t0 = time.perf_counter()
+    for b in sizes:
+        vals = []
+        for s in seeds:
+            cfg = TrainConfig(batch_size=b, lr=scale_lr(task.lr, task.batch_size, b, rule), optimizer=task.optimizer,
+                              max_examples=budget_examples, seed=s, eval_train=False)
+            d = store.run_or_load(run_key(task.fingerprint(), cfg.to_dict(), kind="grid"), lambda cfg=cfg: fit_trial(task, cfg), kind="grid")
+            examples += int(d["examples"])
+            vals.append(d["metric"] if d["status"] == "ok" else math.nan)
+        rows[b] = statistics.fmean(vals) if all(math.isfinite(v) for v in vals) else -math.inf
+        print(f"  grid {task.name} B={b}: {rows[b]:.4f}", flush=True)
+    return rows, examples, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", nargs="+", default=["digits-mlp", "synthetic-mlp", "mnist1d-mlp"])
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/out/suggest_vs_grid")
+    ap.add_argument("--max-epochs", type=float, default=None, help="cap each task's budget (epochs) to save time")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids OpenMP spinning on a shared machine)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = Store(out / "store.db")
+    seeds = tuple(range(args.seeds))
+    results = []
+    for name in args.tasks:
+        task = get_task(name)
+        epochs = task.epochs if args.max_epochs is None else min(task.epochs, args.max_epochs)
+        budget = round(epochs * len(task.train_set))
+        g, g_examples, g_time = grid(task, seeds, budget, store)
+        t0 = time.perf_counter()
+        s = suggest(task, seeds=seeds, budget_examples=budget, store=Store(out / f"suggest-{name}.db"))
+        s_time = time.perf_counter() - t0
+        best_b = max(g, key=g.get)
+        sb = s.batch_size
+        regret = 100 * (g[best_b] - g.get(sb, -math.inf)) if sb is not None else math.inf
+        row = {
+            "task": name, "budget_examples": budget, "grid_best_batch": best_b, "grid_best_metric": g[best_b],
+            "suggested_batch": sb, "suggested_lr": s.lr, "grid_metric_at_suggested": g.get(sb),
+            "regret_points": regret, "within_one_pow2": sb is not None and abs(math.log2(sb) - math.log2(best_b)) <= 1,
+            "suggest_examples": s.total_examples, "grid_examples": g_examples,
+            "cost_ratio": s.total_examples / g_examples, "suggest_breakdown": s.examples_processed,
+            "suggest_wall_s": s_time, "grid_wall_s": g_time, "b_noise": s.b_noise, "search_path": s.search["path"],
+            "grid": {str(k): v for k, v in g.items()},
+        }
+        results.append(row)
+        print(json.dumps(row, allow_nan=True), flush=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True))
+    print("\n| task | grid best B (val acc) | suggested B (grid acc there) | regret (points) | within x2 | examples suggest/grid |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['task']} | {r['grid_best_batch']} ({100 * r['grid_best_metric']:.2f}) | {r['suggested_batch']} "
+              f"({100 * (r['grid_metric_at_suggested'] or math.nan):.2f}) | {r['regret_points']:.2f} | "
+              f"{'yes' if r['within_one_pow2'] else 'no'} | {r['suggest_examples']}/{r['grid_examples']} = {100 * r['cost_ratio']:.1f}% |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""suggest() end to end on a tiny task, its JSON, store resume, failure status, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from batchlab.batchsize import Suggestion, suggest
+from batchlab.batchsize import search as search_mod
+from batchlab.cli import main
+from batchlab.store import Store
+from batchlab.train import scale_lr
+from conftest import make_toy_task
+
+FAST = dict(noise_steps=10, noise_micro_batch=4, repeats=1, budget_epochs=1.0, check_fraction=0.5, high=64)
+
+
+def test_suggest_end_to_end_and_resume(tmp_path, monkeypatch) -> None:
+    task = make_toy_task(n_train=256)
+    s = suggest(task, store=Store(tmp_path), **FAST)
+    assert s.status == "ok" and s.batch_size in (2, 4, 8, 16, 32, 64)
+    assert s.accumulation == 1 and s.micro_batch == s.batch_size
+    assert s.lr == pytest.approx(scale_lr(task.lr, task.batch_size, s.batch_size, "linear"))
+    assert s.budget_examples == 256 and s.check_examples == 128
+    assert len(s.search["trials"]) >= 6 and all(t["examples"] == 128 for t in s.search["trials"])
+    assert [c["batch_size"] for c in s.candidates] == [2, 4, 8, 16, 32, 64]
+    assert math.isfinite(s.b_noise) and s.rationale and s.summary().startswith("toy: batch size")
+    again = Suggestion.from_dict(json.loads(s.to_json()))
+    assert again.batch_size == s.batch_size and again.search["path"] == s.search["path"]
+    # rerun: every training run comes from the store
+    calls = []
+    monkeypatch.setattr(search_mod, "fit", lambda *a, **k: calls.append(a) or pytest.fail("trained again"))
+    monkeypatch.setattr("batchlab.batchsize.noise.fit", lambda *a, **k: pytest.fail("noise run trained again"))
+    s2 = suggest(task, store=Store(tmp_path), **FAST)
+    assert calls == [] and s2.batch_size == s.batch_size and s2.search["trials"] == s.search["trials"]
+
+
+def test_small_batch_with_batchnorm_measures_groupnorm() -> None:
+    task = make_toy_task(n_train=128)
+    s = suggest(task, **{**FAST, "high": 8})
+    assert s.batch_size is not None and s.batch_size <= 8
+    assert s.norm_advice is not None and {"group", "precise"} <= set(s.norm_advice["alternatives"])
+    assert all(0 <= v <= 1 for v in s.norm_advice["alternatives"].values())
+    assert any("BatchNorm" in r for r in s.rationale)
+
+
+def test_nan_loss_task_is_a_recorded_failure() -> None:
+    task = make_toy_task(n_train=128)
+    task.loss = lambda logits, y: torch.nn.functional.cross_entropy(logits, y) * math.nan
+    s = suggest(task, **{**FAST, "high": 32})
+    assert s.status == "failed" and s.batch_size is None and s.lr is None
+    assert {t["status"] for t in s.search["trials"]} == {"diverged"}
+    assert s.noise["status"] == "diverged"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"low": 64, "high": 8}, "low must be <= high, got low=64 > high=8"),
+     ({"low": 200, "high": 256}, r"low must be <= the training-set size \(128 examples\), got 200"),
+     ({"check_fraction": 0.0}, r"check_fraction must be in \(0, 1\]")],
+)
+def test_suggest_bad_input(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        suggest(make_toy_task(n_train=128), **kwargs)
+
+
+TOY = "conftest:make_toy_task"
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["suggest", "--task", TOY, "--low", "64", "--high", "8"], "--low (64) must be <= --high (8)"),
+        (["suggest", "--task", TOY, "--low", "4096", "--high", "8192"], "larger than the training set"),
+        (["suggest", "--task", TOY, "--seeds", "1"], "--seeds must be >= 2"),
+        (["suggest", "--task", "no-such-task"], "unknown task"),
+        (["suggest", "--task", TOY, "--budget", "-1"], "must be a positive"),
+        (["throughput", "--task", TOY, "--batch-sizes", "8,100000"], "--batch-sizes 100000 is larger than the training set"),
+        (["find-max-batch", "--task", TOY, "--memory-limit", "lots"], "must be a size like 4G"),
+        (["noise-scale", "--task", TOY, "--micro-batch", "200", "--accumulation", "4"], "larger than the training set"),
+        (["noise-scale", "--task", TOY, "--accumulation", "1"], "--accumulation must be >= 2"),
+    ],
+)
+def test_cli_bad_input_exits_2(argv, needle, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(main(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+
+
+def test_cli_commands(tmp_path, capsys) -> None:
+    assert main(["find-max-batch", "--task", TOY, "--memory-limit", "1G"]) == 0
+    assert json.loads(capsys.readouterr().out)["batch_size"] == 256
+    assert main(["throughput", "--task", TOY, "--batch-sizes", "4,16", "--repeats", "1", "--quiet"]) == 0
+    assert "knee" in capsys.readouterr().out
+    assert main(["noise-scale", "--task", TOY, "--steps", "5", "--micro-batch", "4", "--quiet"]) == 0
+    assert "b_simple" in json.loads(capsys.readouterr().out)
+    out = tmp_path / "sg"
+    assert main(["suggest", "--task", TOY, "--out", str(out), "--quick", "--high", "32", "--budget", "1", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "toy: batch size" in text and (out / "index.html").exists() and (out / "batchlab.db").exists()
+    page = (out / "index.html").read_text()
+    assert page.count("<img") >= 5 and "Pivot search" in page

@@ -18,10 +18,12 @@ batch reaches the target in the full budget: ``E_min = E_budget / (1 + B_ref / B
 ``S_min = E_min / B_noise``. This is Pollux's goodput criterion (throughput x statistical
 efficiency) in other words.
 
-Pivot. The check starts at the faster of (a) the batch of least predicted time and (b) the
-critical batch ``B_crit ~ B_noise``, where both steps and examples are within 2x of their minima
-(McCandlish et al. sec. 2.2): on a CPU where the step time hardly depends on B, (a) alone would
-always pick the largest batch and waste examples.
+Pivot. The check starts at the smaller of (a) the batch of least predicted time and (b) the
+largest batch whose statistical efficiency ``E_min / E(B) = 1 / (1 + B / B_noise)`` is at least
+``efficiency`` (0.9, the same 90% rule as the throughput knee): with a fixed budget of examples,
+every batch above (b) spends its examples less efficiently (McCandlish et al. sec. 2.2; at the
+critical batch B_noise itself the examples double). On a CPU where the step time hardly depends on
+B, (a) alone would always pick the largest batch and waste examples.
 
 Normalization. If the per-device (micro-)batch is small (``small_batch`` = 8 or less) and the model
 has BatchNorm, its batch statistics are unreliable (Wu & He 2018); the suggestion says so and
@@ -188,6 +190,7 @@ def suggest(
     noise_micro_batch: int = 16,
     noise_accumulation: int = 4,
     repeats: int = 3,
+    efficiency: float = 0.9,
     small_batch: int = SMALL_BATCH,
     check_norms: bool = True,
     store: Any = None,
@@ -206,6 +209,8 @@ def suggest(
         memory_limit: bytes a step may use (see :func:`max_batch_size`).
         noise_steps, noise_micro_batch, noise_accumulation: the B_simple measurement run.
         repeats: timed steps per batch size.
+        efficiency: the check starts no higher than the largest batch whose statistical efficiency
+            ``1 / (1 + B / B_noise)`` is at least this (0.9: examples within 10% of E_min).
         small_batch: a per-device batch at or below this with BatchNorm triggers the norm check.
         check_norms: measure the normalization alternatives when triggered.
         store: a Store, a path or None; every training run is looked up there first.
@@ -225,6 +230,8 @@ def suggest(
         raise ValueError(f"low must be <= high, got low={low} > high={high}")
     if low > n:
         raise ValueError(f"low must be <= the training-set size ({n} examples), got {low}")
+    if not 0 < efficiency < 1:
+        raise ValueError(f"efficiency must be in (0, 1), got {efficiency!r}")
     if not 0 < check_fraction <= 1:
         raise ValueError(f"check_fraction must be in (0, 1], got {check_fraction!r}")
     if budget_epochs is not None and budget_examples is not None:
@@ -278,15 +285,16 @@ def suggest(
     usable = [c for c in cands if math.isfinite(c.predicted_time)]
     if usable:
         fastest = min(usable, key=lambda c: c.predicted_time)
-        b_crit = _pow2_floor(b_noise)
-        pivot = min(fastest.batch_size, max(b_crit, low))
+        b_eff = _pow2_floor(b_noise * (1 / efficiency - 1))
+        pivot = min(fastest.batch_size, max(b_eff, low))
         rationale.append(
             f"gradient noise scale B_simple ~ {b_noise:.0f} (McCandlish et al. 2018): batches well below it use "
             f"examples efficiently, batches above it mostly save steps"
         )
         rationale.append(
             f"least predicted time to target: batch {fastest.batch_size} ({fastest.predicted_time:.3g} s predicted, "
-            f"{fastest.step_time * 1e3:.3g} ms per step); critical batch ~ {b_crit}; the check starts at {pivot}"
+            f"{fastest.step_time * 1e3:.3g} ms per step); largest batch with >= {efficiency:.0%} statistical efficiency "
+            f"E_min/E = 1/(1 + B/B_noise): {b_eff}; the check starts at the smaller, {pivot}"
         )
     else:
         pivot = min(max(_pow2_floor(task.batch_size), low), high)

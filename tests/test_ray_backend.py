@@ -1,0 +1,150 @@
+"""Ray Tune backend: a local Ray with two workers runs a four-trial sweep and must store exactly the
+results of the in-process backend (histories equal except timing). Skipped without the extra."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from batchlab.distributed.ray_backend import RayBackend, add_backend_args, backend_from_args, map_trials
+from batchlab.experiments.base import ExperimentContext
+from batchlab.store import Store, run_key
+from batchlab.train import TrainConfig
+
+HAS_RAY = importlib.util.find_spec("ray") is not None
+needs_ray = pytest.mark.skipif(not HAS_RAY, reason="the 'ray' extra is not installed (pip install 'batchlab[ray]')")
+TIMING = {"wall_time", "train_time", "eval_time"}
+
+
+@pytest.fixture(scope="module")  # one Ray session for the module: ~30 s to start on a busy 2-core machine
+def backend() -> Iterator[RayBackend]:
+    if not HAS_RAY:
+        pytest.skip("the 'ray' extra is not installed (pip install 'batchlab[ray]')")
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    b = RayBackend(num_cpus=2, cpus_per_trial=1)
+    t0 = time.perf_counter()
+    b.init()
+    print(f"\nlocal Ray started in {time.perf_counter() - t0:.1f} s")
+    yield b
+    b.shutdown()
+
+
+def _ctx(tmp: Path, backend: Any) -> ExperimentContext:
+    return ExperimentContext(experiment_id="ray-test", quick=True, seeds=[0, 1], device="cpu",
+                             store=Store(tmp / "store"), out_dir=tmp, backend=backend)
+
+
+def _jobs() -> list[tuple[str, TrainConfig]]:
+    return [
+        ("digits-mlp", TrainConfig(batch_size=b, max_steps=8, eval_every=4, lr=0.05, seed=s))
+        for b in (32, 64) for s in (0, 1)
+    ]
+
+
+def _strip(d: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in d.items() if k not in TIMING}
+    out["history"] = [{k: v for k, v in row.items() if k not in TIMING} for row in d["history"]]
+    out["extra"] = {k: v for k, v in d["extra"].items() if k not in TIMING}
+    out["final"] = {k: v for k, v in d["final"].items() if k not in TIMING}
+    return out
+
+
+@pytest.mark.slow
+@needs_ray
+def test_sweep_on_ray_equals_in_process(tmp_path: Path, backend: RayBackend) -> None:
+    t0 = time.perf_counter()
+    ray_ctx = _ctx(tmp_path / "ray", backend)
+    ray_results = ray_ctx.fit_many(_jobs())
+    t_ray = time.perf_counter() - t0
+    assert backend.trials_launched == 4 and ray_ctx.trials_run == 4 and ray_ctx.trials_loaded == 0
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the trials ran with cpus_per_trial=1 thread
+    try:
+        t0 = time.perf_counter()
+        local_ctx = _ctx(tmp_path / "local", None)
+        local_results = local_ctx.fit_many(_jobs())
+        t_local = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+    print(f"4 trials: Ray {t_ray:.1f} s, in-process {t_local:.1f} s")
+
+    for job, r, l in zip(_jobs(), ray_results, local_results, strict=True):
+        assert r.ok, r.error
+        assert len(r.history) == 3
+        assert _strip(r.to_dict()) == _strip(l.to_dict()), f"Ray and in-process results differ for {job}"
+    # the same keys in both stores, with the same kind
+    ray_rows = {rec.key: rec for rec in ray_ctx.store.records()}
+    local_rows = {rec.key: rec for rec in local_ctx.store.records()}
+    assert ray_rows.keys() == local_rows.keys() and len(ray_rows) == 4
+    assert {rec.kind for rec in ray_rows.values()} == {"experiment:ray-test"}
+
+    # a second pass loads everything from the store: nothing goes to Ray
+    again = _ctx(tmp_path / "ray", backend).fit_many(_jobs())
+    assert backend.trials_launched == 4
+    assert [_strip(a.to_dict()) for a in again] == [_strip(r.to_dict()) for r in ray_results]
+
+
+def _boom(args: Any) -> dict[str, Any]:
+    if args == "bad":
+        raise RuntimeError("trial exploded")
+    return {"status": "ok", "value": args}
+
+
+@pytest.mark.slow
+@needs_ray
+def test_map_trials_records_failures_and_skips_stored(tmp_path: Path, backend: RayBackend) -> None:
+    store = Store(tmp_path / "s")
+    items = [(run_key({"t": "x"}, {"i": i}), a) for i, a in enumerate(["a", "bad", "c"])]
+    store.put(items[2][0], {"status": "ok", "value": "stored"})
+    before = backend.trials_launched
+    out = map_trials(store, items, _boom, backend=backend, kind="generic")
+    assert backend.trials_launched - before == 2  # the stored item was not sent
+    assert out[0] == {"status": "ok", "value": "a"}
+    assert out[1]["status"] == "failed" and "trial exploded" in out[1]["error"]
+    assert out[2]["value"] == "stored"
+    # the in-process path gives the same payloads
+    local = map_trials(Store(tmp_path / "l"), items[:2], _boom, kind="generic")
+    assert local[0] == out[0] and local[1]["status"] == "failed"
+
+
+@pytest.mark.slow
+@needs_ray
+def test_driver_writes_when_store_is_not_shared(tmp_path: Path, backend: RayBackend) -> None:
+    remote_like = RayBackend(num_cpus=2, shared_store=False)  # joins the running Ray session
+    store = Store(tmp_path / "s")
+    items = [(run_key({"t": "y"}, {"i": 0}), "z")]
+    assert remote_like.map_trials(store, items, _boom) == [{"status": "ok", "value": "z"}]
+    assert store.get(items[0][0]) == {"status": "ok", "value": "z"}
+
+
+def test_backend_args() -> None:
+    p = argparse.ArgumentParser()
+    add_backend_args(p)
+    assert backend_from_args(p.parse_args([])) is None
+    with pytest.raises(ValueError, match="--address needs --backend ray"):
+        backend_from_args(p.parse_args(["--address", "auto"]))
+    with pytest.raises(SystemExit):
+        p.parse_args(["--cpus-per-trial", "0"])
+    if HAS_RAY:
+        b = backend_from_args(p.parse_args(["--backend", "ray", "--address", "auto", "--cpus-per-trial", "2",
+                                            "--gpus-per-trial", "0.5"]))
+        assert isinstance(b, RayBackend) and (b.address, b.cpus_per_trial, b.gpus_per_trial) == ("auto", 2.0, 0.5)
+        assert b.shared_store is False
+
+
+def test_backend_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="cpus_per_trial must be positive, got 0"):
+        RayBackend(cpus_per_trial=0)
+    with pytest.raises(ValueError, match="gpus_per_trial must be >= 0"):
+        RayBackend(gpus_per_trial=-1)

@@ -152,11 +152,14 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from batchlab.distributed import maybe_run_distributed
     from batchlab.train import fit
 
     task = load_task(args)
     config = config_from_args(args, task)
-    result = fit(task, config, progress=not args.quiet)
+    result = maybe_run_distributed(args, task, config)  # under torchrun with 2+ processes
+    if result is None:
+        result = fit(task, config, progress=not args.quiet)
     summary = {k: v for k, v in result.to_dict().items() if k != "history"}
     if args.out:
         out = Path(args.out)
@@ -202,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a task once and print its result as JSON")
     add_task_args(p)
     add_train_args(p)
+    from batchlab.distributed import add_distributed_args
+
+    add_distributed_args(p)
     p.add_argument("--out", help="folder to write the full result JSON into")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)

@@ -18,6 +18,9 @@ def register(sub: Any) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    from batchlab.distributed.ray_backend import add_backend_args
+
+    add_backend_args(p)
     p.set_defaults(func=cmd_reproduce)
 
 
@@ -41,7 +44,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             raise CliError(f"--device {args.device!r}: CUDA is not available on this machine")
     elif args.device != "cpu":
         raise CliError(f"--device must be cpu or cuda, got {args.device!r}")
+    from batchlab.distributed.ray_backend import backend_from_args
+
+    try:
+        backend = backend_from_args(args)
+    except (ValueError, ImportError) as e:
+        raise CliError(str(e)) from e
     outcomes = reproduce(only=only, quick=args.quick, out=args.out, seeds=args.seeds, device=args.device,
-                         progress=not args.quiet)
+                         progress=not args.quiet, backend=backend)
     print_summary(outcomes, Path(args.out))
     return 0 if all(o.status == "ok" for o in outcomes) else 1

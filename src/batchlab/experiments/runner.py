@@ -44,7 +44,8 @@ def rerun_command(exp: type[Experiment], quick: bool, out: Path) -> str:
 
 
 def run_experiment(
-    exp_cls: type[Experiment], *, quick: bool, seeds: list[int], device: str, store: Store, out: Path, progress: bool
+    exp_cls: type[Experiment], *, quick: bool, seeds: list[int], device: str, store: Store, out: Path, progress: bool,
+    backend: Any = None,
 ) -> Outcome:
     """Run one experiment and write ``out/<id>/{data.json, outcome.json, *.png}``.
 
@@ -55,7 +56,7 @@ def run_experiment(
     folder.mkdir(parents=True, exist_ok=True)
     params = exp.params(quick)
     params = {**params, "seeds": seeds}
-    ctx = ExperimentContext(exp.id, quick, seeds, device, store, folder, progress)
+    ctx = ExperimentContext(exp.id, quick, seeds, device, store, folder, progress, backend=backend)
     t0 = time.perf_counter()
     figures: list[str] = []
     verdicts: list[Verdict] = []
@@ -105,6 +106,7 @@ def reproduce(
     seeds: int | None = None,
     device: str = "cpu",
     progress: bool = True,
+    backend: Any = None,
 ) -> list[Outcome]:
     """Run the claim experiments and write ``out/index.html``.
 
@@ -116,6 +118,7 @@ def reproduce(
         seeds: number of seeds (default 3, or 2 with ``quick``).
         device: ``"cpu"`` or ``"cuda"``.
         progress: progress bars on stderr.
+        backend: where ``ctx.fit_many`` trials run (e.g. ``RayBackend``); None: in this process.
     """
     n_seeds = seeds if seeds is not None else (DEFAULT_SEEDS_QUICK if quick else DEFAULT_SEEDS_FULL)
     if not isinstance(n_seeds, int) or n_seeds < 1:
@@ -132,7 +135,7 @@ def reproduce(
         bar.set_postfix_str(f"{exp_cls.id} ({','.join(exp_cls.claims)})")
         outcomes.append(
             run_experiment(exp_cls, quick=quick, seeds=list(range(n_seeds)), device=device, store=store, out=out,
-                           progress=progress)
+                           progress=progress, backend=backend)
         )
     from batchlab.experiments.report import write_reproduce_report
 

@@ -6,9 +6,10 @@ PY := $(VENV)/bin/python
 BL := $(VENV)/bin/batchlab
 OUT ?= batchlab-out
 
-.PHONY: setup demo test bench clean
+.PHONY: setup setup-test demo test bench clean
 
 setup: $(VENV)/.installed
+setup-test: $(VENV)/.installed-test
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +19,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	touch $@
 
+# the tests also exercise the optional Ray and Lightning adapters
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,ray,lightning]"
+	touch $@
+
 demo: setup
 	$(BL) suggest --task digits-mlp --out $(OUT)/suggest
 	$(BL) reproduce --quick --out $(OUT)/reproduce
 
-test: setup
+test: setup-test
 	$(PY) -m pytest -q
 
 bench: setup

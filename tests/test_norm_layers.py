@@ -330,7 +330,6 @@ def test_batch_renorm_r_d_follow_the_paper() -> None:
     xhat = (x - mean.view(1, 3, 1, 1)) / (var + rn.eps).sqrt().view(1, 3, 1, 1)
     expected = rn.weight.detach().view(1, 3, 1, 1) * (xhat * r.view(1, 3, 1, 1) + d.view(1, 3, 1, 1)) + rn.bias.detach().view(1, 3, 1, 1)
     assert_close(y, expected, 1e-12, 1e-12, "renorm output vs paper formula")
-    assert r[0] == 2.0 or r[0] < 2.0
     assert d[1].item() == -0.5 and r[2].item() == 0.5, f"clipping not exercised: r={r}, d={d}"
 
 

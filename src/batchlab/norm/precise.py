@@ -93,6 +93,8 @@ def precise_bn(model: nn.Module, loader: Iterable[Any], num_batches: int) -> dic
     device = param.device if param is not None else None
     modes = {m: m.training for m in model.modules()}
     saved = {name: (m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for name, m in bns.items()}
+    buffers = {name: (m.running_mean.clone(), m.running_var.clone()) for name, m in bns.items()}
+    done = False
     pooled = {name: _Pooled() for name in bns}
     handles = []
     try:
@@ -125,6 +127,7 @@ def precise_bn(model: nn.Module, loader: Iterable[Any], num_batches: int) -> dic
             m.running_mean.copy_(p.mean.to(m.running_mean.dtype))
             m.running_var.copy_(var.to(m.running_var.dtype))
             counts[name] = p.n
+        done = True
         return counts
     finally:
         for h in handles:
@@ -134,5 +137,8 @@ def precise_bn(model: nn.Module, loader: Iterable[Any], num_batches: int) -> dic
             m.momentum = momentum
             if nbt is not None:
                 m.num_batches_tracked.copy_(nbt)
+            if not done:  # momentum 0 keeps them, except 0 * NaN; be exact on every error path
+                m.running_mean.copy_(buffers[name][0])
+                m.running_var.copy_(buffers[name][1])
         for mod, mode in modes.items():
             mod.training = mode

@@ -187,6 +187,7 @@ class SharpMinima(Experiment):
                        label=f"{name} batch (B={params[name]})" if j == 0 else None)
                 ax.plot([x] * len(vals), vals, "k.", ms=6)
         ax.set_xticks(range(len(params["eps"])), [f"eps={e:g}" for e in params["eps"]])
+        ax.set_xlabel("box size eps (relative perturbation per weight)")
         ax.set_ylabel("epsilon-sharpness (% loss increase)")
         ax.set_title("Keskar sharpness (bars: mean, dots: seeds)")
         ax.legend()

@@ -14,6 +14,7 @@ import contextlib
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -383,8 +384,9 @@ class FixedEpochBatch(Experiment):
         with single_thread():
             for seed in ctx.seeds:
                 rows = {"B": [], "val_acc": [], "train_acc": [], "status": [], "steps": []}
-                for b in params["batches"]:
-                    r = ctx.fit(params["task"], _grid_config(b, params["lr"], params["epochs"], seed))
+                runs = ctx.fit_many([(params["task"], _grid_config(b, params["lr"], params["epochs"], seed))
+                                     for b in params["batches"]])
+                for b, r in zip(params["batches"], runs):
                     rows["B"].append(b)
                     rows["val_acc"].append(_final(r, "val_acc"))
                     rows["train_acc"].append(_final(r, "train_acc"))
@@ -464,10 +466,12 @@ class BatchLRGrid(Experiment):
         with single_thread():
             for seed in ctx.seeds:
                 acc, status = [], []
-                for b in params["batches"]:
+                runs = iter(ctx.fit_many([(params["task"], _grid_config(b, lr, params["epochs"], seed))
+                                          for b in params["batches"] for lr in params["lrs"]]))
+                for _b in params["batches"]:
                     row_a, row_s = [], []
-                    for lr in params["lrs"]:
-                        r = ctx.fit(params["task"], _grid_config(b, lr, params["epochs"], seed))
+                    for _lr in params["lrs"]:
+                        r = next(runs)
                         row_a.append(_final(r, "val_acc"))
                         row_s.append(r.status)
                     acc.append(row_a)
@@ -514,7 +518,9 @@ class BatchLRGrid(Experiment):
         keys = _seed_keys(data)
         d0 = data["seeds"][keys[0]]
         arr = np.array([[[_nan(v) for v in row] for row in data["seeds"][s]["val_acc"]] for s in keys])
-        mean = np.nanmean(np.where(np.isfinite(arr), arr, np.nan), 0) if np.isfinite(arr).any() else arr[0]
+        with warnings.catch_warnings():  # a cell that diverged in every seed stays NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(arr, 0)
         fig, axes = plt.subplots(1, 2, figsize=(14, 5))
         ax = axes[0]
         im = ax.imshow(mean.T * 100, origin="lower", aspect="auto", cmap="viridis", vmin=10, vmax=100)
@@ -584,10 +590,11 @@ class LRBatchRatio(Experiment):
         with single_thread():
             for seed in ctx.seeds:
                 arms = []
-                for a in self._arms(params):
-                    cfg = TrainConfig(batch_size=a["B"], lr=a["lr"], optimizer="momentum", epochs=params["epochs"],
-                                      norm=NORM, seed=seed, eval_every=0)
-                    r = ctx.fit(params["task"], cfg)
+                specs = self._arms(params)
+                runs = ctx.fit_many([(params["task"], TrainConfig(batch_size=a["B"], lr=a["lr"], optimizer="momentum",
+                                                                  epochs=params["epochs"], norm=NORM, seed=seed,
+                                                                  eval_every=0)) for a in specs])
+                for a, r in zip(specs, runs):
                     arms.append({**a, "status": r.status, "epoch": r.series("epoch"), "val_loss": r.series("val_loss"),
                                  "val_acc": r.series("val_acc")})
                 out["seeds"][str(seed)] = {"arms": arms}
@@ -717,18 +724,24 @@ class LBFGSBatch(Experiment):
         with single_thread():
             for seed in ctx.seeds:
                 sgd_all, sgd_status, lb, lb_status, lb_time, sgd_time = [], [], [], [], [], []
+                jobs = []
                 for b in params["batches"]:
+                    jobs += [(task, _grid_config(b, lr, params["epochs"], seed)) for lr in params["sgd_lrs"]]
+                    jobs.append((task, TrainConfig(batch_size=b, lr=1.0, optimizer="lbfgs", epochs=params["epochs"],
+                                                   lbfgs_max_iter=params["lbfgs_max_iter"], norm=NORM, seed=seed,
+                                                   eval_every=0)))
+                runs = iter(ctx.fit_many(jobs))
+                for _b in params["batches"]:
                     row, st, tt = [], [], []
-                    for lr in params["sgd_lrs"]:
-                        r = ctx.fit(task, _grid_config(b, lr, params["epochs"], seed))
+                    for _lr in params["sgd_lrs"]:
+                        r = next(runs)
                         row.append(_final(r, "val_acc"))
                         st.append(r.status)
                         tt.append(r.train_time)
                     sgd_all.append(row)
                     sgd_status.append(st)
                     sgd_time.append(tt)
-                    r = ctx.fit(task, TrainConfig(batch_size=b, lr=1.0, optimizer="lbfgs", epochs=params["epochs"],
-                                                  lbfgs_max_iter=params["lbfgs_max_iter"], norm=NORM, seed=seed, eval_every=0))
+                    r = next(runs)
                     lb.append(_final(r, "val_acc"))
                     lb_status.append(r.status)
                     lb_time.append(r.train_time)

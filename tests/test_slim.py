@@ -1,0 +1,220 @@
+"""Network slimming: selection, structural pruning, sparsity training, C21's decision rule, CLI errors."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from batchlab.cli import main
+from batchlab.experiments.slimming import Slimming
+from batchlab.norm import BatchNorm2d, create_norm
+from batchlab.slim import (
+    SparsityCallback,
+    bn_layers,
+    count_macs,
+    count_params,
+    select_channels,
+    slim,
+    sparsity_callback,
+)
+from batchlab.train import TrainConfig, fit
+
+
+def small_cnn(bn: type[nn.Module] = nn.BatchNorm2d) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, bias=False), bn(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 12, 3, padding=1, bias=False), bn(12), nn.ReLU(),
+        nn.Flatten(), nn.Linear(12 * 4 * 4, 10),
+    )
+
+
+def randomize_bn(model: nn.Module, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in bn_layers(model):
+            m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.1)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+X = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("bn", [nn.BatchNorm2d, BatchNorm2d], ids=["torch-bn", "batchlab-bn"])
+def test_pruned_model_is_smaller_with_the_same_output_shape(bn: type[nn.Module]) -> None:
+    model = small_cnn(bn)
+    randomize_bn(model)
+    res = slim(model, X[:2], prune=0.5)
+    assert res.channels_before == {"1": 8, "5": 12}
+    assert sum(res.channels_after.values()) == 10
+    assert res.removed_fraction == pytest.approx(0.5)
+    assert res.model(X).shape == model(X).shape == (4, 10)
+    assert count_params(res.model) < count_params(model)
+    assert count_macs(res.model, X) < count_macs(model, X)
+    assert res.model[0].out_channels == res.channels_after["1"] and res.model[4].in_channels == res.channels_after["1"]
+    assert res.model[8].in_features == res.channels_after["5"] * 16
+    assert sum(m.num_features for _, m in bn_layers(model)) == 20  # the original is left untouched
+
+
+def test_pruning_dead_channels_leaves_outputs_unchanged() -> None:
+    model = small_cnn()
+    randomize_bn(model)
+    dead = {"1": [0, 3, 5], "5": [1, 2, 7, 11]}
+    with torch.no_grad():
+        for name, idx in dead.items():
+            bn = model.get_submodule(name)
+            bn.weight[idx] = 0.0
+            bn.bias[idx] = 0.0  # BN output 0, ReLU(0) = 0: the channel contributes nothing
+    model.eval()
+    res = slim(model, X[:2], prune=7 / 20)
+    assert res.channels_after == {"1": 5, "5": 8}
+    pruned = res.model.eval()
+    x = torch.randn(32, 1, 8, 8)
+    diff = (pruned(x) - model(x)).abs().max().item()
+    assert diff < 1e-5, f"largest output difference {diff:.3g}"
+
+
+def test_global_threshold_picks_exactly_the_right_count() -> None:
+    gammas = [torch.tensor([0.5, -0.1, 0.9, 0.3]), torch.tensor([0.05, 0.7, -0.2, 0.8, 0.6, 0.4])]
+    masks, threshold, notes = select_channels(gammas, 0.3)  # 3 of 10: |g| 0.05, 0.1, 0.2
+    assert masks[0].tolist() == [False, True, False, False]
+    assert masks[1].tolist() == [True, False, True, False, False, False]
+    assert threshold == pytest.approx(0.2) and notes == []
+    # Ties: every gamma equal; a stable sort still chooses exactly round(0.3 * 10) = 3.
+    masks, _, _ = select_channels([torch.ones(4), torch.ones(6)], 0.3)
+    assert sum(int(m.sum()) for m in masks) == 3
+
+
+def test_keep_one_channel_per_layer() -> None:
+    masks, _, notes = select_channels([torch.tensor([0.01, 0.02, 0.03]), torch.tensor([1.0, 2.0, 3.0, 4.0])], 0.4)
+    assert masks[0].tolist() == [True, True, False] and len(notes) == 1 and "kept 1" in notes[0]
+    model = small_cnn()
+    randomize_bn(model)
+    with torch.no_grad():
+        model[1].weight.mul_(1e-3)  # the whole first layer is below every gamma of the second
+    with pytest.warns(UserWarning, match=r"1 would lose all 8 channels"):
+        res = slim(model, X[:2], prune=0.5)
+    assert res.channels_after["1"] == 1 and res.model(X).shape == (4, 10)
+    assert res.channels_after["5"] == 10  # 8 + 2 selected, one of layer 1's given back: 9 of 20 removed
+    assert res.removed_fraction == pytest.approx(9 / 20) and any("kept 1" in n for n in res.notes)
+
+
+@pytest.mark.parametrize("prune", [0, 1, 1.5, -0.1, float("nan"), True])
+def test_bad_prune_ratio(prune: float) -> None:
+    with pytest.raises(ValueError, match=r"prune must be a fraction .* strictly between 0 and 1, got"):
+        slim(small_cnn(), X[:2], prune=prune)
+
+
+def test_model_without_bn_and_bad_lambda() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 10))
+    with pytest.raises(ValueError, match=r"no BatchNorm layer .* Sequential cannot be slimmed"):
+        slim(model, X[:2], prune=0.5)
+    with pytest.raises(ValueError, match=r"sparsity .* >= 0, got -1"):
+        sparsity_callback(-1)
+
+
+def test_sparsity_callback_drives_gammas_down(toy_task) -> None:  # type: ignore[no-untyped-def]
+    cfg = TrainConfig(epochs=4, batch_size=32, seed=0, eval_train=False)
+    plain, sparse = toy_task.make_model(), toy_task.make_model()
+    sparse.load_state_dict(plain.state_dict())
+    fit(toy_task, cfg, model=plain)
+    r = fit(toy_task, cfg, model=sparse, callbacks=[SparsityCallback(0.05)])
+    g_plain = torch.cat([m.weight.detach().abs() for _, m in bn_layers(plain)])
+    g_sparse = torch.cat([m.weight.detach().abs() for _, m in bn_layers(sparse)])
+    assert g_sparse.mean() < 0.6 * g_plain.mean(), (g_sparse.mean(), g_plain.mean())
+    assert "l1_gamma" in r.history[-1]
+    with pytest.raises(ValueError, match="needs BN layers"):
+        nobn = nn.Sequential(nn.Linear(8, 3))
+        fit(toy_task, cfg, model=nobn, callbacks=[SparsityCallback(0.01)])
+
+
+def test_1d_model_with_batchlab_bn_prunes_through_flatten() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10, bias=False), create_norm("batch", 10, dims=0), nn.ReLU(), nn.Linear(10, 3))
+    randomize_bn(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = slim(model, torch.randn(2, 6), prune=0.3)
+    assert res.model[0].out_features == 7 and res.model[3].in_features == 7
+
+
+# --- C21's decision rule on data built to be true, false or too noisy ------------------------------------------
+
+
+def _data(drops: list[float], baseline: list[float], removed: float = 0.5) -> dict:
+    seeds = {}
+    for i, (d, b) in enumerate(zip(drops, baseline)):
+        seeds[str(i)] = {"slim": {"removed_fraction": removed}, "baseline": {"val_acc": b / 100},
+                         "after": {"val_acc": (b - d) / 100, "params": 500, "macs": 100},
+                         "before": {"params": 2000, "macs": 400}}
+    return {"lambda": 1e-4, "n_val": 360, "seeds": seeds}
+
+
+@pytest.mark.parametrize(("drops", "baseline", "removed", "verdict"), [
+    ([0.3, -0.2, 0.8], [97.0, 97.5, 96.8], 0.5, "supported"),
+    ([4.0, 5.5, 6.0], [97.0, 97.2, 96.9], 0.5, "refuted"),
+    ([0.2, 3.5, -1.0], [97.0, 94.0, 98.0], 0.5, "inconclusive"),  # seeds disagree
+    ([1.5, 2.0, 1.8], [90.0, 97.0, 99.0], 0.5, "inconclusive"),  # over 1 point, but within the seed spread
+    ([0.1, 0.2, 0.0], [97.0, 97.0, 97.0], 0.45, "inconclusive"),  # not half the channels
+])
+def test_c21_decide(drops: list[float], baseline: list[float], removed: float, verdict: str) -> None:
+    exp = Slimming()
+    params = exp.params(quick=True)
+    (v,) = exp.decide(_data(drops, baseline, removed), params)
+    assert v.claim == "C21" and v.verdict == verdict, v.reason
+    assert v.effect["drop_points"]["n"] == 3
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--prune", "1.0"], "--prune: must be a fraction strictly between 0 and 1, got '1.0'"),
+    (["--prune", "0"], "--prune: must be a fraction strictly between 0 and 1, got '0'"),
+    (["--prune", "abc"], "--prune: must be a fraction"),
+    (["--sparsity=-1e-4"], "--sparsity: must be a finite number >= 0, got '-1e-4'"),
+    (["--finetune-epochs", "-1"], "--finetune-epochs: must be a finite number >= 0"),
+    (["--epochs", "0"], "--epochs: must be a positive"),
+])
+def test_cli_bad_inputs_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["slim", "--task", "digits-cnn", *argv])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def nobn_task():  # type: ignore[no-untyped-def]
+    """Entry point for the CLI test: the toy task with its norm layer removed."""
+    from conftest import make_toy_task
+
+    task = make_toy_task()
+    fn = task.model_fn
+    task.model_fn = lambda norm=None, activation="relu": fn(norm="none", activation=activation)
+    return task
+
+
+def test_cli_model_without_bn_and_unknown_task_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["slim", "--task", "test_slim:nobn_task"])
+    assert rc == 2 and "no BatchNorm layer" in capsys.readouterr().err
+    rc = main(["slim", "--task", "no-such-task"])
+    assert rc == 2 and "--task 'no-such-task'" in capsys.readouterr().err
+    rc = main(["slim", "--task", "digits-cnn", "--batch-size", "100000"])
+    assert rc == 2 and "--batch-size 100000 is larger" in capsys.readouterr().err
+
+
+def test_cli_slim_end_to_end(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    rc = main(["slim", "--task", "digits-cnn", "--epochs", "1", "--finetune-epochs", "1", "--no-baseline",
+               "--repeats", "3", "--out", str(tmp_path)])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["channels_removed"] == pytest.approx(0.5)
+    assert out["params"][1] < out["params"][0] and out["flops"][1] < out["flops"][0]
+    assert (tmp_path / "index.html").is_file() and (tmp_path / "gamma_hist.png").is_file()
+    assert (tmp_path / "result.json").is_file() and abs(out["fold_max_diff"]) < 1e-4

@@ -159,7 +159,7 @@ def write_slim_report(d: dict[str, Any], out: Path) -> Path:
         f"Channels removed: {d['slim']['removed_fraction']:.1%}. Accuracy right after pruning, before fine-tuning: "
         f"{d['pruned_acc_before_finetune']:.4f}. BN folding: {d['fold_note']} (largest output difference "
         f"{d['fold_max_diff'] if d['fold_max_diff'] is not None else float('nan'):.2g}).",
-        "Latency is the median wall time of repeated forward passes on this machine's CPU; MACs are counted with "
+        "Latency is the median wall time of repeated forward passes on this machine's CPU with one torch thread; MACs are counted with "
         "forward hooks on conv and linear layers (FLOPs = 2 x MACs).",
     ] + [f"Note: {n}" for n in d["slim"]["notes"]]
     sections = [

@@ -403,11 +403,20 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
 
 
 @torch.no_grad()
-def measure_latency(model: nn.Module, x: Tensor, *, repeats: int = 30, warmup: int = 5) -> float:
-    """Median wall time in milliseconds of ``model(x)`` in eval mode on the current device."""
+def measure_latency(model: nn.Module, x: Tensor, *, repeats: int = 30, warmup: int = 5, threads: int | None = 1) -> float:
+    """Median wall time in milliseconds of ``model(x)`` in eval mode on the current device.
+
+    ``threads`` pins torch's intra-op thread count during the measurement (restored after; None
+    keeps it). One thread is the default because small models gain nothing from more, and on a
+    shared machine several threads waiting on each other turn other processes' load into
+    latency spikes of 100x.
+    """
     was = model.training
+    old_threads = torch.get_num_threads()
     model.eval()
     try:
+        if threads is not None:
+            torch.set_num_threads(threads)
         for _ in range(warmup):
             model(x)
         times = []
@@ -417,6 +426,7 @@ def measure_latency(model: nn.Module, x: Tensor, *, repeats: int = 30, warmup: i
             times.append(time.perf_counter() - t0)
     finally:
         model.train(was)
+        torch.set_num_threads(old_threads)
     return 1000.0 * statistics.median(times)
 
 
@@ -426,8 +436,8 @@ class ModelStats:
 
     params: int
     macs: int  # per example; FLOPs ~ 2 x MACs
-    latency_ms_b1: float  # median CPU latency, batch 1
-    latency_ms_b64: float  # median CPU latency, batch 64
+    latency_ms_b1: float  # median CPU latency, batch 1, one intra-op thread
+    latency_ms_b64: float  # median CPU latency, batch 64, one intra-op thread
     val_acc: float
     bn_channels: int
 

@@ -253,6 +253,15 @@ def test_convert_norm_to_group_layer_renorm_and_none() -> None:
     assert isinstance(mlp[1], nn.Identity)
     bn = N.convert_norm(nn.BatchNorm2d(4).eval(), functools.partial(N.GroupNorm, num_groups=4))
     assert isinstance(bn, N.GroupNorm) and bn.num_groups == 4 and not bn.training
+    # settings a target does not take are not forced on it
+    src = nn.Sequential(nn.BatchNorm2d(3, eps=1e-3, momentum=None, affine=False))
+    src(torch.randn(4, 3, 2, 2) + 2)
+    caffe = N.convert_norm(src, "caffe")[0]
+    assert isinstance(caffe, N.CaffeBatchNorm) and caffe.eps == 1e-3
+    frozen = N.convert_norm(nn.Sequential(nn.BatchNorm1d(3, eps=0.01)), "frozen")[0]
+    assert isinstance(frozen, N.FrozenBatchNorm) and frozen.eps == 0.01
+    ghost = N.convert_norm(nn.Sequential(nn.BatchNorm2d(3, momentum=None, affine=False, track_running_stats=False)), N.GhostBatchNorm2d, virtual_batch_size=2)[0]
+    assert (ghost.momentum, ghost.affine, ghost.track_running_stats, ghost.virtual_batch_size) == (None, False, False, 2)
 
 
 # ----------------------------------------------------------------------------- bn_health
@@ -443,5 +452,5 @@ def test_norm_imports_nothing_else_from_batchlab() -> None:
                 mods = [node.module]
             for mod in mods:
                 top = mod.split(".")[0]
-                assert top in {"torch", "numpy", "__future__", "collections", "typing", "dataclasses", "json", "math", "copy", "functools", "itertools"} or mod.startswith("batchlab.norm"), f"{path.name} imports {mod}"
+                assert top in {"torch", "numpy", "__future__", "collections", "typing", "dataclasses", "json", "math", "copy", "functools", "itertools", "inspect"} or mod.startswith("batchlab.norm"), f"{path.name} imports {mod}"
                 assert top != "numpy" or path.name == "reference.py", f"{path.name} imports numpy"

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +16,20 @@ from batchlab.norm.registry import NormSpec, create_norm
 
 __all__ = ["convert_norm", "freeze_bn", "replace_modules", "batchnorm_dims"]
 
-_BATCH_FAMILY = {"batch", "sync", "renorm", "ghost"}
+_BN_KEYS = ("eps", "affine", "momentum", "track_running_stats")
+# Which settings of the old layer each registered name inherits.
+_INHERIT: dict[str, tuple[str, ...]] = {
+    "batch": _BN_KEYS,
+    "sync": _BN_KEYS,
+    "renorm": ("eps", "affine", "momentum"),
+    "ghost": _BN_KEYS,
+    "group": ("eps", "affine"),
+    "layer": ("eps", "affine"),
+    "instance": ("eps", "affine"),
+    "caffe": ("eps",),
+    "frozen": ("eps",),
+    "none": (),
+}
 
 
 def replace_modules(model: nn.Module, predicate: Callable[[nn.Module], bool], make: Callable[[str, nn.Module], nn.Module]) -> nn.Module:
@@ -68,10 +83,23 @@ def _copy_state(old: nn.Module, new: nn.Module) -> None:
             p.requires_grad_(old_params[key].requires_grad)
 
 
-def _is_batch_family(to: NormSpec) -> bool:
+def _inherited_keys(to: NormSpec) -> tuple[str, ...]:
+    """Settings of the old layer that the new one takes over (those its constructor accepts)."""
+    if to is None:
+        return ()
     if isinstance(to, str):
-        return to.lower() in _BATCH_FAMILY
-    return isinstance(to, type) and issubclass(to, (_BatchNormBase, nn.modules.batchnorm._BatchNorm))
+        return _INHERIT.get(to.lower(), ("eps",))
+    keys = ("eps", "affine")
+    target = to.func if isinstance(to, functools.partial) else to
+    if isinstance(target, type) and issubclass(target, (_BatchNormBase, nn.modules.batchnorm._BatchNorm)):
+        keys = _BN_KEYS
+    try:
+        params = inspect.signature(to).parameters
+    except (TypeError, ValueError):
+        return ()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return keys
+    return tuple(k for k in keys if k in params)
 
 
 def convert_norm(
@@ -85,9 +113,9 @@ def convert_norm(
     """Replace the batch-norm layers of ``model`` by another normalization, in place.
 
     Each replacement is ``create_norm(to, C, dims=d, **kw)`` with ``d`` from the layer's type
-    (:func:`batchnorm_dims`). ``eps`` and ``affine`` are inherited unless given in ``kw``; for
-    batch-family targets ("batch", "sync", "renorm", "ghost" or a batch-norm class)
-    ``momentum`` and ``track_running_stats`` too. With ``copy_state`` every parameter and buffer
+    (:func:`batchnorm_dims`). The old layer's ``eps`` and ``affine`` are inherited unless given
+    in ``kw`` (only those the new layer accepts); for batch-family targets ("batch", "sync",
+    "renorm", "ghost" or a batch-norm class) ``momentum`` and ``track_running_stats=False`` too. With ``copy_state`` every parameter and buffer
     present in both layers with the same shape is copied (so BN -> SyncBN/Renorm keeps running
     statistics, BN -> GroupNorm keeps gamma and beta). Device, dtype, ``requires_grad`` and
     train/eval mode are kept.
@@ -109,15 +137,9 @@ def convert_norm(
         if num is None:
             raise ValueError(f"cannot convert {name or 'model'} ({type(old).__name__}): no num_features attribute")
         args = dict(kw)
-        args.setdefault("eps", getattr(old, "eps", 1e-5))
-        if getattr(old, "affine", None) is not None and to not in ("layer", "none"):
-            args.setdefault("affine", old.affine)
-        if _is_batch_family(to):
-            args.setdefault("momentum", getattr(old, "momentum", 0.1))
-            if getattr(old, "track_running_stats", True) is False:
-                args.setdefault("track_running_stats", False)
-        if to in ("none", None):
-            args = {}
+        for key in _inherited_keys(to):
+            if hasattr(old, key) and not (key == "track_running_stats" and getattr(old, key)):
+                args.setdefault(key, getattr(old, key))
         new = create_norm(to, num, dims=batchnorm_dims(old), **args)
         ref = next(iter(list(old.parameters()) + list(old.buffers())), None)
         if ref is not None:

@@ -34,6 +34,7 @@ __all__ = [
     "check_batch_size",
     "reduce_dims",
     "batch_stats",
+    "batch_norm_given_stats",
 ]
 
 
@@ -144,9 +145,10 @@ def batch_renorm(
     With ``rmax=1, dmax=0`` this is batch norm.
 
     Implementation: ``weight * (xhat_B * r + d) + bias`` equals batch norm with weight
-    ``weight * r`` and bias ``weight * d + bias``; since ``r`` and ``d`` carry no gradient, the
-    native batch-norm kernel gives the exact gradient of the paper (``dL/dgamma`` picks up the
-    factors ``r`` and ``d`` through autograd of those two products).
+    ``weight * r`` and bias ``weight * d + bias``; since ``r`` and ``d`` carry no gradient, torch's
+    batch-norm kernels give the exact gradient of the paper (``dL/dgamma`` picks up the factors
+    ``r`` and ``d`` through autograd of those two products). The batch statistics are computed
+    once (needed for r and d) and handed to the kernels (:class:`_NormGivenStats`).
 
     Args:
         x: input ``(N, C, *)``.
@@ -170,20 +172,64 @@ def batch_renorm(
     if not training:
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps)
     check_batch_size(x)
-    mean_b, var_b = batch_stats(x)
+    mean_x, var_x = batch_stats(x)
     with torch.no_grad():
-        var_b = var_b.to(running_var.dtype)
-        mean_b = mean_b.to(running_mean.dtype)
-        std = torch.sqrt(running_var + eps)
-        r = (torch.sqrt(var_b + eps) / std).clamp_(1.0 / rmax, rmax)
-        d = ((mean_b - running_mean) / std).clamp_(-dmax, dmax)
-        r = r.to(x.dtype)
-        d = d.to(x.dtype)
+        var_b = var_x.to(running_var.dtype)
+        mean_b = mean_x.to(running_mean.dtype)
+        inv = torch.rsqrt(running_var + eps)
+        r = (torch.sqrt(var_b + eps) * inv).clamp_(1.0 / rmax, rmax).to(x.dtype)
+        d = ((mean_b - running_mean) * inv).clamp_(-dmax, dmax).to(x.dtype)
+        m = x.numel() // x.shape[1]
+        running_mean.mul_(1.0 - momentum).add_(mean_b, alpha=momentum)
+        running_var.mul_(1.0 - momentum).add_(var_b * (m / max(m - 1, 1)), alpha=momentum)
     w = r if weight is None else weight * r
     b = d if weight is None else weight * d
     if bias is not None:
         b = b + bias
-    return F.batch_norm(x, running_mean, running_var, w, b, True, momentum, eps)
+    return _NormGivenStats.apply(x, w, b, mean_x, var_x, eps)
+
+
+class _NormGivenStats(torch.autograd.Function):
+    """Training-mode batch norm whose batch statistics were computed beforehand.
+
+    Forward is torch's inference kernel fed with the batch mean and biased variance (one
+    element-wise pass); backward is torch's training-mode kernel with those statistics as
+    ``save_mean``/``save_invstd``, i.e. the exact batch-norm gradient, through the mean and the
+    variance too. Saves the second statistics pass that calling the training kernel would do.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, eps: float):  # type: ignore[override]
+        y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
+        ctx.eps = eps
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):  # type: ignore[override]
+        x, weight, mean, invstd = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        dx, dw, db = torch.ops.aten.native_batch_norm_backward(gy, x, weight, None, None, mean, invstd, True, ctx.eps, mask)
+        return dx, dw if mask[1] else None, db if mask[2] else None, None, None, None
+
+
+def batch_norm_given_stats(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, eps: float = 1e-5
+) -> Tensor:
+    """Training-mode batch norm with precomputed batch statistics (exact gradient through them).
+
+    Args:
+        x: input ``(N, C, *)``.
+        weight, bias: affine parameters or None.
+        mean, var: the batch mean and *biased* variance of ``x`` per channel (see
+            :func:`batch_stats`); they must be the statistics of ``x`` for the gradient to be right.
+        eps: added to the variance.
+
+    Returns:
+        ``(x - mean) / sqrt(var + eps) * weight + bias``.
+    """
+    return _NormGivenStats.apply(x, weight, bias, mean, var, eps)
 
 
 def _ghost_sizes(n: int, virtual_batch_size: int) -> list[int]:

@@ -439,8 +439,8 @@ class CaffeBatchNorm(nn.Module):
             mean, var = self.global_stats()
             return BF.batch_norm(x, mean, var, None, None, False, 0.0, self.eps)
         BF.check_batch_size(x)
+        mean_b, var_b = BF.batch_stats(x)
         if self.training:
-            mean_b, var_b = BF.batch_stats(x)
             with torch.no_grad():
                 m = x.numel() // x.shape[1]
                 corr = m / (m - 1) if m > 1 else 1.0
@@ -448,7 +448,7 @@ class CaffeBatchNorm(nn.Module):
                 self.scale_factor.mul_(lam).add_(1.0)
                 self.mean.mul_(lam).add_(mean_b.to(self.mean.dtype))
                 self.variance.mul_(lam).add_(var_b.to(self.variance.dtype), alpha=corr)
-        return BF.batch_norm(x, None, None, None, None, True, 0.0, self.eps)
+        return BF.batch_norm_given_stats(x, None, None, mean_b, var_b, self.eps)
 
 
 class FrozenBatchNorm(nn.Module):

@@ -497,7 +497,7 @@ class SeqNorm(Experiment):
         base = {"task": "sequence-cls", "n_samples": 4000, "max_len": 32, "batch_size": 32, "lr": 0.05,
                 "stat_batches": 20}
         if quick:
-            return {**base, "pads": [32, 64], "max_steps": 300}
+            return {**base, "pads": [32, 64], "max_steps": 200}
         return {**base, "pads": [32, 64, 128], "max_steps": 400}
 
     def run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:

@@ -330,8 +330,12 @@ class Momentum(Experiment):
         task_note = (f"task steps to {params['target']}: SGD {fmt_spread(effect['task_steps']['sgd'])} (lr {b_sgd}) vs "
                      f"momentum {fmt_spread(effect['task_steps']['momentum'])} (lr {b_mom})")
         m_mean, s_mean = effect["task_steps"]["momentum"]["mean"], effect["task_steps"]["sgd"]["mean"]
-        if (b_mom is None or m_mean >= s_mean) or any(v["slower_every_seed"] or v["momentum_missed"] for v in surf_res.values()):
-            return [Verdict("C19", "refuted", f"{rule}. {task_note}. Surfaces: {surf_note}", effect)]
+        slower = [n for n, v in surf_res.items() if v["slower_every_seed"] or v["momentum_missed"]]
+        if (b_mom is None or m_mean >= s_mean) or slower:
+            which = ("momentum not faster on the task" if (b_mom is None or m_mean >= s_mean) else "") + (
+                ("; " if (b_mom is None or m_mean >= s_mean) else "") + f"momentum slower in every seed on: {', '.join(slower)}"
+                if slower else "")
+            return [Verdict("C19", "refuted", f"{rule}. Refuted by: {which}. {task_note}. Surfaces: {surf_note}", effect)]
         task_ok = all(mo[s] < sg[s] for s in sg if s in mo)
         if task_ok and all(v["faster_every_seed"] for v in surf_res.values()):
             return [Verdict("C19", "supported", f"{rule}. {task_note}. Surfaces: {surf_note}", effect)]

@@ -142,7 +142,9 @@ def _check_ratio(prune: Any) -> None:
 # The global threshold
 
 
-def select_channels(gammas: Sequence[Tensor], prune: float) -> tuple[list[Tensor], float, list[str]]:
+def select_channels(
+    gammas: Sequence[Tensor], prune: float, names: Sequence[str] | None = None
+) -> tuple[list[Tensor], float, list[str]]:
     """Which channels to remove: the ``round(prune * total)`` smallest ``|gamma|`` over all layers.
 
     Ties at the threshold are broken by position (a stable sort), so exactly that many channels
@@ -153,6 +155,7 @@ def select_channels(gammas: Sequence[Tensor], prune: float) -> tuple[list[Tensor
     Args:
         gammas: one 1-D tensor of scales per BN layer.
         prune: fraction of all channels to remove, in (0, 1).
+        names: layer names for the notes (default: "layer <index>").
 
     Returns:
         ``(masks, threshold, notes)``: one boolean mask per layer (True = remove), the largest
@@ -174,7 +177,7 @@ def select_channels(gammas: Sequence[Tensor], prune: float) -> tuple[list[Tensor
         if n and bool(m.all()):
             keep = int(torch.argmax(flat[start : start + n]))
             m[keep] = False
-            notes.append(f"layer {i} would lose all {n} channels at prune={prune:g}; kept 1 (the largest |gamma|)")
+            notes.append(f"{names[i] if names else f'layer {i}'} would lose all {n} channels at prune={prune:g}; kept 1 (the largest |gamma|)")
         masks.append(m)
         start += n
     return masks, threshold, notes
@@ -273,8 +276,7 @@ def slim(
         out_shape = _shape(net(*_as_tuple(example_inputs)))
     layers = [(n, m) for n, m in bn_layers(net) if m not in set(ignored_layers)]
     before = {n: int(m.num_features) for n, m in bn_layers(net)}
-    masks, threshold, raw_notes = select_channels([m.weight for _, m in layers], prune)
-    notes = [f"{layers[int(s.split()[1])][0]}{s[s.index(' would'):]}" for s in raw_notes]
+    masks, threshold, notes = select_channels([m.weight for _, m in layers], prune, [n for n, _ in layers])
     pending = {m: mask for (_, m), mask in zip(layers, masks)}  # BN module -> remove-mask, kept current
     name_of = {m: n for n, m in layers}
 

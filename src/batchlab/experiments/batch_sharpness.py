@@ -71,8 +71,8 @@ class SharpMinima(Experiment):
     rules = {
         "C11": "digits-mlp without normalization, one initialization per seed trained twice with SGD momentum 0.9 at "
         "the task's lr 0.05 with a cosine decay to 0 (so both end in a minimum) for the same number of steps: small "
-        "batch SB=16 and large batch LB=256 (18% of the training set; LB sees 16x more examples, so it is not under-trained). Sharpness = Keskar's epsilon-sharpness "
-        "on the training loss (eps 1e-3, box |z_i| <= eps(|w_i|+1), 20 steps of projected sign-gradient ascent); "
+        "batch SB=16 and large batch LB=256 (18% of the training set; LB sees 16x more examples, so it is not "
+        "under-trained). Sharpness = Keskar's epsilon-sharpness on the training loss (eps 1e-3, box |z_i| <= eps(|w_i|+1), 20 steps of projected sign-gradient ascent); "
         "generalization gap = train accuracy - val accuracy. Valid only if both reach train accuracy >= 99% "
         "(otherwise inconclusive). Supported if in every seed sharpness(LB)/sharpness(SB) >= 1.5 and gap(LB) - "
         "gap(SB) >= 1 point; refuted if the mean ratio is <= 1 or the mean gap difference is <= 0; otherwise "
@@ -138,7 +138,8 @@ class SharpMinima(Experiment):
             sh_l.append(b)
             ratios.append(b / a if a is not None and b is not None and a > 0 else float("nan"))
             gaps.append((lg["train_acc"] - lg["val_acc"]) - (sm["train_acc"] - sm["val_acc"]))
-        effect = {"sharpness_small": spread(x for x in sh_s if x is not None), "sharpness_large": spread(x for x in sh_l if x is not None),
+        effect = {"sharpness_small": spread(x for x in sh_s if x is not None),
+                  "sharpness_large": spread(x for x in sh_l if x is not None),
                   "sharpness_ratio_large_over_small": spread(ratios), "gap_difference_large_minus_small": spread(gaps),
                   "min_train_acc": min(accs) if accs else None, "eps": float(eps),
                   "thresholds": {"ratio": params["ratio"], "gap": params["gap"], "min_train_acc": params["min_train_acc"]}}

@@ -166,7 +166,8 @@ class GradientNoise(Experiment):
             return [Verdict("C08", "inconclusive", "too few batch sizes with a finite gradient std to fit a slope", effect)]
         if any(not lo <= spread(v)["mean"] <= hi for v in slopes.values()):
             return [Verdict("C08", "refuted", f"mean fitted slope outside [{lo}, {hi}] ({txt})", effect)]
-        if all(lo <= x <= hi for v in slopes.values() for x in v) and all(x >= params["min_r2"] for v in r2s.values() for x in v):
+        in_band = all(lo <= x <= hi for v in slopes.values() for x in v)
+        if in_band and all(x >= params["min_r2"] for v in r2s.values() for x in v):
             return [Verdict("C08", "supported", f"log-log slope of gradient std vs B within [{lo}, {hi}] at every point "
                             f"and seed ({txt}; sqrt(B) law: -0.5)", effect)]
         return [Verdict("C08", "inconclusive", f"mean slopes inside [{lo}, {hi}] but some seed outside it or a power-law "
@@ -458,7 +459,8 @@ class BatchLRGrid(Experiment):
 
     def params(self, quick: bool) -> dict[str, Any]:
         lrs = [0.003125, 0.0125, 0.05, 0.2, 0.8] if quick else [0.003125 * 2**i for i in range(9)]  # up to 0.8
-        return {"task": TASK, "batches": [2, 4, 8, 16, 32, 64, 128, 256, 512], "lrs": lrs, "epochs": 4,
+        batches = [2, 8, 32, 128, 512] if quick else [2, 4, 8, 16, 32, 64, 128, 256, 512]
+        return {"task": TASK, "batches": batches, "lrs": lrs, "epochs": 4,
                 "band_tol": 0.05, "best_range": [2, 32]}
 
     def run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:
@@ -515,6 +517,8 @@ class BatchLRGrid(Experiment):
 
     def plot(self, data: dict[str, Any], params: dict[str, Any]) -> list[Any]:
         plt = _plt()
+        import matplotlib
+
         keys = _seed_keys(data)
         d0 = data["seeds"][keys[0]]
         arr = np.array([[[_nan(v) for v in row] for row in data["seeds"][s]["val_acc"]] for s in keys])
@@ -523,18 +527,19 @@ class BatchLRGrid(Experiment):
             mean = np.nanmean(arr, 0)
         fig, axes = plt.subplots(1, 2, figsize=(14, 5))
         ax = axes[0]
-        im = ax.imshow(mean.T * 100, origin="lower", aspect="auto", cmap="viridis", vmin=10, vmax=100)
+        cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+        im = ax.imshow(mean.T * 100, origin="lower", aspect="auto", cmap=cmap, vmin=10, vmax=100)
         for i in range(arr.shape[1]):
             for j in range(arr.shape[2]):
                 v = mean[i, j]
                 n_div = sum(1 for s in keys if data["seeds"][s]["status"][i][j] != "ok")
                 ax.text(i, j, "div" if not math.isfinite(v) else f"{v * 100:.0f}" + ("*" if n_div else ""),
-                        ha="center", va="center", color="w" if not math.isfinite(v) or v < 0.7 else "k", fontsize=8)
+                        ha="center", va="center", color="w" if math.isfinite(v) and v < 0.7 else "k", fontsize=8)
         ax.set_xticks(range(len(d0["B"])), [str(b) for b in d0["B"]])
         ax.set_yticks(range(len(d0["lr"])), [f"{x:g}" for x in d0["lr"]])
         ax.set_xlabel("batch size B")
         ax.set_ylabel("learning rate (SGD momentum 0.9)")
-        ax.set_title(f"val accuracy (%), mean over {len(keys)} seeds (* some seed diverged)")
+        ax.set_title(f"val accuracy (%), mean over {len(keys)} seeds (* some seed diverged; div: all did)")
         fig.colorbar(im, ax=ax, label="val accuracy (%)")
         ax = axes[1]
         for i, s in enumerate(keys):
@@ -797,11 +802,13 @@ class LBFGSBatch(Experiment):
             axes[0].plot(B, np.array(sm["sgd_best_per_B"]) * 100, "o-", color="C0", alpha=0.8,
                          label="SGD momentum (best LR per B)" if i == 0 else None)
             lb = np.array(sm["lbfgs"]) * 100
-            axes[0].plot(B, lb, "s-", color="C3", alpha=0.8, label=f"L-BFGS (max_iter {params['lbfgs_max_iter']})" if i == 0 else None)
+            axes[0].plot(B, lb, "s-", color="C3", alpha=0.8,
+                         label=f"L-BFGS (max_iter {params['lbfgs_max_iter']})" if i == 0 else None)
             for bb, st in zip(B, d["lbfgs_status"]):
                 if st != "ok":
                     axes[0].plot([bb], [10], "x", color="C3", ms=10, label="L-BFGS diverged" if i == 0 else None)
-            axes[1].plot(B, [min(t) for t in d["sgd_time"]], "o-", color="C0", alpha=0.8, label="SGD (fastest of its LR runs)" if i == 0 else None)
+            axes[1].plot(B, [min(t) for t in d["sgd_time"]], "o-", color="C0", alpha=0.8,
+                         label="SGD (fastest of its LR runs)" if i == 0 else None)
             axes[1].plot(B, d["lbfgs_time"], "s-", color="C3", alpha=0.8, label="L-BFGS" if i == 0 else None)
         for ax in axes:
             ax.set_xscale("log")

@@ -61,6 +61,13 @@ def run_experiment(
     figures: list[str] = []
     verdicts: list[Verdict] = []
     status, error = "ok", None
+    import torch
+
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        # The built-in tasks are tiny: one thread is faster than two (which mostly wait on each other)
+        # and makes timings repeatable. An experiment may still set its own count inside run().
+        torch.set_num_threads(1)
     try:
         data = exp.run(ctx, params)
         (folder / "data.json").write_text(json.dumps(data, indent=1, default=_json_default))
@@ -74,6 +81,8 @@ def run_experiment(
             plt.close(fig)
     except Exception:  # noqa: BLE001 - one failing experiment must not stop the suite
         status, error = "failed", traceback.format_exc(limit=30)
+    finally:
+        torch.set_num_threads(threads)
     got = {v.claim for v in verdicts}
     for claim in exp.claims:
         if claim not in got:

@@ -37,7 +37,7 @@ class Slimming(Experiment):
 
     def params(self, quick: bool) -> dict[str, Any]:
         return {"task": "digits-cnn", "prune": 0.5, "max_drop": 1.0, "min_removed": 0.5,
-                "epochs": 8 if quick else 20, "finetune_epochs": 4 if quick else 10,
+                "epochs": 6 if quick else 20, "finetune_epochs": 3 if quick else 10,
                 "lambda": PAPER_LAMBDA, "latency_repeats": 10 if quick else 30}
 
     def run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:

@@ -519,7 +519,7 @@ def slim_task(
         prune: fraction of all BN channels to remove, in (0, 1).
         epochs: sparsity-training epochs (default: the task's).
         finetune_epochs: fine-tuning epochs after pruning (default: half of ``epochs``).
-        seed: training seed (model init and batch order).
+        seed: training seed (model initialization, shared by the baseline, and batch order).
         config: base TrainConfig (batch size, LR, ...); its budget is replaced.
         baseline: also train the unpruned model without the L1 term for ``epochs + finetune_epochs``
             (the fair comparison) and record its gammas for the histogram.
@@ -540,7 +540,9 @@ def slim_task(
         raise ValueError(f"finetune_epochs must be >= 0, got {finetune_epochs!r}")
     base = (config or TrainConfig(batch_size=task.batch_size, eval_train=False)).replace(
         seed=seed, device="cpu", epochs=epochs, max_steps=None, max_examples=None)
-    model = task.make_model(norm=base.norm, activation=base.activation)
+    with torch.random.fork_rng():  # the same seeded initialization for the sparse net and the baseline
+        torch.manual_seed(seed)
+        model = task.make_model(norm=base.norm, activation=base.activation)
     if not bn_layers(model):
         raise ValueError(f"task {task.name!r} builds a model without BatchNorm layers (norm={base.norm or task.norm!r}); "
                          f"network slimming needs BN gammas")
@@ -548,7 +550,7 @@ def slim_task(
 
     base_res = None
     if baseline:
-        bmodel = task.make_model(norm=base.norm, activation=base.activation)
+        bmodel = copy.deepcopy(model)
         r = fit(task, base.replace(epochs=epochs + finetune_epochs), model=bmodel)
         _check_run(r, "baseline training")
         models["baseline"] = bmodel

@@ -445,3 +445,22 @@ def test_functional_matches_module_and_torch() -> None:
             BF.batch_renorm(x, rm, rv, training=True, rmax=a)
         with pytest.raises(ValueError, match=f"dmax must be >= 0, got {b}"):
             BF.batch_renorm(x, rm, rv, training=True, dmax=b)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_ghost_bn_without_affine_and_channels_last(affine: bool) -> None:
+    torch.manual_seed(3)
+    ghost = N.GhostBatchNorm2d(3, virtual_batch_size=3, affine=affine, momentum=None).double()
+    ref = nn.BatchNorm2d(3, affine=affine, momentum=None).double()
+    for layout in (torch.contiguous_format, torch.channels_last):  # slice-writing path and concatenation path
+        x = (torch.randn(8, 3, 4, 4, dtype=torch.float64) * 2 + 1).to(memory_format=layout).requires_grad_()
+        xr = x.detach().clone().requires_grad_()
+        y, yr = ghost(x), torch.cat([ref(c) for c in xr.split(3)])
+        gy = torch.randn_like(y)
+        y.backward(gy)
+        yr.backward(gy)
+        assert_close(y, yr, 1e-12, 1e-12, f"ghost affine={affine} {layout} output")
+        assert_close(x.grad, xr.grad, 1e-10, 1e-10, f"ghost affine={affine} {layout} input grad")
+        assert_close(ghost.running_var, ref.running_var, 1e-12, 1e-12, f"ghost affine={affine} {layout} running_var")
+    if affine:
+        assert_close(ghost.weight.grad, ref.weight.grad, 1e-10, 1e-10, "ghost weight grad")

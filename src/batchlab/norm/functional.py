@@ -263,8 +263,10 @@ def ghost_batch_norm(
 
     Two implementations with identical results:
 
-    * ``impl="native"`` (default): torch's fused batch-norm kernel per virtual batch, outputs
-      concatenated. Fastest on CPU (see docs/norm.md for measurements).
+    * ``impl="native"`` (default): torch's fused batch-norm kernel per virtual batch; for
+      contiguous inputs with spatial dims each call writes straight into a slice of one output
+      (and of one input gradient), otherwise outputs are concatenated. Fastest on CPU (see
+      docs/norm.md for measurements).
     * ``impl="vectorized"``: the batch is viewed as ``(G, N/G, C, S)``, the statistics of all
       virtual batches are computed in one go and a custom autograd function computes the
       backward; needs ``N`` divisible by ``virtual_batch_size``. Unfused element-wise passes make
@@ -306,11 +308,68 @@ def ghost_batch_norm(
         return _ghost_vectorized(x, running_mean, running_var, weight, bias, momentum, eps, len(sizes), k0)
     if len(sizes) == 1 and momentum is not None:
         return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
+    if x.dim() > 2 and x.is_contiguous():
+        # Write each virtual batch's output (and, backward, input gradient) straight into one
+        # tensor: no concatenation copies, so the cost is torch's BatchNorm plus per-call overhead.
+        moms = tuple(momentum if momentum is not None else 1.0 / (k0 + i + 1) for i in range(len(sizes)))
+        return _GhostNativeFn.apply(x, weight, bias, running_mean, running_var, tuple(sizes), moms, eps)
     outs = []
     for i, chunk in enumerate(x.split(sizes)):
         m = momentum if momentum is not None else 1.0 / (k0 + i + 1)
         outs.append(F.batch_norm(chunk, running_mean, running_var, weight, bias, True, m, eps))
     return torch.cat(outs)
+
+
+class _GhostNativeFn(torch.autograd.Function):
+    """Ghost BN with torch's fused batch-norm kernels, one call per virtual batch, writing into
+    slices of one output (forward) and one input gradient (backward)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None, running_var: Tensor | None, sizes: tuple[int, ...], moms: tuple[float, ...], eps: float):  # type: ignore[override]
+        aten = torch.ops.aten
+        c = x.shape[1]
+        y = torch.empty_like(x)
+        save_mean = torch.empty(len(sizes), c, dtype=torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype, device=x.device)
+        save_invstd = torch.empty_like(save_mean)
+        start = 0
+        for i, (size, m) in enumerate(zip(sizes, moms)):
+            aten.native_batch_norm.out(
+                x.narrow(0, start, size), weight, bias, running_mean, running_var, True, m, eps,
+                out=y.narrow(0, start, size), save_mean=save_mean[i], save_invstd=save_invstd[i],
+            )
+            start += size
+        ctx.save_for_backward(x, weight, save_mean, save_invstd)
+        ctx.sizes, ctx.eps, ctx.has_bias = sizes, eps, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):  # type: ignore[override]
+        aten = torch.ops.aten
+        x, weight, save_mean, save_invstd = ctx.saved_tensors
+        gy = gy.contiguous()
+        c = x.shape[1]
+        want_w = weight is not None and ctx.needs_input_grad[1]
+        want_b = ctx.has_bias and ctx.needs_input_grad[2]
+        pdtype = weight.dtype if weight is not None else x.dtype
+        dx = torch.empty_like(x)
+        gw, gb = torch.zeros(c, dtype=pdtype, device=x.device), torch.zeros(c, dtype=pdtype, device=x.device)
+        tw, tb = torch.empty_like(gw), torch.empty_like(gb)
+        # The out= overload wants all three outputs defined: ask for all (the reductions are
+        # computed for the input gradient anyway) with weight 1 standing in for "no affine".
+        w = weight if weight is not None else torch.ones(c, dtype=pdtype, device=x.device)
+        start = 0
+        for i, size in enumerate(ctx.sizes):
+            aten.native_batch_norm_backward.out(
+                gy.narrow(0, start, size), x.narrow(0, start, size), w, None, None,
+                save_mean[i], save_invstd[i], True, ctx.eps, [True, True, True],
+                out0=dx.narrow(0, start, size), out1=tw, out2=tb,
+            )
+            if want_w:
+                gw += tw
+            if want_b:
+                gb += tb
+            start += size
+        return dx, gw if want_w else None, gb if want_b else None, None, None, None, None, None
 
 
 class _GhostNormFn(torch.autograd.Function):

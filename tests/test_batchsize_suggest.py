@@ -105,3 +105,43 @@ def test_cli_commands(tmp_path, capsys) -> None:
     assert "toy: batch size" in text and (out / "index.html").exists() and (out / "batchlab.db").exists()
     page = (out / "index.html").read_text()
     assert page.count("<img") >= 5 and "Pivot search" in page
+
+
+def test_suggest_confirms_two_candidates_at_the_full_budget() -> None:
+    task = make_toy_task(n_train=256)
+    s = suggest(task, **FAST)
+    c = s.search["confirm"]
+    screened = s.search["best_batch"]
+    assert len(c["candidates"]) == 2 and screened in c["candidates"]
+    other = next(b for b in c["candidates"] if b != screened)
+    assert other in (2 * screened, screened // 2)
+    assert s.batch_size == c["batch"] in c["candidates"]
+    assert s.examples_processed["confirm"] == 2 * s.budget_examples  # one seed each, full budget
+    lo, hi = sorted(c["candidates"])
+    m = {int(k): v for k, v in c["metrics"].items()}
+    # the larger batch wins unless the smaller is better by more than the screen's seed noise
+    assert s.batch_size == (lo if m[lo] > m[hi] + c["noise"] else hi)
+    assert s.lr == pytest.approx(scale_lr(task.lr, task.batch_size, s.batch_size, "linear"))
+    off = suggest(task, **{**FAST, "confirm": False})
+    assert off.batch_size == off.search["best_batch"] and off.examples_processed["confirm"] == 0
+
+
+def test_throughput_min_over_interleaved_repeats_and_time_bound() -> None:
+    from batchlab.batchsize import throughput
+
+    task = make_toy_task(n_train=256)
+    # min_time huge: fast sizes get extra rounds up to max_repeats (no time limit reached)
+    r = throughput(task, [4, 16], warmup=1, repeats=2, max_repeats=5, min_time=1e9, time_limit=1e9, extra_examples=10**6)
+    assert [len(t) for t in r.step_times_all] == [5, 5]
+    assert r.step_time == [min(t) for t in r.step_times_all]
+    assert all(m >= t for m, t in zip(r.step_time_median, r.step_time))
+    assert r.examples_processed == (1 + 5) * (4 + 16)
+    # the extra rounds' examples are capped (default sum(sizes) // 4 = 5), smallest sizes first
+    r = throughput(task, [4, 16], warmup=0, repeats=1, max_repeats=50, min_time=1e9, time_limit=1e9)
+    assert [len(t) for t in r.step_times_all] == [2, 1] and r.examples_processed == 20 + 4
+    # time limit 0: only the mandatory rounds
+    r = throughput(task, [4, 16], warmup=0, repeats=3, max_repeats=50, min_time=1e9, time_limit=0.0)
+    assert [len(t) for t in r.step_times_all] == [3, 3] and r.examples_processed == 3 * 20
+    # min_time 0: nothing beyond the mandatory rounds either
+    r = throughput(task, [8], warmup=0, repeats=2, max_repeats=50, min_time=0.0)
+    assert len(r.step_times_all[0]) == 2 and r.knee == 8

@@ -6,9 +6,20 @@ The recommendation combines four measurements, each cheap next to a grid of full
 2. **Speed** (:func:`throughput`): seconds per step at each power of two that fits.
 3. **Statistics** (:func:`noise_scale`): the gradient noise scale B_simple ~ B_noise from a short
    run with gradient accumulation (McCandlish et al. 2018).
-4. **A generalization check** (:func:`pivot_search`, claim C14): short training runs (a fraction
-   ``check_fraction`` of the full budget, two or more seeds) at the predicted best batch and its
-   neighbours, walking x0.5 / x2 while the validation metric improves by more than the seed noise.
+4. **A generalization check** in two stages, like successive halving with a final full-budget rung:
+
+   a. *Screen* (:func:`pivot_search`, claim C14): short runs (``check_fraction``, 4% of the full
+      budget, two or more seeds) at the predicted batch and its neighbours, walking x0.5 / x2 while
+      the validation metric improves by more than the seed noise.
+   b. *Confirm*: the screen's best batch and its x2 neighbour (x0.5 at the upper bound) are trained
+      at the **full** budget with the first seed; the better one is recommended, the larger one when
+      they differ by less than the screen's seed noise.
+
+   Why both: short runs favour small batches (with few examples the larger batch's fewer steps
+   are what limits it; over the full budget the loss falls, B_noise grows and larger batches catch
+   up), so the screen alone lands one or two powers of two too low; and a full-budget comparison of
+   three or more sizes would cost a third of a 9-size x 2-seed grid. Two full-budget runs cost 2/18
+   = 11% of that grid, the screen and the measurements ~2-4% more.
 
 Prediction. McCandlish et al.'s model: the steps and examples needed to reach a given loss trade
 off as ``S = S_min (1 + B_noise / B)`` and ``E = E_min (1 + B / B_noise)``. With ``t(B)`` the
@@ -49,7 +60,7 @@ from batchlab.batchsize.noise import noise_scale
 from batchlab.batchsize.search import fit_trial, pivot_search
 from batchlab.batchsize.throughput import throughput
 from batchlab.tasks import Task, get_task
-from batchlab.train import TrainConfig, default_lr_rule
+from batchlab.train import TrainConfig, default_lr_rule, scale_lr
 
 SMALL_BATCH = 8  # a per-device batch at or below this triggers the normalization advice
 
@@ -184,12 +195,13 @@ def suggest(
     seeds: Sequence[int] = (0, 1),
     budget_epochs: float | None = None,
     budget_examples: int | None = None,
-    check_fraction: float = 0.2,
+    check_fraction: float = 0.04,
+    confirm: bool = True,
     memory_limit: int | None = None,
-    noise_steps: int = 60,
+    noise_steps: int = 20,
     noise_micro_batch: int = 16,
     noise_accumulation: int = 4,
-    repeats: int = 3,
+    repeats: int = 2,
     efficiency: float = 0.9,
     small_batch: int = SMALL_BATCH,
     check_norms: bool = True,
@@ -205,7 +217,10 @@ def suggest(
         low, high: range of batch sizes considered (powers of two within it).
         seeds: seeds of the pivot-search trials (at least two).
         budget_epochs, budget_examples: the full training budget (default: the task's epochs).
-        check_fraction: the pivot search's per-trial budget as a fraction of the full budget.
+        check_fraction: the screening walk's per-trial budget as a fraction of the full budget.
+        confirm: train the screen's best batch and its x2 neighbour at the full budget (first seed
+            only) and recommend the better (the larger when they differ by less than the screen's
+            seed noise). False: recommend the screen's best (cheaper, biased towards small batches).
         memory_limit: bytes a step may use (see :func:`max_batch_size`).
         noise_steps, noise_micro_batch, noise_accumulation: the B_simple measurement run.
         repeats: timed steps per batch size.
@@ -317,42 +332,106 @@ def suggest(
     status = "ok" if best is not None else "failed"
     acc = 1
     micro_best: int | None = None
+    confirmed: dict[str, Any] = {}
+    confirm_examples = 0
     if best is not None:
-        acc = next((t.accumulation for t in search.trials if t.batch_size == best), 1)
-        micro_best = best // acc
         rationale.append(
-            f"checked {len(search.path)} batch sizes ({', '.join(map(str, search.path))}) with {len(search.seeds)} seeds "
+            f"screened {len(search.path)} batch sizes ({', '.join(map(str, search.path))}) with {len(search.seeds)} seeds "
             f"and {check_examples} examples each ({check_fraction:.0%} of the budget): {search.stop_reason}; "
             f"best validation metric {search.means[str(best)]:.4f} at batch {best} (seed noise {search.noise:.4f})"
         )
+        if confirm:
+            best, confirmed, confirm_examples, line = _confirm(
+                task, search, best, sizes, max_micro, accumulate, budget_examples, device, st, fp,
+            )
+            rationale.append(line)
+        acc = _accumulation(best, max_micro if accumulate else None)
+        micro_best = best // acc
         if acc > 1:
             rationale.append(f"batch {best} does not fit: use {acc} micro-batches of {micro_best} (gradient accumulation)")
-        rationale.append(f"learning rate {search.best_lr:.4g}: the task's {task.lr:g} at batch {task.batch_size}, {rule} scaling")
+        best_lr = scale_lr(task.lr, task.batch_size, best, rule)
+        rationale.append(f"learning rate {best_lr:.4g}: the task's {task.lr:g} at batch {task.batch_size}, {rule} scaling")
     else:
+        best_lr = None
         rationale.append(f"every checked batch failed ({search.stop_reason}); see the trials for the errors")
+    search_d = search.to_dict()
+    search_d["confirm"] = confirmed
 
     # 6. normalization advice for small per-device batches
     norm_advice = None
     norm_examples = 0
     if micro_best is not None and micro_best <= small_batch and has_batchnorm(task.make_model()):
-        norm_advice, norm_examples = _norm_check(task, micro_best, acc, search, check_examples, device, st, fp, check_norms)
+        norm_advice, norm_examples = _norm_check(task, micro_best, acc, best_lr, search, check_examples, device, st, fp, check_norms)
         rationale.append(norm_advice["message"])
 
     examples = {
         "memory": mem_examples, "throughput": tp.examples_processed, "noise": int(noise.get("examples_processed", 0)),
-        "search": search.examples, "norm": norm_examples,
+        "search": search.examples, "confirm": confirm_examples, "norm": norm_examples,
     }
     return Suggestion(
-        task=task.name, status=status, batch_size=best, micro_batch=micro_best, accumulation=acc, lr=search.best_lr,
+        task=task.name, status=status, batch_size=best, micro_batch=micro_best, accumulation=acc, lr=best_lr,
         optimizer=opt, rule=rule, rationale=rationale, b_noise=b_noise, budget_examples=budget_examples,
         check_examples=check_examples, seeds=list(search.seeds), memory=mem.to_dict(), throughput=tp.to_dict(),
-        noise=noise, candidates=[asdict(c) for c in cands], search=search.to_dict(), norm_advice=norm_advice,
+        noise=noise, candidates=[asdict(c) for c in cands], search=search_d, norm_advice=norm_advice,
         examples_processed=examples, wall_time=time.perf_counter() - t_start,
     )
 
 
+def _accumulation(batch: int, micro_max: int | None) -> int:
+    """Micro-batches per step for ``batch`` when micro-batches are capped at ``micro_max`` (None: no cap)."""
+    return 1 if micro_max is None or batch <= micro_max else math.ceil(batch / micro_max)
+
+
+def _confirm(
+    task: Task, search: Any, screened: int, sizes: Sequence[int], max_micro: int, accumulate: bool,
+    budget_examples: int, device: str, st: Any, fp: dict[str, Any],
+) -> tuple[int, dict[str, Any], int, str]:
+    """Full-budget confirmation of the screen's best batch and its x2 neighbour (first seed only).
+
+    The screen's short runs favour small batches: with few examples, the larger batch's fewer
+    steps are what limits it, while at the full budget B_noise has grown (the loss is lower) and
+    the larger batch catches up. So the only other candidate is ``2 * screened`` (``screened / 2``
+    at the upper bound). Both are trained at the full budget with the first seed; the better wins,
+    and when they differ by less than the screen's seed noise the larger one does (fewer, cheaper
+    steps for the same quality). Returns ``(batch, record, examples, rationale line)``.
+    """
+    up = screened * 2
+    other = up if up <= sizes[-1] and (accumulate or up <= max_micro) else screened // 2
+    if other < sizes[0] or other == screened:
+        return screened, {"candidates": [screened], "metrics": {}}, 0, (
+            f"no neighbour of {screened} to confirm against within the range; kept {screened}"
+        )
+    seed = search.seeds[0]
+    rule = search.rule
+    metrics: dict[int, float] = {}
+    examples = 0
+    for b in sorted({screened, other}):
+        acc = _accumulation(b, max_micro if accumulate else None)
+        cfg = TrainConfig(
+            batch_size=b // acc, accumulation=acc, lr=scale_lr(task.lr, task.batch_size, b, rule), optimizer=task.optimizer,
+            max_examples=budget_examples, seed=seed, device=device, eval_train=False,
+        )
+        d = st.run_or_load(key_for(fp, cfg.to_dict(), kind="batchsize-confirm", trial_fn="fit_trial"),
+                           lambda cfg=cfg: fit_trial(task, cfg), kind="batchsize-confirm")
+        examples += int(d.get("examples", 0))
+        metrics[b] = float(d["metric"]) if d.get("status") == "ok" and math.isfinite(float(d.get("metric", math.nan))) else -math.inf
+    lo, hi = min(metrics), max(metrics)
+    noise = search.noise
+    if metrics[hi] == -math.inf and metrics[lo] == -math.inf:
+        pick, why = screened, "both full-budget runs failed; kept the screen's choice"
+    elif metrics[hi] >= metrics[lo] - noise:
+        pick, why = hi, f"{hi} is within the seed noise ({noise:.4f}) of {lo} or better: the larger batch wins ties"
+    else:
+        pick, why = lo, f"{lo} beats {hi} by more than the seed noise ({noise:.4f})"
+    record = {"candidates": sorted(metrics), "metrics": {str(b): v for b, v in metrics.items()}, "seed": seed,
+              "budget_examples": budget_examples, "noise": noise, "batch": pick}
+    line = (f"confirmed at the full budget ({budget_examples} examples, seed {seed}): "
+            + ", ".join(f"batch {b} {v:.4f}" for b, v in sorted(metrics.items())) + f"; {why}")
+    return pick, record, examples, line
+
+
 def _norm_check(
-    task: Task, micro: int, acc: int, search: Any, check_examples: int, device: str, st: Any, fp: dict[str, Any], run: bool
+    task: Task, micro: int, acc: int, lr: float, search: Any, check_examples: int, device: str, st: Any, fp: dict[str, Any], run: bool
 ) -> tuple[dict[str, Any], int]:
     """Measure GroupNorm, Ghost BN and precise BN at the suggested per-device batch."""
     from batchlab.norm import known_norms
@@ -380,7 +459,7 @@ def _norm_check(
         trial = precise_bn_trial if nm == "precise" else fit_trial
         for s in search.seeds:
             cfg = TrainConfig(
-                batch_size=micro, accumulation=acc, lr=search.best_lr, optimizer=task.optimizer,
+                batch_size=micro, accumulation=acc, lr=lr, optimizer=task.optimizer,
                 max_examples=check_examples, seed=s, norm="batch" if nm == "precise" else nm, device=device,
                 eval_train=False,
             )

@@ -42,7 +42,7 @@ def find_knee(batch_sizes: Sequence[int], examples_per_sec: Sequence[float], fra
 
 @dataclass
 class ThroughputResult:
-    """Per batch size: median seconds per step, examples per second, seconds per epoch.
+    """Per batch size: seconds per step (minimum over interleaved timed steps), examples per second, seconds per epoch.
 
     Lists are aligned with ``batch_sizes``; a size that ran out of memory has NaN entries and
     ``status`` "oom".
@@ -60,6 +60,7 @@ class ThroughputResult:
     repeats: int
     examples_processed: int = 0  # training examples pushed through forward/backward while measuring
     step_times_all: list[list[float]] = field(default_factory=list)
+    step_time_median: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,22 +94,39 @@ def throughput(
     device: str = "cpu",
     warmup: int = 2,
     repeats: int = 5,
+    max_repeats: int = 50,
+    min_time: float = 0.02,
+    time_limit: float = 20.0,
+    extra_examples: int | None = None,
     norm: str | None = None,
     model: torch.nn.Module | None = None,
     progress: bool = False,
 ) -> ThroughputResult:
-    """Measure the training step time at each batch size.
+    """Measure the training step time at each batch size, robustly on a shared machine.
 
-    Each size gets ``warmup`` untimed steps (allocator and kernel caches), then ``repeats`` timed
-    steps; the median is reported (robust to a scheduler hiccup on a shared machine). CUDA is
-    synchronised around each timed step. Model, optimizer and RNG state are restored after every
-    size, so each size starts from the same weights.
+    Each size gets ``warmup`` untimed steps (allocator and kernel caches). The timed steps are then
+    taken in *interleaved rounds*: round r times one step at every size in turn, so a burst of
+    load from another process hits neighbouring sizes alike instead of one size's whole
+    measurement. ``repeats`` rounds are always taken; further rounds are taken only for sizes whose
+    timed steps so far add up to less than ``min_time`` seconds (fast steps are the noisiest and the
+    cheapest to repeat), up to ``max_repeats`` steps per size, ``time_limit`` seconds in all and
+    ``extra_examples`` training examples in all (smallest sizes first, so the extra rounds cost
+    little: by default a quarter of ``sum(batch_sizes)``).
+    The reported step time is the *minimum* over the timed steps: contention only ever adds time,
+    so the minimum is the least-disturbed estimate (the median is kept in ``step_time_median``).
+    CUDA is synchronised around each timed step. Model, optimizer and RNG state are restored
+    after every step, so each step starts from the same weights.
 
     Args:
         task: a Task or a registered name.
         batch_sizes: sizes to time; each must be in ``[1, len(train_set)]``.
         device: "cpu" or "cuda[:N]".
-        warmup, repeats: untimed and timed steps per size.
+        warmup: untimed steps per size.
+        repeats: timed steps per size that are always taken (at least 1).
+        max_repeats: at most this many timed steps per size.
+        min_time: keep timing a size while its timed steps add up to less than this (seconds).
+        time_limit: no extra rounds after this many seconds of timing in all.
+        extra_examples: examples the extra rounds may spend in all (None: ``sum(batch_sizes) // 4``).
         norm: the model's norm when ``model`` is None.
         model: time this model instead of a fresh ``task.make_model``.
         progress: show a progress bar.
@@ -125,6 +143,8 @@ def throughput(
         raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
     if not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
+    max_repeats = max(int(max_repeats), repeats)
+    allowance = sum(sizes) // 4 if extra_examples is None else int(extra_examples)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available")
@@ -133,40 +153,65 @@ def throughput(
     g = torch.Generator().manual_seed(0)
     perm = torch.randperm(n, generator=g)
     train_x, train_y = task.train_set.x.to(dev), task.train_set.y.to(dev)
-    step_time, status, all_times = [], [], []
-    processed = 0
-    from tqdm.auto import tqdm
-
-    for b in tqdm(sizes, desc="throughput", unit="size", disable=not progress, leave=False):
+    batches = {}
+    for b in sizes:
         idx = perm[:b].to(dev)
-        x, y = train_x.index_select(0, idx), train_y.index_select(0, idx)
-        times: list[float] = []
+        batches[b] = (train_x.index_select(0, idx), train_y.index_select(0, idx))
+    times: dict[int, list[float]] = {b: [] for b in sizes}
+    failed: set[int] = set()
+    processed = 0
+
+    def one_step(b: int, timed: bool) -> None:
+        nonlocal processed
+        x, y = batches[b]
         try:
             with preserved_state(model, optimizer):
                 model.train()
-                for i in range(warmup + repeats):
-                    if dev.type == "cuda":
-                        torch.cuda.synchronize(dev)
-                    t0 = time.perf_counter()
-                    training_step(task, model, optimizer, x, y)
-                    if dev.type == "cuda":
-                        torch.cuda.synchronize(dev)
-                    processed += b
-                    if i >= warmup:
-                        times.append(time.perf_counter() - t0)
-            step_time.append(statistics.median(times))
-            status.append("ok")
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                t0 = time.perf_counter()
+                training_step(task, model, optimizer, x, y)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                dt = time.perf_counter() - t0
+            processed += b
+            if timed:
+                times[b].append(dt)
         except Exception as e:  # noqa: BLE001
             if not is_oom(e):
                 raise
             free_memory()
-            step_time.append(math.nan)
-            status.append("oom")
-        all_times.append(times)
+            failed.add(b)
+
+    from tqdm.auto import tqdm
+
+    t_begin = time.perf_counter()
+    for b in tqdm(sizes, desc="throughput warm-up", unit="size", disable=not progress, leave=False):
+        for _ in range(warmup):
+            if b not in failed:
+                one_step(b, timed=False)
+    for r in range(max_repeats):
+        if r >= repeats and time.perf_counter() - t_begin > time_limit:
+            break
+        if r < repeats:
+            todo = [b for b in sizes if b not in failed]
+        else:
+            todo = []
+            for b in sorted(b for b in sizes if b not in failed and sum(times[b]) < min_time):
+                if b <= allowance:
+                    todo.append(b)
+                    allowance -= b
+        if not todo:
+            break
+        for b in todo:
+            one_step(b, timed=True)
+    step_time = [min(times[b]) if b not in failed and times[b] else math.nan for b in sizes]
+    median = [statistics.median(times[b]) if b not in failed and times[b] else math.nan for b in sizes]
+    status = ["oom" if b in failed else "ok" for b in sizes]
     eps = [b / t if math.isfinite(t) and t > 0 else math.nan for b, t in zip(sizes, step_time)]
     epoch = [math.ceil(n / b) * t for b, t in zip(sizes, step_time)]
     return ThroughputResult(
         batch_sizes=sizes, step_time=step_time, examples_per_sec=eps, epoch_time=epoch, status=status,
         knee=find_knee(sizes, eps), n_train=n, device=str(dev), warmup=warmup, repeats=repeats,
-        examples_processed=processed, step_times_all=all_times,
+        examples_processed=processed, step_times_all=[times[b] for b in sizes], step_time_median=median,
     )

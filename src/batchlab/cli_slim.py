@@ -60,6 +60,9 @@ def register(sub: Any) -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip the unpruned baseline trained without L1")
     p.add_argument("--no-fold", action="store_true", help="keep the BN layers of the slimmed model")
     p.add_argument("--repeats", type=positive_int, default=30, help="latency repeats (the median is reported)")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch intra-op threads for training (default 1: these small models gain nothing from more, "
+                   "and on a shared CPU extra threads wait on each other)")
     p.add_argument("--out", help="folder for result.json, the |gamma| histogram PNG and index.html")
     p.set_defaults(func=cmd_slim)
 
@@ -76,12 +79,18 @@ def cmd_slim(args: argparse.Namespace) -> int:
         raise CliError(f"--task {args.task!r}: its model has no BatchNorm layer with a learnable scale; network "
                        f"slimming ranks channels by BN gamma")
     cfg = TrainConfig(batch_size=batch, lr=args.lr, eval_train=False)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
     try:
         res = slim_task(task, sparsity=args.sparsity, prune=args.prune, epochs=args.epochs,
                         finetune_epochs=args.finetune_epochs, seed=args.seed, config=cfg,
                         baseline=not args.no_baseline, fold=not args.no_fold, latency_repeats=args.repeats)
     except ValueError as e:
         raise CliError(str(e)) from e
+    finally:
+        torch.set_num_threads(threads)
     data = res.to_dict()
     summary = _summary(data)
     if args.out:

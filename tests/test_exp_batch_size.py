@@ -25,7 +25,6 @@ from batchlab.experiments.batch_size import (
     StepTime,
     find_knee,
     loglog_slope,
-    single_thread,
 )
 from batchlab.store import Store
 
@@ -61,13 +60,6 @@ def test_loglog_slope_and_knee():
     assert sl == pytest.approx(-1.0) and r2 == pytest.approx(1.0)
     assert math.isnan(loglog_slope([1], [1])[0])
     assert find_knee([1, 2, 4, 8], [10, 50, 95, 100]) == 4
-
-
-def test_single_thread_restores_the_count():
-    before = torch.get_num_threads()
-    with single_thread():
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before
 
 
 # ------------------------------------------------------------------ C08

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from batchlab.experiments.base import ExperimentContext
 from batchlab.experiments.norm_choice import (
-    BNEvalStats, NormBatch, SeqNorm, batch_stats_eval, one_thread, population_bn_stats,
+    BNEvalStats, NormBatch, SeqNorm, batch_stats_eval, population_bn_stats,
 )
 from batchlab.store import Store
 
@@ -121,6 +121,8 @@ def test_population_stats_are_split_invariant_and_exact():
 
 
 def test_one_thread_restores():
+    from batchlab.experiments.base import one_thread
+
     before = torch.get_num_threads()
     with one_thread():
         assert torch.get_num_threads() == 1

@@ -25,7 +25,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 from batchlab.store import Store, run_key, run_many

@@ -11,9 +11,10 @@ data built to make a claim false, or too noisy to tell.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -76,6 +77,28 @@ def steps_to_target(history: Sequence[dict[str, Any]], target: float, key: str =
         if v is not None and v >= target:
             return float(row[x])
     return math.inf
+
+
+@contextlib.contextmanager
+def one_thread(device: str = "cpu") -> Iterator[None]:
+    """Run the body on one intra-op torch thread (CPU only), restoring the count afterwards.
+
+    The built-in tasks' models are tiny: on a 2-core CPU one thread is as fast as two, and when
+    other processes compete for the cores two threads spin and run 5-30x slower. The runner does
+    this for every CPU experiment; experiments use it too so they behave the same when called
+    directly (tests). Results do not depend on it; on CUDA nothing changes.
+    """
+    import torch
+
+    if str(device).startswith("cuda"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass

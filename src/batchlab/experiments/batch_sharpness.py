@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from batchlab.experiments.base import Experiment, ExperimentContext, Verdict, fmt_spread, register, spread
-from batchlab.experiments.batch_size import NORM, TASK, _plt, _seed_keys, single_thread
+from batchlab.experiments.base import Experiment, ExperimentContext, Verdict, fmt_spread, one_thread, register, spread
+from batchlab.experiments.batch_size import NORM, TASK, _plt, _seed_keys
 from batchlab.tasks import Task, get_task
 from batchlab.train import TrainConfig, fit
 
@@ -87,7 +87,7 @@ class SharpMinima(Experiment):
     def run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {"seeds": {}}
         p = {k: v for k, v in params.items() if k != "seeds"}
-        with single_thread():
+        with one_thread():
             for seed in ctx.seeds:
                 out["seeds"][str(seed)] = ctx.cached("sharpness", {**p, "seed": seed}, lambda s=seed: self._one(params, s))
         return out

@@ -15,13 +15,13 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from batchlab.experiments.base import Experiment, ExperimentContext, Verdict, fmt_spread, register, spread
+from batchlab.experiments.base import Experiment, ExperimentContext, Verdict, fmt_spread, one_thread, register, spread
 from batchlab.tasks import get_task
 from batchlab.train import TrainConfig, fit
 
@@ -30,16 +30,6 @@ NORM = "none"
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """Run the body with one intra-op torch thread; restore the previous count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
 
 def _final(r: Any, key: str) -> float | None:
     """A final metric of a RunResult, None when the run did not end ``ok``."""
@@ -112,7 +102,7 @@ class GradientNoise(Experiment):
 
     def run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {"seeds": {}}
-        with single_thread():
+        with one_thread():
             for seed in ctx.seeds:
                 p = {k: v for k, v in params.items() if k != "seeds"}
                 out["seeds"][str(seed)] = ctx.cached("grad_std", {**p, "seed": seed}, lambda s=seed: self._one(params, s))
@@ -240,7 +230,7 @@ class StepTime(Experiment):
         clock = time.perf_counter if cuda else time.thread_time
         res: dict[str, Any] = {"device": device, "clock": "wall (synchronized)" if cuda else "thread CPU time, 1 thread",
                                "cpu_count": os.cpu_count(), "loadavg_before": list(os.getloadavg()), "configs": {}}
-        with contextlib.nullcontext() if cuda else single_thread():
+        with contextlib.nullcontext() if cuda else one_thread():
             res["threads"] = torch.get_num_threads()
             for c in p["configs"]:
                 task = get_task(c["task"], **c["kwargs"])
@@ -382,7 +372,7 @@ class FixedEpochBatch(Experiment):
 
     def run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {"seeds": {}}
-        with single_thread():
+        with one_thread():
             for seed in ctx.seeds:
                 rows = {"B": [], "val_acc": [], "train_acc": [], "status": [], "steps": []}
                 runs = ctx.fit_many([(params["task"], _grid_config(b, params["lr"], params["epochs"], seed))
@@ -465,7 +455,7 @@ class BatchLRGrid(Experiment):
 
     def run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {"seeds": {}}
-        with single_thread():
+        with one_thread():
             for seed in ctx.seeds:
                 acc, status = [], []
                 runs = iter(ctx.fit_many([(params["task"], _grid_config(b, lr, params["epochs"], seed))
@@ -592,7 +582,7 @@ class LRBatchRatio(Experiment):
 
     def run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {"seeds": {}}
-        with single_thread():
+        with one_thread():
             for seed in ctx.seeds:
                 arms = []
                 specs = self._arms(params)
@@ -726,7 +716,7 @@ class LBFGSBatch(Experiment):
     def run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {"seeds": {}}
         task = ctx.task(params["task"], **params["task_kwargs"])
-        with single_thread():
+        with one_thread():
             for seed in ctx.seeds:
                 sgd_all, sgd_status, lb, lb_status, lb_time, sgd_time = [], [], [], [], [], []
                 jobs = []

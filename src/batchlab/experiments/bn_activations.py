@@ -8,7 +8,8 @@ import math
 from typing import Any
 
 from batchlab.experiments.base import Experiment, ExperimentContext, Verdict, fmt_spread, register, spread
-from batchlab.experiments.bn_training import _band, _mpl, compact, one_thread
+from batchlab.experiments.base import one_thread
+from batchlab.experiments.bn_training import _band, _mpl, compact
 from batchlab.train import Callback, StepContext, TrainConfig, fit
 
 ARMS = ("none", "bn", "bn_noaffine")

@@ -6,13 +6,21 @@ The sigmoid experiments (C03 vanishing gradients, C05 saturation and affine) are
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from batchlab.experiments.base import Experiment, ExperimentContext, Verdict, fmt_spread, register, spread, steps_to_target
+from batchlab.experiments.base import (
+    Experiment,
+    ExperimentContext,
+    Verdict,
+    fmt_spread,
+    one_thread,
+    register,
+    spread,
+    steps_to_target,
+)
 from batchlab.train import RunResult, TrainConfig
 
 CURVE_KEYS = ("step", "epoch", "val_acc", "val_loss", "train_loss", "train_acc")
@@ -30,26 +38,6 @@ def compact(r: RunResult) -> dict[str, Any]:
         "history": [{k: row[k] for k in CURVE_KEYS if k in row} for row in r.history],
     }
 
-
-@contextlib.contextmanager
-def one_thread(device: str) -> Iterator[None]:
-    """Run the tiny CPU models of these experiments on one intra-op thread, restoring the setting.
-
-    Measured on the 2-core machine: a 64-100-100-100-10 MLP step at batch 128 costs about 1.8 ms of
-    CPU on one thread and 10-30x more with two when other processes compete for the cores (the
-    OpenMP workers spin). Results do not depend on it; on CUDA nothing changes.
-    """
-    import torch
-
-    if str(device).startswith("cuda"):
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def seeded_model(seed: int, build: Callable[[], Any]) -> Callable[[], Any]:
@@ -363,7 +351,7 @@ class BNPosition(Experiment):
         ax = axes[0]
         for pos, color in (("before", "C0"), ("after", "C1")):
             ok = [r for r in runs[pos].values() if r["status"] == "ok"]
-            _band(ax, ok, "val_acc", f"Linear-BN-ReLU" if pos == "before" else "Linear-ReLU-BN", color, x="epoch")
+            _band(ax, ok, "val_acc", "Linear-BN-ReLU" if pos == "before" else "Linear-ReLU-BN", color, x="epoch")
             _band(ax, ok, "train_acc", f"(train) {pos}", color, x="epoch", style="--")
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy (fraction); solid: validation, dashed: training")

@@ -9,38 +9,22 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from batchlab.experiments.base import Experiment, ExperimentContext, Verdict, fmt_spread, register, spread
+from batchlab.experiments.base import Experiment, ExperimentContext, Verdict, fmt_spread, one_thread, register, spread
 from batchlab.train.config import TrainConfig
 
 NORM_LABELS = {"batch": "BatchNorm", "group": "GroupNorm", "layer": "LayerNorm", "instance": "InstanceNorm",
                "none": "no norm"}
 NORM_COLORS = {"batch": "C3", "group": "C0", "layer": "C2", "instance": "C4", "none": "C7"}
 
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run the body with one intra-op torch thread, restoring the setting afterwards.
-
-    The built-in tasks' models are tiny: on a 2-core CPU one thread is as fast as two, and under
-    load (other processes on the cores) two threads spin and run several times slower.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _plt() -> Any:
@@ -94,7 +78,7 @@ class NormBatch(Experiment):
                 "batches": [2, 4, 8, 16, 32, 64, 128], "epochs": 4, "lr32": 0.05}
 
     def run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:
-        with one_thread():
+        with one_thread(ctx.device):
             return self._run(ctx, params)
 
     def _run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:
@@ -303,7 +287,7 @@ class BNEvalStats(Experiment):
                 "momenta": [0.001, 0.01, 0.1, 0.5, 0.9]}
 
     def run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:
-        with one_thread():
+        with one_thread(ctx.device):
             return self._run(ctx, params)
 
     def _run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:
@@ -501,7 +485,7 @@ class SeqNorm(Experiment):
         return {**base, "pads": [32, 64, 128], "max_steps": 400}
 
     def run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:
-        with one_thread():
+        with one_thread(ctx.device):
             return self._run(ctx, params)
 
     def _run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from batchlab.experiments.base import Experiment, ExperimentContext, Verdict, register, spread
-from batchlab.experiments.norm_choice import one_thread
+from batchlab.experiments.base import Experiment, ExperimentContext, Verdict, one_thread, register, spread
 from batchlab.train import TrainConfig, default_lr_rule, scale_lr
 
 
@@ -52,7 +51,7 @@ class PivotSearch(Experiment):
                            norm=None, device=device, eval_train=False)
 
     def run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:
-        with one_thread():
+        with one_thread(ctx.device):
             return self._run(ctx, params)
 
     def _run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:

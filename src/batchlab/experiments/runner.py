@@ -12,7 +12,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from batchlab.experiments.base import Experiment, ExperimentContext, Outcome, Verdict, experiments
+from batchlab.experiments.base import Experiment, ExperimentContext, Outcome, Verdict, experiments, one_thread
 from batchlab.store import Store
 
 DEFAULT_SEEDS_FULL = 3
@@ -61,15 +61,10 @@ def run_experiment(
     figures: list[str] = []
     verdicts: list[Verdict] = []
     status, error = "ok", None
-    import torch
-
-    threads = torch.get_num_threads()
-    if device == "cpu":
-        # The built-in tasks are tiny: one thread is faster than two (which mostly wait on each other)
-        # and makes timings repeatable. An experiment may still set its own count inside run().
-        torch.set_num_threads(1)
     try:
-        data = exp.run(ctx, params)
+        # the runner's policy for CPU experiments: one torch thread (see base.one_thread)
+        with one_thread(device):
+            data = exp.run(ctx, params)
         (folder / "data.json").write_text(json.dumps(data, indent=1, default=_json_default))
         verdicts = exp.decide(data, params)
         for i, fig in enumerate(exp.plot(data, params)):
@@ -81,8 +76,6 @@ def run_experiment(
             plt.close(fig)
     except Exception:  # noqa: BLE001 - one failing experiment must not stop the suite
         status, error = "failed", traceback.format_exc(limit=30)
-    finally:
-        torch.set_num_threads(threads)
     got = {v.claim for v in verdicts}
     for claim in exp.claims:
         if claim not in got:

@@ -14,9 +14,8 @@ from typing import Any
 import numpy as np
 
 from batchlab.experiments.base import (
-    Experiment, ExperimentContext, Verdict, fmt_spread, register, spread, steps_to_target,
+    Experiment, ExperimentContext, Verdict, fmt_spread, one_thread, register, spread, steps_to_target,
 )
-from batchlab.experiments.norm_choice import one_thread
 from batchlab.train.config import TrainConfig
 
 
@@ -72,7 +71,7 @@ class BatchGrowth(Experiment):
 
     def run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        with one_thread():
+        with one_thread(ctx.device):
             task = ctx.task(params["task"])
             for seed in ctx.seeds:
                 for arm, cfg in self.configs(params, seed).items():
@@ -232,7 +231,7 @@ class Momentum(Experiment):
 
     def run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:
         task_runs: dict[str, Any] = {}
-        with one_thread():
+        with one_thread(ctx.device):
             task = ctx.task(params["task"])
             for opt in ("sgd", "momentum"):
                 for lr in params["lrs"]:

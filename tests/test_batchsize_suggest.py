@@ -133,7 +133,8 @@ def test_throughput_min_over_interleaved_repeats_and_time_bound() -> None:
     # min_time huge: fast sizes get extra rounds up to max_repeats (no time limit reached)
     r = throughput(task, [4, 16], warmup=1, repeats=2, max_repeats=5, min_time=1e9, time_limit=1e9, extra_examples=10**6)
     assert [len(t) for t in r.step_times_all] == [5, 5]
-    assert r.step_time == [min(t) for t in r.step_times_all]
+    assert r.step_time_raw == [min(t) for t in r.step_times_all]
+    assert r.step_time == [min(r.step_time_raw[i:]) for i in range(2)]  # non-decreasing in the batch
     assert all(m >= t for m, t in zip(r.step_time_median, r.step_time))
     assert r.examples_processed == (1 + 5) * (4 + 16)
     # the extra rounds' examples are capped (default sum(sizes) // 4 = 5), smallest sizes first
@@ -142,6 +143,16 @@ def test_throughput_min_over_interleaved_repeats_and_time_bound() -> None:
     # time limit 0: only the mandatory rounds
     r = throughput(task, [4, 16], warmup=0, repeats=3, max_repeats=50, min_time=1e9, time_limit=0.0)
     assert [len(t) for t in r.step_times_all] == [3, 3] and r.examples_processed == 3 * 20
-    # min_time 0: nothing beyond the mandatory rounds either
-    r = throughput(task, [8], warmup=0, repeats=2, max_repeats=50, min_time=0.0)
+    # min_time 0 and no extra examples: nothing beyond the mandatory rounds either
+    r = throughput(task, [8], warmup=0, repeats=2, max_repeats=50, min_time=0.0, extra_examples=0)
     assert len(r.step_times_all[0]) == 2 and r.knee == 8
+
+
+def test_monotone_step_times_and_settling() -> None:
+    from batchlab.batchsize.throughput import _settled, monotone_step_times
+
+    # a contention spike at B=4 (10x slower than B=8) is repaired; NaN (OOM) stays NaN
+    r = monotone_step_times([2, 4, 8, 16], [1e-3, 1e-2, 1.1e-3, math.nan])
+    assert r[:3] == [1e-3, 1.1e-3, 1.1e-3] and math.isnan(r[3])
+    assert monotone_step_times([8, 2, 4], [3.0, 5.0, 1.0]) == [3.0, 1.0, 1.0]  # order of sizes does not matter
+    assert _settled([1.0, 1.2]) and not _settled([1.0, 3.0]) and not _settled([1.0]) and not _settled([])

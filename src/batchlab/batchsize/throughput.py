@@ -40,6 +40,36 @@ def find_knee(batch_sizes: Sequence[int], examples_per_sec: Sequence[float], fra
     return next(b for b, r in pts if r >= fraction * peak)
 
 
+SETTLE_TOLERANCE = 1.25  # a timed step within this factor of a size's minimum confirms that minimum
+
+
+def _settled(times: Sequence[float], need: int = 2) -> bool:
+    """True when at least ``need`` timed steps lie within SETTLE_TOLERANCE of their minimum."""
+    if not times:
+        return False
+    lo = min(times)
+    return sum(t <= SETTLE_TOLERANCE * lo for t in times) >= min(need, len(times)) and len(times) >= need
+
+
+def monotone_step_times(batch_sizes: Sequence[int], step_time: Sequence[float]) -> list[float]:
+    """Repair a step-time curve so that a smaller batch never takes longer than a larger one.
+
+    A step on B examples does a subset of the work of a step on B' > B examples, so its true time
+    is at most the larger one's; a measured smaller-batch time above it is contention (a descheduled
+    thread, another process), not the model. Each time becomes the minimum over its own and every
+    larger size's time (NaN entries are skipped and stay NaN).
+    """
+    order = sorted(range(len(batch_sizes)), key=lambda i: batch_sizes[i], reverse=True)
+    out = list(step_time)
+    best = math.inf
+    for i in order:
+        t = step_time[i]
+        if math.isfinite(t):
+            best = min(best, t)
+            out[i] = best
+    return out
+
+
 @dataclass
 class ThroughputResult:
     """Per batch size: seconds per step (minimum over interleaved timed steps), examples per second, seconds per epoch.
@@ -61,6 +91,7 @@ class ThroughputResult:
     examples_processed: int = 0  # training examples pushed through forward/backward while measuring
     step_times_all: list[list[float]] = field(default_factory=list)
     step_time_median: list[float] = field(default_factory=list)
+    step_time_raw: list[float] = field(default_factory=list)  # per-size minimum before the monotone repair
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,8 +143,11 @@ def throughput(
     cheapest to repeat), up to ``max_repeats`` steps per size, ``time_limit`` seconds in all and
     ``extra_examples`` training examples in all (smallest sizes first, so the extra rounds cost
     little: by default a quarter of ``sum(batch_sizes)``).
-    The reported step time is the *minimum* over the timed steps: contention only ever adds time,
-    so the minimum is the least-disturbed estimate (the median is kept in ``step_time_median``).
+    A size whose minimum is not yet confirmed by a second step within 25% of it also gets extra
+    rounds (a stalled step is not repeated by chance). The reported step time is the *minimum* over
+    the timed steps (contention only ever adds time, so the minimum is the least-disturbed
+    estimate; the median is kept in ``step_time_median``), repaired to be non-decreasing in the
+    batch size (:func:`monotone_step_times`; the raw minima are kept in ``step_time_raw``).
     CUDA is synchronised around each timed step. Model, optimizer and RNG state are restored
     after every step, so each step starts from the same weights.
 
@@ -197,7 +231,7 @@ def throughput(
             todo = [b for b in sizes if b not in failed]
         else:
             todo = []
-            for b in sorted(b for b in sizes if b not in failed and sum(times[b]) < min_time):
+            for b in sorted(b for b in sizes if b not in failed and (sum(times[b]) < min_time or not _settled(times[b]))):
                 if b <= allowance:
                     todo.append(b)
                     allowance -= b
@@ -205,7 +239,8 @@ def throughput(
             break
         for b in todo:
             one_step(b, timed=True)
-    step_time = [min(times[b]) if b not in failed and times[b] else math.nan for b in sizes]
+    raw = [min(times[b]) if b not in failed and times[b] else math.nan for b in sizes]
+    step_time = monotone_step_times(sizes, raw)
     median = [statistics.median(times[b]) if b not in failed and times[b] else math.nan for b in sizes]
     status = ["oom" if b in failed else "ok" for b in sizes]
     eps = [b / t if math.isfinite(t) and t > 0 else math.nan for b, t in zip(sizes, step_time)]
@@ -214,4 +249,5 @@ def throughput(
         batch_sizes=sizes, step_time=step_time, examples_per_sec=eps, epoch_time=epoch, status=status,
         knee=find_knee(sizes, eps), n_train=n, device=str(dev), warmup=warmup, repeats=repeats,
         examples_processed=processed, step_times_all=[times[b] for b in sizes], step_time_median=median,
+        step_time_raw=raw,
     )

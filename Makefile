@@ -25,7 +25,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 demo: setup
-	$(BL) suggest --task digits-mlp --out $(OUT)/suggest
+	$(BL) suggest --task digits-mlp --threads 1 --out $(OUT)/suggest
 	$(BL) reproduce --quick --out $(OUT)/reproduce
 
 test: setup-test

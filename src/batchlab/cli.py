@@ -71,6 +71,15 @@ def key_value(text: str) -> tuple[str, Any]:
         return k, v
 
 
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch's CPU threads for this command (applied by :func:`main`)."""
+    p.add_argument(
+        "--threads", type=positive_int, default=None,
+        help="torch CPU threads (default: torch's choice). 1 is fastest for the built-in tasks' tiny models, "
+        "especially when other processes share the cores",
+    )
+
+
 def add_task_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--task", required=required, help="task name (see `batchlab tasks`) or package.module:function")
     p.add_argument("--data-root", help="folder with MNIST idx / CIFAR-10 files for mnist-cnn and cifar10-resnet")
@@ -208,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     from batchlab.distributed import add_distributed_args
 
     add_distributed_args(p)
+    add_threads_arg(p)
     p.add_argument("--out", help="folder to write the full result JSON into")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
@@ -244,6 +254,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _load_extensions()
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return int(args.func(args) or 0)
     except CliError as e:

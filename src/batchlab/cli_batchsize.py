@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from batchlab.cli import CliError, add_task_args, load_task, positive_float, positive_int
+from batchlab.cli import CliError, add_task_args, add_threads_arg, load_task, positive_float, positive_int
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30,
           "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -38,6 +38,7 @@ def int_list(text: str) -> list[int]:
 
 
 def _range_args(p: argparse.ArgumentParser) -> None:
+    add_threads_arg(p)
     p.add_argument("--low", type=positive_int, default=2, help="smallest batch considered (default 2)")
     p.add_argument("--high", type=positive_int, default=512, help="largest batch considered (default 512; capped at the data set)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -146,8 +147,8 @@ def register(sub: Any) -> None:
     add_task_args(p)
     _range_args(p)
     p.add_argument("--budget", type=positive_float, default=None, help="full training budget in epochs (default: the task's)")
-    p.add_argument("--check-fraction", type=positive_float, default=0.2,
-                   help="per-trial budget of the check as a fraction of --budget (default 0.2)")
+    p.add_argument("--check-fraction", type=positive_float, default=0.04,
+                   help="per-trial budget of the screening walk as a fraction of --budget (default 0.04)")
     p.add_argument("--seeds", type=positive_int, default=2, help="seeds per checked batch (>= 2, default 2)")
     p.add_argument("--memory-limit", type=memory_size, default=None, help="bytes a step may use, e.g. 4G (CPU default: half the available RAM)")
     p.add_argument("--out", default="batchlab-suggest", help="output folder: index.html, suggestion.json, batchlab.db")
@@ -163,6 +164,7 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("throughput", help="time per step, examples/s and time per epoch per batch size")
     add_task_args(p)
+    add_threads_arg(p)
     p.add_argument("--batch-sizes", type=int_list, default=None, help="comma-separated (default: 2,4,...,512)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--warmup", type=int, default=2)
@@ -173,6 +175,7 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("noise-scale", help="gradient noise scale B_simple from micro-batch gradient norms (JSON)")
     add_task_args(p)
+    add_threads_arg(p)
     p.add_argument("--micro-batch", type=positive_int, default=16)
     p.add_argument("--accumulation", type=positive_int, default=4)
     p.add_argument("--steps", type=positive_int, default=100)

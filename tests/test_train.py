@@ -231,3 +231,19 @@ def test_skipped_fp16_step_rolls_back_bn_statistics(toy_task):
     assert torch.equal(mean2, mean3) and torch.equal(var2, var3) and n2 == n3
     # and the statistics did move on a normal step
     assert not torch.equal(after_step[4][0], mean3)
+
+
+def test_no_one_example_batches(toy_task):
+    """BatchNorm cannot train on one example: neither an epoch's tail nor a budget's tail may make one."""
+    sizes: list[int] = []
+
+    class Sizes(Callback):
+        def on_micro_batch_end(self, ctx: StepContext) -> None:
+            sizes.append(ctx.micro_batch_size)
+
+    r = fit(toy_task, TrainConfig(batch_size=51, epochs=2), callbacks=[Sizes()])  # 256 = 5 * 51 + 1
+    assert r.status == "ok" and min(sizes) >= 2 and r.examples == 512
+    assert sizes[:5] == [51, 51, 51, 51, 52]
+    sizes.clear()
+    r = fit(toy_task, TrainConfig(batch_size=4, max_examples=9), callbacks=[Sizes()])
+    assert r.status == "ok" and sizes == [4, 4] and r.examples == 8

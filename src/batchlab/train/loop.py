@@ -120,7 +120,10 @@ class _Sampler:
             self.perm = torch.randperm(self.n, generator=self.gen).to(self.device)
             self.cursor = 0
             self.epoch += 1
-        idx = self.perm[self.cursor : self.cursor + b]
+        end = self.cursor + b
+        if not self.drop_last and b > 1 and self.n - end == 1:
+            end += 1  # never leave a one-example batch at the end of an epoch (BatchNorm cannot train on it)
+        idx = self.perm[self.cursor : end]
         self.cursor += idx.shape[0]
         left = self.n - self.cursor
         self.epoch_ended = left <= 0 or (self.drop_last and left < b)
@@ -254,8 +257,10 @@ def _fit(
         while True:
             if cfg.max_steps is not None and ctx.step >= cfg.max_steps:
                 break
-            if total_examples is not None and ctx.examples >= total_examples:
-                break
+            if total_examples is not None and (
+                ctx.examples >= total_examples or (total_examples - ctx.examples == 1 and cfg.batch_size > 1)
+            ):
+                break  # a single leftover example of the budget is not worth a (BatchNorm-breaking) step
             t_step = time.perf_counter()
             frac = progress_frac()
             b = cfg.batch_size * batch_factor(frac, cfg.batch_growth, cfg.growth_factor) if cfg.batch_growth else cfg.batch_size

@@ -156,3 +156,19 @@ def test_monotone_step_times_and_settling() -> None:
     assert r[:3] == [1e-3, 1.1e-3, 1.1e-3] and math.isnan(r[3])
     assert monotone_step_times([8, 2, 4], [3.0, 5.0, 1.0]) == [3.0, 1.0, 1.0]  # order of sizes does not matter
     assert _settled([1.0, 1.2]) and not _settled([1.0, 3.0]) and not _settled([1.0]) and not _settled([])
+
+
+def test_a_failed_suggestion_still_writes_its_report(tmp_path) -> None:
+    """A task whose loss is NaN from the first step: every trial is recorded as failed, no batch is
+    recommended, and the report still renders (with the failed trials listed)."""
+    import torch
+
+    from batchlab.batchsize.report import write_suggestion_report
+
+    task = make_toy_task(n_train=256)
+    task.loss = lambda logits, y: torch.nn.functional.cross_entropy(logits, y) * float("nan")
+    s = suggest(task, **{**FAST, "store": tmp_path})
+    assert s.status == "failed" and s.batch_size is None
+    assert s.search["trials"] and all(t["status"] != "ok" for t in s.search["trials"])
+    page = write_suggestion_report(s, tmp_path).read_text()
+    assert "diverged" in page

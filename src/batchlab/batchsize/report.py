@@ -46,11 +46,11 @@ def suggestion_figures(s: dict[str, Any]) -> dict[str, Any]:
         figs["epoch_time"] = plot_xy({"x": [o[0] for o in ok], "y": [o[2] for o in ok], "label": "measured"},
                                      "batch size (examples)", "time per epoch (s)", logx=True, logy=True,
                                      title="Time per epoch vs batch")
-    hist = s["noise"].get("history") or []
+    hist = [h for h in s["noise"].get("history") or [] if _fin(h["b_simple"])]
     if hist:
         figs["noise"] = plot_xy({"x": [h["step"] for h in hist], "y": [h["b_simple"] for h in hist], "label": "B_simple (EMA ratio)"},
                                 "optimizer step", "B_simple (examples)", title="Gradient noise scale over training")
-    trials = s["search"]["trials"]
+    trials = [t for t in s["search"]["trials"] if _fin(t["metric"])]  # failed trials have no metric to draw
     if trials:
         seeds = sorted({t["seed"] for t in trials})
         series = []

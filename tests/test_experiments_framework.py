@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +109,22 @@ def test_feature_scale_decision_rule_on_built_data():
     assert exp.decide(data([50, 80], [60, 4]), params)[0].verdict == "refuted"
     assert exp.decide(data([50, 80], [10, 40]), params)[0].verdict == "inconclusive"
     assert exp.decide(data([None, None], [None, None]), params)[0].verdict == "inconclusive"
+
+
+def test_reproduce_report_shows_rule_before_numbers_and_renders(tmp_path: Path):
+    """The reproduce page: statement, seed document, rule, verdict, numbers, figure and rerun command
+    for each claim; every image loads in headless Chromium."""
+    from batchlab.experiments.runner import reproduce
+    from tests.test_report import CHROMIUM, render_probe
+
+    outcomes = reproduce(only=["C04"], quick=True, seeds=1, out=tmp_path, progress=False)
+    assert [o.status for o in outcomes] == ["ok"]
+    page = (tmp_path / "index.html").read_text()
+    for text in ("Features on very different scales", "seed 002", "Decision rule", "Verdict: supported",
+                 "batchlab reproduce --only C04 --quick", "The numbers behind the verdict"):
+        assert text in page, text
+    assert page.index("Decision rule") < page.index("The numbers behind the verdict")
+    if CHROMIUM is None and not os.environ.get("BATCHLAB_REQUIRE_BROWSER"):
+        pytest.skip("no chromium binary on PATH (CI installs it)")
+    images, broken = render_probe(tmp_path / "index.html", tmp_path)
+    assert images >= 1 and broken == 0

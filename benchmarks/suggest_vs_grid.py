@@ -35,27 +35,33 @@ from pathlib import Path
 import torch
 
 from batchlab.batchsize import suggest
-from batchlab.batchsize.search import fit_trial
+from batchlab.batchsize.search import fit_trial, trial_job
+from batchlab.distributed.ray_backend import add_backend_args, backend_from_args, map_trials
 from batchlab.store import Store, run_key
 from batchlab.tasks import get_task
 from batchlab.train import TrainConfig, default_lr_rule, scale_lr
 
 
-def grid(task, seeds, budget_examples, store, low=2, high=512):
+def grid(task, seeds, budget_examples, store, low=2, high=512, backend=None):
     n = len(task.train_set)
     rule = default_lr_rule(task.optimizer)
     sizes = [b for b in (2**k for k in range(1, 12)) if low <= b <= min(high, n)]
     rows = {}
     examples = 0
     t0 = time.perf_counter()
+    items, where = [], []
     for b in sizes:
-        vals = []
         for s in seeds:
             cfg = TrainConfig(batch_size=b, lr=scale_lr(task.lr, task.batch_size, b, rule), optimizer=task.optimizer,
                               max_examples=budget_examples, seed=s, eval_train=False)
-            d = store.run_or_load(run_key(task.fingerprint(), cfg.to_dict(), kind="grid"), lambda cfg=cfg: fit_trial(task, cfg), kind="grid")
-            examples += int(d["examples"])
-            vals.append(d["metric"] if d["status"] == "ok" else math.nan)
+            items.append((run_key(task.fingerprint(), cfg.to_dict(), kind="grid"), (fit_trial, task, cfg)))
+            where.append(b)
+    # every grid trial is independent: with --backend ray they run as parallel Ray Tune trials
+    payloads = map_trials(store, items, trial_job, backend=backend, kind="grid")
+    for b in sizes:
+        ds = [d for d, w in zip(payloads, where) if w == b]
+        examples += sum(int(d.get("examples", 0)) for d in ds)
+        vals = [d["metric"] if d["status"] == "ok" else math.nan for d in ds]
         rows[b] = statistics.fmean(vals) if all(math.isfinite(v) for v in vals) else -math.inf
         print(f"  grid {task.name} B={b}: {rows[b]:.4f}", flush=True)
     return rows, examples, time.perf_counter() - t0
@@ -70,7 +76,9 @@ def main() -> None:
     ap.add_argument("--replicate", action="store_true", help="also run a second grid with fresh seeds (the ceiling)")
     ap.add_argument("--suggest-seed-offset", type=int, default=0, help="suggest's seeds start here (0: the grid's seeds)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids OpenMP spinning on a shared machine)")
+    add_backend_args(ap)
     args = ap.parse_args()
+    backend = backend_from_args(args)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,10 +89,10 @@ def main() -> None:
         task = get_task(name)
         epochs = task.epochs if args.max_epochs is None else min(task.epochs, args.max_epochs)
         budget = round(epochs * len(task.train_set))
-        g, g_examples, g_time = grid(task, seeds, budget, store)
+        g, g_examples, g_time = grid(task, seeds, budget, store, backend=backend)
         t0 = time.perf_counter()
         s_seeds = tuple(args.suggest_seed_offset + i for i in range(args.seeds))
-        s = suggest(task, seeds=s_seeds, budget_examples=budget, store=Store(out / f"suggest-{name}.db"))
+        s = suggest(task, seeds=s_seeds, budget_examples=budget, store=Store(out / f"suggest-{name}.db"), backend=backend)
         s_time = time.perf_counter() - t0
         best_b = max(g, key=g.get)
         sb = s.batch_size
@@ -101,7 +109,7 @@ def main() -> None:
         }
         if args.replicate:
             r_seeds = tuple(range(args.seeds, 2 * args.seeds))
-            g2, _, _ = grid(task, r_seeds, budget, store)
+            g2, _, _ = grid(task, r_seeds, budget, store, backend=backend)
             rb = max(g2, key=g2.get)
             row["replicate"] = {"seeds": list(r_seeds), "grid": {str(k): v for k, v in g2.items()}, "best_batch": rb,
                                 "regret_points": 100 * (g[best_b] - g[rb]),

@@ -103,6 +103,22 @@ def _boom(args: Any) -> dict[str, Any]:
 
 @pytest.mark.slow
 @needs_ray
+def test_pivot_search_on_ray_equals_in_process(tmp_path: Path, backend: RayBackend) -> None:
+    """`batchlab suggest --backend ray` and the grid benchmark run their trials through this path."""
+    from batchlab.batchsize import pivot_search
+
+    kw = dict(pivot=64, low=32, high=128, seeds=(0, 1), budget_examples=512)
+    local = pivot_search("digits-mlp", store=Store(tmp_path / "local"), **kw)
+    on_ray = pivot_search("digits-mlp", store=Store(tmp_path / "ray"), backend=backend, **kw)
+    assert on_ray.path == local.path and on_ray.best_batch == local.best_batch
+    assert [(t.batch_size, t.seed, t.metric, t.status, t.examples) for t in on_ray.trials] == [
+        (t.batch_size, t.seed, t.metric, t.status, t.examples) for t in local.trials
+    ]
+    assert len(Store(tmp_path / "ray").records()) == len(local.trials)
+
+
+@pytest.mark.slow
+@needs_ray
 def test_map_trials_records_failures_and_skips_stored(tmp_path: Path, backend: RayBackend) -> None:
     store = Store(tmp_path / "s")
     items = [(run_key({"t": "x"}, {"i": i}), a) for i, a in enumerate(["a", "bad", "c"])]

@@ -64,13 +64,19 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     _check_range(args, task)
     if args.seeds < 2:
         raise CliError(f"--seeds must be >= 2 (the seed-to-seed noise needs two), got {args.seeds}")
+    from batchlab.distributed.ray_backend import backend_from_args
+
+    try:
+        backend = backend_from_args(args)
+    except (ValueError, ImportError) as e:
+        raise CliError(str(e)) from e
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
         s = suggest(
             task, device=args.device, low=args.low, high=args.high, seeds=tuple(range(args.seeds)),
             budget_epochs=args.budget, check_fraction=args.check_fraction, memory_limit=args.memory_limit,
-            store=out, quick=args.quick, progress=not args.quiet,
+            store=out, quick=args.quick, progress=not args.quiet, backend=backend,
         )
     except ValueError as e:
         raise CliError(str(e)) from e
@@ -154,6 +160,9 @@ def register(sub: Any) -> None:
     p.add_argument("--out", default="batchlab-suggest", help="output folder: index.html, suggestion.json, batchlab.db")
     p.add_argument("--quick", action="store_true", help="fewer measurements (half the noise steps and check budget)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    from batchlab.distributed.ray_backend import add_backend_args
+
+    add_backend_args(p)
     p.set_defaults(func=cmd_suggest)
 
     p = sub.add_parser("find-max-batch", help="largest batch whose whole training step fits in memory (JSON)")

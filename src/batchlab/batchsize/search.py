@@ -170,6 +170,13 @@ def pivot_walk(
     return cur, path, done, noise(), reason
 
 
+def trial_job(args: tuple[TrialFn, Task, TrainConfig]) -> dict[str, Any]:
+    """``(trial_fn, task, config) -> trial_fn(task, config)``: one trial as a picklable job for a
+    parallel backend (e.g. :class:`batchlab.distributed.ray_backend.RayBackend`)."""
+    run, task, config = args
+    return run(task, config)
+
+
 def fit_trial(task: Task, config: TrainConfig) -> dict[str, Any]:
     """Default trial: ``fit`` and keep what the search needs (errors become status "failed")."""
     r = fit(task, config, raise_errors=False)
@@ -202,6 +209,7 @@ def pivot_search(
     trial_fn: TrialFn | None = None,
     progress: bool = False,
     kind: str = "batchsize-pivot",
+    backend: Any = None,
 ) -> PivotResult:
     """Run the pivot search of claim C14 on ``task``.
 
@@ -226,6 +234,9 @@ def pivot_search(
         trial_fn: ``trial_fn(task, config) -> {"status", "metric", "examples", "time"}``
             (default: :func:`fit_trial`); for tests and custom training loops.
         progress: progress bar over trials.
+        backend: run the seeds of each batch size as parallel trials with
+            ``backend.map_trials(store, items, trial_job, kind=...)`` (e.g. ``RayBackend``); None:
+            in this process. Results land in the same store either way.
         kind: the store's label for these trials.
     """
     task = get_task(task)
@@ -286,13 +297,23 @@ def pivot_search(
             micro = b // acc
             if micro * acc != b:
                 raise ValueError(f"batch {b} is not a multiple of the micro-batch {micro_max}; use powers of two")
-        for s in seeds:
-            cfg = TrainConfig(
-                batch_size=micro, accumulation=acc, lr=trial_lr, optimizer=opt, max_examples=budget_examples, seed=s, norm=norm,
-                device=device, eval_train=False,
+        cfgs = {
+            s: TrainConfig(
+                batch_size=micro, accumulation=acc, lr=trial_lr, optimizer=opt, max_examples=budget_examples, seed=s,
+                norm=norm, device=device, eval_train=False,
             )
-            key = key_for(fp, cfg.to_dict(), kind=kind, trial_fn=getattr(run, "__qualname__", "custom"))
-            d = st.run_or_load(key, lambda cfg=cfg: run(task, cfg), kind=kind)
+            for s in seeds
+        }
+        keys = {s: key_for(fp, c.to_dict(), kind=kind, trial_fn=getattr(run, "__qualname__", "custom")) for s, c in cfgs.items()}
+        if backend is not None:  # every seed of this batch size at once, as parallel trials
+            got = backend.map_trials(st, [(keys[s], (run, task, cfgs[s])) for s in seeds], trial_job, kind=kind)
+            payloads = dict(zip(seeds, got))
+        for s in seeds:
+            cfg = cfgs[s]
+            if backend is not None:
+                d = payloads[s]
+            else:
+                d = st.run_or_load(keys[s], lambda cfg=cfg: run(task, cfg), kind=kind)
             t = Trial(
                 batch_size=b, seed=s, metric=float(d.get("metric", math.nan)), status=str(d.get("status", "failed")),
                 examples=int(d.get("examples", 0)), time=float(d.get("time", 0.0)), lr=trial_lr,

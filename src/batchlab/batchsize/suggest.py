@@ -208,6 +208,7 @@ def suggest(
     store: Any = None,
     quick: bool = False,
     progress: bool = False,
+    backend: Any = None,
 ) -> Suggestion:
     """Recommend a batch size, learning rate and accumulation for ``task``.
 
@@ -231,6 +232,7 @@ def suggest(
         store: a Store, a path or None; every training run is looked up there first.
         quick: halve the measurement effort (fewer noise steps, repeats and a smaller check budget).
         progress: progress bars.
+        backend: a parallel trial backend for the screening walk (see ``pivot_search``).
 
     Returns:
         A :class:`Suggestion`.
@@ -326,7 +328,7 @@ def suggest(
     # 5. the check: pivot search with short runs
     search = pivot_search(
         task, pivot=pivot, low=sizes[0], high=sizes[-1], seeds=seeds, budget_examples=check_examples,
-        max_batch=max_micro, accumulate=accumulate, device=device, store=st, progress=progress,
+        max_batch=max_micro, accumulate=accumulate, device=device, store=st, progress=progress, backend=backend,
     )
     best = search.best_batch
     status = "ok" if best is not None else "failed"

@@ -51,7 +51,8 @@ def test_update_matches_analytic() -> None:
     assert len(gns.history) == 2000 and gns.history[-1].b_simple == gns.b_simple
 
 
-def test_callback_in_fit_matches_analytic() -> None:
+@pytest.mark.parametrize("small", ["first", "all"])
+def test_callback_in_fit_matches_analytic(small: str) -> None:
     gen = torch.Generator().manual_seed(1)
     n = 20000
     w_star = torch.randn(D, generator=gen)
@@ -71,7 +72,7 @@ def test_callback_in_fit_matches_analytic() -> None:
 
     task = Task(name="linreg", model_fn=model_fn, train_set=ArrayDataset(x, y), val_set=ArrayDataset(x[:100], y[:100]),
                 num_classes=1, loss=loss, metric=lambda o, t: -float(loss(o, t)), optimizer="sgd", lr=1e-12, batch_size=32)
-    gns = GradientNoiseScale(beta=0.99)
+    gns = GradientNoiseScale(beta=0.99, small=small)
     result = fit(task, TrainConfig(batch_size=16, accumulation=4, max_steps=300, eval_train=False, drop_last=True), callbacks=[gns])
     assert result.ok
     assert gns.updates == 300

@@ -128,3 +128,19 @@ def test_reproduce_report_shows_rule_before_numbers_and_renders(tmp_path: Path):
         pytest.skip("no chromium binary on PATH (CI installs it)")
     images, broken = render_probe(tmp_path / "index.html", tmp_path)
     assert images >= 1 and broken == 0
+
+
+def test_cuda_runs_larger_configurations():
+    """On CUDA the same command runs larger budgets; on CPU the parameters are the sized defaults."""
+    scaled_any = 0
+    for exp_cls in select(None):
+        exp = exp_cls()
+        for quick in (True, False):
+            cpu, gpu = exp.params_for(quick, "cpu"), exp.params_for(quick, "cuda")
+            assert cpu == exp.params(quick)
+            assert set(gpu) == set(cpu)
+            for key in exp.budget_keys:
+                if isinstance(cpu.get(key), (int, float)) and not isinstance(cpu.get(key), bool):
+                    assert gpu[key] == exp.gpu_scale * cpu[key], (exp.id, key)
+                    scaled_any += 1
+    assert scaled_any >= 20

@@ -196,9 +196,34 @@ class Experiment:
     statements: ClassVar[dict[str, str]] = {}
     rules: ClassVar[dict[str, str]] = {}
 
+    #: parameter names that are budgets or generated-data sizes, scaled up on an accelerator
+    budget_keys: ClassVar[tuple[str, ...]] = (
+        "epochs", "max_steps", "steps", "train_steps", "n_samples", "n_batches", "surface_steps",
+    )
+    #: how much larger the budgets are on CUDA than on the 2-core CPU the defaults were sized for
+    gpu_scale: ClassVar[int] = 4
+
     def params(self, quick: bool) -> dict[str, Any]:
         """The experiment's settings for the full run or ``--quick`` (JSON-able)."""
         raise NotImplementedError
+
+    def params_for(self, quick: bool, device: str) -> dict[str, Any]:
+        """The settings the runner uses: :meth:`params`, made larger by :meth:`scale_up` on CUDA."""
+        params = self.params(quick)
+        if str(device).startswith("cuda"):
+            params = self.scale_up(params, self.gpu_scale)
+        return params
+
+    def scale_up(self, params: dict[str, Any], factor: int) -> dict[str, Any]:
+        """A larger configuration for a GPU: every budget and generated-data size named in
+        :attr:`budget_keys` times ``factor`` (thresholds and grids unchanged). Override for more
+        (a larger task, say)."""
+        out = dict(params)
+        for key in self.budget_keys:
+            value = out.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[key] = type(value)(value * factor)
+        return out
 
     def run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:
         """Gather the data (JSON-able) the verdict and figures are computed from."""

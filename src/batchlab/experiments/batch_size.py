@@ -215,6 +215,13 @@ class StepTime(Experiment):
                             {"label": "mnist1d-cnn", "task": "mnist1d-cnn", "kwargs": {"n_samples": 5000}, "max_batch": 1024}],
                 "repeats": 3 if quick else 5, "warmup": 2, "target_s": 0.01, "knee_fraction": 0.9, "factor": 0.5}
 
+    def scale_up(self, params: dict[str, Any], factor: int) -> dict[str, Any]:
+        """On a GPU the knee lies at far larger batches: sweep up to ``factor`` times further
+        (bounded by each task's training set when measured)."""
+        out = super().scale_up(params, factor)
+        out["configs"] = [{**c, "max_batch": c["max_batch"] * factor} for c in params["configs"]]
+        return out
+
     def run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {"seeds": {}}
         for seed in ctx.seeds:

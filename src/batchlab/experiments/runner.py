@@ -54,7 +54,7 @@ def run_experiment(
     exp = exp_cls()
     folder = out / exp.id
     folder.mkdir(parents=True, exist_ok=True)
-    params = exp.params(quick)
+    params = exp.params_for(quick, device)
     params = {**params, "seeds": seeds}
     ctx = ExperimentContext(exp.id, quick, seeds, device, store, folder, progress, backend=backend)
     t0 = time.perf_counter()

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from batchlab.cli import CliError, add_task_args, load_task, positive_float, positive_int
+from batchlab.cli import CliError, add_task_args, load_task, nonneg_float, positive_float, positive_int
 
 
 def _fraction(text: str) -> float:
@@ -21,26 +21,6 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _lambda(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
-
-
-def _nonneg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
-
-
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "slim",
@@ -50,10 +30,10 @@ def register(sub: Any) -> None:
         "FLOPs, CPU latency and accuracy before and after (Liu et al. 2017).",
     )
     add_task_args(p)
-    p.add_argument("--sparsity", type=_lambda, default=1e-4, help="L1 weight lambda on the BN gammas (default 1e-4)")
+    p.add_argument("--sparsity", type=nonneg_float, default=1e-4, help="L1 weight lambda on the BN gammas (default 1e-4)")
     p.add_argument("--prune", type=_fraction, default=0.5, help="fraction of all BN channels to remove, in (0, 1)")
     p.add_argument("--epochs", type=positive_float, default=None, help="sparsity-training epochs (default: the task's)")
-    p.add_argument("--finetune-epochs", type=_nonneg, default=None, help="fine-tuning epochs (default: half of --epochs)")
+    p.add_argument("--finetune-epochs", type=nonneg_float, default=None, help="fine-tuning epochs (default: half of --epochs)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="default: the task's")
     p.add_argument("--lr", type=positive_float, default=None, help="default: the task's")
     p.add_argument("--seed", type=int, default=0)

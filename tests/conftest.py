@@ -30,6 +30,16 @@ def make_toy_task(n_train: int = 256, n_val: int = 128, dim: int = 8, classes: i
     return Task(name="toy", model_fn=model_fn, train_set=train, val_set=val, num_classes=classes, lr=0.1, batch_size=32, epochs=2)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The tests' tensors and models are tiny: one intra-op thread is as fast as two and avoids
+    OpenMP workers spin-waiting when other processes share the 2 cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def toy_task() -> Task:
     return make_toy_task()

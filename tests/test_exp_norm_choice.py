@@ -124,9 +124,15 @@ def test_one_thread_restores():
     from batchlab.experiments.base import one_thread
 
     before = torch.get_num_threads()
-    with one_thread():
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before
+    torch.set_num_threads(2)
+    try:
+        with one_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with one_thread("cuda"):  # nothing changes for a GPU run
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_c18_plot_and_smoke(tmp_path):

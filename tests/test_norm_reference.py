@@ -14,12 +14,6 @@ from batchlab.norm import functional as BF
 from batchlab.norm import reference as R
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def rel_error(a: np.ndarray, b: np.ndarray) -> float:

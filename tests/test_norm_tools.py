@@ -14,12 +14,6 @@ import torch.nn.functional as F
 import batchlab.norm as N
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

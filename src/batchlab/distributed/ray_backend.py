@@ -217,6 +217,8 @@ class RayBackend:
         payloads = self.map_trials(ctx.store, items, fit_job, kind=f"experiment:{ctx.experiment_id}")
         ctx.trials_run += missing
         ctx.trials_loaded += len(items) - missing
+        if getattr(ctx, "bar", None) is not None:
+            ctx.bar.update(len(items))
         return [RunResult.from_dict(p) for p in payloads]
 
 

@@ -113,6 +113,7 @@ class ExperimentContext:
     out_dir: Path
     progress: bool = False
     backend: Any = None  # an object with fit_many(ctx, jobs, **task_kwargs) (e.g. the Ray backend); None: in-process
+    bar: Any = None  # a tqdm bar counting this experiment's trials (set by the runner)
     _tasks: dict[str, Task] = field(default_factory=dict)
     trials_run: int = 0
     trials_loaded: int = 0
@@ -140,15 +141,29 @@ class ExperimentContext:
         key = run_key(t.fingerprint(), config.to_dict(), variant=variant)
 
         def run() -> dict[str, Any]:
-            self.trials_run += 1
             model = model_fn() if model_fn is not None else None
             return fit(t, config, model=model, raise_errors=False).to_dict()
 
-        before = self.trials_run
+        return RunResult.from_dict(self._through_store(key, run))
+
+    def _through_store(self, key: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """``store.run_or_load`` with the trial counters and the experiment's progress bar."""
+        ran = False
+
+        def run() -> dict[str, Any]:
+            nonlocal ran
+            ran = True
+            return fn()
+
         payload = self.store.run_or_load(key, run, kind=f"experiment:{self.experiment_id}")
-        if self.trials_run == before:
+        if ran:
+            self.trials_run += 1
+        else:
             self.trials_loaded += 1
-        return RunResult.from_dict(payload)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(run=self.trials_run, loaded=self.trials_loaded, refresh=False)
+        return payload
 
     def fit_many(self, jobs: Sequence[tuple[Task | str, TrainConfig]], **task_kwargs: Any) -> list[RunResult]:
         """Several :meth:`fit` calls; with a parallel backend (``runner``'s ``backend``) the missing
@@ -165,16 +180,11 @@ class ExperimentContext:
         key = run_key({"experiment": self.experiment_id, "measurement": name}, params, device=self.device)
 
         def run() -> dict[str, Any]:
-            self.trials_run += 1
             out = dict(fn())
             out.setdefault("status", "ok")
             return out
 
-        before = self.trials_run
-        payload = self.store.run_or_load(key, run, kind=f"experiment:{self.experiment_id}")
-        if self.trials_run == before:
-            self.trials_loaded += 1
-        return payload
+        return self._through_store(key, run)
 
 
 class Experiment:

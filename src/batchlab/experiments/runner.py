@@ -57,6 +57,7 @@ def run_experiment(
     params = exp.params_for(quick, device)
     params = {**params, "seeds": seeds}
     ctx = ExperimentContext(exp.id, quick, seeds, device, store, folder, progress, backend=backend)
+    ctx.bar = tqdm(desc=f"  {exp.id} trials", unit="trial", disable=not progress, leave=False)
     t0 = time.perf_counter()
     figures: list[str] = []
     verdicts: list[Verdict] = []
@@ -76,6 +77,8 @@ def run_experiment(
             plt.close(fig)
     except Exception:  # noqa: BLE001 - one failing experiment must not stop the suite
         status, error = "failed", traceback.format_exc(limit=30)
+    finally:
+        ctx.bar.close()
     got = {v.claim for v in verdicts}
     for claim in exp.claims:
         if claim not in got:

@@ -114,7 +114,7 @@ def test_noise_scale_from_rank_gradients(tmp_path: Path) -> None:
     # order), so the micro-batch estimator of batchsize.noise must give the same numbers.
     from batchlab.batchsize.noise import GradientNoiseScale
 
-    gns = GradientNoiseScale(beta=0.5)
+    gns = GradientNoiseScale(beta=0.5, small="all")  # every micro-batch, like every rank
     task = get_task("digits-mlp")
     fit(task, cfg.replace(accumulation=2, batch_size=32), model=_model(task, cfg), callbacks=[gns])
     ref = [p.b_simple for p in gns.history]

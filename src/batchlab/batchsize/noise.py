@@ -278,7 +278,8 @@ def noise_scale(
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     big = micro_batch * accumulation
     step_lr = lr if lr is not None else scale_lr(task.lr, task.batch_size, big, default_lr_rule(task.optimizer))
-    gns = GradientNoiseScale(beta=beta)
+    # a dedicated measurement run: use every micro-batch (lower variance; the copy's cost does not matter here)
+    gns = GradientNoiseScale(beta=beta, small="all")
     cfg = TrainConfig(
         batch_size=micro_batch, accumulation=accumulation, lr=step_lr, max_steps=steps, seed=seed, device=device,
         norm=norm, eval_train=False, drop_last=True,

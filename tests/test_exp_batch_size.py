@@ -10,7 +10,6 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import pytest
 import torch
 
@@ -27,6 +26,7 @@ from batchlab.experiments.batch_size import (
     loglog_slope,
 )
 from batchlab.store import Store
+from tests.helpers.figures import check_figures
 
 SEEDS = ["0", "1", "2"]
 
@@ -40,16 +40,6 @@ def _verdict(exp: Any, data: dict[str, Any], quick: bool = False) -> str:
     assert v.reason and v.claim in exp.claims
     return v.verdict
 
-
-def _check_figs(figs: list[Any]) -> None:
-    assert figs
-    for fig in figs:
-        axes = [a for a in fig.axes if a.axison and a.get_label() != "<colorbar>"]
-        assert axes
-        for ax in axes:
-            assert ax.get_title(), "every panel has a title"
-            assert ax.get_xlabel() and ax.get_ylabel(), "every panel has axis labels"
-        plt.close(fig)
 
 
 # ------------------------------------------------------------------ helpers
@@ -80,7 +70,7 @@ def test_c08_rule():
     assert _verdict(exp, _noise([-0.8, -0.75, -0.9])) == "refuted"
     assert _verdict(exp, _noise([-0.45, -0.62, -0.5])) == "inconclusive"  # mean inside, one seed outside
     assert _verdict(exp, _noise([-0.5, -0.5, -0.5], noise=0.6)) == "inconclusive"  # poor power-law fit
-    _check_figs(exp.plot(_noise([-0.5, -0.49, -0.52]), _params(exp)))
+    check_figures(exp.plot(_noise([-0.5, -0.49, -0.52]), _params(exp)))
 
 
 # ------------------------------------------------------------------ C09
@@ -102,7 +92,7 @@ def test_c09_rule():
     assert _verdict(exp, _times(["flat", "linear", "flat"])) == "inconclusive"
     s = StepTime.summarize(_times(["flat"])["seeds"]["0"]["configs"]["digits-mlp"], 0.9)
     assert s["knee"] == 1024 and s["knee_at_edge"] and s["epoch_time_knee"] < s["epoch_time_bmin"]
-    _check_figs(exp.plot(_times(["flat"] * 3), _params(exp)))
+    check_figures(exp.plot(_times(["flat"] * 3), _params(exp)))
 
 
 # ------------------------------------------------------------------ C10
@@ -124,7 +114,7 @@ def test_c10_rule():
     diverged = _fixed([falling] * 3)
     diverged["seeds"]["1"]["val_acc"][-1] = None
     assert _verdict(exp, diverged) == "inconclusive"
-    _check_figs(exp.plot(_fixed([falling] * 3), _params(exp)))
+    check_figures(exp.plot(_fixed([falling] * 3), _params(exp)))
 
 
 # ------------------------------------------------------------------ C11
@@ -150,7 +140,7 @@ def test_c11_rule():
     assert _verdict(exp, _sharp(10.0, -0.02)) == "refuted"  # large batch generalizes better
     assert _verdict(exp, _sharp(10.0, 0.005)) == "inconclusive"  # gap difference below 1 point
     assert _verdict(exp, _sharp(10.0, 0.03, train_acc=0.9)) == "inconclusive"  # not converged: no minimum
-    _check_figs(exp.plot(_sharp(10.0, 0.03), _params(exp)))
+    check_figures(exp.plot(_sharp(10.0, 0.03), _params(exp)))
 
 
 def test_eps_sharpness_is_zero_for_a_flat_loss_and_restores_weights():
@@ -195,7 +185,7 @@ def test_c12_rule():
     d = _ratio([0.01, 0.02, 0.05])
     arm = d["seeds"]["0"]["arms"][1]
     assert LRBatchRatio.distance(arm, d["seeds"]["0"]["arms"][0], 10) == pytest.approx(0.01)
-    _check_figs(exp.plot(_ratio([0.01, 0.02, 0.05], d_over=None), _params(exp)))
+    check_figures(exp.plot(_ratio([0.01, 0.02, 0.05], d_over=None), _params(exp)))
 
 
 # ------------------------------------------------------------------ C13
@@ -228,7 +218,7 @@ def test_c13_rule():
     assert _verdict(exp, _grid([8, 128, 8]), quick=True) == "inconclusive"
     s = BatchLRGrid.summarize(_grid([8])["seeds"]["0"], 0.05)
     assert s["best_b"] == 8 and s["bands"][0] == [0.0125, 0.05]
-    _check_figs(exp.plot(_grid([8, 16, 8]), _params(exp, quick=True)))
+    check_figures(exp.plot(_grid([8, 16, 8]), _params(exp, quick=True)))
 
 
 # ------------------------------------------------------------------ C15
@@ -255,7 +245,7 @@ def test_c15_rule():
     mixed = _lbfgs(0.5, 0.93)
     mixed["seeds"]["2"] = _lbfgs(0.9, 0.93)["seeds"]["0"]
     assert _verdict(exp, mixed) == "inconclusive"
-    _check_figs(exp.plot(_lbfgs(None, 0.93), _params(exp)))
+    check_figures(exp.plot(_lbfgs(None, 0.93), _params(exp)))
 
 
 # ------------------------------------------------------------------ tiny real runs

@@ -9,13 +9,12 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-import pytest
 
 from batchlab.experiments.base import ExperimentContext
 from batchlab.experiments.bn_activations import BNSigmoid
 from batchlab.experiments.bn_training import BNDataSize, BNLearningRate, BNPosition
 from batchlab.store import Store
+from tests.helpers.figures import check_figures
 
 SEEDS = ["0", "1", "2"]
 
@@ -34,16 +33,6 @@ def _run(hit: float | None, steps: int = 400, status: str = "ok", final: float |
     return {"status": status, "failed_step": 10 if status != "ok" else None, "steps": steps, "final_val_acc": f,
             "final_train_acc": min(f + 0.02, 1.0), "final_train_loss": 0.1, "history": hist, **extra}
 
-
-def _check_figs(figs: list[Any]) -> None:
-    assert figs
-    for fig in figs:
-        axes = [a for a in fig.axes if a.axison]
-        assert axes
-        for ax in axes:
-            assert ax.get_title(), "every panel has a title"
-            assert ax.get_xlabel() and ax.get_ylabel(), "every panel has axis labels"
-        plt.close(fig)
 
 
 # ------------------------------------------------------------------ C01 / C02
@@ -91,7 +80,7 @@ def test_c01_c02_inconclusive():
 
 def test_bn_lr_figures():
     data = _lr_data([_run(60)] * 3, [_run(120)] * 3, [_run(30)] * 3, [_run(None, status="diverged")] * 3)
-    _check_figs(BNLearningRate().plot(data, P_LR))
+    check_figures(BNLearningRate().plot(data, P_LR))
 
 
 # ------------------------------------------------------------------ C03 / C05
@@ -139,7 +128,7 @@ def test_c03_c05_inconclusive():
 def test_bn_sigmoid_figures():
     data = _sig_data(_sig(0.3, [1e-4, 1e-3, 1e-2, 1e-1, 1.0], [0.6] * 4), _sig(0.95, [0.5] * 5, [0.05] * 4),
                      _sig(0.93, [0.5] * 5, [0.0] * 4))
-    _check_figs(BNSigmoid().plot(data, P_SIG))
+    check_figures(BNSigmoid().plot(data, P_SIG))
 
 
 # ------------------------------------------------------------------ C06
@@ -159,7 +148,7 @@ def test_c06_rule():
     assert e.decide(_pos_data([0.80, 0.75, 0.79], [0.76, 0.79, 0.78]), P_POS)[0].verdict == "inconclusive"
     # mean within tolerance but one seed far apart: too noisy to call it "within"
     assert e.decide(_pos_data([0.80, 0.75, 0.80], [0.77, 0.78, 0.80]), P_POS)[0].verdict == "inconclusive"
-    _check_figs(e.plot(_pos_data([0.80, 0.81, 0.79], [0.805, 0.80, 0.795]), P_POS))
+    check_figures(e.plot(_pos_data([0.80, 0.81, 0.79], [0.805, 0.80, 0.795]), P_POS))
 
 
 # ------------------------------------------------------------------ C07
@@ -189,7 +178,7 @@ def test_c07_rule():
     assert e.decide(_ds_data(0.002, 0.0), P_DS)[0].verdict == "inconclusive"
     v = e.decide(_ds_data(0.05, 0.0), P_DS)[0]  # no BN better, but BN did not under-fit
     assert v.verdict == "inconclusive" and "under-fit" in v.reason
-    _check_figs(e.plot(_ds_data(0.05, 0.05), P_DS))
+    check_figures(e.plot(_ds_data(0.05, 0.05), P_DS))
 
 
 # ------------------------------------------------------------------ smoke: real (tiny) runs
@@ -204,7 +193,7 @@ def test_tiny_real_runs(tmp_path: Path):
     p = {**e.params(True), "max_steps": 6, "eval_every": 3, "multipliers": [1, 30], "seeds": [0, 1]}
     data = e.run(_ctx(tmp_path, e.id), p)
     assert len(e.decide(data, p)) == 2
-    _check_figs(e.plot(data, p))
+    check_figures(e.plot(data, p))
 
     s = BNSigmoid()
     p = {**s.params(True), "max_steps": 6, "eval_every": 3, "grad_every": 2, "seeds": [0, 1]}
@@ -213,7 +202,7 @@ def test_tiny_real_runs(tmp_path: Path):
     r = data["runs"]["none"]["0"]
     assert len(r["grad_norms"][0]) == 5 and len(r["saturated"]) == 4 and abs(sum(r["act_hist"][0]) - 1) < 1e-6
     assert {v.claim for v in s.decide(data, p)} == {"C03", "C05"}
-    _check_figs(s.plot(data, p))
+    check_figures(s.plot(data, p))
     again = s.run(ctx, p)  # everything comes back from the store
     assert again == data and ctx.trials_loaded == 6
 

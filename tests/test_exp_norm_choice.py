@@ -7,7 +7,6 @@ import copy
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import pytest
 import torch
 import torch.nn as nn
@@ -17,21 +16,12 @@ from batchlab.experiments.norm_choice import (
     BNEvalStats, NormBatch, SeqNorm, batch_stats_eval, population_bn_stats,
 )
 from batchlab.store import Store
+from tests.helpers.figures import check_figures
 
 
 def _ctx(tmp_path, exp_id: str, seeds=(0,)) -> ExperimentContext:
     return ExperimentContext(exp_id, True, list(seeds), "cpu", Store(tmp_path / "batchlab.db"), tmp_path)
 
-
-def _check_figs(figs) -> None:
-    assert figs
-    for fig in figs:
-        for ax in fig.axes:
-            if not ax.has_data():
-                continue
-            assert ax.get_title(), "every axis with data has a title"
-            assert ax.get_xlabel() and ax.get_ylabel(), "every axis with data has axis labels"
-        plt.close(fig)
 
 
 # ---------------------------------------------------------------- C17
@@ -68,8 +58,8 @@ def test_c17_plot_and_smoke(tmp_path):
     data = e.run(ctx, p)
     assert set(data["acc"]) == {"batch", "group"} and set(data["acc"]["batch"]) == {"2", "32"}
     assert e.decide(data, p)[0].verdict in ("supported", "refuted", "inconclusive")
-    _check_figs(e.plot(data, p))
-    _check_figs(e.plot(_c17_data({2: (0.8, 0.81), 4: (0.9, 0.9), 32: (0.95, 0.96)},
+    check_figures(e.plot(data, p))
+    check_figures(e.plot(_c17_data({2: (0.8, 0.81), 4: (0.9, 0.9), 32: (0.95, 0.96)},
                                  {2: (0.95, 0.95), 4: (0.95, 0.95), 32: (0.95, 0.95)}), e.params(True)))
     assert ctx.trials_run == 4
     e.run(ctx, p)  # everything is cached now
@@ -142,8 +132,8 @@ def test_c18_plot_and_smoke(tmp_path):
     r = data["runs"]["0.1"]["0"]
     assert r["status"] == "ok" and 0 <= r["acc_precise"] <= 1 and 0 <= r["acc_batch"] <= 1
     assert e.decide(data, p)[0].verdict in ("supported", "refuted", "inconclusive")
-    _check_figs(e.plot(data, p))
-    _check_figs(e.plot(_c18_data({0.01: (0.02, 0.03), 0.1: (0.0, 0.003)}), e.params(True)))
+    check_figures(e.plot(data, p))
+    check_figures(e.plot(_c18_data({0.01: (0.02, 0.03), 0.1: (0.0, 0.003)}), e.params(True)))
 
 
 # ---------------------------------------------------------------- C20
@@ -182,8 +172,8 @@ def test_c20_plot_and_smoke(tmp_path):
     ps = data["padding_stats"]
     assert ps["24"]["padding_fraction"] > ps["12"]["padding_fraction"] > 0
     assert e.decide(data, p)[0].verdict in ("supported", "refuted", "inconclusive")
-    _check_figs(e.plot(data, p))
-    _check_figs(e.plot(_c20_data({32: (0.0, 0.01), 64: (0.03, 0.05)}), e.params(True)))
+    check_figures(e.plot(data, p))
+    check_figures(e.plot(_c20_data({32: (0.0, 0.01), 64: (0.03, 0.05)}), e.params(True)))
 
 
 @pytest.mark.parametrize("cls", [NormBatch, BNEvalStats, SeqNorm])

@@ -7,28 +7,18 @@ import json
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
 from batchlab.experiments.base import ExperimentContext
 from batchlab.experiments.schedules import SURFACES, BatchGrowth, Momentum, heavy_ball
 from batchlab.store import Store
+from tests.helpers.figures import check_figures
 
 
 def _ctx(tmp_path, exp_id: str, seeds=(0,)) -> ExperimentContext:
     return ExperimentContext(exp_id, True, list(seeds), "cpu", Store(tmp_path / "batchlab.db"), tmp_path)
 
-
-def _check_figs(figs) -> None:
-    assert figs
-    for fig in figs:
-        for ax in fig.axes:
-            if not ax.has_data():
-                continue
-            assert ax.get_title(), "every axis with data has a title"
-            assert ax.get_xlabel() and ax.get_ylabel(), "every axis with data has axis labels"
-        plt.close(fig)
 
 
 # ---------------------------------------------------------------- C16
@@ -65,8 +55,8 @@ def test_c16_plot_and_smoke(tmp_path):
     g, d = data["runs"]["batch_growth"]["0"], data["runs"]["lr_decay"]["0"]
     assert g["steps"] < d["steps"] and max(g["batch_size"]) > p["batch0"]
     assert e.decide(data, p)[0].verdict in ("supported", "refuted", "inconclusive")
-    _check_figs(e.plot(data, p))
-    _check_figs(e.plot(_c16_data((0.7, 0.72), (0.7, 0.71)), e.params(True)))
+    check_figures(e.plot(data, p))
+    check_figures(e.plot(_c16_data((0.7, 0.72), (0.7, 0.71)), e.params(True)))
 
 
 # ---------------------------------------------------------------- C19
@@ -131,8 +121,8 @@ def test_c19_plot_and_smoke(tmp_path):
     assert set(data["task"]) == {"sgd", "momentum"} and set(data["surfaces"]) == set(SURFACES)
     json.dumps(data)
     assert e.decide(data, p)[0].verdict in ("supported", "refuted", "inconclusive")
-    _check_figs(e.plot(data, p))
-    _check_figs(e.plot(_c19_data((150, 160), (60, 70)), e.params(True)))
+    check_figures(e.plot(data, p))
+    check_figures(e.plot(_c19_data((150, 160), (60, 70)), e.params(True)))
 
 
 @pytest.mark.parametrize("cls", [BatchGrowth, Momentum])

@@ -115,7 +115,9 @@ def test_knee_on_synthetic_timings() -> None:
     tp = ThroughputResult(batch_sizes=sizes, step_time=step, examples_per_sec=eps, epoch_time=[0.0] * 6,
                           status=["ok"] * 6, knee=32, n_train=1000, device="cpu", warmup=1, repeats=3)
     assert tp.time_per_step(16) == 1.6e-3
-    assert 1.6e-3 < tp.time_per_step(24) < 2.9e-3
+    # log-log interpolation between the measured 16 and 32: exp(log t16 + w (log t32 - log t16)), w = log2(24/16)
+    w = math.log(24 / 16) / math.log(2)
+    assert tp.time_per_step(24) == pytest.approx(math.exp(math.log(1.6e-3) + w * math.log(2.9e-3 / 1.6e-3)), rel=1e-12)
     assert tp.time_per_step(128) == pytest.approx(5.6e-3 * (5.6 / 2.9), rel=1e-6)
 
 

@@ -438,13 +438,7 @@ def _norm_check(
     """Measure GroupNorm, Ghost BN and precise BN at the suggested per-device batch."""
     from batchlab.norm import known_norms
 
-    alternatives = [nm for nm in ("group", "ghost") if nm in known_norms()]
-    try:
-        from batchlab.norm import precise_bn  # noqa: F401
-
-        alternatives.append("precise")
-    except ImportError:  # pragma: no cover
-        pass
+    alternatives = [nm for nm in ("group", "ghost") if nm in known_norms()] + ["precise"]
     bn = [t.metric for t in search.trials if t.batch_size == micro * acc and t.status == "ok"]
     out: dict[str, Any] = {
         "per_device_batch": micro, "batchnorm": statistics.fmean(bn) if bn else math.nan, "alternatives": {},

@@ -27,6 +27,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from batchlab.argtypes import nonneg_float, positive_float
 from batchlab.store import Store, run_key, run_many
 from batchlab.tasks import Task
 from batchlab.train import RunResult, TrainConfig, fit
@@ -248,8 +249,8 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
                    help="with --backend ray: a running Ray cluster (auto, HOST:6379 or ray://HOST:10001); "
                    "default: start a local Ray")
-    p.add_argument("--cpus-per-trial", type=_positive_number, default=1.0, help="with --backend ray: CPUs per trial")
-    p.add_argument("--gpus-per-trial", type=_nonneg_number, default=0.0, help="with --backend ray: GPUs per trial")
+    p.add_argument("--cpus-per-trial", type=positive_float, default=1.0, help="with --backend ray: CPUs per trial")
+    p.add_argument("--gpus-per-trial", type=nonneg_float, default=0.0, help="with --backend ray: GPUs per trial")
 
 
 def backend_from_args(args: argparse.Namespace) -> RayBackend | None:
@@ -261,23 +262,3 @@ def backend_from_args(args: argparse.Namespace) -> RayBackend | None:
         return None
     _import_ray()  # a clear error now rather than after the first stored trial
     return RayBackend(address=args.address, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial)
-
-
-def _positive_number(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return v
-
-
-def _nonneg_number(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-    return v

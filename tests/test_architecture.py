@@ -12,6 +12,7 @@ ALLOWED = {
     "norm": set(),
     "report": set(),
     "store": set(),
+    "argtypes": set(),
     "data": set(),
     "models": {"norm"},
     "tasks": {"data", "models", "builtin_tasks"},

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import batchlab.norm as N
+from batchlab.norm import _kernels as kernels
 from batchlab.norm import functional as BF
 
 
@@ -266,9 +267,10 @@ def test_groupnorm_argument_errors_name_the_values() -> None:
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_ghost_bn_equals_loop_of_torch_bn_over_virtual_batches(dims: int, shape: tuple[int, ...], momentum: float | None) -> None:
     cls = {1: N.GhostBatchNorm1d, 2: N.GhostBatchNorm2d, 3: N.GhostBatchNorm3d}[dims]
-    for impl, vbs in [("native", 8), ("vectorized", 8), ("native", 5), ("native", 1000)]:
-        if vbs == 1 and dims == 1:
-            continue
+    impls = [("native", 8), ("vectorized", 8), ("native", 5), ("native", 1000), ("auto", 8), ("auto", 5)]
+    if dims == 1 and kernels.available():
+        impls += [("fused", 8), ("fused", 5), ("fused", 1000)]
+    for impl, vbs in impls:
         torch.manual_seed(0)
         ghost = cls(shape[1], virtual_batch_size=vbs, momentum=momentum, impl=impl).double()
         ref = TORCH[dims](shape[1], momentum=momentum).double()
@@ -300,7 +302,7 @@ def test_ghost_bn_equals_loop_of_torch_bn_over_virtual_batches(dims: int, shape:
 def test_ghost_vectorized_needs_divisible_batch() -> None:
     with pytest.raises(ValueError, match=r"batch size \(10\) to be a multiple of virtual_batch_size \(4\)"):
         N.GhostBatchNorm1d(3, virtual_batch_size=4, impl="vectorized")(torch.randn(10, 3))
-    with pytest.raises(ValueError, match="impl must be one of 'native', 'vectorized', got 'fast'"):
+    with pytest.raises(ValueError, match="impl must be one of 'auto', 'fused', 'native', 'vectorized', got 'fast'"):
         N.GhostBatchNorm1d(3, impl="fast")
     with pytest.raises(ValueError, match="virtual_batch_size must be a positive int, got 0"):
         N.GhostBatchNorm1d(3, virtual_batch_size=0)

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from batchlab.norm import _kernels
+
 __all__ = [
     "batch_norm",
     "batch_renorm",
@@ -249,7 +251,7 @@ def ghost_batch_norm(
     eps: float = 1e-5,
     virtual_batch_size: int = 32,
     num_batches_tracked: Tensor | None = None,
-    impl: str = "native",
+    impl: str = "auto",
 ) -> Tensor:
     """Ghost Batch Normalization (Hoffer, Hubara & Soudry 2017, "Train longer, generalize
     better", Algorithm 1).
@@ -261,9 +263,13 @@ def ghost_batch_norm(
     counts virtual batches and ``momentum=None`` gives their cumulative average. Inference uses
     the running statistics.
 
-    Two implementations with identical results:
+    Implementations with identical results (up to float rounding):
 
-    * ``impl="native"`` (default): torch's fused batch-norm kernel per virtual batch; for
+    * ``impl="fused"``: for contiguous ``(N, C)`` float32/float64 CPU inputs, one call of a small
+      C kernel does the forward (and one the backward) of all virtual batches, each virtual
+      batch's passes running from cache (:mod:`batchlab.norm._kernels`; compiled on first use
+      with the system C compiler).
+    * ``impl="native"``: torch's fused batch-norm kernel per virtual batch; for
       contiguous inputs with spatial dims each call writes straight into a slice of one output
       (and of one input gradient), otherwise outputs are concatenated. Fastest on CPU (see
       docs/norm.md for measurements).
@@ -272,6 +278,8 @@ def ghost_batch_norm(
       backward; needs ``N`` divisible by ``virtual_batch_size``. Unfused element-wise passes make
       it slower than the native kernel on CPU; kept as the readable statement of the math and as
       a cross-check in the tests.
+    * ``impl="auto"`` (default): ``fused`` where it applies and the kernel could be built (not
+      while ``torch.compile`` traces), else ``native``.
 
     Args:
         x: input ``(N, C, *)``.
@@ -282,20 +290,27 @@ def ghost_batch_norm(
         eps: added to the variance.
         virtual_batch_size: samples per virtual batch (>= 1).
         num_batches_tracked: counter buffer incremented by the number of virtual batches.
-        impl: "native" or "vectorized".
+        impl: "auto", "fused", "native" or "vectorized".
 
     Returns:
         The normalized tensor, same shape as ``x``.
     """
     if not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
         raise ValueError(f"virtual_batch_size must be a positive int, got {virtual_batch_size!r}")
-    if impl not in ("native", "vectorized"):
-        raise ValueError(f"impl must be one of 'native', 'vectorized', got {impl!r}")
+    if impl not in GHOST_IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(map(repr, GHOST_IMPLS))}, got {impl!r}")
+    if impl == "fused" and not _kernels.eligible(x):
+        raise ValueError(
+            f"impl='fused' needs a contiguous 2-D float32/float64 CPU input, got shape {tuple(x.shape)}, "
+            f"{x.dtype} on {x.device.type}{'' if x.is_contiguous() else ' (non-contiguous)'}"
+        )
+    if impl == "fused" and not _kernels.available():
+        raise RuntimeError(f"impl='fused': the Ghost BN kernel is unavailable ({_kernels.unavailable_reason()})")
     if not training:
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     sizes = _ghost_sizes(x.shape[0], virtual_batch_size)
-    for s in sizes:
-        check_batch_size(x.narrow(0, 0, s))
+    if sizes[-1] * math.prod(x.shape[2:]) == 1:  # only the smallest virtual batch can hold one value
+        check_batch_size(x.narrow(0, 0, sizes[-1]))
     k0 = 0 if num_batches_tracked is None else int(num_batches_tracked.item())
     if num_batches_tracked is not None:
         num_batches_tracked.add_(len(sizes))
@@ -306,8 +321,14 @@ def ghost_batch_norm(
                 f"virtual_batch_size ({virtual_batch_size})"
             )
         return _ghost_vectorized(x, running_mean, running_var, weight, bias, momentum, eps, len(sizes), k0)
-    if len(sizes) == 1 and momentum is not None:
+    if len(sizes) == 1 and momentum is not None and impl != "fused":
         return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
+    if impl == "fused" or (impl == "auto" and _use_fused(x, running_mean, running_var)):
+        if not _kernels.buffers_ok(x, running_mean, running_var):
+            raise ValueError(
+                "impl='fused' needs both running buffers or neither, contiguous (C,) tensors of the input's dtype"
+            )
+        return _GhostFusedFn.apply(x, weight, bias, running_mean, running_var, momentum, k0, virtual_batch_size, eps)
     if x.dim() > 2 and x.is_contiguous():
         # Write each virtual batch's output (and, backward, input gradient) straight into one
         # tensor: no concatenation copies, so the cost is torch's BatchNorm plus per-call overhead.
@@ -318,6 +339,62 @@ def ghost_batch_norm(
         m = momentum if momentum is not None else 1.0 / (k0 + i + 1)
         outs.append(F.batch_norm(chunk, running_mean, running_var, weight, bias, True, m, eps))
     return torch.cat(outs)
+
+
+GHOST_IMPLS = ("auto", "fused", "native", "vectorized")
+
+
+def _use_fused(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None) -> bool:
+    return (
+        _kernels.eligible(x)
+        and _kernels.buffers_ok(x, running_mean, running_var)
+        and not torch.compiler.is_compiling()
+        and _kernels.available()
+    )
+
+
+class _GhostFusedFn(torch.autograd.Function):
+    """Ghost BN of a 2-D input with the fused C kernel (forward and backward one call each)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None, running_var: Tensor | None, momentum: float | None, k0: int, v: int, eps: float):  # type: ignore[override]
+        y, dmean, invstd = _kernels.ghost_forward(x, weight, bias, running_mean, running_var, momentum, k0, v, eps)
+        ctx.save_for_backward(x, weight, dmean, invstd)
+        ctx.v, ctx.has_bias = v, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):  # type: ignore[override]
+        x, weight, dmean, invstd = ctx.saved_tensors
+        want_w = weight is not None and ctx.needs_input_grad[1]
+        want_b = ctx.has_bias and ctx.needs_input_grad[2]
+        dx, gw, gb = _kernels.ghost_backward(gy, x, dmean, invstd, weight, ctx.v, want_w, want_b)
+        if gw is not None and gw.dtype != weight.dtype:
+            gw = gw.to(weight.dtype)
+        if gb is not None and weight is not None and gb.dtype != weight.dtype:
+            gb = gb.to(weight.dtype)
+        return dx, gw, gb, None, None, None, None, None, None
+
+
+def _update_running_sequential(
+    running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var_u: Tensor, momentum: float | None, k0: int
+) -> None:
+    """Apply G sequential running-statistics updates (one per virtual batch, in order) in closed
+    form: ``r <- (1 - m) r + m s_i`` for i = 1..G, or the cumulative average when ``momentum`` is
+    None (``k0`` batches already averaged)."""
+    if running_mean is None or running_var is None:
+        return
+    groups = mean.shape[0]
+    with torch.no_grad():
+        if momentum is None:
+            wr = k0 / (k0 + groups)
+            ws = torch.full((groups,), 1.0 / (k0 + groups), dtype=torch.float64)
+        else:
+            wr = (1.0 - momentum) ** groups
+            ws = torch.tensor([momentum * (1.0 - momentum) ** (groups - 1 - i) for i in range(groups)], dtype=torch.float64)
+        ws = ws.to(device=mean.device)
+        running_mean.mul_(wr).add_((ws @ mean.double()).to(running_mean.dtype))
+        running_var.mul_(wr).add_((ws @ var_u.double()).to(running_var.dtype))
 
 
 class _GhostNativeFn(torch.autograd.Function):
@@ -438,22 +515,7 @@ def _ghost_vectorized(
     k0: int,
 ) -> Tensor:
     y, mean, var_u = _GhostNormFn.apply(x, weight, bias, groups, eps)
-    if running_mean is not None and running_var is not None:
-        with torch.no_grad():
-            # Sequential EMA over the G virtual batches in closed form.
-            if momentum is None:
-                # cumulative average: r_new = (k0 * r + sum_i s_i) / (k0 + G)
-                wr = k0 / (k0 + groups)
-                ws = torch.full((groups,), 1.0 / (k0 + groups), dtype=running_mean.dtype, device=x.device)
-            else:
-                wr = (1.0 - momentum) ** groups
-                ws = torch.tensor(
-                    [momentum * (1.0 - momentum) ** (groups - 1 - i) for i in range(groups)],
-                    dtype=running_mean.dtype,
-                    device=x.device,
-                )
-            running_mean.mul_(wr).add_(ws @ mean.to(running_mean.dtype))
-            running_var.mul_(wr).add_(ws @ var_u.to(running_var.dtype))
+    _update_running_sequential(running_mean, running_var, mean, var_u, momentum, k0)
     return y
 
 

@@ -322,8 +322,11 @@ class _GhostBatchNorm(_BatchNormBase):
         num_features: channels C.
         virtual_batch_size: samples per virtual batch (e.g. 32 or 128).
         eps, momentum, affine, track_running_stats: as :class:`BatchNorm2d`.
-        impl: "native" (fused kernel per virtual batch, default) or "vectorized" (one
-            ``(G, N/G, C, S)`` statistics pass; batch must divide).
+        impl: "auto" (default: "fused" for contiguous 2-D float CPU inputs when the C kernel
+            can be built, else "native"), "fused" (one C-kernel call for all virtual batches),
+            "native" (torch's batch-norm kernel per virtual batch) or "vectorized" (one
+            ``(G, N/G, C, S)`` statistics pass; batch must divide). See
+            :func:`batchlab.norm.functional.ghost_batch_norm`.
     """
 
     def __init__(
@@ -335,15 +338,15 @@ class _GhostBatchNorm(_BatchNormBase):
         affine: bool = True,
         track_running_stats: bool = True,
         *,
-        impl: str = "native",
+        impl: str = "auto",
         device: Any = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         if not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
             raise ValueError(f"virtual_batch_size must be a positive int, got {virtual_batch_size!r}")
-        if impl not in ("native", "vectorized"):
-            raise ValueError(f"impl must be one of 'native', 'vectorized', got {impl!r}")
+        if impl not in BF.GHOST_IMPLS:
+            raise ValueError(f"impl must be one of {', '.join(map(repr, BF.GHOST_IMPLS))}, got {impl!r}")
         self.virtual_batch_size = virtual_batch_size
         self.impl = impl
 

@@ -107,23 +107,63 @@ def test_cli_commands(tmp_path, capsys) -> None:
     assert page.count("<img") >= 5 and "Pivot search" in page
 
 
-def test_suggest_confirms_two_candidates_at_the_full_budget() -> None:
+def test_suggest_confirms_against_the_incumbent_at_the_full_budget() -> None:
     task = make_toy_task(n_train=256)
     s = suggest(task, **FAST)
     c = s.search["confirm"]
-    screened = s.search["best_batch"]
-    assert len(c["candidates"]) == 2 and screened in c["candidates"]
+    means = {int(b): v for b, v in s.search["means"].items()}
+    screened = max(b for b, v in means.items() if v >= max(means.values()) - s.search["noise"])
+    assert len(c["candidates"]) == 2 and screened in c["candidates"] and c["incumbent"] == task.batch_size
     other = next(b for b in c["candidates"] if b != screened)
-    assert other in (2 * screened, screened // 2)
+    # the task's own batch size, unless the screen chose it (then its neighbour)
+    assert other == task.batch_size if screened != task.batch_size else other in (2 * screened, screened // 2)
     assert s.batch_size == c["batch"] in c["candidates"]
     assert s.examples_processed["confirm"] == 2 * s.budget_examples  # one seed each, full budget
     lo, hi = sorted(c["candidates"])
     m = {int(k): v for k, v in c["metrics"].items()}
-    # the larger batch wins unless the smaller is better by more than the screen's seed noise
-    assert s.batch_size == (lo if m[lo] > m[hi] + c["noise"] else hi)
+    assert s.batch_size == (lo if m[lo] > m[hi] else hi)  # the better; the larger on a tie
     assert s.lr == pytest.approx(scale_lr(task.lr, task.batch_size, s.batch_size, "linear"))
     off = suggest(task, **{**FAST, "confirm": False})
     assert off.batch_size == off.search["best_batch"] and off.examples_processed["confirm"] == 0
+
+
+def test_challenger_is_the_largest_batch_within_the_noise_of_the_screen_best() -> None:
+    import importlib
+
+    sg = importlib.import_module("batchlab.batchsize.suggest")
+    means = {"8": 0.363, "16": 0.356, "32": 0.332, "4": float("-inf")}
+    assert sg._challenger(means, 0.01) == 16
+    assert sg._challenger(means, 0.001) == 8
+    assert sg._challenger(means, 0.05) == 32
+    assert sg._challenger(means, float("nan")) == 8
+    assert sg._challenger({"8": 0.5, "16": 0.5}, 0.0) == 16  # exact tie: the larger
+
+
+def test_confirm_picks_the_better_full_budget_run(monkeypatch) -> None:
+    """_confirm's rule on recorded metrics: incumbent vs screened, neighbour when they coincide."""
+    from types import SimpleNamespace
+
+    import importlib
+
+    sg = importlib.import_module("batchlab.batchsize.suggest")
+
+    task = make_toy_task(n_train=256)  # batch_size 32
+    search = SimpleNamespace(seeds=[0, 1], rule="linear")
+    sizes = [2, 4, 8, 16, 32, 64]
+
+    def run(metrics: dict[int, float], screened: int) -> tuple[int, list[int]]:
+        store = SimpleNamespace(run_or_load=lambda key, fn, kind: {"status": "ok", "metric": metrics[seen.pop(0)], "examples": 256})
+        seen = sorted({screened, *(b for b in metrics if b != screened)})
+        b, rec, examples, line = sg._confirm(task, search, screened, sizes, 64, False, 256, "cpu", store, {})
+        assert examples == 512 and "confirmed the screen's" in line
+        return b, rec["candidates"]
+
+    assert task.batch_size == 32
+    assert run({8: 0.90, 32: 0.91}, 8) == (32, [8, 32])
+    assert run({8: 0.92, 32: 0.91}, 8) == (8, [8, 32])
+    assert run({8: 0.91, 32: 0.91}, 8) == (32, [8, 32])  # tie: the larger
+    assert run({32: 0.91, 64: 0.93}, 32) == (64, [32, 64])  # screened == incumbent: x2 neighbour
+    assert run({32: 0.90, 64: 0.93}, 64)[1] == [32, 64]
 
 
 def test_throughput_min_over_interleaved_repeats_and_time_bound() -> None:

@@ -219,9 +219,10 @@ def suggest(
         seeds: seeds of the pivot-search trials (at least two).
         budget_epochs, budget_examples: the full training budget (default: the task's epochs).
         check_fraction: the screening walk's per-trial budget as a fraction of the full budget.
-        confirm: train the screen's best batch and its x2 neighbour at the full budget (first seed
-            only) and recommend the better (the larger when they differ by less than the screen's
-            seed noise). False: recommend the screen's best (cheaper, biased towards small batches).
+        confirm: train the screen's candidate (the largest batch within the seed noise of the
+            screen's best) and the task's own batch size (or, when they are the same, the
+            candidate's x2 neighbour) at the full budget (first seed only) and recommend the better. False: recommend where the screen's walk ended (cheaper, biased towards
+            small batches).
         memory_limit: bytes a step may use (see :func:`max_batch_size`).
         noise_steps, noise_micro_batch, noise_accumulation: the B_simple measurement run.
         repeats: timed steps per batch size.
@@ -343,8 +344,9 @@ def suggest(
             f"best validation metric {search.means[str(best)]:.4f} at batch {best} (seed noise {search.noise:.4f})"
         )
         if confirm:
+            challenger = _challenger(search.means, search.noise)
             best, confirmed, confirm_examples, line = _confirm(
-                task, search, best, sizes, max_micro, accumulate, budget_examples, device, st, fp,
+                task, search, int(challenger), sizes, max_micro, accumulate, budget_examples, device, st, fp,
             )
             rationale.append(line)
         acc = _accumulation(best, max_micro if accumulate else None)
@@ -384,24 +386,45 @@ def _accumulation(batch: int, micro_max: int | None) -> int:
     return 1 if micro_max is None or batch <= micro_max else math.ceil(batch / micro_max)
 
 
+def _challenger(means: dict[str, float], noise: float) -> int:
+    """The screen's candidate for the full-budget comparison: the largest batch whose screen mean
+    is within the seed noise of the best screen mean. Short runs favour small batches (fewer
+    examples leave the larger batch short of steps), so among batches the screen cannot tell
+    apart, the largest is the one least hurt by that bias."""
+    ok = {int(b): v for b, v in means.items() if v > -math.inf}
+    top = max(ok.values())
+    tol = noise if math.isfinite(noise) else 0.0
+    return max(b for b, v in ok.items() if v >= top - tol)
+
+
 def _confirm(
     task: Task, search: Any, screened: int, sizes: Sequence[int], max_micro: int, accumulate: bool,
     budget_examples: int, device: str, st: Any, fp: dict[str, Any],
 ) -> tuple[int, dict[str, Any], int, str]:
-    """Full-budget confirmation of the screen's best batch and its x2 neighbour (first seed only).
+    """Full-budget comparison of the screen's best batch with the task's own batch size.
 
-    The screen's short runs favour small batches: with few examples, the larger batch's fewer
-    steps are what limits it, while at the full budget B_noise has grown (the loss is lower) and
-    the larger batch catches up. So the only other candidate is ``2 * screened`` (``screened / 2``
-    at the upper bound). Both are trained at the full budget with the first seed; the better wins,
-    and when they differ by less than the screen's seed noise the larger one does (fewer, cheaper
-    steps for the same quality). Returns ``(batch, record, examples, rationale line)``.
+    The screen's short runs favour small batches: with few examples the larger batch's fewer
+    steps are what limits it, while at the full budget it catches up. The other candidate is the
+    incumbent, the task's configured batch size (the one its learning rate was set for, so its
+    run needs no scaling rule): a change of batch size is recommended only when it beats what
+    the user already has at the budget they will train with. When the screen already chose the
+    incumbent, the other candidate is its x2 neighbour (x0.5 at the upper bound). Both run at the
+    full budget with the first seed; the higher validation metric wins, the larger batch on a tie.
+    Returns ``(batch, record, examples, rationale line)``.
     """
-    up = screened * 2
-    other = up if up <= sizes[-1] and (accumulate or up <= max_micro) else screened // 2
-    if other < sizes[0] or other == screened:
+    def usable(b: int) -> bool:
+        return sizes[0] <= b <= sizes[-1] and (accumulate or b <= max_micro)
+
+    incumbent = task.batch_size
+    if incumbent != screened and usable(incumbent):
+        other, role = incumbent, f"the task's own batch size {incumbent}"
+    else:
+        up = screened * 2
+        other = up if usable(up) else screened // 2
+        role = f"its neighbour {other}"
+    if not usable(other) or other == screened:
         return screened, {"candidates": [screened], "metrics": {}}, 0, (
-            f"no neighbour of {screened} to confirm against within the range; kept {screened}"
+            f"no other batch to confirm {screened} against within the range; kept it"
         )
     seed = search.seeds[0]
     rule = search.rule
@@ -418,17 +441,16 @@ def _confirm(
         examples += int(d.get("examples", 0))
         metrics[b] = float(d["metric"]) if d.get("status") == "ok" and math.isfinite(float(d.get("metric", math.nan))) else -math.inf
     lo, hi = min(metrics), max(metrics)
-    noise = search.noise
     if metrics[hi] == -math.inf and metrics[lo] == -math.inf:
         pick, why = screened, "both full-budget runs failed; kept the screen's choice"
-    elif metrics[hi] >= metrics[lo] - noise:
-        pick, why = hi, f"{hi} is within the seed noise ({noise:.4f}) of {lo} or better: the larger batch wins ties"
+    elif metrics[hi] >= metrics[lo]:
+        pick, why = hi, f"{hi} is as good or better"
     else:
-        pick, why = lo, f"{lo} beats {hi} by more than the seed noise ({noise:.4f})"
+        pick, why = lo, f"{lo} is better"
     record = {"candidates": sorted(metrics), "metrics": {str(b): v for b, v in metrics.items()}, "seed": seed,
-              "budget_examples": budget_examples, "noise": noise, "batch": pick}
-    line = (f"confirmed at the full budget ({budget_examples} examples, seed {seed}): "
-            + ", ".join(f"batch {b} {v:.4f}" for b, v in sorted(metrics.items())) + f"; {why}")
+              "budget_examples": budget_examples, "incumbent": incumbent, "batch": pick}
+    line = (f"confirmed the screen's {screened} against {role} at the full budget ({budget_examples} examples, "
+            f"seed {seed}): " + ", ".join(f"batch {b} {v:.4f}" for b, v in sorted(metrics.items())) + f"; {why}")
     return pick, record, examples, line
 
 

@@ -104,7 +104,8 @@ def test_cli_commands(tmp_path, capsys) -> None:
     text = capsys.readouterr().out
     assert "toy: batch size" in text and (out / "index.html").exists() and (out / "batchlab.db").exists()
     page = (out / "index.html").read_text()
-    assert page.count("<img") >= 5 and "Pivot search" in page
+    assert page.count("<img") >= 5 and "Pivot search" in page and "Full-budget confirmation" in page
+    assert "screen&#x27;s candidate" in page or "screen's candidate" in page
 
 
 def test_suggest_confirms_against_the_incumbent_at_the_full_budget() -> None:
@@ -114,6 +115,7 @@ def test_suggest_confirms_against_the_incumbent_at_the_full_budget() -> None:
     means = {int(b): v for b, v in s.search["means"].items()}
     screened = max(b for b, v in means.items() if v >= max(means.values()) - s.search["noise"])
     assert len(c["candidates"]) == 2 and screened in c["candidates"] and c["incumbent"] == task.batch_size
+    assert c["screened"] == screened
     other = next(b for b in c["candidates"] if b != screened)
     # the task's own batch size, unless the screen chose it (then its neighbour)
     assert other == task.batch_size if screened != task.batch_size else other in (2 * screened, screened // 2)

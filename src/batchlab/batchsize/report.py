@@ -109,6 +109,21 @@ def write_suggestion_report(suggestion: Any, out_dir: str | Path) -> Path:
         Section("Pivot search", text=f"{s['search']['stop_reason']}; path {s['search']['path']}; seed noise {s['search']['noise']:.4f}.",
                 tables=[trial_rows] if trial_rows else None, figures=[f for k, f in figs.items() if k == "search"]),
     ]
+    conf = s["search"].get("confirm") or {}
+    if conf.get("metrics"):
+        inc = conf.get("incumbent")
+        def role(b: int) -> str:
+            return "screen's candidate" if b == conf.get("screened") else ("task's own batch size" if b == inc else "neighbour")
+
+        rows = [{"batch size": int(b), "role": role(int(b)),
+                 "validation metric (full budget)": v, "recommended": int(b) == conf.get("batch")}
+                for b, v in sorted(conf["metrics"].items(), key=lambda kv: int(kv[0]))]
+        sections.append(Section(
+            "Full-budget confirmation",
+            text=(f"The screen's short runs favour small batches, so its candidate is compared with the task's own batch "
+                  f"size at the full budget ({conf.get('budget_examples')} examples, seed {conf.get('seed')}); the better "
+                  f"run is recommended, the larger batch on a tie."),
+            tables=[rows]))
     if s.get("norm_advice"):
         sections.append(Section("Normalization", text=s["norm_advice"]["message"]))
     sections.append(Section("Cost", tables=[{**s["examples_processed"], "wall time (s)": s["wall_time"]}]))

@@ -448,7 +448,7 @@ def _confirm(
     else:
         pick, why = lo, f"{lo} is better"
     record = {"candidates": sorted(metrics), "metrics": {str(b): v for b, v in metrics.items()}, "seed": seed,
-              "budget_examples": budget_examples, "incumbent": incumbent, "batch": pick}
+              "budget_examples": budget_examples, "incumbent": incumbent, "screened": screened, "batch": pick}
     line = (f"confirmed the screen's {screened} against {role} at the full budget ({budget_examples} examples, "
             f"seed {seed}): " + ", ".join(f"batch {b} {v:.4f}" for b, v in sorted(metrics.items())) + f"; {why}")
     return pick, record, examples, line

@@ -44,12 +44,17 @@ def _step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[[], No
     return run
 
 
-def time_pair(ours: Callable[[], None], ref: Callable[[], None], repeats: int, warmup: int = 2, min_sample_s: float = 0.02) -> tuple[float, float, float]:
+def time_pair(
+    ours: Callable[[], None], ref: Callable[[], None], repeats: int, warmup: int = 2, min_sample_s: float = 0.02,
+    agree: Callable[[int], int] | None = None,
+) -> tuple[float, float, float]:
     """Median seconds per call of ``ours`` and ``ref``, measured interleaved, and the ratio of
     their minimums (less sensitive to other processes on a shared machine).
 
     Each sample times a block of calls lasting at least ``min_sample_s`` (the same count for both),
-    so sub-millisecond layers are not measured at the timer's and the scheduler's resolution."""
+    so sub-millisecond layers are not measured at the timer's and the scheduler's resolution.
+    ``agree`` maps this process's block length to the one all processes use (collective layers
+    must make the same number of calls on every rank)."""
     for _ in range(warmup):
         ours()
         ref()
@@ -57,6 +62,8 @@ def time_pair(ours: Callable[[], None], ref: Callable[[], None], repeats: int, w
     ref()
     one = max(time.perf_counter() - t0, 1e-6)
     inner = max(1, min(1000, int(min_sample_s / one)))
+    if agree is not None:
+        inner = agree(inner)
 
     def block(fn: Callable[[], None]) -> float:
         t0 = time.perf_counter()
@@ -105,7 +112,12 @@ def _sync_worker(rank: int, world: int, init: str, shape: tuple[int, ...], repea
         g = torch.randn(local)
         c = shape[1]
         bn_cls = nn.BatchNorm1d if len(shape) <= 3 else nn.BatchNorm2d
-        sync_t, ref_t, min_ratio = time_pair(_step(N.SyncBatchNorm(c), x, g), _step(bn_cls(c), x, g), repeats)
+        def agree(inner: int) -> int:  # rank 0's block length everywhere
+            t = torch.tensor([inner])
+            dist.broadcast(t, src=0)
+            return int(t.item())
+
+        sync_t, ref_t, min_ratio = time_pair(_step(N.SyncBatchNorm(c), x, g), _step(bn_cls(c), x, g), repeats, agree=agree)
         if rank == 0:
             with open(out_file, "w") as f:
                 f.write(f"{sync_t} {ref_t} {min_ratio}")

@@ -449,7 +449,8 @@ def _confirm(
         pick, why = lo, f"{lo} is better"
     record = {"candidates": sorted(metrics), "metrics": {str(b): v for b, v in metrics.items()}, "seed": seed,
               "budget_examples": budget_examples, "incumbent": incumbent, "screened": screened, "batch": pick}
-    line = (f"confirmed the screen's {screened} against {role} at the full budget ({budget_examples} examples, "
+    line = (f"confirmed the screen's candidate {screened} (the largest batch within its seed noise of its best) against {role} "
+            f"at the full budget ({budget_examples} examples, "
             f"seed {seed}): " + ", ".join(f"batch {b} {v:.4f}" for b, v in sorted(metrics.items())) + f"; {why}")
     return pick, record, examples, line
 

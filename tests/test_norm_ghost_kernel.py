@@ -206,3 +206,25 @@ def test_fused_multithreaded_equals_loop_of_torch_batchnorm(threads: int) -> Non
             torch.testing.assert_close(rv, ref.running_var, atol=1e-12, rtol=1e-10)
     finally:
         torch.set_num_threads(before)
+
+
+@needs_kernel
+def test_a_compiler_rejecting_the_fast_flags_still_gets_a_working_kernel(tmp_path) -> None:
+    """Flags are tried from fastest to plainest: a compiler without OpenMP or x86 tuning flags
+    still builds a (serial) kernel, with the same results."""
+    fake = tmp_path / "cc"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do case "$a" in -fopenmp|-mprefer-vector-width=*) '
+                    'echo "unrecognized option $a" >&2; exit 1;; esac; done\nexec gcc "$@"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "BATCHLAB_KERNEL_CACHE": str(tmp_path / "cache"), "CC": str(fake)}
+    code = (
+        "import torch\nfrom batchlab.norm import _kernels as K\nfrom batchlab.norm import functional as BF\n"
+        "assert K.available(), K.unavailable_reason()\n"
+        "torch.manual_seed(0); x = torch.randn(96, 7, dtype=torch.float64)\n"
+        "a = BF.ghost_batch_norm(x, training=True, virtual_batch_size=16, impl='fused')\n"
+        "b = BF.ghost_batch_norm(x, training=True, virtual_batch_size=16, impl='native')\n"
+        "assert (a - b).abs().max() < 1e-12\nprint('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    assert len(list((tmp_path / "cache").glob("ghost_bn-*.so"))) == 1

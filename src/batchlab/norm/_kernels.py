@@ -31,7 +31,16 @@ import torch
 from torch import Tensor
 
 _SOURCE = Path(__file__).with_name("_ghost_kernel.c")
-_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=256", "-shared", "-fPIC", "-fno-math-errno", "-std=c99"]
+_BASE_FLAGS = ["-O3", "-shared", "-fPIC", "-fno-math-errno", "-std=c99"]
+# tried in order until one builds and loads: the first is what was measured (x86-64 gcc); the
+# others keep the kernel on compilers or CPUs that reject a flag (no OpenMP, no
+# -mprefer-vector-width outside x86, no -march=native)
+_VARIANTS = [
+    ["-march=native", "-mprefer-vector-width=256", "-fopenmp"],
+    ["-march=native", "-fopenmp"],
+    ["-march=native"],
+    [],
+]
 _WRAPPER = """
 #include <math.h>
 #include <stddef.h>
@@ -70,9 +79,9 @@ def _cpu_id() -> str:
         return platform.processor() or platform.machine()
 
 
-def _build(cc: str, openmp: bool) -> Path:
+def _build(cc: str, extra: list[str]) -> Path:
     src = _SOURCE.read_text()
-    flags = _FLAGS + (["-fopenmp"] if openmp else [])
+    flags = _BASE_FLAGS + extra
     key = hashlib.sha256("\0".join([src, _WRAPPER, " ".join(flags), cc, sys.platform, _cpu_id()]).encode()).hexdigest()[:16]
     out = cache_dir() / f"ghost_bn-{key}.so"
     if out.exists():
@@ -91,14 +100,16 @@ def _build(cc: str, openmp: bool) -> Path:
 
 
 def _load(cc: str) -> ctypes.CDLL:
-    """The OpenMP build (parallel over virtual batches), else a serial one."""
-    try:
-        return ctypes.CDLL(str(_build(cc, openmp=True)))
-    except (OSError, RuntimeError) as first:
+    """The first flag variant that builds and loads (the OpenMP one parallelizes over virtual
+    batches); the first variant's error when none does."""
+    first: Exception | None = None
+    for extra in _VARIANTS:
         try:
-            return ctypes.CDLL(str(_build(cc, openmp=False)))
-        except (OSError, RuntimeError):
-            raise first from None
+            return ctypes.CDLL(str(_build(cc, extra)))
+        except (OSError, RuntimeError) as exc:
+            first = first or exc
+    assert first is not None
+    raise first
 
 
 @functools.lru_cache(maxsize=1)

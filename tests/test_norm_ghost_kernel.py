@@ -228,3 +228,14 @@ def test_a_compiler_rejecting_the_fast_flags_still_gets_a_working_kernel(tmp_pat
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
     assert len(list((tmp_path / "cache").glob("ghost_bn-*.so"))) == 1
+
+
+@pytest.mark.parametrize("impl", ["auto", "native", "vectorized"])
+def test_empty_batch_gives_an_empty_output_and_leaves_the_statistics(impl: str) -> None:
+    layer = N.GhostBatchNorm1d(4, virtual_batch_size=8, impl=impl)
+    x = torch.randn(0, 4, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 4)
+    y.sum().backward()
+    assert torch.equal(layer.running_mean, torch.zeros(4)) and torch.equal(layer.running_var, torch.ones(4))
+    assert int(layer.num_batches_tracked) == 0  # no virtual batch was seen

@@ -308,6 +308,8 @@ def ghost_batch_norm(
         raise RuntimeError(f"impl='fused': the Ghost BN kernel is unavailable ({_kernels.unavailable_reason()})")
     if not training:
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    if x.shape[0] == 0:  # no virtual batch: an empty output, running statistics untouched (as torch)
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
     sizes = _ghost_sizes(x.shape[0], virtual_batch_size)
     if sizes[-1] * math.prod(x.shape[2:]) == 1:  # only the smallest virtual batch can hold one value
         check_batch_size(x.narrow(0, 0, sizes[-1]))

@@ -221,8 +221,9 @@ def suggest(
         check_fraction: the screening walk's per-trial budget as a fraction of the full budget.
         confirm: train the screen's candidate (the largest batch within the seed noise of the
             screen's best) and the task's own batch size (or, when they are the same, the
-            candidate's x2 neighbour) at the full budget (first seed only) and recommend the better. False: recommend where the screen's walk ended (cheaper, biased towards
-            small batches).
+            candidate's x2 neighbour) at the full budget (first seed only) and recommend the
+            better. False: recommend where the screen's walk ended (cheaper, biased towards small
+            batches).
         memory_limit: bytes a step may use (see :func:`max_batch_size`).
         noise_steps, noise_micro_batch, noise_accumulation: the B_simple measurement run.
         repeats: timed steps per batch size.
@@ -346,7 +347,7 @@ def suggest(
         if confirm:
             challenger = _challenger(search.means, search.noise)
             best, confirmed, confirm_examples, line = _confirm(
-                task, search, int(challenger), sizes, max_micro, accumulate, budget_examples, device, st, fp,
+                task, search, challenger, sizes, max_micro, accumulate, budget_examples, device, st, fp,
             )
             rationale.append(line)
         acc = _accumulation(best, max_micro if accumulate else None)
@@ -401,7 +402,7 @@ def _confirm(
     task: Task, search: Any, screened: int, sizes: Sequence[int], max_micro: int, accumulate: bool,
     budget_examples: int, device: str, st: Any, fp: dict[str, Any],
 ) -> tuple[int, dict[str, Any], int, str]:
-    """Full-budget comparison of the screen's best batch with the task's own batch size.
+    """Full-budget comparison of the screen's candidate with the task's own batch size.
 
     The screen's short runs favour small batches: with few examples the larger batch's fewer
     steps are what limits it, while at the full budget it catches up. The other candidate is the
@@ -449,7 +450,7 @@ def _confirm(
         pick, why = lo, f"{lo} is better"
     record = {"candidates": sorted(metrics), "metrics": {str(b): v for b, v in metrics.items()}, "seed": seed,
               "budget_examples": budget_examples, "incumbent": incumbent, "screened": screened, "batch": pick}
-    line = (f"confirmed the screen's candidate {screened} (the largest batch within its seed noise of its best) against {role} "
+    line = (f"confirmed the screen's candidate {screened} (the largest batch within the seed noise of the screen's best) against {role} "
             f"at the full budget ({budget_examples} examples, "
             f"seed {seed}): " + ", ".join(f"batch {b} {v:.4f}" for b, v in sorted(metrics.items())) + f"; {why}")
     return pick, record, examples, line

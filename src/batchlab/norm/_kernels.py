@@ -8,7 +8,7 @@ with every pass over a virtual batch running from cache.
 
 The C file is compiled once per machine with the system C compiler (``$CC``, else ``cc``, else
 ``gcc``) into ``$BATCHLAB_KERNEL_CACHE`` (default ``~/.cache/batchlab/kernels``), keyed by a
-hash of the source, flags and compiler, written atomically so concurrent processes cannot see a
+hash of the source, flags, compiler and CPU flags, written atomically so concurrent processes cannot see a
 half-written library. Without a compiler, or with ``BATCHLAB_NO_KERNELS=1``, :func:`available`
 is False (the reason is in :func:`unavailable_reason`) and Ghost BN uses torch's kernels.
 """
@@ -197,7 +197,7 @@ def ghost_forward(
     None: cumulative average with ``k0`` batches already counted); they must be contiguous
     and of ``x``'s dtype (see :func:`buffers_ok`)."""
     lib = _library()
-    assert lib is not None and eligible(x)
+    assert lib is not None  # callers checked eligible(x) and buffers_ok(...)
     n, c = x.shape
     groups = -(-n // vbs)
     y = torch.empty_like(x)

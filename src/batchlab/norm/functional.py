@@ -326,7 +326,7 @@ def ghost_batch_norm(
     if len(sizes) == 1 and momentum is not None and impl != "fused":
         return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
     if impl == "fused" or (impl == "auto" and _use_fused(x, running_mean, running_var)):
-        if not _kernels.buffers_ok(x, running_mean, running_var):
+        if impl == "fused" and not _kernels.buffers_ok(x, running_mean, running_var):  # auto checked them
             raise ValueError(
                 "impl='fused' needs both running buffers or neither, contiguous (C,) tensors of the input's dtype"
             )

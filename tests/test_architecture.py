@@ -15,8 +15,7 @@ ALLOWED = {
     "argtypes": set(),
     "data": set(),
     "models": {"norm"},
-    "tasks": {"data", "models", "builtin_tasks"},
-    "builtin_tasks": {"data", "models", "tasks"},
+    "tasks": {"data", "models"},
     "train": {"tasks", "norm", "store"},
 }
 

@@ -3,7 +3,6 @@ steps as one process on the global batch, BatchNorm statistics included (SyncBat
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -196,16 +195,8 @@ def test_torchrun_maybe_run_distributed(tmp_path: Path) -> None:
     print(f"torchrun 2 ranks, 3 steps: {elapsed:.1f} s")
 
 
-def _cli_wired() -> bool:
-    from batchlab import cli
-
-    return "maybe_run_distributed" in inspect.getsource(cli)
-
-
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed next to this Python")
 def test_torchrun_cli_train(tmp_path: Path) -> None:
-    if not _cli_wired():
-        pytest.skip("batchlab.cli.cmd_train does not call batchlab.distributed.maybe_run_distributed yet")
     out = tmp_path / "out"
     proc = _torchrun(
         ["-m", "batchlab.cli", "train", "--task", "digits-mlp", "--steps", "3", "--batch-size", "16",

@@ -97,7 +97,7 @@ class Slimming(Experiment):
         import matplotlib.pyplot as plt
         import numpy as np
 
-        from batchlab.cli_slim import gamma_histogram
+        from batchlab.report.plots import gamma_histogram
 
         seeds = sorted(data["seeds"], key=int)
         first = data["seeds"][seeds[0]]

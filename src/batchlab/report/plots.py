@@ -431,3 +431,30 @@ def plot_histogram(
                 va="top", fontsize="x-small", color="dimgray")
     _legend(ax, len(clean) if many else 1)
     return fig
+
+
+def gamma_histogram(gammas_sparse: list[float], gammas_baseline: list[float] | None, *, sparsity: float,
+                    threshold: float | None = None, ax: Any = None) -> Any:
+    """Histogram of ``|gamma|`` without and with the L1 term; returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7, 4))
+    vals = [np.asarray(gammas_sparse)] + ([np.asarray(gammas_baseline)] if gammas_baseline else [])
+    hi = max(float(v.max()) for v in vals if v.size) or 1.0
+    bins = np.linspace(0, hi * 1.02, 41)
+    if gammas_baseline:
+        ax.hist(gammas_baseline, bins=bins, alpha=0.6, color="C0", label="trained without L1 (lambda = 0)")
+    ax.hist(gammas_sparse, bins=bins, alpha=0.6, color="C3", label=f"sparsity training (lambda = {sparsity:g})")
+    if threshold is not None and math.isfinite(threshold):
+        ax.axvline(threshold, color="k", ls="--", lw=1, label=f"prune threshold |gamma| = {threshold:.3g}")
+    ax.set_xlabel("|gamma| (BN scale, all layers)")
+    ax.set_ylabel("channels")
+    ax.set_title("BN scale factors before and after sparsity training")
+    ax.legend()
+    return fig or ax.figure

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from batchlab.cli import CliError, add_task_args, load_task, nonneg_float, positive_int
+from batchlab.cli.common import CliError, add_task_args, load_task, nonneg_float, positive_int
 
 
 def register(sub: Any) -> None:

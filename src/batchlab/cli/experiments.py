@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from batchlab.cli import CliError, positive_int
+from batchlab.cli.common import CliError, positive_int
 
 
 def register(sub: Any) -> None:

@@ -1,13 +1,8 @@
-"""Tasks: a model, its data, loss, metric and default optimizer settings, by name.
-
-Built-in tasks are registered with :func:`register_task`; a user's own task is an entry point
-``package.module:function`` returning a :class:`Task`.
-"""
+"""The :class:`Task`: a model factory, its data, loss, metric and default optimizer settings."""
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,65 +81,3 @@ def _digest_tensor(h: Any, t: torch.Tensor, max_elements: int = 1 << 16) -> None
     sample = flat[:: max(1, flat.numel() // max_elements)].contiguous().cpu()
     h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
     h.update(sample.view(torch.uint8).numpy().tobytes())
-
-
-TaskFactory = Callable[..., Task]
-_TASKS: dict[str, tuple[TaskFactory, str]] = {}
-
-
-def register_task(name: str, description: str = "") -> Callable[[TaskFactory], TaskFactory]:
-    def deco(fn: TaskFactory) -> TaskFactory:
-        _TASKS[name] = (fn, description or (fn.__doc__ or "").strip().splitlines()[0])
-        return fn
-
-    return deco
-
-
-def list_tasks() -> dict[str, str]:
-    """Registered task names with a one-line description."""
-    _load_builtins()
-    return {k: v[1] for k, v in sorted(_TASKS.items())}
-
-
-def _load_builtins() -> None:
-    import batchlab.builtin_tasks  # noqa: F401  (registers the built-in tasks)
-
-
-def get_task(spec: str | Task, **kwargs: Any) -> Task:
-    """A task by registry name or ``package.module:function`` entry point.
-
-    Args:
-        spec: a name from :func:`list_tasks`, an entry point, or a Task (returned as is).
-        kwargs: passed to the task factory (e.g. ``root=`` for file-based tasks, ``n_samples=``).
-    """
-    if isinstance(spec, Task):
-        return spec
-    if not isinstance(spec, str) or not spec:
-        raise ValueError(f"task must be a registered name or 'package.module:function', got {spec!r}")
-    if ":" in spec:
-        return _load_entry_point(spec, **kwargs)
-    _load_builtins()
-    if spec not in _TASKS:
-        raise ValueError(f"unknown task {spec!r}; known tasks: {', '.join(sorted(_TASKS))} (or 'package.module:function')")
-    return _TASKS[spec][0](**kwargs)
-
-
-def _load_entry_point(spec: str, **kwargs: Any) -> Task:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr or ":" in attr:
-        raise ValueError(f"task entry point must look like 'package.module:function', got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"cannot import module {module_name!r} of task entry point {spec!r}: {e}") from e
-    fn = module
-    for part in attr.split("."):
-        if not hasattr(fn, part):
-            raise ValueError(f"module {module_name!r} has no attribute {attr!r} (task entry point {spec!r})")
-        fn = getattr(fn, part)
-    if not callable(fn):
-        raise ValueError(f"task entry point {spec!r} is not callable")
-    task = fn(**kwargs)
-    if not isinstance(task, Task):
-        raise ValueError(f"task entry point {spec!r} returned {type(task).__name__}, expected batchlab.tasks.Task")
-    return task

@@ -1,16 +1,13 @@
-"""The ``batchlab`` command line. Thin: it parses, validates and calls the library."""
+"""Pieces every command-line module shares: the parser class, usage errors, task and training flags."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
-from batchlab import __version__
-from batchlab.argtypes import nonneg_float, positive_float, positive_int  # noqa: F401  (used by cli_* too)
+from batchlab.argtypes import nonneg_float, positive_float, positive_int
 
 
 class CliError(Exception):
@@ -119,125 +116,3 @@ def config_from_args(args: argparse.Namespace, task: Any) -> Any:
         )
     except ValueError as e:
         raise CliError(str(e)) from e
-
-
-def cmd_tasks(args: argparse.Namespace) -> int:
-    from batchlab.tasks import list_tasks
-
-    tasks = list_tasks()
-    width = max(map(len, tasks), default=4)
-    for name, desc in tasks.items():
-        print(f"{name:<{width}}  {desc}")
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from batchlab.distributed import maybe_run_distributed
-    from batchlab.train import fit
-
-    task = load_task(args)
-    config = config_from_args(args, task)
-    result = maybe_run_distributed(args, task, config)  # under torchrun with 2+ processes
-    if result is None:
-        result = fit(task, config, progress=not args.quiet)
-    summary = {k: v for k, v in result.to_dict().items() if k != "history"}
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"{task.name}-b{config.batch_size}-s{config.seed}-{_short_hash(summary['config'])}.json"
-        path.write_text(result.to_json())
-        summary["path"] = str(path)
-    print(json.dumps(summary, indent=2))
-    return 0 if result.ok else 1
-
-
-def _short_hash(d: dict[str, Any]) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from batchlab.report.html import report_from_dir
-
-    path = Path(args.dir)
-    if not path.is_dir():
-        raise CliError(f"DIR {args.dir!r} is not a folder")
-    try:
-        index = report_from_dir(path)
-    except ValueError as e:
-        raise CliError(str(e)) from e
-    print(index)
-    return 0
-
-
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="batchlab", description="Measure batch size and normalization choices for PyTorch models.")
-    parser.add_argument("--version", action="version", version=f"batchlab {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
-
-    sub.add_parser("tasks", help="list the built-in tasks").set_defaults(func=cmd_tasks)
-
-    p = sub.add_parser("train", help="train a task once and print its result as JSON")
-    add_task_args(p)
-    add_train_args(p)
-    from batchlab.distributed import add_distributed_args
-
-    add_distributed_args(p)
-    add_threads_arg(p)
-    p.add_argument("--out", help="folder to write the full result JSON into")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("report", help="turn a folder of result JSON into figures and an HTML page")
-    p.add_argument("dir", help="folder of result JSON files (e.g. from `batchlab train --out DIR`)")
-    p.set_defaults(func=cmd_report)
-
-    for register in _EXTENSIONS:
-        register(sub)
-    return parser
-
-
-# Modules that add sub-commands (batch-size tools, normalization tools, experiments) append here.
-_EXTENSIONS: list[Callable[[Any], None]] = []
-
-
-def _load_extensions() -> None:
-    import importlib
-
-    if _EXTENSIONS:
-        return
-    for name in ("batchlab.cli_batchsize", "batchlab.cli_norm", "batchlab.cli_experiments", "batchlab.cli_slim"):
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue
-        _EXTENSIONS.append(module.register)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    _load_extensions()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "threads", None):
-        import torch
-
-        torch.set_num_threads(args.threads)
-    try:
-        return int(args.func(args) or 0)
-    except CliError as e:
-        sys.stderr.write(f"batchlab {args.command}: error: {e}\n")
-        return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted; finished trials are kept in the results store\n")
-        return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -19,7 +19,8 @@ from batchlab.data.mnist1d import load_mnist1d
 from batchlab.data.sequence import make_sequences
 from batchlab.data.synthetic import make_gaussian_mixture
 from batchlab.models import CNN1d, CNN2d, MLP, ResNet, SequenceNet
-from batchlab.tasks import Task, register_task
+from batchlab.tasks.registry import register_task
+from batchlab.tasks.task import Task
 
 DATA_ENV = "BATCHLAB_DATA"
 

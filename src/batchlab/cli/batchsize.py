@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from batchlab.cli import CliError, add_task_args, add_threads_arg, load_task, positive_float, positive_int
+from batchlab.cli.common import CliError, add_task_args, add_threads_arg, load_task, positive_float, positive_int
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30,
           "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -194,8 +194,3 @@ def register(sub: Any) -> None:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_noise_scale)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    from batchlab.cli import main
-
-    sys.exit(main())

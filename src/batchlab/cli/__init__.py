@@ -1,0 +1,44 @@
+"""The ``batchlab`` command line. Thin: it parses, validates and calls the library.
+
+Each sub-module registers its commands on the parser; the table below is the whole command set.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from batchlab import __version__
+from batchlab.cli import batchsize, experiments, norm, slim, train
+from batchlab.cli.common import CliError, _Parser
+
+# command groups, in the order `batchlab --help` lists them
+COMMAND_GROUPS = (train, batchsize, norm, experiments, slim)
+
+
+def build_parser() -> _Parser:
+    parser = _Parser(prog="batchlab", description="Measure batch size and normalization choices for PyTorch models.")
+    parser.add_argument("--version", action="version", version=f"batchlab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for group in COMMAND_GROUPS:
+        group.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return int(args.func(args) or 0)
+    except CliError as e:
+        sys.stderr.write(f"batchlab {args.command}: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; finished trials are kept in the results store\n")
+        return 130
+

@@ -1,0 +1,5 @@
+"""``python -m batchlab.cli``."""
+
+from batchlab.cli import main
+
+raise SystemExit(main())

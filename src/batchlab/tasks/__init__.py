@@ -1,0 +1,12 @@
+"""Tasks: what to train (model, data, loss, metric, default optimizer), by name or built by the user.
+
+- :mod:`batchlab.tasks.task`: the :class:`Task` type.
+- :mod:`batchlab.tasks.registry`: :func:`register_task`, :func:`get_task`, :func:`list_tasks`.
+- :mod:`batchlab.tasks.builtin`: the built-in tasks (imported here, so they are always registered).
+"""
+
+from batchlab.tasks.task import Task, accuracy
+from batchlab.tasks.registry import get_task, list_tasks, register_task
+from batchlab.tasks import builtin  # noqa: F401,E402  (registers the built-in tasks)
+
+__all__ = ["Task", "accuracy", "get_task", "list_tasks", "register_task"]

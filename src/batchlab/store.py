@@ -20,6 +20,14 @@ How it stays safe:
   processes race on the same key, the first commit wins and both return that stored row.
 - One connection per process, opened lazily: after ``fork`` the child opens its own connection and
   never touches (or closes) the parent's, as SQLite requires.
+- Checked at open: ``PRAGMA quick_check`` walks every page, so a file damaged anywhere (a torn copy,
+  a bad disk sector) raises :class:`StoreError` naming the file *before* anything is looked up or run;
+  a damaged store is never read as "missing" and never gets fresh rows (or failures) written over the
+  good ones. Every other open failure (no such folder, not a database, permission) is a
+  :class:`StoreError` naming the file too.
+- ``Store(path, readonly=True)`` reads a store without writing anything, also from read-only media
+  (a WAL database normally needs write access next to it for its shared-memory file; when that
+  cannot be had the file is opened as ``immutable``), e.g. to rebuild a report from an archive.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import sqlite3
 import threading
 import time
 import traceback
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +53,7 @@ __all__ = [
     "RETRYABLE_STATUSES",
     "Record",
     "Store",
+    "StoreError",
     "canonical_json",
     "run_key",
     "run_many",
@@ -176,6 +186,10 @@ def _status_of(payload: Mapping[str, Any]) -> str:
     return status
 
 
+class StoreError(sqlite3.DatabaseError):
+    """The results store cannot be opened or is damaged; the message names the file."""
+
+
 class Store:
     """A SQLite database of run results, safe to share between processes.
 
@@ -184,9 +198,15 @@ class Store:
             Missing parent directories are created. ``":memory:"`` is refused: a store must be
             shareable between processes.
         timeout: seconds a writer waits for another process' write lock before failing.
+        readonly: open an existing store for reading only (writes raise :class:`StoreError`);
+            works on read-only media. Nothing is created.
+
+    Raises:
+        StoreError: the file cannot be opened or created, is not a results store, or fails
+            SQLite's integrity check (the message names the file and what was wrong).
     """
 
-    def __init__(self, path: str | os.PathLike[str], timeout: float = 60.0) -> None:
+    def __init__(self, path: str | os.PathLike[str], timeout: float = 60.0, *, readonly: bool = False) -> None:
         if os.fspath(path) in ("", ":memory:"):
             raise ValueError(f"path must be a file or directory path, got {os.fspath(path)!r}")
         if not timeout > 0:
@@ -196,14 +216,33 @@ class Store:
             p = p / DEFAULT_FILENAME
         self.path: Path = p.resolve()
         self.timeout = float(timeout)
+        self.readonly = bool(readonly)
         self._local = threading.local()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn()  # fail early (bad path, not a database) and create the schema
+        if self.readonly:
+            if not self.path.is_file():
+                raise StoreError(f"cannot open results store {self.path} read-only: no such file")
+        else:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"cannot open results store {self.path}: cannot create its folder: {e.strerror or e}") from e
+            if self.path.is_dir():
+                raise StoreError(f"cannot open results store {self.path}: it is a folder, not a database file")
+        conn = self._conn()  # fail early (bad path, not a database) and create the schema
+        try:
+            problems = [str(r[0]) for r in conn.execute("PRAGMA quick_check").fetchall()]
+        except sqlite3.DatabaseError as e:
+            self.close()
+            raise StoreError(f"results store {self.path} is damaged ({e}); restore it from a copy or move it away "
+                             "to start afresh (nothing was read from it or written to it)") from e
+        if problems != ["ok"]:
+            self.close()
+            raise StoreError(f"results store {self.path} is damaged ({'; '.join(problems[:3])}); restore it from a copy "
+                             "or move it away to start afresh (nothing was read from it or written to it)")
 
     @classmethod
     def in_dir(cls, out_dir: str | os.PathLike[str], timeout: float = 60.0) -> Store:
         """The store of an output directory, ``out_dir/batchlab.db`` (the directory is created)."""
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
         return cls(Path(out_dir) / DEFAULT_FILENAME, timeout=timeout)
 
     def __repr__(self) -> str:
@@ -211,10 +250,11 @@ class Store:
 
     # pickling (multiprocessing spawn, Ray): ship the path, reconnect on the other side
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "timeout": self.timeout}
+        return {"path": self.path, "timeout": self.timeout, "readonly": self.readonly}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.path, self.timeout = state["path"], state["timeout"]
+        self.readonly = state.get("readonly", False)
         self._local = threading.local()
 
     # ---------------------------------------------------------------- connection
@@ -226,7 +266,35 @@ class Store:
             return conn
         if conn is not None:  # inherited through fork: leave it alone (see _INHERITED)
             _INHERITED.append(conn)
-        conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=True)
+        conn = self._open_readonly() if self.readonly else self._open_readwrite()
+        local.conn, local.pid = conn, pid
+        return conn
+
+    def _connect(self, target: str | Path, uri: bool = False) -> sqlite3.Connection:
+        try:
+            return sqlite3.connect(target, timeout=self.timeout, isolation_level=None, check_same_thread=True, uri=uri)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open results store {self.path}: {e}") from e
+
+    def _open_readonly(self) -> sqlite3.Connection:
+        base = "file:" + urllib.parse.quote(str(self.path))
+        last: Exception | None = None
+        # mode=ro shares the WAL with writers; on read-only media (no -shm can be made) only an
+        # immutable open can read the file, which then must not change while it is open.
+        for query in ("?mode=ro", "?immutable=1"):
+            conn = self._connect(base + query, uri=True)
+            try:
+                conn.execute("SELECT COUNT(*) FROM runs").fetchone()
+                return conn
+            except sqlite3.DatabaseError as e:
+                conn.close()
+                last = e
+                if "no such table" in str(e):
+                    break
+        raise StoreError(f"cannot open results store {self.path} read-only: {last}") from last
+
+    def _open_readwrite(self) -> sqlite3.Connection:
+        conn = self._connect(self.path)
         try:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
@@ -239,9 +307,13 @@ class Store:
                         conn.execute(stmt)
         except sqlite3.DatabaseError as e:
             conn.close()
-            raise sqlite3.DatabaseError(f"cannot open results store {self.path}: {e}") from e
-        local.conn, local.pid = conn, pid
+            raise StoreError(f"cannot open results store {self.path}: {e}") from e
         return conn
+
+    def _write_conn(self) -> sqlite3.Connection:
+        if self.readonly:
+            raise StoreError(f"results store {self.path} was opened read-only; it cannot store results")
+        return self._conn()
 
     def close(self) -> None:
         """Close this thread's connection (a later call reopens it)."""
@@ -324,7 +396,7 @@ class Store:
         kind = _check_kind(kind)
         data = _to_payload(payload)
         text, status, now = _dumps(data), _status_of(data), time.time()
-        conn = self._conn()
+        conn = self._write_conn()
         with _write(conn):
             if overwrite:
                 cur = conn.execute(
@@ -343,7 +415,7 @@ class Store:
 
     def delete(self, key: str) -> bool:
         """Remove ``key``'s row; True when there was one."""
-        conn = self._conn()
+        conn = self._write_conn()
         with _write(conn):
             cur = conn.execute("DELETE FROM runs WHERE key = ?", (key,))
         return cur.rowcount > 0
@@ -378,7 +450,7 @@ class Store:
             return rec.payload
         data = _to_payload(fn())
         text, status, now = _dumps(data), _status_of(data), time.time()
-        conn = self._conn()
+        conn = self._write_conn()
         with _write(conn):
             if rec is None:
                 conn.execute(

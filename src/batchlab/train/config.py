@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -51,35 +53,57 @@ class TrainConfig:
     divergence_loss: float = 1e4  # a training loss above this (or non-finite) ends the run as "diverged"
 
     def __post_init__(self) -> None:
+        # Every field is checked here, at the boundary: a bad value fails now with its name, what is
+        # allowed and what was given, never later inside fit() (or, for growth_factor 0, never).
         _check_positive_int("batch_size", self.batch_size)
         _check_positive_int("accumulation", self.accumulation)
-        if self.lr is not None and not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if self.lr is not None:
+            _check_real("lr", self.lr, "a positive finite number", lambda v: 0 < v < math.inf)
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
+        _check_real("momentum", self.momentum, "a finite number >= 0", lambda v: 0 <= v < math.inf)
+        _check_real("weight_decay", self.weight_decay, "a finite number >= 0", lambda v: 0 <= v < math.inf)
         budgets = [b for b in (self.max_steps, self.max_examples) if b is not None]
         if budgets and self.epochs is not None:
             object.__setattr__(self, "epochs", None)
         if self.epochs is None and not budgets:
             raise ValueError("give a budget: epochs, max_steps or max_examples")
-        if self.epochs is not None and not self.epochs > 0:
-            raise ValueError(f"epochs must be positive, got {self.epochs!r}")
+        if self.epochs is not None:
+            _check_real("epochs", self.epochs, "a positive finite number", lambda v: 0 < v < math.inf)
         if self.max_steps is not None:
             _check_positive_int("max_steps", self.max_steps)
         if self.max_examples is not None:
             _check_positive_int("max_examples", self.max_examples)
         if self.amp_dtype not in (None, "bfloat16", "float16"):
             raise ValueError(f"amp_dtype must be None, 'bfloat16' or 'float16'; got {self.amp_dtype!r}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.eval_every < 0:
-            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
-        object.__setattr__(self, "batch_growth", tuple(float(m) for m in self.batch_growth))
+        _check_int("warmup_steps", self.warmup_steps, 0)
+        _check_int("eval_every", self.eval_every, 0)
+        _check_int("seed", self.seed, None)
+        _check_positive_int("lbfgs_max_iter", self.lbfgs_max_iter)
+        _check_positive_int("growth_factor", self.growth_factor)
+        for name in ("milestones", "batch_growth"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)):
+                raise ValueError(f"{name} must be a sequence of fractions of the budget in [0, 1], got {value!r}")
+            for i, m in enumerate(value):
+                _check_real(f"{name}[{i}]", m, "a fraction of the budget in [0, 1]", lambda v: 0 <= v <= 1)
+            object.__setattr__(self, name, tuple(float(m) for m in value))
+        _check_real("gamma", self.gamma, "a positive finite factor", lambda v: 0 < v < math.inf)
+        if self.grad_clip is not None:
+            _check_real("grad_clip", self.grad_clip, "a positive finite gradient norm or None (off)",
+                        lambda v: 0 < v < math.inf)
+        _check_real("divergence_loss", self.divergence_loss, "a positive number (inf: only a non-finite loss diverges)",
+                    lambda v: v > 0)
+        for name in ("eval_train", "amp", "drop_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("activation", "device"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if self.norm is not None and (not isinstance(self.norm, str) or not self.norm):
+            raise ValueError(f"norm must be a norm name (see batchlab.norm.known_norms) or None, got {self.norm!r}")
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -102,8 +126,20 @@ class TrainConfig:
 
 
 def _check_positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int | None) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or (minimum is not None and value < minimum):
+        allowed = "an integer" if minimum is None else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _check_real(name: str, value: Any, allowed: str, ok: Callable[[float], bool]) -> None:
+    """``value`` must be a real number (not a bool, not NaN) for which ``ok`` holds."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or not ok(float(value)):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
 @dataclass

@@ -4,11 +4,17 @@ The folder (or a ``cifar-10-batches-py`` folder inside it) holds ``data_batch_1`
 and ``test_batch``; each is a pickled dict with ``b'data'`` (uint8, N x 3072, channel-major
 32x32 images) and ``b'labels'`` (N ints in 0..9).
 
-Unpickling runs code chosen by whoever wrote the file: only point this at files you trust.
+A plain ``pickle.load`` would run whatever code the file names, so the batches are read with a
+restricted unpickler (:class:`_BatchUnpickler`) that can build only what the format needs -- dicts,
+lists, bytes, str, ints and NumPy arrays -- and refuses any other global (``os.system``,
+``builtins.eval``, an unknown module ...) with a ValueError naming the file and the global, before
+anything is called.
 """
 
 from __future__ import annotations
 
+import codecs
+import importlib
 import os
 import pickle
 from pathlib import Path
@@ -48,6 +54,42 @@ def find_cifar10_folder(root: str | os.PathLike[str]) -> Path:
     return folder
 
 
+# The only globals a CIFAR-10 batch (as published, pickled by Python 2 with NumPy, or re-pickled by
+# Python 3 with NumPy 1.x or 2.x, protocols 2-5) references: NumPy's array and dtype constructors,
+# and codecs.encode, which protocol-2 pickles written by Python 3 use for bytes.
+_NUMPY_CORE = ("numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric", "numpy._core.numeric")
+_ALLOWED_GLOBALS = {
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    *((m, "_reconstruct") for m in _NUMPY_CORE[:2]), *((m, "scalar") for m in _NUMPY_CORE[:2]),
+    *((m, "_frombuffer") for m in _NUMPY_CORE[2:]),
+}
+
+
+def _numpy_core(module: str) -> Any:
+    """NumPy's core submodule under either name (``numpy._core`` since 2.0, ``numpy.core`` before)."""
+    leaf = module.rsplit(".", 1)[1]
+    try:
+        return importlib.import_module(f"numpy._core.{leaf}")
+    except ImportError:  # NumPy < 2
+        return importlib.import_module(f"numpy.core.{leaf}")
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only :data:`_ALLOWED_GLOBALS`; anything else is refused unrun."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"refused to load {module}.{name} (nothing was run): a CIFAR-10 batch holds only dicts, lists, bytes, "
+                "str, ints and NumPy arrays; this file is not a CIFAR-10 batch or was tampered with"
+            )
+        if module == "_codecs":
+            return codecs.encode
+        if module == "numpy":
+            return getattr(np, name)
+        return getattr(_numpy_core(module), name)
+
+
 def _get(d: dict[Any, Any], key: str) -> Any:
     if key.encode() in d:
         return d[key.encode()]
@@ -59,8 +101,9 @@ def read_cifar_batch(path: str | os.PathLike[str], *, num_classes: int = 10) -> 
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+            d = _BatchUnpickler(f, encoding="bytes").load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+            KeyError, MemoryError) as e:
         raise ValueError(f"{path}: cannot unpickle CIFAR-10 batch: {e}") from e
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a pickled dict with b'data' and b'labels', found {type(d).__name__}")

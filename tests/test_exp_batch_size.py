@@ -15,16 +15,10 @@ import torch
 
 from batchlab.experiments.base import ExperimentContext
 from batchlab.experiments.batch_sharpness import SharpMinima, eps_sharpness
-from batchlab.experiments.batch_size import (
-    BatchLRGrid,
-    FixedEpochBatch,
-    GradientNoise,
-    LBFGSBatch,
-    LRBatchRatio,
-    StepTime,
-    find_knee,
-    loglog_slope,
-)
+from batchlab.batchsize.throughput import find_knee
+from batchlab.experiments.batch_accuracy import BatchLRGrid, FixedEpochBatch, LRBatchRatio
+from batchlab.experiments.batch_compute import GradientNoise, StepTime, loglog_slope
+from batchlab.experiments.batch_optimizer import LBFGSBatch
 from batchlab.store import Store
 from tests.helpers.figures import check_figures
 

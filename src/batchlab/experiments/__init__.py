@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-_FRAMEWORK = {"base", "runner", "report"}
+_FRAMEWORK = {"base", "runner", "report", "kit"}
 
 
 def load_all() -> None:

@@ -24,8 +24,14 @@ from batchlab.tasks import Task, get_task
 from batchlab.train.config import RunResult, TrainConfig
 from batchlab.train.loop import fit
 
-VerdictName = Literal["supported", "refuted", "inconclusive"]
-VERDICTS = ("supported", "refuted", "inconclusive")
+VerdictName = Literal["supported", "refuted", "inconclusive", "observed", "not observed"]
+#: for claims with a decision rule
+DECIDED = ("supported", "refuted", "inconclusive")
+#: for claims CLAIMS.md marks "reported as measured", and hedged ("may") claims: what was seen, no judgement
+REPORTED = ("observed", "not observed", "inconclusive")
+VERDICTS = ("supported", "refuted", "inconclusive", "observed", "not observed")
+#: the prefix of a verdict whose pre-registered validity check failed (the task could not show the effect)
+INVALID_PREFIX = "validity check failed: "
 
 
 @dataclass
@@ -34,19 +40,35 @@ class Verdict:
 
     Attributes:
         claim: the claim id, e.g. ``"C01"``.
-        verdict: ``"supported"``, ``"refuted"`` or ``"inconclusive"``.
+        verdict: ``"supported"``, ``"refuted"`` or ``"inconclusive"``; for a claim reported as measured,
+            ``"observed"``, ``"not observed"`` or ``"inconclusive"``.
         reason: one or two sentences saying which part of the rule decided it, with numbers.
         effect: the numbers the rule looked at (means, spreads over seeds, thresholds).
+        valid: False when the experiment's pre-registered validity check failed (then the verdict is
+            ``inconclusive``: the task could not show the effect, which says nothing against the claim).
+        published: published numbers the experiment re-derives, next to the measured ones
+            (``source``, ``published``, ``measured``, ``trend_agrees``); empty when none.
     """
 
     claim: str
     verdict: VerdictName
     reason: str
     effect: dict[str, Any] = field(default_factory=dict)
+    valid: bool = True
+    published: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}; got {self.verdict!r}")
+        if not self.valid and self.verdict != "inconclusive":
+            raise ValueError(f"a failed validity check gives 'inconclusive', never {self.verdict!r} ({self.claim})")
+
+    @classmethod
+    def invalid(cls, claim: str, check: str, effect: dict[str, Any] | None = None,
+                published: dict[str, Any] | None = None) -> Verdict:
+        """``inconclusive`` because the validity check failed: ``check`` says which condition and the numbers."""
+        return cls(claim, "inconclusive", INVALID_PREFIX + check, dict(effect or {}), valid=False,
+                   published=dict(published or {}))
 
 
 def spread(values: Iterable[float]) -> dict[str, float]:
@@ -197,6 +219,9 @@ class Experiment:
         seed_doc: the seed document(s) the claims come from, e.g. ``"002"``.
         statements: claim id -> the claim as the seed states it.
         rules: claim id -> the decision rule, with its thresholds, written before any data is seen.
+        validity: claim id -> the condition under which the experiment's task can show the effect at
+            all, stated before it runs; when it fails the verdict is ``inconclusive`` (:meth:`Verdict.invalid`).
+        reported: claim ids that are "reported as measured" (or hedged): verdicts from :data:`REPORTED`.
     """
 
     id: ClassVar[str] = ""
@@ -205,6 +230,8 @@ class Experiment:
     seed_doc: ClassVar[str] = ""
     statements: ClassVar[dict[str, str]] = {}
     rules: ClassVar[dict[str, str]] = {}
+    validity: ClassVar[dict[str, str]] = {}
+    reported: ClassVar[tuple[str, ...]] = ()
 
     #: parameter names that are budgets or generated-data sizes, scaled up on an accelerator
     budget_keys: ClassVar[tuple[str, ...]] = (
@@ -255,9 +282,11 @@ def register(cls: type[Experiment]) -> type[Experiment]:
     """Class decorator adding an experiment to the registry."""
     if not cls.id or not cls.claims:
         raise ValueError(f"experiment {cls.__name__} must set id and claims")
-    missing = [c for c in cls.claims if c not in cls.rules or c not in cls.statements]
+    missing = [c for c in cls.claims if c not in cls.rules or c not in cls.statements or c not in cls.validity]
     if missing:
-        raise ValueError(f"experiment {cls.id!r} has no statement or rule for claim(s) {', '.join(missing)}")
+        raise ValueError(f"experiment {cls.id!r} has no statement, rule or validity check for claim(s) {', '.join(missing)}")
+    if stray := [c for c in cls.reported if c not in cls.claims]:
+        raise ValueError(f"experiment {cls.id!r} reports claim(s) it does not test: {', '.join(stray)}")
     if cls.id in _EXPERIMENTS and _EXPERIMENTS[cls.id] is not cls:
         raise ValueError(f"experiment id {cls.id!r} registered twice")
     _EXPERIMENTS[cls.id] = cls
@@ -292,6 +321,7 @@ class Outcome:
     seed_doc: str = ""
     statements: dict[str, str] = field(default_factory=dict)
     rules: dict[str, str] = field(default_factory=dict)
+    validity: dict[str, str] = field(default_factory=dict)
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:

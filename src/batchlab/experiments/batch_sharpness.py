@@ -9,7 +9,9 @@ import numpy as np
 import torch
 
 from batchlab.experiments.base import Experiment, ExperimentContext, Verdict, fmt_spread, one_thread, register, spread
-from batchlab.experiments.batch_size import NORM, TASK, _plt, _seed_keys
+from batchlab.experiments.kit import pyplot
+from batchlab.experiments.batch_accuracy import NORM, TASK
+from batchlab.experiments.kit import seed_keys as _seed_keys
 from batchlab.tasks import Task, get_task
 from batchlab.train import TrainConfig, fit
 
@@ -78,6 +80,13 @@ class SharpMinima(Experiment):
         "gap(SB) >= 1 point; refuted if the mean ratio is <= 1 or the mean gap difference is <= 0; otherwise "
         "inconclusive. The 1-D interpolation w(alpha) = (1-alpha) w_SB + alpha w_LB is drawn."
     }
+    validity = {
+        "C11": "Both solutions must be minima of the training loss: train accuracy >= 99% for SB and LB in every "
+        "seed, with a finite sharpness (otherwise sharpness compares points on a slope)."
+    }
+    PUBLISHED = {"source": "Keskar et al. 2017, Table 3-4 (epsilon-sharpness, eps 1e-3 and 5e-4, six networks)",
+                 "published": "large-batch sharpness several times to two orders of magnitude above small-batch on "
+                 "every network, with a larger generalization gap (numbers: see the paper; not restated here)"}
 
     def params(self, quick: bool) -> dict[str, Any]:
         return {"task": TASK, "small": 16, "large": 256, "lr": 0.05, "schedule": "cosine", "steps": 1500, "eps": [1e-3, 5e-4],
@@ -147,16 +156,18 @@ class SharpMinima(Experiment):
                f"ratio LB/SB {fmt_spread(effect['sharpness_ratio_large_over_small'])} (needs >= {params['ratio']}); "
                f"generalization gap LB - SB {fmt_spread(effect['gap_difference_large_minus_small'])} (needs >= {params['gap']})")
         if not accs or min(accs) < params["min_train_acc"] or any(not math.isfinite(r) for r in ratios):
-            return [Verdict("C11", "inconclusive", f"a solution did not reach train accuracy {params['min_train_acc']:.0%} "
+            return [Verdict.invalid("C11", f"a solution did not reach train accuracy {params['min_train_acc']:.0%} "
                             f"(lowest {min(accs) if accs else float('nan'):.3f}) or has no sharpness; {txt}", effect)]
+        published = {**self.PUBLISHED, "measured": txt,
+                     "trend_agrees": bool(spread(ratios)["mean"] > 1.0 and spread(gaps)["mean"] > 0.0)}
         if all(r >= params["ratio"] for r in ratios) and all(g >= params["gap"] for g in gaps):
-            return [Verdict("C11", "supported", txt, effect)]
+            return [Verdict("C11", "supported", txt, effect, published=published)]
         if spread(ratios)["mean"] <= 1.0 or spread(gaps)["mean"] <= 0.0:
-            return [Verdict("C11", "refuted", txt, effect)]
-        return [Verdict("C11", "inconclusive", txt, effect)]
+            return [Verdict("C11", "refuted", txt, effect, published=published)]
+        return [Verdict("C11", "inconclusive", txt, effect, published=published)]
 
     def plot(self, data: dict[str, Any], params: dict[str, Any]) -> list[Any]:
-        plt = _plt()
+        plt = pyplot()
         fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
         for i, s in enumerate(_seed_keys(data)):
             it = data["seeds"][s]["interp"]

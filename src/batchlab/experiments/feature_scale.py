@@ -41,6 +41,10 @@ class FeatureScale(Experiment):
         "over the noise floor. Supported if standardized inputs need at least 10x fewer steps in every seed; "
         "refuted if in any seed they need as many steps or more; otherwise inconclusive."
     }
+    validity = {
+        "C04": "The raw problem must be ill-conditioned (Hessian condition number >= 100 in every seed) and at least "
+        "one input version must reach the target within the step budget."
+    }
 
     def params(self, quick: bool) -> dict[str, Any]:
         return {"n": 500, "scale2": 100.0, "max_steps": 20000 if quick else 50000, "tol": 0.01, "factor": 10.0}
@@ -89,7 +93,10 @@ class FeatureScale(Experiment):
                   "condition_raw": spread(d["raw"]["condition"] for d in data["seeds"].values()),
                   "condition_standardized": spread(d["standardized"]["condition"] for d in data["seeds"].values())}
         if all(s == float("inf") for s in std) and all(r == float("inf") for r in raw):
-            return [Verdict("C04", "inconclusive", f"neither input version reached the target within {cap} steps", effect)]
+            return [Verdict.invalid("C04", f"neither input version reached the target within {cap} steps", effect)]
+        if not effect["condition_raw"]["min"] >= 100:
+            return [Verdict.invalid("C04", f"the raw problem is not ill-conditioned (condition number "
+                                    f"{fmt_spread(effect['condition_raw'])} < 100)", effect)]
         if any(s >= r for r, s in zip(raw, std)):
             return [Verdict("C04", "refuted", f"standardized inputs needed as many steps or more in some seed "
                             f"(raw {raw}, standardized {std})", effect)]

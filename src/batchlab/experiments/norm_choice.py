@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 
 from batchlab.experiments.base import Experiment, ExperimentContext, Verdict, fmt_spread, one_thread, register, spread
+from batchlab.experiments.kit import pyplot
+from batchlab.norm import precise_bn
 from batchlab.train.config import TrainConfig
 
 NORM_LABELS = {"batch": "BatchNorm", "group": "GroupNorm", "layer": "LayerNorm", "instance": "InstanceNorm",
@@ -27,13 +29,6 @@ NORM_COLORS = {"batch": "C3", "group": "C0", "layer": "C2", "instance": "C4", "n
 
 
 
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _seed_values(table: dict[str, dict[str, float]], key: str) -> dict[str, float]:
@@ -57,35 +52,50 @@ class NormBatch(Experiment):
         "on the batch size (Wu & He)."
     }
     rules = {
-        "C17": "digits-cnn (2 conv blocks, norm after each conv), every norm trained for the same number of epochs "
-        "at each batch B with momentum SGD and the linear LR rule lr = lr32 * B / 32 (Goyal et al.; Wu & He use the "
-        "same rule), final val accuracy. BN drop = acc(BN, B=32) - mean(acc(BN, B=2), acc(BN, B=4)) per seed; GN "
-        "range = max - min over B in 2..32 of GN's seed-mean accuracy. Supported if the BN drop is >= 2 points in "
-        "the mean and > 0 in every seed AND the GN range is <= 2 points. Refuted if the BN drop is < 0.5 points in "
-        "the mean and below 2 points in every seed (no seed shows the effect), or the GN range is > 4 points. "
-        "Otherwise inconclusive (e.g. seeds disagree)."
+        "C17": "Two tasks: digits-mlp (MLP 64-100-100-100-10, norm after each hidden Linear: BatchNorm1d statistics "
+        "over B examples) and digits-cnn (2 conv blocks, norm after each conv: BN statistics over B x H x W "
+        "positions). Every norm trained for the same number of epochs at each batch B with momentum SGD and the "
+        "linear LR rule lr = lr32 * B / 32 (Goyal et al.; Wu & He use the same rule), final val accuracy. Per task: "
+        "BN drop = acc(BN, B=32) - mean(acc(BN, B=2), acc(BN, B=4)) per seed; GN range = max - min over B in "
+        "2..32 of GN's seed-mean accuracy. A task supports the claim if the BN drop is >= 2 points in the mean and "
+        "> 0 in every seed AND the GN range is <= 2 points; it refutes it if the BN drop is < 0.5 points in the mean "
+        "and below 2 points in every seed (no seed shows the effect), or the GN range is > 4 points; otherwise it is "
+        "undecided. Over the tasks that pass the validity check: supported if every one supports, refuted if every "
+        "one refutes, otherwise inconclusive."
+    }
+    validity = {
+        "C17": "Per task: normalization must matter at the large batch, i.e. no normalization ends below BN at B=32 "
+        "(seed-mean val accuracy). A task where it does not cannot show BN degrading; with no valid task the verdict "
+        "is inconclusive."
     }
     BN_MARGIN = 0.02
     BN_NONE = 0.005
     GN_FLAT = 0.02
     GN_STEEP = 0.04
+    #: Wu & He 2018, ResNet-50 ImageNet val error (%) by images per GPU (REFERENCE.md)
+    PUBLISHED = {"source": "Wu & He 2018 (GroupNorm), ResNet-50 ImageNet val error (%) by images per GPU",
+                 "images_per_gpu": [32, 16, 8, 4, 2],
+                 "BN": [23.6, 23.7, 24.8, 27.3, 34.7], "GN": [24.1, 24.2, 24.0, 24.2, 24.1],
+                 "at_32": {"LN": 25.3, "IN": 28.4}}
 
     def params(self, quick: bool) -> dict[str, Any]:
         if quick:
-            return {"task": "digits-cnn", "norms": ["batch", "group", "layer"], "batches": [2, 4, 32, 128],
-                    "epochs": 2, "lr32": 0.05}
-        return {"task": "digits-cnn", "norms": ["batch", "group", "layer", "instance", "none"],
+            return {"tasks": ["digits-mlp", "digits-cnn"], "norms": ["batch", "group", "none"], "batches": [2, 4, 32],
+                    "epochs": 3, "lr32": 0.05}
+        return {"tasks": ["digits-mlp", "digits-cnn"], "norms": ["batch", "group", "layer", "instance", "none"],
                 "batches": [2, 4, 8, 16, 32, 64, 128], "epochs": 4, "lr32": 0.05}
 
     def run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:
         with one_thread(ctx.device):
-            return self._run(ctx, params)
+            return {"tasks": {name: self._run(ctx, params, name) for name in params["tasks"]}}
 
-    def _run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:
-        task = ctx.task(params["task"])
+    def _run(self, ctx: ExperimentContext, params: dict[str, Any], name: str) -> dict[str, Any]:
+        task = ctx.task(name)
         acc: dict[str, dict[str, dict[str, float]]] = {}
         status: dict[str, dict[str, dict[str, str]]] = {}
         for norm in params["norms"]:
+            if norm == "instance" and name.endswith("-mlp"):
+                continue  # one value per channel per example: nothing to normalize
             for b in params["batches"]:
                 for seed in ctx.seeds:
                     cfg = TrainConfig(batch_size=b, lr=params["lr32"] * b / 32, optimizer="momentum",
@@ -96,10 +106,9 @@ class NormBatch(Experiment):
                     status.setdefault(norm, {}).setdefault(str(b), {})[str(seed)] = r.status
         return {"acc": acc, "status": status}
 
-    def decide(self, data: dict[str, Any], params: dict[str, Any]) -> list[Verdict]:
-        acc = data["acc"]
-        rule = (f"rule: BN drop (acc@32 - mean acc@2,4) >= {self.BN_MARGIN:.0%} and > 0 every seed, GN range over "
-                f"B<=32 <= {self.GN_FLAT:.0%}; refuted if BN drop < {self.BN_NONE:.1%} (mean) and < {self.BN_MARGIN:.0%} every seed, or GN range > {self.GN_STEEP:.0%}")
+    def judge_task(self, acc: dict[str, Any]) -> dict[str, Any]:
+        """The rule and the validity check on one task's accuracies: ``outcome`` is supported / refuted /
+        undecided / invalid, with the numbers."""
 
         def drop(norm: str) -> dict[str, float]:
             t = acc.get(norm, {})
@@ -114,32 +123,73 @@ class NormBatch(Experiment):
                     out[s] = vals[2]  # a diverged small-batch run counts as accuracy 0
             return out
 
-        bn = drop("batch")
-        gn = drop("group")
+        bn, gn = drop("batch"), drop("group")
         gn_means = {b: spread(v.values())["mean"] for b, v in acc.get("group", {}).items() if int(b) <= 32}
         gn_means = {b: m for b, m in gn_means.items() if math.isfinite(m)}
-        effect: dict[str, Any] = {
+        at32 = {n: spread(acc.get(n, {}).get("32", {}).values())["mean"] for n in ("batch", "none")}
+        res: dict[str, Any] = {
             "bn_drop": spread(bn.values()), "gn_drop": spread(gn.values()),
             "gn_range_b_le_32": (max(gn_means.values()) - min(gn_means.values())) if len(gn_means) >= 2 else math.nan,
+            "bn_minus_none_at_32": at32["batch"] - at32["none"],
             "mean_acc": {n: {b: spread(v.values()) for b, v in t.items()} for n, t in acc.items()},
-            "thresholds": {"bn_margin": self.BN_MARGIN, "bn_none": self.BN_NONE, "gn_flat": self.GN_FLAT,
-                           "gn_steep": self.GN_STEEP},
         }
+        bn_s, gn_range = res["bn_drop"], res["gn_range_b_le_32"]
+        res["text"] = (f"BN drop {fmt_spread(bn_s)} (fractions), GN drop {fmt_spread(res['gn_drop'])}, GN range over "
+                       f"B<=32 {gn_range:.3f}, BN - none at B=32 {res['bn_minus_none_at_32']:+.3f}")
         if not bn or len(gn_means) < 2:
-            return [Verdict("C17", "inconclusive", f"{rule}. BN or GN lacks runs at B = 2, 4 and 32", effect)]
-        bn_s, gn_range = effect["bn_drop"], effect["gn_range_b_le_32"]
-        nums = (f"BN drop {fmt_spread(bn_s)} (points as fractions), GN drop {fmt_spread(effect['gn_drop'])}, "
-                f"GN range over B<=32 {gn_range:.3f}")
-        no_drop = bn_s["mean"] < self.BN_NONE and bn_s["max"] < self.BN_MARGIN
-        if no_drop or gn_range > self.GN_STEEP:
-            why = "BN at B<=4 is not worse than at 32 in any seed" if no_drop else "GN depends on B"
-            return [Verdict("C17", "refuted", f"{rule}. {why}: {nums}", effect)]
-        if bn_s["mean"] >= self.BN_MARGIN and bn_s["min"] > 0 and gn_range <= self.GN_FLAT:
-            return [Verdict("C17", "supported", f"{rule}. {nums}", effect)]
-        return [Verdict("C17", "inconclusive", f"{rule}. Between the thresholds: {nums}", effect)]
+            res["outcome"], res["why"] = "undecided", "BN or GN lacks runs at B = 2, 4 and 32"
+        elif not res["bn_minus_none_at_32"] > 0:
+            res["outcome"], res["why"] = "invalid", "no normalization is not worse than BN at B=32"
+        elif (bn_s["mean"] < self.BN_NONE and bn_s["max"] < self.BN_MARGIN) or gn_range > self.GN_STEEP:
+            res["outcome"] = "refuted"
+            res["why"] = "GN depends on B" if gn_range > self.GN_STEEP else "BN at B<=4 is not worse than at 32 in any seed"
+        elif bn_s["mean"] >= self.BN_MARGIN and bn_s["min"] > 0 and gn_range <= self.GN_FLAT:
+            res["outcome"], res["why"] = "supported", "BN degrades at B<=4, GN flat"
+        else:
+            res["outcome"], res["why"] = "undecided", "between the thresholds"
+        return res
+
+    def decide(self, data: dict[str, Any], params: dict[str, Any]) -> list[Verdict]:
+        rule = (f"rule per task: BN drop (acc@32 - mean acc@2,4) >= {self.BN_MARGIN:.0%} and > 0 every seed, GN range "
+                f"over B<=32 <= {self.GN_FLAT:.0%}; refuted if BN drop < {self.BN_NONE:.1%} (mean) and < "
+                f"{self.BN_MARGIN:.0%} every seed, or GN range > {self.GN_STEEP:.0%}; over the valid tasks")
+        per = {name: self.judge_task(t["acc"]) for name, t in data["tasks"].items()}
+        effect: dict[str, Any] = {name: {k: v for k, v in r.items() if k != "text"} for name, r in per.items()}
+        effect["thresholds"] = {"bn_margin": self.BN_MARGIN, "bn_none": self.BN_NONE, "gn_flat": self.GN_FLAT,
+                                "gn_steep": self.GN_STEEP}
+        nums = "; ".join(f"{name}: {r['outcome']} ({r['why']}): {r['text']}" for name, r in per.items())
+        valid = [r for r in per.values() if r["outcome"] != "invalid"]
+        published = self.published_vs(per)
+        if not valid:
+            return [Verdict.invalid("C17", f"on no task was no normalization worse than BN at B=32. {nums}", effect,
+                                    published)]
+        outcomes = {r["outcome"] for r in valid}
+        verdict = "supported" if outcomes == {"supported"} else "refuted" if outcomes == {"refuted"} else "inconclusive"
+        return [Verdict("C17", verdict, f"{rule}. {nums}", effect, published=published)]
+
+    def published_vs(self, per: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Wu & He's table next to the measured accuracies; the trend agrees where BN loses more at 2-4 images
+        than GN does (BN drop > GN drop) and GN is flat (range <= the rule's flat threshold)."""
+        p = self.PUBLISHED
+        pub_bn_drop = (p["BN"][-1] + p["BN"][-2]) / 2 - p["BN"][0]
+        pub_gn_drop = (p["GN"][-1] + p["GN"][-2]) / 2 - p["GN"][0]
+        measured = {}
+        agrees = {}
+        for name, r in per.items():
+            bn_d, gn_d = r["bn_drop"]["mean"], r["gn_drop"]["mean"]
+            measured[name] = {"BN_drop_points": 100 * bn_d, "GN_drop_points": 100 * gn_d,
+                              "accuracy_by_B": {n: {b: round(100 * v["mean"], 1) for b, v in t.items()}
+                                                for n, t in r["mean_acc"].items() if n in ("batch", "group")}}
+            agrees[name] = bool(bn_d > gn_d and r["gn_range_b_le_32"] <= self.GN_FLAT)
+        return {"source": p["source"], "published": {k: p[k] for k in ("images_per_gpu", "BN", "GN", "at_32")},
+                "published_trend": f"BN error +{pub_bn_drop:.1f} points at 2-4 images vs 32, GN {pub_gn_drop:+.1f}",
+                "measured": measured, "trend_agrees": agrees}
 
     def plot(self, data: dict[str, Any], params: dict[str, Any]) -> list[Any]:
-        plt = _plt()
+        return [self._plot_task(name, t, params) for name, t in data["tasks"].items()]
+
+    def _plot_task(self, name: str, data: dict[str, Any], params: dict[str, Any]) -> Any:
+        plt = pyplot()
         fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
         ax = axes[0]
         for norm, t in data["acc"].items():
@@ -152,7 +202,7 @@ class NormBatch(Experiment):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("per-device batch size B (examples, log2 scale)")
         ax.set_ylabel("final validation accuracy (fraction)")
-        ax.set_title(f"{params['task']}, {params['epochs']} epochs, lr = {params['lr32']} * B/32 (mean, min..max)")
+        ax.set_title(f"{name}, {params['epochs']} epochs, lr = {params['lr32']} * B/32 (mean, min..max)")
         ax.legend()
         ax = axes[1]
         for norm, t in data["acc"].items():
@@ -169,9 +219,9 @@ class NormBatch(Experiment):
         ax.set_ylabel("accuracy lost vs B=32 (percentage points)")
         ax.set_title("Drop relative to batch 32 (cf. Wu & He, Fig. 1)")
         ax.legend()
-        fig.suptitle("C17: normalization layers vs batch size")
+        fig.suptitle(f"C17: normalization layers vs batch size ({name})")
         fig.tight_layout()
-        return [fig]
+        return fig
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,51 +238,6 @@ def _batch_chunks(n: int, b: int) -> list[tuple[int, int]]:
         chunks[-2] = (chunks[-2][0], n)
         chunks.pop()
     return chunks
-
-
-@torch.no_grad()
-def population_bn_stats(model: nn.Module, x: torch.Tensor, batch_size: int) -> None:
-    """Set every BN layer's running statistics to population statistics ("precise BN").
-
-    The training set is passed once in train mode in batches of ``batch_size`` (so each layer sees
-    inputs distributed as in training); per channel the sum and the sum of squares are pooled over
-    all batches with their counts: ``mean = E[x]``, ``var = (E[x^2] - mean^2) * n / (n - 1)``
-    (unbiased, as torch stores it). Independent of how the data are split (Wu & Johnson 2021).
-    Modes and momenta are restored; the hooks are removed in ``finally``.
-    """
-    bns = [m for m in model.modules() if isinstance(m, _BN)]
-    sums: dict[int, list[Any]] = {id(m): [0, 0.0, 0.0] for m in bns}
-
-    def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        h = inputs[0].double()
-        dims = [d for d in range(h.dim()) if d != 1]
-        acc = sums[id(mod)]
-        acc[0] += h.numel() // h.shape[1]
-        acc[1] = acc[1] + h.sum(dim=dims)
-        acc[2] = acc[2] + (h * h).sum(dim=dims)
-
-    was_training = model.training
-    handles = [m.register_forward_pre_hook(hook) for m in bns]
-    saved = [(m, m.running_mean.clone(), m.running_var.clone()) for m in bns]
-    try:
-        model.train()
-        for s, e in _batch_chunks(x.shape[0], batch_size):
-            model(x[s:e])
-        for m in bns:
-            n, s1, s2 = sums[id(m)]
-            mean = s1 / n
-            var = (s2 / n - mean * mean).clamp_min(0) * n / max(n - 1, 1)
-            m.running_mean.copy_(mean.to(m.running_mean.dtype))
-            m.running_var.copy_(var.to(m.running_var.dtype))
-    except Exception:
-        for m, rm, rv in saved:
-            m.running_mean.copy_(rm)
-            m.running_var.copy_(rv)
-        raise
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
 
 
 @torch.no_grad()
@@ -275,7 +280,12 @@ class BNEvalStats(Experiment):
         "set in train-mode batches of 16), and each val batch's own stats (batches of 16). Per momentum, gap = "
         "acc(precise) - acc(EMA) per seed. Supported if the seed-mean gap is >= -0.5 points at every momentum. "
         "Refuted if at some momentum the seed-mean gap is < -1 point and negative in every seed. Otherwise "
-        "inconclusive. The gaps (and batch-stat accuracy) are reported per momentum."
+        "inconclusive. The gaps (and batch-stat accuracy) are reported per momentum. Precise stats come from the "
+        "library's batchlab.norm.precise_bn (the same code `batchlab` users call)."
+    }
+    validity = {
+        "C18": "The BN net must learn the task: seed-mean EMA val accuracy >= 80% at the task's usual momentum 0.1 "
+        "(or the best momentum tested). Otherwise there is nothing for the statistics to preserve."
     }
     TOL = 0.005
     REFUTE = 0.01
@@ -318,7 +328,8 @@ class BNEvalStats(Experiment):
         bns = [mod for mod in model.modules() if isinstance(mod, _BN)]
         ema = [(b.running_mean.clone(), b.running_var.clone()) for b in bns]
         _, acc_batch = batch_stats_eval(model, vx, vy, task, p["batch_size"])
-        population_bn_stats(model, task.train_set.x, p["batch_size"])
+        chunks = [task.train_set.x[a:b] for a, b in _batch_chunks(len(task.train_set.x), p["batch_size"])]
+        precise_bn(model, chunks, num_batches=len(chunks))
         pop = [(b.running_mean.clone(), b.running_var.clone()) for b in bns]
         _, acc_precise = evaluate(model, vx, vy, task)
         return {"status": "ok", "acc_ema": acc_ema, "acc_precise": acc_precise, "acc_batch": acc_batch,
@@ -341,7 +352,11 @@ class BNEvalStats(Experiment):
             }
         effect = {"per_momentum": per, "thresholds": {"tol": self.TOL, "refute": self.REFUTE}}
         if not per:
-            return [Verdict("C18", "inconclusive", f"{rule}. No run finished", effect)]
+            return [Verdict.invalid("C18", f"no run finished. {rule}", effect)]
+        best_ema = max(v["acc_ema"]["mean"] for v in per.values())
+        if not best_ema >= 0.8:
+            return [Verdict.invalid("C18", f"the BN net did not learn the task (best seed-mean EMA accuracy "
+                                    f"{best_ema:.3f} < 0.8). {rule}", effect)]
         gaps = "; ".join(f"m={m}: {fmt_spread(v['gap_precise_minus_ema'])}" for m, v in
                          sorted(per.items(), key=lambda kv: float(kv[0])))
         bad = [m for m, v in per.items() if v["gap_precise_minus_ema"]["mean"] < -self.REFUTE
@@ -356,7 +371,7 @@ class BNEvalStats(Experiment):
         return [Verdict("C18", "inconclusive", f"{rule}. {why}. Gaps precise - EMA: {gaps}", effect)]
 
     def plot(self, data: dict[str, Any], params: dict[str, Any]) -> list[Any]:
-        plt = _plt()
+        plt = pyplot()
         fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
         ms = sorted(data["runs"], key=float)
         ax = axes[0]
@@ -474,6 +489,11 @@ class SeqNorm(Experiment):
         "negative in every seed. Otherwise inconclusive. The effect of padding on BN's batch statistics (mean and "
         "variance with vs without padded positions) is measured and shown for every L."
     }
+    validity = {
+        "C20": "Padding must disturb BN's batch statistics at all: at the longest padded length, BN's per-batch mean "
+        "with padded positions differs from the real-token mean by >= 0.1 (in units of the real-token std)."
+    }
+    PAD_EFFECT = 0.1
     TOL = 0.005
     REFUTE = 0.01
 
@@ -536,6 +556,10 @@ class SeqNorm(Experiment):
             f"|log var ratio| {s['abs_log_var_ratio']:.2f}" for L, s in sorted(ps.items(), key=lambda kv: int(kv[0])))
         if not diffs:
             return [Verdict("C20", "inconclusive", f"{rule}. No finished LN/BN pair", effect)]
+        longest = max(ps, key=int) if ps else None
+        if longest is None or not ps[longest]["mean_error_in_std"] >= self.PAD_EFFECT:
+            return [Verdict.invalid("C20", f"padding did not move BN's batch mean by {self.PAD_EFFECT} std at the "
+                                    f"longest length ({pad_note or 'no padding statistics'})", effect)]
         nums = "; ".join(f"L={L}: {fmt_spread(effect['ln_minus_bn'][L])}" for L in sorted(diffs, key=int))
         bad = [L for L, s in effect["ln_minus_bn"].items() if s["mean"] < -self.REFUTE and s["max"] < 0]
         if bad:
@@ -548,7 +572,7 @@ class SeqNorm(Experiment):
         return [Verdict("C20", "inconclusive", f"{rule}. {why}. LN - BN: {nums}. Padding: {pad_note}", effect)]
 
     def plot(self, data: dict[str, Any], params: dict[str, Any]) -> list[Any]:
-        plt = _plt()
+        plt = pyplot()
         fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
         Ls = sorted(data["acc"], key=int)
         ps = data.get("padding_stats", {})

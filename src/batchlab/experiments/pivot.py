@@ -6,16 +6,10 @@ import math
 from typing import Any
 
 from batchlab.experiments.base import Experiment, ExperimentContext, Verdict, one_thread, register, spread
+from batchlab.experiments.kit import pyplot
 from batchlab.train import TrainConfig, default_lr_rule, scale_lr
 
 
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 @register
@@ -32,17 +26,24 @@ class PivotSearch(Experiment):
         "the task's (0.05 at B=128), the same seeds. The full grid trains every power of 2 in 2..512; "
         "batchlab.batchsize.pivot_search starts at 128 and halves or doubles while the seed-mean val accuracy "
         "improves by more than the pooled seed-to-seed std. Cost = training examples of the distinct trials. "
-        "Supported if |log2(search result) - log2(grid best)| <= 1 and the search cost <= 50% of the grid's. "
-        "Refuted if the cost is > 50%, or the result is more than one power of 2 from the grid best AND its "
-        "accuracy is below the grid best's by more than the pooled seed std. Otherwise (more than one power of 2 "
-        "away but within noise: a flat optimum) inconclusive."
+        "The budget is 2 epochs, so that the best batch lies far from 128 (checked below). Cost = training "
+        "examples and training time of the distinct trials, each as a fraction of the grid's. The null is 'stay at "
+        "128' (no search). Supported if |log2(search result) - log2(grid best)| <= 1, the search cost <= 50% of the "
+        "grid's in examples and in time, and the search result beats staying at 128 by more than the pooled seed "
+        "std. Refuted if the cost is > 50% (examples or time), or the result is more than one power of 2 from the "
+        "grid best AND its accuracy is below the grid best's by more than the pooled seed std, or it does not beat "
+        "128. Otherwise (more than one power of 2 away but within noise: a flat optimum) inconclusive."
+    }
+    validity = {
+        "C14": "The grid's best batch must lie two or more powers of 2 from the starting point 128 (and beat 128 by "
+        "more than the seed std); otherwise 'stay at 128' is already as good and the search has nothing to find."
     }
     COST_FRACTION = 0.5
     MAX_OCTAVES = 1
 
     def params(self, quick: bool) -> dict[str, Any]:
         return {"task": "digits-mlp", "pivot": 128, "low": 2, "high": 512, "lr": 0.05, "lr_batch": 128,
-                "optimizer": "momentum", "epochs": 3 if quick else 5}
+                "optimizer": "momentum", "epochs": 2}
 
     def _config(self, p: dict[str, Any], n: int, b: int, seed: int, device: str) -> TrainConfig:
         rule = default_lr_rule(p["optimizer"])
@@ -82,8 +83,8 @@ class PivotSearch(Experiment):
                                          "budget_examples": res.budget_examples, "notes": res.notes}}
 
     def decide(self, data: dict[str, Any], params: dict[str, Any]) -> list[Verdict]:
-        rule = (f"rule: |log2(search) - log2(grid best)| <= {self.MAX_OCTAVES} and search cost <= "
-                f"{self.COST_FRACTION:.0%} of the grid's examples; refuted if cost > {self.COST_FRACTION:.0%} or "
+        rule = (f"rule: |log2(search) - log2(grid best)| <= {self.MAX_OCTAVES}, search cost <= "
+                f"{self.COST_FRACTION:.0%} of the grid's examples and time, better than staying at the pivot; refuted if cost > {self.COST_FRACTION:.0%} or "
                 f"farther AND worse than the grid best by more than the seed std")
         grid, search = data["grid"], data["search"]
 
@@ -116,8 +117,20 @@ class PivotSearch(Experiment):
         nums = (f"grid best B={gb} (acc {ok[gb]:.3f}), search B={sb} (acc {means.get(sb, math.nan):.3f}) via path "
                 f"{path}; {octaves:g} powers of 2 apart; cost {effect['cost_fraction_examples']:.0%} of the grid's "
                 f"examples ({effect['cost_fraction_train_time']:.0%} of its training time); seed std {noise:.3f}")
-        if effect["cost_fraction_examples"] > self.COST_FRACTION:
+        pivot = int(params["pivot"])
+        at_pivot = means.get(pivot, -math.inf)
+        effect["acc_at_pivot"] = at_pivot
+        effect["grid_best_octaves_from_pivot"] = abs(math.log2(gb) - math.log2(pivot))
+        nums += f"; staying at {pivot}: acc {at_pivot:.3f}"
+        if effect["grid_best_octaves_from_pivot"] < 2 or not ok[gb] - at_pivot > noise:
+            return [Verdict.invalid("C14", f"the grid's best batch B={gb} is within one power of 2 of {pivot} or not "
+                                    f"better than {pivot} by more than the seed std, so 'stay at {pivot}' is already "
+                                    f"as good. {nums}", effect)]
+        beats_null = means.get(sb, -math.inf) - at_pivot > noise
+        if effect["cost_fraction_examples"] > self.COST_FRACTION or effect["cost_fraction_train_time"] > self.COST_FRACTION:
             return [Verdict("C14", "refuted", f"{rule}. The search was not cheap: {nums}", effect)]
+        if not beats_null:
+            return [Verdict("C14", "refuted", f"{rule}. The search did not beat staying at {pivot}: {nums}", effect)]
         if octaves <= self.MAX_OCTAVES:
             return [Verdict("C14", "supported", f"{rule}. {nums}", effect)]
         if gap > noise:
@@ -127,7 +140,7 @@ class PivotSearch(Experiment):
                         f"optimum): {nums}", effect)]
 
     def plot(self, data: dict[str, Any], params: dict[str, Any]) -> list[Any]:
-        plt = _plt()
+        plt = pyplot()
         fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
         grid, search = data["grid"], data["search"]
         bs = sorted(grid, key=int)

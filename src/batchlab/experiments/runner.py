@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 import time
 import traceback
@@ -13,6 +14,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from batchlab.experiments.base import Experiment, ExperimentContext, Outcome, Verdict, experiments, one_thread
+from batchlab.fileio import OutputError, atomic_open, atomic_write
 from batchlab.store import Store
 
 DEFAULT_SEEDS_FULL = 3
@@ -66,15 +68,20 @@ def run_experiment(
         # the runner's policy for CPU experiments: one torch thread (see base.one_thread)
         with one_thread(device):
             data = exp.run(ctx, params)
-        (folder / "data.json").write_text(json.dumps(data, indent=1, default=_json_default))
+        atomic_write(folder / "data.json", json.dumps(data, indent=1, default=_json_default))
         verdicts = exp.decide(data, params)
         for i, fig in enumerate(exp.plot(data, params)):
             path = folder / f"figure{i + 1}.png"
-            fig.savefig(path, dpi=110, bbox_inches="tight")
+            with atomic_open(path) as f:  # a concurrent reader sees the old PNG or the new one, never half
+                fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
             figures.append(str(path.relative_to(out)))
             import matplotlib.pyplot as plt
 
             plt.close(fig)
+    except (sqlite3.DatabaseError, OutputError):
+        # a damaged results store or an output that cannot be written is not the experiment's
+        # failure: stop here, leaving the earlier outcome.json (and its verdicts) as they were
+        raise
     except Exception:  # noqa: BLE001 - one failing experiment must not stop the suite
         status, error = "failed", traceback.format_exc(limit=30)
     finally:
@@ -89,9 +96,9 @@ def run_experiment(
         verdicts=[v.__dict__ for v in verdicts], params=params, figures=figures,
         wall_time=time.perf_counter() - t0, trials_run=ctx.trials_run, trials_loaded=ctx.trials_loaded,
         quick=quick, seeds=seeds, command=rerun_command(exp_cls, quick, out), seed_doc=exp.seed_doc,
-        statements=dict(exp.statements), rules=dict(exp.rules), error=error,
+        statements=dict(exp.statements), rules=dict(exp.rules), validity=dict(exp.validity), error=error,
     )
-    (folder / "outcome.json").write_text(json.dumps(outcome.to_dict(), indent=1, default=_json_default))
+    atomic_write(folder / "outcome.json", json.dumps(outcome.to_dict(), indent=1, default=_json_default))
     return outcome
 
 
@@ -142,9 +149,10 @@ def reproduce(
             run_experiment(exp_cls, quick=quick, seeds=list(range(n_seeds)), device=device, store=store, out=out,
                            progress=progress, backend=backend)
         )
-    from batchlab.experiments.report import write_reproduce_report
+    from batchlab.experiments.report import write_markdown, write_reproduce_report
 
     write_reproduce_report(out)
+    write_markdown(out, out / "verdicts.md")
     return outcomes
 
 

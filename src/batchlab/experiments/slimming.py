@@ -34,6 +34,12 @@ class Slimming(Experiment):
         "every seed and its mean exceeds 1 point by more than the seed-to-seed std of the baseline accuracy. "
         "Otherwise inconclusive (seeds disagree or the excess is within noise)."
     }
+    validity = {
+        "C21": "The L1 penalty must have made gamma sparse: after sparsity training, in every seed at least half of "
+        "the BN channels have |gamma| below 10% of the largest |gamma| (otherwise the global threshold cuts "
+        "channels that matter, and the experiment tests pruning, not slimming); and at least 50% of the channels "
+        "must have been removed."
+    }
 
     def params(self, quick: bool) -> dict[str, Any]:
         return {"task": "digits-cnn", "prune": 0.5, "max_drop": 1.0, "min_removed": 0.5,
@@ -59,6 +65,14 @@ class Slimming(Experiment):
             r[k] = [{"epoch": h["epoch"], "val_acc": h["val_acc"]} for h in r[k]]
         return r
 
+    @staticmethod
+    def sparse_fraction(gammas: list[float], rel: float = 0.1) -> float | None:
+        """Fraction of channels whose ``|gamma|`` is below ``rel`` times the largest (None without gammas)."""
+        mags = [abs(float(g)) for g in gammas]
+        if not mags or max(mags) <= 0:
+            return None
+        return sum(g < rel * max(mags) for g in mags) / len(mags)
+
     def decide(self, data: dict[str, Any], params: dict[str, Any]) -> list[Verdict]:
         seeds = sorted(data["seeds"], key=int)
         runs = [data["seeds"][s] for s in seeds]
@@ -76,8 +90,14 @@ class Slimming(Experiment):
             "one_val_example_points": 100.0 / data["n_val"] if data.get("n_val") else None,
         }
         md = params["max_drop"]
+        sparse = [self.sparse_fraction(r.get("gammas_sparse") or []) for r in runs]
+        effect["gamma_below_10pct_of_max"] = sparse
+        if any(f is None or not f >= 0.5 for f in sparse):
+            return [Verdict.invalid("C21", f"the L1 penalty did not make gamma sparse: fraction of channels with |gamma| "
+                                    f"< 10% of the largest per seed {sparse} (needs >= 0.5); drops "
+                                    f"{[round(d, 2) for d in drops]} points", effect)]
         if any(f < params["min_removed"] for f in removed):
-            return [Verdict("C21", "inconclusive", f"some seed removed less than {params['min_removed']:.0%} of the "
+            return [Verdict.invalid("C21", f"some seed removed less than {params['min_removed']:.0%} of the "
                             f"channels (removed {[round(f, 3) for f in removed]}), so the claim was not tested", effect)]
         if all(d <= md for d in drops):
             return [Verdict("C21", "supported", f"{fmt_spread(effect['removed_fraction'])} of the channels removed; "

@@ -22,7 +22,7 @@ from typing import Any
 
 __all__ = ["VERDICTS", "Section", "load_results", "report_from_dir", "write_report"]
 
-VERDICTS = ("supported", "refuted", "inconclusive")
+VERDICTS = ("supported", "refuted", "inconclusive", "observed", "not observed")
 _SECTION_KEYS = ("title", "text", "tables", "figures", "verdict", "code", "id")
 _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml",
          ".gif": "image/gif", ".webp": "image/webp"}
@@ -41,7 +41,8 @@ class Section:
             ``{"rows": [...], "columns": [...], "caption": "..."}``.
         figures: a figure or a list of them: a matplotlib Figure, an image path, or
             ``{"figure": Figure | path, "caption": "..."}``.
-        verdict: ``"supported"``, ``"refuted"`` or ``"inconclusive"``: shown as a badge.
+        verdict: ``"supported"``, ``"refuted"``, ``"inconclusive"``, ``"observed"`` or ``"not observed"``: shown
+            as a badge.
         code: a command (or list of commands) shown in a code block, e.g. how to rerun it.
         id: the anchor; default: made from the title.
     """
@@ -251,6 +252,7 @@ pre.cmd code { background:none; color:inherit; padding:0; }
 .badge.supported { color:var(--ok); border-color:var(--ok); background:#dafbe1; }
 .badge.refuted { color:var(--bad); border-color:var(--bad); background:#ffebe9; }
 .badge.inconclusive { color:var(--warn); border-color:var(--warn); background:#fff8c5; }
+.badge.observed, .badge.not-observed { color:#444; border-color:#888; background:#f2f2f2; }
 nav.toc .badge { font-size:10px; padding:1px 6px; margin-left:4px; }
 figure { margin:6px 0 22px; }
 figure img { max-width:100%; height:auto; border:1px solid var(--line); border-radius:6px; background:#fff; }
@@ -306,7 +308,7 @@ def write_report(
     n_fig = 0
     for i, sec in enumerate(secs):
         anchor = _slug(sec.id or sec.title, used)
-        badge = f' <span class="badge {sec.verdict}">{sec.verdict}</span>' if sec.verdict else ""
+        badge = f' <span class="badge {sec.verdict.replace(" ", "-")}">{sec.verdict}</span>' if sec.verdict else ""
         toc.append(f'<li><a href="#{anchor}">{html.escape(sec.title)}</a>{badge}</li>')
         parts = [f'<section id="{anchor}">', f"<h2>{html.escape(sec.title)}{badge}</h2>", _paragraphs(sec.text)]
         for cmd in _listify(sec.code):

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from batchlab import __version__
 from batchlab.cli import batchsize, experiments, norm, slim, train
 from batchlab.cli.common import CliError, _Parser
+from batchlab.fileio import OutputError
+from batchlab.store import StoreError
 
 # command groups, in the order `batchlab --help` lists them
 COMMAND_GROUPS = (train, batchsize, norm, experiments, slim)
@@ -35,7 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return int(args.func(args) or 0)
-    except CliError as e:
+    except (CliError, StoreError, OutputError) as e:
+        # a usage error, a results store that cannot be opened or is damaged, an output that
+        # cannot be written: one line naming the argument or file, exit status 2
         sys.stderr.write(f"batchlab {args.command}: error: {e}\n")
         return 2
     except KeyboardInterrupt:

@@ -7,10 +7,19 @@ import json
 import math
 import re
 import sys
-from pathlib import Path
 from typing import Any
 
-from batchlab.cli.common import CliError, add_task_args, add_threads_arg, load_task, positive_float, positive_int
+from batchlab.argtypes import device
+from batchlab.cli.common import (
+    CliError,
+    add_task_args,
+    add_threads_arg,
+    load_task,
+    positive_float,
+    positive_int,
+    prepare_out,
+)
+from batchlab.fileio import atomic_write
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30,
           "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -41,7 +50,7 @@ def _range_args(p: argparse.ArgumentParser) -> None:
     add_threads_arg(p)
     p.add_argument("--low", type=positive_int, default=2, help="smallest batch considered (default 2)")
     p.add_argument("--high", type=positive_int, default=512, help="largest batch considered (default 512; capped at the data set)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
 
 
 def _check_range(args: argparse.Namespace, task: Any) -> None:
@@ -70,8 +79,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
         backend = backend_from_args(args)
     except (ValueError, ImportError) as e:
         raise CliError(str(e)) from e
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out(args.out)
     try:
         s = suggest(
             task, device=args.device, low=args.low, high=args.high, seeds=tuple(range(args.seeds)),
@@ -80,7 +88,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise CliError(str(e)) from e
-    (out / "suggestion.json").write_text(s.to_json(indent=2))
+    atomic_write(out / "suggestion.json", s.to_json(indent=2))
     index = write_suggestion_report(s, out)
     print(s.summary())
     print(f"report: {index}")
@@ -175,7 +183,7 @@ def register(sub: Any) -> None:
     add_task_args(p)
     add_threads_arg(p)
     p.add_argument("--batch-sizes", type=int_list, default=None, help="comma-separated (default: 2,4,...,512)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -189,7 +197,7 @@ def register(sub: Any) -> None:
     p.add_argument("--accumulation", type=positive_int, default=4)
     p.add_argument("--steps", type=positive_int, default=100)
     p.add_argument("--beta", type=float, default=0.95)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--history", action="store_true", help="include the per-step history")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_noise_scale)

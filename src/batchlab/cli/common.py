@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
-from batchlab.argtypes import nonneg_float, positive_float, positive_int
+from batchlab.argtypes import device, nonneg_float, positive_float, positive_int
 
 
 class CliError(Exception):
@@ -58,15 +60,49 @@ def add_task_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def load_task(args: argparse.Namespace) -> Any:
+    """The task the command line names, checked before any work: it loads, its training and
+    validation sets are not empty, and its model builds with the given ``--norm``/``--activation``
+    and ``--task-arg`` values (a bad value fails here, with its flag, not as a traceback later)."""
+    import torch
+
+    from batchlab.norm import known_norms
     from batchlab.tasks import get_task
 
     kwargs = dict(args.task_arg)
     if args.data_root:
         kwargs["root"] = args.data_root
+    given = f"--task {args.task!r}" + "".join(f" --task-arg {k}={v!r}" for k, v in args.task_arg)
     try:
-        return get_task(args.task, **kwargs)
+        task = get_task(args.task, **kwargs)
     except (ValueError, FileNotFoundError, TypeError) as e:
-        raise CliError(f"--task {args.task!r}: {e}") from e
+        raise CliError(f"{given}: {e}") from e
+    for split, name in (("train_set", "training"), ("val_set", "validation")):
+        try:
+            n = len(getattr(task, split))
+        except TypeError:  # an iterable data set without a length: nothing to check here
+            continue
+        if n == 0:
+            raise CliError(f"{given}: its {name} set is empty; training and evaluation need at least one example")
+    norm, activation = getattr(args, "norm", None), getattr(args, "activation", None)
+    if norm is not None and norm not in known_norms():
+        raise CliError(f"--norm {norm!r} is unknown; known: {', '.join(known_norms())}")
+    try:
+        with torch.random.fork_rng(devices=[]):  # the probe leaves the caller's RNG as it was
+            task.make_model(norm=norm, activation=activation)
+    except (ValueError, TypeError) as e:
+        flags = "".join(f" {f} {v!r}" for f, v in (("--norm", norm), ("--activation", activation)) if v not in (None, "relu"))
+        raise CliError(f"{given}{flags}: cannot build its model: {e}") from e
+    return task
+
+
+def prepare_out(path: str | os.PathLike[str], flag: str = "--out") -> Path:
+    """Create the output folder and check that files can be written in it, before any work."""
+    from batchlab.fileio import OutputError, probe_dir
+
+    try:
+        return probe_dir(path, flag)
+    except OutputError as e:
+        raise CliError(str(e)) from e
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -89,19 +125,16 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--norm", default=None, help="batch, group, layer, instance, none ... (default: the task's)")
     p.add_argument("--activation", choices=("relu", "sigmoid", "tanh"), default="relu")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
 
 
 def config_from_args(args: argparse.Namespace, task: Any) -> Any:
-    from batchlab.norm import known_norms
     from batchlab.train.config import TrainConfig
 
     batch = args.batch_size or task.batch_size
     if batch > len(task.train_set):
         raise CliError(f"--batch-size {batch} is larger than the training set of {task.name} ({len(task.train_set)} examples)")
-    if args.norm is not None and args.norm not in known_norms():
-        raise CliError(f"--norm {args.norm!r} is unknown; known: {', '.join(known_norms())}")
     budget: dict[str, Any] = {"epochs": args.epochs or task.epochs}
     if args.steps:
         budget = {"epochs": None, "max_steps": args.steps}

@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from batchlab.cli.common import CliError, positive_int
+from batchlab.argtypes import device
+from batchlab.cli.common import CliError, positive_int, prepare_out
 
 
 def register(sub: Any) -> None:
@@ -15,7 +16,7 @@ def register(sub: Any) -> None:
     p.add_argument("--only", default=None, help="comma-separated claim ids or experiment ids, e.g. C10,C17")
     p.add_argument("--out", default="batchlab-out/reproduce", help="output folder (report at OUT/index.html)")
     p.add_argument("--seeds", type=positive_int, default=None, help="seeds per setting (default 3; 2 with --quick)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     from batchlab.distributed.ray_backend import add_backend_args
@@ -32,18 +33,18 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         for exp in experiments().values():
             print(f"{','.join(exp.claims):<10} {exp.id:<22} {exp.title}")
         return 0
-    only = args.only.split(",") if args.only else None
+    only = None
+    if args.only is not None:
+        only = [w.strip() for w in args.only.split(",") if w.strip()]
+        if not only:
+            raise CliError(f"--only must name at least one claim or experiment id (e.g. C10,C17), got {args.only!r}")
     try:
         select(only)
     except ValueError as e:
         raise CliError(str(e)) from e
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise CliError(f"--device {args.device!r}: CUDA is not available on this machine")
-    elif args.device != "cpu":
-        raise CliError(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        raise CliError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    prepare_out(args.out)
     from batchlab.distributed.ray_backend import backend_from_args
 
     try:

@@ -33,12 +33,18 @@ def cmd_bn_health(args: argparse.Namespace) -> int:
     from batchlab.norm import bn_health, format_bn_health
     from batchlab.train import TrainConfig, fit
 
+    from batchlab.norm import is_batchnorm
+
     task = load_task(args)
     torch.manual_seed(args.seed)
     try:
         model = task.make_model(norm=args.norm, activation=args.activation)
     except ValueError as e:
         raise CliError(f"--norm {args.norm!r}: {e}") from e
+    if not any(is_batchnorm(m) for m in model.modules()):
+        norm = f"--norm {args.norm!r}" if args.norm else f"its default norm {getattr(task, 'norm', None)!r}"
+        raise CliError(f"--task {args.task!r}: the model (with {norm}) has no BatchNorm layer, so there is nothing for "
+                       "bn-health to check; try --norm batch")
     if args.checkpoint:
         path = Path(args.checkpoint)
         if not path.is_file():

@@ -8,7 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from batchlab.cli.common import CliError, add_task_args, load_task, nonneg_float, positive_float, positive_int
+from batchlab.cli.common import CliError, add_task_args, load_task, nonneg_float, positive_float, positive_int, prepare_out
+from batchlab.fileio import OutputError, atomic_open, atomic_write
 
 
 def _fraction(text: str) -> float:
@@ -52,6 +53,12 @@ def cmd_slim(args: argparse.Namespace) -> int:
     from batchlab.train.config import TrainConfig
 
     task = load_task(args)
+    out = None
+    if args.out:  # checked before training: a finished run must have somewhere to go
+        out = prepare_out(args.out)
+        if (out / "result.json").exists():
+            raise CliError(f"--out: {out / 'result.json'} already exists; it is never overwritten: move it away or "
+                           "choose another --out folder")
     batch = args.batch_size or task.batch_size
     if batch > len(task.train_set):
         raise CliError(f"--batch-size {batch} is larger than the training set of {task.name} ({len(task.train_set)} examples)")
@@ -73,10 +80,14 @@ def cmd_slim(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
     data = res.to_dict()
     summary = _summary(data)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "result.json").write_text(json.dumps(data, indent=1, allow_nan=True))
+    if out is not None:
+        text = json.dumps(data, indent=1, allow_nan=True)
+        try:  # the result first (never replacing one), then the report made from it
+            atomic_write(out / "result.json", text, exclusive=True)
+        except (OutputError, FileExistsError) as e:  # the disk filled up, or another run wrote it meanwhile
+            print(text)
+            raise CliError(f"{e}; the full result was printed above instead") from e
+        summary["result"] = str(out / "result.json")
         summary["report"] = str(write_slim_report(data, out))
     print(json.dumps(summary, indent=2))
     return 0
@@ -104,7 +115,8 @@ def write_slim_report(d: dict[str, Any], out: Path) -> Path:
     from batchlab.report.plots import gamma_histogram
 
     fig = gamma_histogram(d["gammas_sparse"], d["gammas_baseline"], sparsity=d["sparsity"], threshold=d["slim"]["threshold"])
-    fig.savefig(out / "gamma_hist.png", dpi=110)
+    with atomic_open(out / "gamma_hist.png") as f:
+        fig.savefig(f, format="png", dpi=110)
     rows = []
     for label, key in (("baseline (no L1, unpruned)", "baseline"), ("sparsity-trained (before)", "before"),
                        ("slimmed, fine-tuned, folded (after)", "after")):

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
-from batchlab.cli.common import CliError, add_task_args, add_threads_arg, add_train_args, config_from_args, load_task
+from batchlab.cli.common import (
+    CliError,
+    add_task_args,
+    add_threads_arg,
+    add_train_args,
+    config_from_args,
+    load_task,
+    prepare_out,
+)
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
@@ -22,28 +31,60 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from batchlab.distributed import maybe_run_distributed
+    from batchlab.fileio import OutputError
     from batchlab.train import fit
 
     task = load_task(args)
     config = config_from_args(args, task)
+    path = None
+    if args.out:  # checked before training: a finished run must have somewhere to go
+        path = prepare_out(args.out) / result_filename(args, task, config)
+        if path.exists():
+            raise CliError(f"--out: {path} already exists (a run with the same task, task arguments, data and "
+                           "config); it is never overwritten: move it away or choose another --out folder")
     result = maybe_run_distributed(args, task, config)  # under torchrun with 2+ processes
     if result is None:
         result = fit(task, config, progress=not args.quiet)
     summary = {k: v for k, v in result.to_dict().items() if k != "history"}
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"{task.name}-b{config.batch_size}-s{config.seed}-{_short_hash(summary['config'])}.json"
-        path.write_text(result.to_json())
-        summary["path"] = str(path)
+    if path is not None:
+        try:
+            summary["path"] = str(_write_new(path, result.to_json()))
+        except OutputError as e:  # e.g. the disk filled up while training: the result goes to stdout
+            print(result.to_json())
+            raise CliError(f"{e}; the full result was printed above instead") from e
     print(json.dumps(summary, indent=2))
     return 0 if result.ok else 1
 
 
-def _short_hash(d: dict[str, Any]) -> str:
-    import hashlib
+def result_filename(args: argparse.Namespace, task: Any, config: Any) -> str:
+    """``<task>-b<batch>-s<seed>-<hash>.json``: the hash covers every input that changes the result
+    (task spec, ``--task-arg`` values, ``--data-root``, the task's fingerprint, the whole config), and
+    the task name is reduced to letters, digits, ``.``, ``_`` and ``-`` (no ``/``, no leading dot),
+    so the file lands directly inside ``--out``."""
+    import os
 
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    from batchlab.store import run_key
+
+    root = os.path.abspath(os.path.expanduser(args.data_root)) if args.data_root else None
+    fingerprint = task.fingerprint() if hasattr(task, "fingerprint") else {"name": task.name}
+    key = run_key(fingerprint, config.to_dict(), task_spec=args.task, task_args=[[k, v] for k, v in args.task_arg],
+                  data_root=root)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(task.name)).lstrip(".")[:80] or "task"
+    return f"{name}-b{config.batch_size}-s{config.seed}-{key[:16]}.json"
+
+
+def _write_new(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically, never replacing a file: when ``path`` appeared meanwhile
+    (another process), the next free ``<stem>-2.json``, ``-3`` ... is used."""
+    from batchlab.fileio import atomic_write
+
+    for n in range(1, 1000):
+        target = path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+        try:
+            return atomic_write(target, text, exclusive=True)
+        except FileExistsError:
+            continue
+    raise CliError(f"--out: {path} and 999 numbered variants exist; nothing was overwritten")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -52,8 +93,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     path = Path(args.dir)
     if not path.is_dir():
         raise CliError(f"DIR {args.dir!r} is not a folder")
+    out = prepare_out(args.out if args.out else path / "report")
     try:
-        index = report_from_dir(path)
+        index = report_from_dir(path, out_dir=out)
     except ValueError as e:
         raise CliError(str(e)) from e
     print(index)
@@ -76,4 +118,5 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("report", help="turn a folder of result JSON into figures and an HTML page")
     p.add_argument("dir", help="folder of result JSON files (e.g. from `batchlab train --out DIR`)")
+    p.add_argument("--out", help="folder for index.html and figures/ (default: DIR/report); use it when DIR is read-only")
     p.set_defaults(func=cmd_report)

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from batchlab.experiments.base import INVALID_PREFIX, VERDICTS
 from batchlab.report.html import write_report
 
 SEED_FILES = {  # the seed documents (Chinese), described in English so any browser renders them
@@ -80,8 +81,11 @@ def write_reproduce_report(out: str | Path) -> Path:
             text = [
                 f"**Claim** (seed {_seed_docs(o.get('seed_doc', ''))}): {o.get('statements', {}).get(claim, '')}",
                 f"**Decision rule** (fixed before the data): {o.get('rules', {}).get(claim, '')}",
+                f"**Validity check** (fixed before the data): {o.get('validity', {}).get(claim, 'none stated')}",
                 f"**Verdict: {v['verdict']}.** {v['reason']}",
             ]
+            if v.get("published"):
+                text.append(published_text(v["published"]))
             if o["status"] != "ok":
                 text.append(f"**The experiment failed:** ```{(o.get('error') or '').strip().splitlines()[-1][:300]}```")
             effect_rows = [{"quantity": k, "value (mean [min .. max] over seeds)": _fmt(x)} for k, x in v.get("effect", {}).items()]
@@ -94,14 +98,106 @@ def write_reproduce_report(out: str | Path) -> Path:
                 "figures": [str(out / f) for f in o["figures"]],
                 "code": o["command"],
             })
-    counts = {k: sum(r["verdict"] == k for r in summary_rows) for k in ("supported", "refuted", "inconclusive")}
+    counts = {k: sum(r["verdict"] == k for r in summary_rows) for k in VERDICTS}
     quick = any(o["quick"] for o in outcomes)
     intro = [
         "Each claim that the seed documents make about batch size and batch normalization, tested by an "
         "experiment on this machine's built-in tasks. Every verdict is computed from the data by the decision "
         "rule shown beside it, written before the experiment ran.",
-        f"{len(summary_rows)} claims: {counts['supported']} supported, {counts['refuted']} refuted, "
-        f"{counts['inconclusive']} inconclusive." + (" Quick configuration (fewer seeds, smaller budgets)." if quick else ""),
+        f"{len(summary_rows)} claims: " + ", ".join(f"{n} {k}" for k, n in counts.items() if n) + "." + (" Quick configuration (fewer seeds, smaller budgets)." if quick else ""),
     ]
     sections.insert(0, {"title": "Summary", "tables": [{"rows": summary_rows, "caption": "Verdict per claim"}]})
     return write_report(out, "batchlab reproduce: claims about batch size and BatchNorm, tested", sections, intro=intro)
+
+
+def published_text(pub: dict[str, Any]) -> str:
+    """One paragraph: the published numbers next to the measured ones, and whether the trend agrees."""
+    agrees = pub.get("trend_agrees")
+    if isinstance(agrees, dict):
+        verdict = "; ".join(f"{k}: {'agrees' if v else 'does not agree'}" for k, v in agrees.items())
+    else:
+        verdict = "agrees" if agrees else "does not agree"
+    parts = [f"**Published** ({pub.get('source', '')}): {_fmt(pub.get('published'))}"]
+    if pub.get("published_trend"):
+        parts.append(f"trend: {pub['published_trend']}")
+    parts.append(f"**measured here**: {_fmt(pub.get('measured'))}")
+    parts.append(f"**trend {verdict}**")
+    return ". ".join(parts) + "."
+
+
+def _md_cell(text: str, limit: int = 260) -> str:
+    text = " ".join(str(text).split()).replace("|", "/")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def markdown_table(out: str | Path) -> str:
+    """The verdict table of the run in ``out`` as Markdown, generated from its ``outcome.json`` files only.
+
+    One row per claim: verdict, whether the validity check passed, the published trend (where the experiment
+    re-derives a published result), and the reason the rule printed. A header line names the configuration,
+    seeds and the wall time summed over the experiments.
+    """
+    outcomes = load_outcomes(out)
+    if not outcomes:
+        raise ValueError(f"no outcome.json under {out}: run `batchlab reproduce --out {out}` first")
+    rows, wall = [], 0.0
+    counts = {k: 0 for k in VERDICTS}
+    for o in outcomes:
+        wall += o["wall_time"]
+        for v in sorted(o["verdicts"], key=lambda v: v["claim"]):
+            counts[v["verdict"]] += 1
+            valid = "failed" if v.get("valid") is False else "passed"
+            pub = v.get("published") or {}
+            agrees = pub.get("trend_agrees")
+            if isinstance(agrees, dict):
+                trend = ", ".join(f"{k}: {'yes' if a else 'no'}" for k, a in agrees.items())
+            else:
+                trend = "" if not pub else ("agrees" if agrees else "does not agree")
+            reason = v["reason"][len(INVALID_PREFIX):] if v["reason"].startswith(INVALID_PREFIX) else v["reason"]
+            status = "" if o["status"] == "ok" else " (experiment failed)"
+            rows.append(f"| {v['claim']} | `{o['id']}` | **{v['verdict']}**{status} | {valid} | {trend} | "
+                        f"{_md_cell(reason)} |")
+    quick = any(o["quick"] for o in outcomes)
+    seeds = sorted({len(o["seeds"]) for o in outcomes})
+    head = (f"Generated by `batchlab reproduce` from `{Path(out)}` ({'--quick' if quick else 'full'} configuration, "
+            f"{'/'.join(map(str, seeds))} seeds; experiment time summed: {wall / 60:.1f} min). "
+            + ", ".join(f"{n} {k}" for k, n in counts.items() if n) + ".")
+    table = ["| claim | experiment | verdict | validity check | published trend | what decided it |",
+             "|---|---|---|---|---|---|", *rows]
+    return head + "\n\n" + "\n".join(table) + "\n"
+
+
+def write_markdown(out: str | Path, file: str | Path, block: str | None = None) -> Path:
+    """Write :func:`markdown_table` to ``file``; with ``block``, replace only the text between the lines
+    ``<!-- reproduce:BLOCK:begin -->`` and ``<!-- reproduce:BLOCK:end -->`` of an existing file (how
+    docs/reproduce.md keeps its generated tables)."""
+    file = Path(file)
+    table = markdown_table(out)
+    if block is None:
+        file.write_text(table)
+        return file
+    begin, end = f"<!-- reproduce:{block}:begin -->", f"<!-- reproduce:{block}:end -->"
+    text = file.read_text()
+    if begin not in text or end not in text:
+        raise ValueError(f"{file} has no block {begin} ... {end}")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    file.write_text(f"{head}{begin}\n{table}{end}{tail}")
+    return file
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m batchlab.experiments.report OUT --markdown FILE [--block NAME]``: regenerate a verdict table."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m batchlab.experiments.report", description=main.__doc__)
+    p.add_argument("out", help="a `batchlab reproduce --out` folder")
+    p.add_argument("--markdown", required=True, help="Markdown file to write (or update, with --block)")
+    p.add_argument("--block", default=None, help="replace only the <!-- reproduce:BLOCK:begin/end --> block")
+    args = p.parse_args(argv)
+    print(write_markdown(args.out, args.markdown, args.block))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -96,7 +96,7 @@ def run_experiment(
         verdicts=[v.__dict__ for v in verdicts], params=params, figures=figures,
         wall_time=time.perf_counter() - t0, trials_run=ctx.trials_run, trials_loaded=ctx.trials_loaded,
         quick=quick, seeds=seeds, command=rerun_command(exp_cls, quick, out), seed_doc=exp.seed_doc,
-        statements=dict(exp.statements), rules=dict(exp.rules), error=error,
+        statements=dict(exp.statements), rules=dict(exp.rules), validity=dict(exp.validity), error=error,
     )
     atomic_write(folder / "outcome.json", json.dumps(outcome.to_dict(), indent=1, default=_json_default))
     return outcome
@@ -149,9 +149,10 @@ def reproduce(
             run_experiment(exp_cls, quick=quick, seeds=list(range(n_seeds)), device=device, store=store, out=out,
                            progress=progress, backend=backend)
         )
-    from batchlab.experiments.report import write_reproduce_report
+    from batchlab.experiments.report import write_markdown, write_reproduce_report
 
     write_reproduce_report(out)
+    write_markdown(out, out / "verdicts.md")
     return outcomes
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from batchlab.tasks import TaskError
 from batchlab.train import Callback, RunResult, StepContext, TrainConfig, fit, lr_factor, scale_lr
 from batchlab.train.oom import is_oom
 
@@ -138,8 +139,9 @@ def test_oom_is_a_status_not_an_exception(toy_task, msg):
 
 def test_other_errors_raise_or_are_recorded(toy_task):
     model = _OOMAbove(toy_task.make_model(), 16, "shape mismatch")
-    with pytest.raises(RuntimeError, match="shape mismatch"):
+    with pytest.raises(TaskError, match="task 'toy': training failed at step 0 .*RuntimeError: shape mismatch") as info:
         fit(toy_task, TrainConfig(batch_size=32, epochs=1), model=model)
+    assert isinstance(info.value.__cause__, RuntimeError)
     r = fit(toy_task, TrainConfig(batch_size=32, epochs=1), model=model, raise_errors=False)
     assert r.status == "failed" and "shape mismatch" in r.error
 
@@ -158,7 +160,7 @@ def test_invalid_config_values_are_named():
 
 
 def test_batch_larger_than_training_set(toy_task):
-    with pytest.raises(ValueError, match=r"batch_size \(1000\) is larger than the training set \(256 examples\)"):
+    with pytest.raises(ValueError, match=r"batch_size \(1000\) is larger than the training set of task 'toy' \(256 examples\)"):
         fit(toy_task, TrainConfig(batch_size=1000))
 
 

@@ -5,8 +5,8 @@
 - :mod:`batchlab.tasks.builtin`: the built-in tasks (imported here, so they are always registered).
 """
 
-from batchlab.tasks.task import Task, accuracy
+from batchlab.tasks.task import METRICS, Task, TaskError, accuracy, describe_batch
 from batchlab.tasks.registry import get_task, list_tasks, register_task
 from batchlab.tasks import builtin  # noqa: F401,E402  (registers the built-in tasks)
 
-__all__ = ["Task", "accuracy", "get_task", "list_tasks", "register_task"]
+__all__ = ["METRICS", "Task", "TaskError", "accuracy", "describe_batch", "get_task", "list_tasks", "register_task"]

@@ -1,8 +1,11 @@
 """``fit(task, config) -> RunResult``: the training loop every batchlab tool runs.
 
 Design notes:
-- Data live in memory; a step's batch is one ``index_select`` on a per-epoch permutation from a
-  generator seeded with ``config.seed``, so a run is deterministic on CPU.
+- A step's examples are indices from a per-epoch permutation drawn from a generator seeded with
+  ``config.seed``, so a run is deterministic on CPU. In-memory data are batched by one
+  ``index_select``; any other torch Dataset by a DataLoader (workers, pinned memory) whose batch
+  sampler is that same sequence of indices. Steps are planned from the budget alone, so a
+  prefetching DataLoader sees exactly the batches the loop will take.
 - The whole run executes inside ``torch.random.fork_rng``: it never perturbs the caller's RNG.
 - A non-finite (or absurdly large) loss ends the run as ``"diverged"``; an out-of-memory error
   as ``"oom"``. Both are recorded with the step and returned, never raised.
@@ -13,11 +16,12 @@ Design notes:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +29,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from batchlab.tasks import Task, get_task
+from batchlab.data.arrays import ArrayDataset
+from batchlab.data.sources import ArraySource, Source, batch_size_of, make_source, move_to_device
+from batchlab.tasks import Task, TaskError, get_task
 from batchlab.train.config import RunResult, TrainConfig
 from batchlab.train.oom import free_memory, is_oom
 from batchlab.train.optim import batch_factor, lr_factor, make_optimizer
@@ -83,41 +89,79 @@ def _bn_buffers(model: nn.Module) -> list[torch.Tensor]:
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    task: Task,
-    *,
+    data: Any,
+    *args: Any,
     batch_size: int = 1024,
     autocast: contextlib.AbstractContextManager[Any] | None = None,
+    limit: int | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[float, float]:
-    """Mean loss and the task's metric of ``model`` in eval mode on ``(x, y)``; restores the mode."""
+    """Mean loss and the task's metric of ``model`` in eval mode; restores the mode.
+
+    Call as ``evaluate(model, source, task)`` with a :class:`~batchlab.data.sources.Source` (or
+    a Dataset, wrapped with the task's collate function), or ``evaluate(model, x, y, task)`` with
+    in-memory tensors. For the metric "loss" the metric is the mean loss.
+
+    Args:
+        batch_size: evaluation batch size.
+        autocast: a context manager around each forward pass (mixed precision).
+        limit: evaluate the first ``limit`` examples only.
+        device: where batches go (default: the model's device).
+    """
+    if args and isinstance(data, torch.Tensor):
+        data, task = ArraySource(ArrayDataset(data, args[0])), args[1]
+    elif len(args) == 1:
+        task = args[0]
+        if not isinstance(data, Source):
+            data = make_source(data, task.collate_fn, num_workers=task.num_workers)
+    else:
+        raise TypeError("call evaluate(model, source, task) or evaluate(model, x, y, task)")
+    if device is None:
+        ref = next(iter(model.parameters()), None)
+        device = ref.device if ref is not None else torch.device("cpu")
     was_training = model.training
     model.eval()
+    loss_sum = metric_sum = metric_w = 0.0
+    count = 0
     try:
-        outs = []
-        for start in range(0, x.shape[0], batch_size):
+        for batch in data.ordered(batch_size, limit):
+            batch = move_to_device(batch, device)
+            n = batch_size_of(batch)
             with autocast or contextlib.nullcontext():
-                outs.append(model(x[start : start + batch_size]).float())
-        logits = torch.cat(outs)
-        return float(task.loss(logits, y)), float(task.metric(logits, y))
+                out = task.forward_batch(model, batch)
+                loss = task.loss_of(out, batch)
+            loss_sum += float(loss) * n
+            count += n
+            s, w = task.metric_of(out, batch, n)
+            metric_sum += s
+            metric_w += w
     finally:
         model.train(was_training)
+    if count == 0:
+        raise TaskError(f"task {task.name!r}: nothing to evaluate (the data set is empty)")
+    mean_loss = loss_sum / count
+    if task.metric_name == "loss":
+        return mean_loss, mean_loss
+    return mean_loss, (metric_sum / metric_w if metric_w else math.nan)
 
 
 class _Sampler:
     """Per-epoch permutations consumed in batches of any size (the size may change between steps)."""
 
-    def __init__(self, n: int, generator: torch.Generator, drop_last: bool, device: torch.device) -> None:
-        self.n, self.gen, self.drop_last, self.device = n, generator, drop_last, device
+    def __init__(self, n: int | None, generator: torch.Generator, drop_last: bool, shuffle: bool = True) -> None:
+        self.n, self.gen, self.drop_last, self.shuffle = n, generator, drop_last, shuffle
         self.perm = torch.empty(0, dtype=torch.long)
-        self.cursor = n  # the first take() draws the first permutation
-        self.epoch = 0
+        self.cursor = 0 if n is None else n  # the first take() draws the first permutation
+        self.epoch = 1 if n is None else 0
         self.epoch_ended = False
 
     def take(self, b: int) -> torch.Tensor:
+        if self.n is None:  # a stream of unknown length: positions only (one endless epoch)
+            self.cursor += b
+            return torch.arange(self.cursor - b, self.cursor)
         left = self.n - self.cursor
         if left <= 0 or (self.drop_last and left < b):
-            self.perm = torch.randperm(self.n, generator=self.gen).to(self.device)
+            self.perm = torch.randperm(self.n, generator=self.gen) if self.shuffle else torch.arange(self.n)
             self.cursor = 0
             self.epoch += 1
         end = self.cursor + b
@@ -130,8 +174,91 @@ class _Sampler:
         return idx
 
 
+@dataclass
+class _StepPlan:
+    """The micro-batches of one optimizer step, decided before the step (and possibly before the
+    previous steps have run, when a DataLoader prefetches)."""
+
+    micro: list[torch.Tensor]
+    epoch: int
+    epoch_ended: bool
+    frac: float  # budget fraction done before this step
+
+    @property
+    def examples(self) -> int:
+        return sum(int(i.shape[0]) for i in self.micro)
+
+
+def _plan_steps(cfg: TrainConfig, sampler: _Sampler, total_examples: int | None) -> Iterator[_StepPlan]:
+    """The steps of a run, each a pure function of the steps before it: the batch size comes from
+    the budget fraction done so far, so planning ahead (for a prefetching DataLoader) gives exactly
+    the batches that planning step by step would."""
+    step = examples = 0
+    while True:
+        if cfg.max_steps is not None and step >= cfg.max_steps:
+            return
+        if total_examples is not None and (
+            examples >= total_examples or (total_examples - examples == 1 and cfg.batch_size > 1)
+        ):
+            return  # a single leftover example of the budget is not worth a (BatchNorm-breaking) step
+        frac = step / cfg.max_steps if cfg.max_steps is not None else examples / total_examples
+        b = cfg.batch_size * batch_factor(frac, cfg.batch_growth, cfg.growth_factor) if cfg.batch_growth else cfg.batch_size
+        micro: list[torch.Tensor] = []
+        room = None if total_examples is None else total_examples - examples
+        for _ in range(cfg.accumulation):
+            take = b if room is None else min(b, room)
+            if take <= 0:
+                break
+            idx = sampler.take(take)
+            micro.append(idx)
+            if room is not None:
+                room -= idx.shape[0]
+            if sampler.epoch_ended:
+                break
+        plan = _StepPlan(micro, sampler.epoch, sampler.epoch_ended, frac)
+        step += 1
+        examples += plan.examples
+        yield plan
+
+
+class _Batches:
+    """Pairs each planned step with its fetched micro-batches (in-memory: fetched on demand;
+    DataLoader: streamed, the loader consuming the plan ahead of the loop)."""
+
+    def __init__(self, source: Source, plans: Iterator[_StepPlan], device: torch.device, non_blocking: bool) -> None:
+        self.device, self.non_blocking = device, non_blocking
+        self.pending: collections.deque[_StepPlan] = collections.deque()
+        self.plans = plans
+        self.direct = isinstance(source, ArraySource)
+        self.source = source
+        if not self.direct:
+            self.stream = source.stream(self._indices())
+
+    def _indices(self) -> Iterator[torch.Tensor]:
+        for plan in self.plans:
+            self.pending.append(plan)
+            yield from plan.micro
+
+    def __iter__(self) -> Iterator[tuple[_StepPlan, list[Any]]]:
+        if self.direct:
+            for plan in self.plans:
+                yield plan, [self.source.fetch(idx) for idx in plan.micro]
+            return
+        while True:
+            try:
+                first = next(self.stream)
+            except StopIteration:
+                return
+            plan = self.pending.popleft()
+            batches = [first] + [next(self.stream) for _ in plan.micro[1:]]
+            yield plan, [move_to_device(b, self.device, self.non_blocking) for b in batches]
+
+
 def _resolve_device(name: str) -> torch.device:
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' (or another torch device), got {name!r}") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
     return dev
@@ -155,7 +282,8 @@ def fit(
         callbacks: :class:`Callback` objects.
         progress: show a progress bar.
         raise_errors: re-raise errors other than divergence and OOM; when False they end the run
-            with status ``"failed"`` and the traceback in ``error``.
+            with status ``"failed"`` and the traceback in ``error``. Problems with the task itself
+            (found by :meth:`Task.check` before training) always raise :class:`TaskError`.
 
     Returns:
         A :class:`RunResult`; ``status`` is ``"ok"``, ``"diverged"``, ``"oom"`` or ``"failed"``.
@@ -165,6 +293,12 @@ def fit(
     if cfg.optimizer == "lbfgs" and cfg.accumulation > 1:
         raise ValueError(f"accumulation must be 1 with optimizer 'lbfgs', got {cfg.accumulation}")
     device = _resolve_device(cfg.device)
+    if model is None:  # a caller passing its own model (a wrapper, a DDP shard) has checked the task itself
+        task.check(device)
+    n = task.n_train if task.train_source.indexable or cfg.epochs is not None else None
+    if n is not None and cfg.batch_size > n:
+        raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the training set of task {task.name!r} "
+                         f"({n} examples)")
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(cfg.seed)
@@ -183,7 +317,9 @@ def _fit(
     t_start = time.perf_counter()
     opt_name = cfg.optimizer or task.optimizer
     base_lr = float(cfg.lr if cfg.lr is not None else task.lr)
-    result = RunResult(task=task.name, config=cfg.to_dict(), extra={"optimizer": opt_name, "lr": base_lr})
+    result = RunResult(task=task.name, config=cfg.to_dict(),
+                       extra={"optimizer": opt_name, "lr": base_lr, "metric": task.metric_name,
+                              "higher_is_better": task.higher_is_better})
     if model is None:
         model = task.make_model(norm=cfg.norm, activation=cfg.activation)
     model = model.to(device)
@@ -192,10 +328,15 @@ def _fit(
         opt_name, model.parameters(), base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
         lbfgs_max_iter=cfg.lbfgs_max_iter,
     )
-    train, val = task.train_set.to(device), task.val_set.to(device)
-    n = len(train)
-    if cfg.batch_size > n:
-        raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the training set ({n} examples)")
+    train_src, val_src = task.train_source, task.val_source
+    if isinstance(train_src, ArraySource):
+        train_src, val_src = train_src.to(device), val_src.to(device)  # type: ignore[union-attr]
+    pin = task.pin_memory if task.pin_memory is not None else device.type == "cuda"
+    non_blocking = bool(pin) and device.type == "cuda"
+    if pin and not isinstance(train_src, ArraySource):
+        train_src = make_source(task.train_set, task.collate_fn, num_workers=task.num_workers, pin_memory=True)
+        val_src = make_source(task.val_set, task.collate_fn, num_workers=task.num_workers, pin_memory=True)
+    accuracy_names = task.metric_name == "accuracy"
 
     amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[
         cfg.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")
@@ -205,19 +346,19 @@ def _fit(
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler) if use_scaler else None
     bn_buffers = _bn_buffers(model) if scaler is not None else []
 
+    n = len(train_src) if train_src.indexable else (train_src.length or 0)
     gen = torch.Generator().manual_seed(cfg.seed)
-    sampler = _Sampler(n, gen, cfg.drop_last, device)
-    eval_idx = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 1))[:2048].to(device)
-    train_eval_x, train_eval_y = train.x.index_select(0, eval_idx), train.y.index_select(0, eval_idx)
+    sampler = _Sampler(n or None, gen, cfg.drop_last, shuffle=train_src.indexable)
+    n_val = len(val_src) if val_src.indexable else None
+    eval_n = min(n, 2048 if isinstance(train_src, ArraySource) else min(2048, n_val or 2048))
+    eval_idx = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 1))[:eval_n] if train_src.indexable else None
+    if eval_idx is not None:
+        train_eval_src: Source = _IndexedSubset(train_src, eval_idx)
+    eval_bs = 1024 if isinstance(train_src, ArraySource) else cfg.batch_size * cfg.accumulation
 
     total_examples = None
     if cfg.max_steps is None:
         total_examples = cfg.max_examples if cfg.max_examples is not None else max(1, round(cfg.epochs * n))
-
-    def progress_frac() -> float:
-        if cfg.max_steps is not None:
-            return ctx.step / cfg.max_steps
-        return ctx.examples / total_examples
 
     ctx = StepContext(task=task, config=cfg, model=model, optimizer=optimizer, accumulation=cfg.accumulation)
     est_steps = cfg.max_steps or math.ceil(total_examples / (cfg.batch_size * cfg.accumulation))
@@ -228,16 +369,19 @@ def _fit(
     def record() -> None:
         nonlocal loss_sum, loss_count
         t0 = time.perf_counter()
-        val_loss, val_acc = evaluate(model, val.x, val.y, task, autocast=autocast)
-        tr_loss, tr_acc = (
-            evaluate(model, train_eval_x, train_eval_y, task, autocast=autocast) if cfg.eval_train else (math.nan, math.nan)
+        val_loss, val_metric = evaluate(model, val_src, task, batch_size=eval_bs, autocast=autocast, device=device)
+        tr_loss, tr_metric = (
+            evaluate(model, train_eval_src, task, batch_size=eval_bs, autocast=autocast, device=device)
+            if cfg.eval_train and eval_idx is not None else (math.nan, math.nan)
         )
         row: dict[str, Any] = {
-            "step": ctx.step, "epoch": ctx.examples / n, "examples": ctx.examples,
+            "step": ctx.step, "epoch": ctx.examples / n if n else math.nan, "examples": ctx.examples,
             "wall_time": time.perf_counter() - t_start, "train_time": train_time, "lr": ctx.lr,
             "batch_size": ctx.batch_size, "batch_loss": loss_sum / loss_count if loss_count else float("nan"),
-            "train_loss": tr_loss, "train_acc": tr_acc, "val_loss": val_loss, "val_acc": val_acc,
+            "train_loss": tr_loss, "train_metric": tr_metric, "val_loss": val_loss, "val_metric": val_metric,
         }
+        if accuracy_names:
+            row["train_acc"], row["val_acc"] = tr_metric, val_metric
         row.update(ctx.logs)
         ctx.logs.clear()
         loss_sum, loss_count = 0.0, 0
@@ -251,35 +395,16 @@ def _fit(
     ctx.lr = base_lr * lr_factor(cfg.schedule, 0.0, 0, warmup_steps=cfg.warmup_steps, milestones=cfg.milestones, gamma=cfg.gamma)
     for cb in callbacks:
         cb.on_train_begin(ctx)
-    if cfg.eval_every:
-        record()
+    batches = _Batches(train_src, _plan_steps(cfg, sampler, total_examples), device, non_blocking)
     try:
-        while True:
-            if cfg.max_steps is not None and ctx.step >= cfg.max_steps:
-                break
-            if total_examples is not None and (
-                ctx.examples >= total_examples or (total_examples - ctx.examples == 1 and cfg.batch_size > 1)
-            ):
-                break  # a single leftover example of the budget is not worth a (BatchNorm-breaking) step
-            t_step = time.perf_counter()
-            frac = progress_frac()
-            b = cfg.batch_size * batch_factor(frac, cfg.batch_growth, cfg.growth_factor) if cfg.batch_growth else cfg.batch_size
-            micro_idx = []
-            room = None if total_examples is None else total_examples - ctx.examples
-            for _ in range(cfg.accumulation):
-                take = b if room is None else min(b, room)
-                if take <= 0:
-                    break
-                idx = sampler.take(take)
-                micro_idx.append(idx)
-                if room is not None:
-                    room -= idx.shape[0]
-                if sampler.epoch_ended:
-                    break
-            step_n = sum(i.shape[0] for i in micro_idx)
-            ctx.epoch, ctx.batch_size = sampler.epoch, step_n
+        if cfg.eval_every:
+            record()
+        t_step = time.perf_counter()
+        for plan, micro in batches:
+            step_n = plan.examples
+            ctx.epoch, ctx.batch_size = plan.epoch, step_n
             ctx.lr = base_lr * lr_factor(
-                cfg.schedule, frac, ctx.step, warmup_steps=cfg.warmup_steps, milestones=cfg.milestones, gamma=cfg.gamma
+                cfg.schedule, plan.frac, ctx.step, warmup_steps=cfg.warmup_steps, milestones=cfg.milestones, gamma=cfg.gamma
             )
             for group in optimizer.param_groups:
                 group["lr"] = ctx.lr
@@ -287,28 +412,27 @@ def _fit(
             snapshot = [t.clone() for t in bn_buffers] if scaler is not None else None
 
             if opt_name == "lbfgs":
-                xb, yb = train.x.index_select(0, micro_idx[0]), train.y.index_select(0, micro_idx[0])
+                batch0 = micro[0]
 
                 def closure() -> torch.Tensor:
                     optimizer.zero_grad(set_to_none=True)
                     with autocast:
-                        l = task.loss(model(xb), yb)
+                        l = task.loss_of(task.forward_batch(model, batch0), batch0)
                     l.backward()
                     return l
 
                 step_loss = float(optimizer.step(closure).detach())
             else:
                 step_loss = 0.0
-                for i, idx in enumerate(micro_idx):
-                    xb, yb = train.x.index_select(0, idx), train.y.index_select(0, idx)
+                for i, (idx, batch) in enumerate(zip(plan.micro, micro)):
                     with autocast:
-                        loss = task.loss(model(xb), yb)
+                        loss = task.loss_of(task.forward_batch(model, batch), batch)
                     weight = idx.shape[0] / step_n
                     scaled = loss if weight == 1.0 else loss * weight
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
                     step_loss += loss.item() * weight
                     if callbacks:
-                        ctx.micro_batch, ctx.micro_batch_size = i, idx.shape[0]
+                        ctx.micro_batch, ctx.micro_batch_size = i, int(idx.shape[0])
                         for cb in callbacks:
                             cb.on_micro_batch_end(ctx)
                 if not math.isfinite(step_loss) or step_loss > cfg.divergence_loss:
@@ -336,16 +460,18 @@ def _fit(
             ctx.loss = step_loss
             loss_sum += step_loss
             loss_count += 1
-            train_time += time.perf_counter() - t_step
+            now = time.perf_counter()
+            train_time += now - t_step
             for cb in callbacks:
                 cb.on_step_end(ctx)
             bar.update(1)
             if progress and ctx.step % 10 == 0:
                 bar.set_postfix(loss=f"{step_loss:.3f}", refresh=False)
-            if (cfg.eval_every and ctx.step % cfg.eval_every == 0) or (not cfg.eval_every and sampler.epoch_ended):
+            if (cfg.eval_every and ctx.step % cfg.eval_every == 0) or (not cfg.eval_every and plan.epoch_ended):
                 record()
             if ctx.stop:
                 break
+            t_step = time.perf_counter()
         if not result.history or result.history[-1]["step"] != ctx.step:
             record()
     except _Diverged as e:
@@ -357,12 +483,16 @@ def _fit(
             result.error = f"out of memory at step {ctx.step} (batch {ctx.batch_size}): {str(e).splitlines()[0][:300]}"
             free_memory()
         elif raise_errors:
-            raise
+            if isinstance(e, TaskError):
+                raise
+            raise TaskError(f"task {task.name!r}: training failed at step {ctx.step} (batch {ctx.batch_size}): "
+                            f"{type(e).__name__}: {e}") from e
         else:
             result.status, result.failed_step = "failed", ctx.step
             result.error = traceback.format_exc(limit=20)
     finally:
         bar.close()
+        del batches  # shuts down DataLoader workers
     result.steps, result.examples = ctx.step, ctx.examples
     result.train_time = train_time
     result.wall_time = time.perf_counter() - t_start
@@ -375,14 +505,35 @@ def _fit(
     return result
 
 
+class _IndexedSubset(Source):
+    """A fixed subset of a source, in the given order (the training examples scored at each evaluation)."""
+
+    def __init__(self, source: Source, idx: torch.Tensor) -> None:
+        self.source, self.idx = source, idx
+
+    def __len__(self) -> int:
+        return int(self.idx.numel())
+
+    def fetch(self, idx: torch.Tensor) -> Any:
+        return self.source.fetch(self.idx[idx])
+
+    def stream(self, index_batches: Iterable[torch.Tensor]) -> Iterator[Any]:
+        return self.source.stream(self.idx[i] for i in index_batches)
+
+
 class _Diverged(Exception):
     def __init__(self, loss: float) -> None:
         super().__init__(f"loss {loss}")
         self.loss = loss
 
 
-def iterate_batches(task: Task, batch_size: int, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless shuffled training batches of ``task`` (for tools that need raw batches)."""
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        yield from task.train_set.batches(batch_size, generator=gen, drop_last=True)
+def iterate_batches(task: Task, batch_size: int, seed: int = 0, device: torch.device | str = "cpu") -> Iterator[Any]:
+    """Endless shuffled training batches of ``batch_size`` examples of ``task`` on ``device``
+    (for tools that need raw batches: the noise scale, precise BN, throughput)."""
+    source = task.train_source
+    n = len(source) if source.indexable else None
+    if n is not None and batch_size > n:
+        raise ValueError(f"batch_size ({batch_size}) is larger than the training set of task {task.name!r} ({n} examples)")
+    sampler = _Sampler(n, torch.Generator().manual_seed(seed), drop_last=True, shuffle=source.indexable)
+    for batch in source.stream(iter(lambda: sampler.take(batch_size), None)):
+        yield move_to_device(batch, device)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from batchlab.fileio import atomic_write
+
 __all__ = ["VERDICTS", "Section", "load_results", "report_from_dir", "write_report"]
 
 VERDICTS = ("supported", "refuted", "inconclusive", "observed", "not observed")
@@ -338,10 +340,10 @@ def write_report(
 
     fig_dir.mkdir(parents=True, exist_ok=True)
     for stale in fig_dir.glob("fig-*"):  # figures of an earlier report in the same folder
-        if stale.name not in pngs:
-            stale.unlink()
-    for name, data in pngs.items():
-        (fig_dir / name).write_bytes(data)
+        if stale.name not in pngs and not stale.name.startswith("."):
+            stale.unlink(missing_ok=True)  # another process may have removed it already
+    for name, data in pngs.items():  # each complete or absent, never half-written
+        atomic_write(fig_dir / name, data)
 
     from batchlab import __version__
 
@@ -371,9 +373,7 @@ def write_report(
 </body>
 </html>
 """
-    index = out / "index.html"
-    index.write_text(page, encoding="utf-8")
-    return index
+    return atomic_write(out / "index.html", page)
 
 
 def _figure_title(fig: Any) -> str | None:
@@ -391,7 +391,15 @@ def _figure_title(fig: Any) -> str | None:
 
 
 def _looks_like_result(d: Any) -> bool:
-    return isinstance(d, dict) and "status" in d and "config" in d and ("history" in d or "final" in d)
+    """A RunResult dict: ``status`` a string, ``config`` a dict, ``history`` a list of dicts and/or
+    ``final`` a dict (what the report reads; anything else is listed as skipped, never a crash)."""
+    if not (isinstance(d, dict) and isinstance(d.get("status"), str) and isinstance(d.get("config"), dict)):
+        return False
+    if "history" not in d and "final" not in d:
+        return False
+    history, final = d.get("history", []), d.get("final", {})
+    return (isinstance(history, list) and all(isinstance(row, dict) for row in history)
+            and isinstance(final, dict))
 
 
 def load_results(run_dir: str | Path) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
@@ -422,7 +430,8 @@ def load_results(run_dir: str | Path) -> tuple[list[tuple[str, dict[str, Any]]],
         items = data if isinstance(data, list) else [data]
         good = [d for d in items if _looks_like_result(d)]
         if not good:
-            skipped.append(f"{rel}: not a RunResult (needs 'status', 'config' and 'history')")
+            skipped.append(f"{rel}: not a RunResult (needs 'status' (str), 'config' (dict) and 'history' (list of "
+                           "dicts) or 'final' (dict))")
             continue
         stem = rel[: -len(".json")]
         for k, d in enumerate(good):

@@ -12,6 +12,7 @@ from typing import Any
 from batchlab.argtypes import device
 from batchlab.cli.common import (
     CliError,
+    train_size,
     add_task_args,
     add_threads_arg,
     load_task,
@@ -54,10 +55,10 @@ def _range_args(p: argparse.ArgumentParser) -> None:
 
 
 def _check_range(args: argparse.Namespace, task: Any) -> None:
-    n = len(task.train_set)
+    n = train_size(task)
     if args.low > args.high:
         raise CliError(f"--low ({args.low}) must be <= --high ({args.high})")
-    if args.low > n:
+    if n is not None and args.low > n:
         raise CliError(f"--low {args.low} is larger than the training set of {task.name} ({n} examples); allowed: 1..{n}")
 
 
@@ -113,7 +114,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     from batchlab.batchsize import throughput
 
     task = load_task(args)
-    n = len(task.train_set)
+    n = train_size(task) or 512
     sizes = args.batch_sizes or [b for b in (2**k for k in range(1, 10)) if b <= n]
     bad = [b for b in sizes if b > n]
     if bad:
@@ -136,8 +137,8 @@ def cmd_noise_scale(args: argparse.Namespace) -> int:
     from batchlab.batchsize import noise_scale
 
     task = load_task(args)
-    n = len(task.train_set)
-    if args.micro_batch * args.accumulation > n:
+    n = train_size(task)
+    if n is not None and args.micro_batch * args.accumulation > n:
         raise CliError(
             f"--micro-batch x --accumulation = {args.micro_batch * args.accumulation} is larger than the training set "
             f"of {task.name} ({n} examples)"

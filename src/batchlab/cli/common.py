@@ -76,22 +76,18 @@ def load_task(args: argparse.Namespace) -> Any:
         task = get_task(args.task, **kwargs)
     except (ValueError, FileNotFoundError, TypeError) as e:
         raise CliError(f"{given}: {e}") from e
-    for split, name in (("train_set", "training"), ("val_set", "validation")):
-        try:
-            n = len(getattr(task, split))
-        except TypeError:  # an iterable data set without a length: nothing to check here
-            continue
-        if n == 0:
-            raise CliError(f"{given}: its {name} set is empty; training and evaluation need at least one example")
     norm, activation = getattr(args, "norm", None), getattr(args, "activation", None)
     if norm is not None and norm not in known_norms():
         raise CliError(f"--norm {norm!r} is unknown; known: {', '.join(known_norms())}")
+    flags = "".join(f" {f} {v!r}" for f, v in (("--norm", norm), ("--activation", activation)) if v not in (None, "relu"))
     try:
         with torch.random.fork_rng(devices=[]):  # the probe leaves the caller's RNG as it was
-            task.make_model(norm=norm, activation=activation)
+            model = task.make_model(norm=norm, activation=activation)
+        # one tiny batch through the model, loss and metric: empty data sets, batches the model
+        # rejects, a non-scalar loss, labels out of range all fail here, before any long work
+        task.check(getattr(args, "device", "cpu"), model=model)
     except (ValueError, TypeError) as e:
-        flags = "".join(f" {f} {v!r}" for f, v in (("--norm", norm), ("--activation", activation)) if v not in (None, "relu"))
-        raise CliError(f"{given}{flags}: cannot build its model: {e}") from e
+        raise CliError(f"{given}{flags}: {e}") from e
     return task
 
 
@@ -129,12 +125,25 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
 
 
+def train_size(task: Any) -> int | None:
+    """The task's training-set size (None for a stream of unknown length)."""
+    try:
+        return task.n_train
+    except ValueError:
+        return None
+
+
+def check_batch_fits(task: Any, batch: int, flag: str = "--batch-size") -> None:
+    n = train_size(task)
+    if n is not None and batch > n:
+        raise CliError(f"{flag} {batch} is larger than the training set of {task.name} ({n} examples)")
+
+
 def config_from_args(args: argparse.Namespace, task: Any) -> Any:
     from batchlab.train.config import TrainConfig
 
     batch = args.batch_size or task.batch_size
-    if batch > len(task.train_set):
-        raise CliError(f"--batch-size {batch} is larger than the training set of {task.name} ({len(task.train_set)} examples)")
+    check_batch_fits(task, batch)
     budget: dict[str, Any] = {"epochs": args.epochs or task.epochs}
     if args.steps:
         budget = {"epochs": None, "max_steps": args.steps}

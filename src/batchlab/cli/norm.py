@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from batchlab.cli.common import CliError, add_task_args, load_task, nonneg_float, positive_int
+from batchlab.cli.common import CliError, add_task_args, load_task, nonneg_float, positive_int, train_size
 
 
 def register(sub: Any) -> None:
@@ -55,13 +55,17 @@ def cmd_bn_health(args: argparse.Namespace) -> int:
         except Exception as e:  # noqa: BLE001 - any load failure is a usage error here
             raise CliError(f"--checkpoint {args.checkpoint!r} does not load into {task.name}'s model: {e}") from e
     elif args.epochs > 0:
-        result = fit(task, TrainConfig(batch_size=min(task.batch_size, len(task.train_set)), epochs=args.epochs,
+        result = fit(task, TrainConfig(batch_size=min(task.batch_size, train_size(task) or task.batch_size), epochs=args.epochs,
                                        seed=args.seed, norm=args.norm, activation=args.activation),
                      model=model, progress=not args.json)
         if not result.ok:
             print(f"note: training ended with status {result.status}: {result.error}")
-    n = min(args.batch_size, len(task.val_set))
-    report = bn_health(model, task.val_set.x[:n])
+    try:
+        n = min(args.batch_size, len(task.val_source))
+    except TypeError:  # a validation stream of unknown length
+        n = args.batch_size
+    batch = task.sample_batch(n, seed=args.seed, split="val", device=next(iter(model.parameters())).device)
+    report = bn_health(model, batch, forward=task.forward_batch)
     if args.json:
         print(json.dumps(dataclasses.asdict(report), indent=2, default=str))
     else:

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from batchlab.cli.common import CliError, add_task_args, load_task, nonneg_float, positive_float, positive_int, prepare_out
+from batchlab.cli.common import CliError, add_task_args, check_batch_fits, load_task, nonneg_float, positive_float, positive_int, prepare_out
 from batchlab.fileio import OutputError, atomic_open, atomic_write
 
 
@@ -60,8 +60,7 @@ def cmd_slim(args: argparse.Namespace) -> int:
             raise CliError(f"--out: {out / 'result.json'} already exists; it is never overwritten: move it away or "
                            "choose another --out folder")
     batch = args.batch_size or task.batch_size
-    if batch > len(task.train_set):
-        raise CliError(f"--batch-size {batch} is larger than the training set of {task.name} ({len(task.train_set)} examples)")
+    check_batch_fits(task, batch)
     if not bn_layers(task.make_model()):
         raise CliError(f"--task {args.task!r}: its model has no BatchNorm layer with a learnable scale; network "
                        f"slimming ranks channels by BN gamma")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -135,24 +136,40 @@ def _eval_stats(m: nn.Module) -> tuple[Tensor | None, Tensor | None, Tensor | No
 
 
 @torch.no_grad()
-def bn_health(model: nn.Module, batch: Any, thresholds: HealthThresholds | None = None) -> BNHealth:
+def bn_health(model: nn.Module, batch: Any, thresholds: HealthThresholds | None = None, *,
+              forward: Callable[[nn.Module, Any], Any] | None = None) -> BNHealth:
     """Check every batch-norm layer of ``model`` on one batch.
 
     Args:
         model: the network (left unchanged: modes, buffers, parameters and RNG state).
-        batch: the model input, or a ``(x, y, ...)`` tuple/list whose first element is it.
+        batch: the model input, or a ``(x, y, ...)`` tuple/list whose first element is it; with
+            ``forward``, any batch (already on the model's device).
         thresholds: limits (see :class:`HealthThresholds`).
+        forward: ``forward(model, batch) -> output`` for models that do not take one tensor
+            (a task's ``forward_batch``: dict batches, several inputs).
 
     Returns:
         A :class:`BNHealth` (see the module docstring for each measure).
     """
     th = thresholds or HealthThresholds()
-    x = batch[0] if isinstance(batch, (tuple, list)) else batch
-    if not isinstance(x, Tensor):
-        raise TypeError(f"batch must be a tensor or an (x, y) tuple/list, got {type(batch).__name__}")
-    param = next(model.parameters(), None)
-    if param is not None:
-        x = x.to(param.device)
+    if forward is None:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not isinstance(x, Tensor):
+            raise TypeError(f"batch must be a tensor or an (x, y) tuple/list, got {type(batch).__name__}")
+        param = next(model.parameters(), None)
+        if param is not None:
+            x = x.to(param.device)
+
+        def run() -> Any:
+            return model(x)
+
+        n_examples = int(x.shape[0]) if x.dim() else 1
+    else:
+
+        def run() -> Any:
+            return _output_tensor(forward(model, batch))
+
+        n_examples = _examples(batch)
     layers = {name: m for name, m in model.named_modules() if _is_norm_layer(m)}
     succ, method = direct_successors(model)
     modes = {m: m.training for m in model.modules()}
@@ -169,7 +186,7 @@ def bn_health(model: nn.Module, batch: Any, thresholds: HealthThresholds | None 
 
                 handles.append(m.register_forward_hook(hook))
             model.eval()
-            out_eval = model(x)
+            out_eval = run()
             for h in handles:
                 h.remove()
             handles.clear()
@@ -178,7 +195,7 @@ def bn_health(model: nn.Module, batch: Any, thresholds: HealthThresholds | None 
                 for m in layers.values():
                     if is_batchnorm(m):
                         m.train()
-                out_train = model(x)
+                out_train = run()
                 if isinstance(out_eval, Tensor) and isinstance(out_train, Tensor):
                     den = out_eval.double().norm().item()
                     output_gap = _finite_or_none((out_train.double() - out_eval.double()).norm().item() / max(den, 1e-12))
@@ -244,12 +261,36 @@ def bn_health(model: nn.Module, batch: Any, thresholds: HealthThresholds | None 
             output_gap=output_gap,
             graph_method=method,
             thresholds={k: float(v) for k, v in dataclasses.asdict(th).items()},
-            batch_size=int(x.shape[0]) if x.dim() else 1,
+            batch_size=n_examples,
         )
     finally:
         for h in handles:
             h.remove()
         _restore(model, state, modes)
+
+
+def _output_tensor(out: Any) -> Any:
+    """The tensor of a model output (itself, ``.logits``, ``["logits"]`` or a tuple's first), for the output gap."""
+    if isinstance(out, Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, dict):
+        logits = out.get("logits")
+    if logits is None and isinstance(out, (tuple, list)) and out:
+        logits = out[0]
+    return logits if isinstance(logits, Tensor) else out
+
+
+def _examples(batch: Any) -> int:
+    """The first dimension of the first tensor in a (nested) batch."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ()
+    for v in values:
+        n = _examples(v)
+        if n:
+            return n
+    return 0
 
 
 def _restore(model: nn.Module, state: dict[str, Tensor], modes: dict[nn.Module, bool]) -> None:

@@ -15,7 +15,7 @@ Bessel-corrected average), the population variance is stored times ``n / (n - 1)
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -61,7 +61,8 @@ def _inputs(batch: Any) -> Any:
 
 
 @torch.no_grad()
-def precise_bn(model: nn.Module, loader: Iterable[Any], num_batches: int) -> dict[str, int]:
+def precise_bn(model: nn.Module, loader: Iterable[Any], num_batches: int, *,
+               forward: Callable[[nn.Module, Any], Any] | None = None) -> dict[str, int]:
     """Recompute the running statistics of every batch norm in ``model`` as population
     statistics over ``num_batches`` batches of ``loader``.
 
@@ -76,6 +77,9 @@ def precise_bn(model: nn.Module, loader: Iterable[Any], num_batches: int) -> dic
         loader: any iterable of batches: tensors or ``(x, y, ...)`` tuples whose first element
             is the model input. Inputs are moved to the device of the model's first parameter.
         num_batches: batches to use (>= 1).
+        forward: ``forward(model, batch)`` for models that do not take one tensor (a task's
+            ``forward_batch``: dict batches, several inputs); its batches must already be on the
+            model's device (e.g. ``batchlab.train.iterate_batches(task, b, device=...)``).
 
     Returns:
         ``{layer name: number of values per channel pooled}`` for each updated layer.
@@ -111,10 +115,13 @@ def precise_bn(model: nn.Module, loader: Iterable[Any], num_batches: int) -> dic
         for batch in loader:
             if seen >= num_batches:
                 break
-            x = _inputs(batch)
-            if device is not None and isinstance(x, Tensor):
-                x = x.to(device)
-            model(x)
+            if forward is not None:
+                forward(model, batch)
+            else:
+                x = _inputs(batch)
+                if device is not None and isinstance(x, Tensor):
+                    x = x.to(device)
+                model(x)
             seen += 1
         if seen < num_batches:
             raise ValueError(f"precise_bn: loader yielded {seen} batches, fewer than num_batches={num_batches}; running statistics left unchanged")

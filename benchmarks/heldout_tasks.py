@@ -1,17 +1,83 @@
-"""Task variants held out from the development of ``suggest``'s method, for
-``suggest_vs_grid.py``. They were fixed before any of their grids was run; the benchmark loads
-them as entry points (``heldout_tasks:NAME``; the benchmark's folder is on ``sys.path`` when it
-runs as a script)::
+"""Tasks for ``suggest_vs_grid.py``: the second edition's development set and its held-out set,
+plus the first edition's held-out variants. Loaded as entry points (``heldout_tasks:NAME``; the
+benchmark's folder and ``tests/byo`` are on ``sys.path`` when it runs as a script).
 
-    .venv/bin/python benchmarks/suggest_vs_grid.py --max-epochs 10 --replicate --out benchmarks/out/heldout \\
-        --tasks heldout_tasks:hard_sequence heldout_tasks:wide_mnist1d heldout_tasks:noisy_synthetic
+Second edition of ``suggest`` (issue 15: successive halving, precise-BN scoring, fixed-budget
+objective with the fastest of the tied batches):
+
+- developed on: the built-in ``digits-mlp`` and ``synthetic-mlp`` and the three outside-style
+  models of the bring-your-own-model tests at small sizes (:func:`byo_resnet`, :func:`byo_gpt`,
+  :func:`byo_hf`);
+- held out (fixed and committed before any of their grids ran): :func:`heldout_digits_cnn`,
+  :func:`heldout_mnist1d_cnn`, :func:`heldout_resnet_wide`.
+
+First edition's held-out variants (kept for the record; its docs cite them): ``hard_sequence``,
+``wide_mnist1d``, ``noisy_synthetic``.
+
+    .venv/bin/python benchmarks/suggest_vs_grid.py --seeds 4 --max-epochs 5 \\
+        --tasks digits-mlp synthetic-mlp heldout_tasks:byo_resnet heldout_tasks:byo_gpt heldout_tasks:byo_hf
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from batchlab.tasks import Task, get_task
 
+_BYO = Path(__file__).resolve().parent.parent / "tests" / "byo"
+if str(_BYO) not in sys.path:
+    sys.path.insert(0, str(_BYO))
 
+
+# ---------------------------------------------------------------- second edition: development
+def byo_resnet() -> Task:
+    """tests/byo ResNet-8 (BatchNorm) on augmented uint8 CIFAR-like images, 512 train / 256 val,
+    4 epochs; in-process loading (``num_workers=0``: 36 grid runs would each start workers)."""
+    import cifar_resnet
+
+    return cifar_resnet.make_task(n_train=512, n_val=256, num_workers=0, epochs=4)
+
+
+def byo_gpt() -> Task:
+    """tests/byo nanoGPT-style character LM on a 20 000-character generated corpus, 1 epoch;
+    metric: validation loss (lower is better)."""
+    import char_gpt
+
+    return char_gpt.make_task(n_chars=20_000, epochs=1)
+
+
+def byo_hf() -> Task:
+    """tests/byo Hugging Face-style BERT classifier (dict batches, output with .loss/.logits),
+    512 train / 256 val, 4 epochs."""
+    import hf_style
+
+    return hf_style.make_task(n_train=512, n_val=256, epochs=4)
+
+
+# ---------------------------------------------------------------- second edition: held out
+def heldout_digits_cnn() -> Task:
+    """digits-cnn from another split seed, 5 epochs."""
+    t = get_task("digits-cnn", seed=3)
+    t.epochs = 5.0
+    return t
+
+
+def heldout_mnist1d_cnn() -> Task:
+    """mnist1d-cnn on 2000 generated samples from another seed, 5 epochs."""
+    t = get_task("mnist1d-cnn", n_samples=2000, seed=5)
+    t.epochs = 5.0
+    return t
+
+
+def heldout_resnet_wide() -> Task:
+    """tests/byo ResNet-8, 12 channels in the first stage, another data seed, 3 epochs."""
+    import cifar_resnet
+
+    return cifar_resnet.make_task(n_train=512, n_val=256, width=12, seed=7, num_workers=0, epochs=3)
+
+
+# ---------------------------------------------------------------- first edition's held-out variants
 def hard_sequence() -> Task:
     """sequence-cls with a weaker signal and more noise (the default saturates at ~99.5%)."""
     return get_task("sequence-cls", signal_fraction=0.1, noise=0.6, seed=1)

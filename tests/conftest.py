@@ -43,3 +43,26 @@ def _one_torch_thread():
 @pytest.fixture
 def toy_task() -> Task:
     return make_toy_task()
+
+
+class CliRun:
+    """Exit status and captured output of one in-process ``batchlab`` command."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the CLI in-process (fast) and return its exit status and output."""
+    from batchlab.cli import main
+
+    def call(*args: str) -> CliRun:
+        try:
+            code = main(list(args))
+        except SystemExit as e:
+            code = int(e.code or 0)
+        out = capsys.readouterr()
+        return CliRun(code, out.out, out.err)
+
+    return call

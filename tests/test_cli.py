@@ -16,26 +16,6 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "batchlab.cli", *args], capture_output=True, text=True, timeout=300)
 
 
-class _Done:
-    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-@pytest.fixture
-def cli(capsys):
-    """Run the CLI in-process (fast) and return its exit status and output."""
-
-    def call(*args: str) -> _Done:
-        try:
-            code = main(list(args))
-        except SystemExit as e:
-            code = int(e.code or 0)
-        out = capsys.readouterr()
-        return _Done(code, out.out, out.err)
-
-    return call
-
-
 def test_help_lists_the_commands():
     r = run_cli("--help")
     assert r.returncode == 0

@@ -133,7 +133,7 @@ def probe_dir(path: str | os.PathLike[str], what: str = "output folder") -> Path
         raise OutputError(errno.ENOTDIR, f"{what} {str(p)!r} is a file, not a folder")
     try:
         p.mkdir(parents=True, exist_ok=True)
-    except FileExistsError as e:  # a parent is a file
+    except (FileExistsError, NotADirectoryError) as e:  # a parent is a file
         raise OutputError(errno.ENOTDIR, f"{what} {str(p)!r} cannot be created: a parent is a file") from e
     except OSError as e:
         raise OutputError(e.errno, f"{what} {str(p)!r} cannot be created: {_why(e)}") from e

@@ -155,3 +155,89 @@ def test_bad_arguments() -> None:
         max_batch_size(task, low=8, high=4)
     with pytest.raises(ValueError, match="memory_limit must be a positive number of bytes"):
         max_batch_size(task, memory_limit=-5)
+
+
+# ------------------------------------------------------------------ any task (issue 17)
+class _Recorder(nn.Module):
+    """Wraps a keyword-argument model and records the shape of every ``input_ids`` it sees."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.shapes: list[tuple[int, ...]] = []
+
+    def forward(self, **batch: torch.Tensor):
+        self.shapes.append(tuple(batch["input_ids"].shape))
+        return self.inner(**batch)
+
+
+def _hf_task(**kw):
+    from byo import hf_style
+
+    return hf_style.make_task(n_train=96, n_val=40, max_len=40, **kw)
+
+
+def test_user_task_measured_on_the_longest_examples() -> None:
+    task = _hf_task()
+    lengths = [len(task.train_set[i]["input_ids"]) for i in range(len(task.train_set))]
+    model = _Recorder(task.make_model())
+    r = max_batch_size(task, model=model, memory_limit=2**40)
+    assert r.batch_size == 96 and r.capped_by == "data" and r.n_examples == 96
+    # every trial batch is padded to the longest example of the data set, whatever its size
+    assert model.shapes and {s[1] for s in model.shapes} == {max(lengths)}
+    assert r.longest["scanned"] == 96
+    assert r.longest["ratio"] == pytest.approx(max(lengths) / (sum(lengths) / len(lengths)), rel=0.2)
+    assert r.longest["ratio"] > 1.2
+
+
+def test_user_task_memory_limit_and_margin() -> None:
+    from byo import char_gpt
+
+    task = char_gpt.make_task(n_chars=6000, block_size=16, n_embd=32)
+    free = max_batch_size(task, memory_limit=2**40, margin=0.0, high=256)
+    limit = int(free.fixed_bytes + free.per_sample_bytes * 100)
+    r0 = max_batch_size(task, memory_limit=limit, margin=0.0, high=256)
+    r5 = max_batch_size(task, memory_limit=limit, margin=0.5, high=256)
+    assert r0.batch_size == 64, r0.tried
+    assert r5.budget_bytes == pytest.approx(limit * 0.5) and r5.margin == 0.5
+    assert r5.batch_size is not None and r5.batch_size < r0.batch_size
+    assert all(t[2] <= r5.budget_bytes for t in r5.tried if t[1])
+    assert all(t[2] > r5.budget_bytes for t in r5.tried if not t[1] and t[2] == t[2])
+
+
+def test_eval_batch_found_separately() -> None:
+    task = _hf_task()
+    train = max_batch_size(task, memory_limit=2**40, margin=0.0)
+    limit = int(train.fixed_bytes + train.per_sample_bytes * 20)
+    tr = max_batch_size(task, memory_limit=limit, margin=0.0)
+    ev = max_batch_size(task, memory_limit=limit, margin=0.0, mode="eval")
+    assert tr.mode == "train" and ev.mode == "eval"
+    assert ev.n_examples == 40  # the validation split, and never searched past it
+    assert max(t[0] for t in ev.tried) <= 40
+    assert ev.per_sample_bytes < tr.per_sample_bytes / 2  # no saved activations, no gradients
+    assert tr.batch_size == 16 and ev.batch_size == 40, (tr.tried, ev.tried)
+    with pytest.raises(ValueError, match="mode must be one of train, eval, got 'test'"):
+        max_batch_size(task, mode="test")
+
+
+def test_caller_rng_untouched() -> None:
+    """Issue 13: building the model inside the finder advanced the caller's RNG."""
+    task = _hf_task()
+    for t in (task, make_toy_task(n_train=64)):
+        torch.manual_seed(5)
+        np.random.seed(5)
+        random.seed(5)
+        max_batch_size(t, memory_limit=2**40)
+        got = (torch.rand(2).tolist(), np.random.rand(), random.random())
+        torch.manual_seed(5)
+        np.random.seed(5)
+        random.seed(5)
+        assert got == (torch.rand(2).tolist(), np.random.rand(), random.random())
+
+
+def test_margin_and_scan_arguments() -> None:
+    task = make_toy_task(n_train=64)
+    with pytest.raises(ValueError, match=r"margin must be a number in \[0, 1\), got 1.0"):
+        max_batch_size(task, margin=1.0)
+    with pytest.raises(ValueError, match="scan must be a positive integer, got 0"):
+        max_batch_size(task, scan=0)

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 import batchlab.norm as N
 from batchlab.norm import _kernels as kernels
-from batchlab.norm import functional as BF
+from batchlab.norm.ghost import ghost_batch_norm
 
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason=f"Ghost BN kernel unavailable: {kernels.unavailable_reason()}")
 
@@ -45,7 +45,7 @@ def test_fused_equals_loop_of_torch_batchnorm(dtype: torch.dtype, atol: float, n
     wf = w.clone().requires_grad_() if affine else None
     bf = b.clone().requires_grad_() if affine else None
     rm, rv = torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype)
-    y = BF.ghost_batch_norm(x, rm, rv, wf, bf, True, 0.1, 1e-5, vbs, impl="fused")
+    y = ghost_batch_norm(x, rm, rv, wf, bf, True, 0.1, 1e-5, vbs, impl="fused")
     ref, xr, yr = _loop_reference(x, vbs, w, b, 0.1)
     g = torch.randn_like(y)
     y.backward(g)
@@ -83,7 +83,7 @@ def test_fused_hard_inputs_are_finite_and_more_accurate_than_torch_float32() -> 
     torch.manual_seed(1)
     x = torch.randn(64, 8) + 1e6
     x[:, 3] = 5.0  # zero variance
-    y = BF.ghost_batch_norm(x, None, None, None, None, True, 0.1, 1e-5, 16, impl="fused")
+    y = ghost_batch_norm(x, None, None, None, None, True, 0.1, 1e-5, 16, impl="fused")
     exact = torch.cat([nn.functional.batch_norm(c, None, None, None, None, True, 0.1, 1e-5) for c in x.double().split(16)])
     torch32 = torch.cat([nn.functional.batch_norm(c, None, None, None, None, True, 0.1, 1e-5) for c in x.split(16)])
     assert torch.isfinite(y).all()
@@ -108,24 +108,24 @@ def test_auto_picks_fused_for_2d_float_and_native_elsewhere(monkeypatch: pytest.
 
 def test_fused_refuses_inputs_it_cannot_handle() -> None:
     with pytest.raises(ValueError, match=r"impl='fused' needs a contiguous 2-D float32/float64 CPU input, got shape \(8, 4, 3\)"):
-        BF.ghost_batch_norm(torch.randn(8, 4, 3), training=True, virtual_batch_size=4, impl="fused")
+        ghost_batch_norm(torch.randn(8, 4, 3), training=True, virtual_batch_size=4, impl="fused")
     with pytest.raises(ValueError, match=r"got shape \(8, 4\), torch.float32 on cpu \(non-contiguous\)"):
-        BF.ghost_batch_norm(torch.randn(4, 8).t(), training=True, virtual_batch_size=4, impl="fused")
+        ghost_batch_norm(torch.randn(4, 8).t(), training=True, virtual_batch_size=4, impl="fused")
     with pytest.raises(ValueError, match=r"got shape \(8, 4\), torch.bfloat16"):
-        BF.ghost_batch_norm(torch.randn(8, 4).bfloat16(), training=True, virtual_batch_size=4, impl="fused")
+        ghost_batch_norm(torch.randn(8, 4).bfloat16(), training=True, virtual_batch_size=4, impl="fused")
 
 
 @needs_kernel
 def test_fused_refuses_running_buffers_of_another_dtype() -> None:
     with pytest.raises(ValueError, match="running buffers"):
-        BF.ghost_batch_norm(torch.randn(8, 4), torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64),
+        ghost_batch_norm(torch.randn(8, 4), torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64),
                             training=True, virtual_batch_size=4, impl="fused")
 
 
 _FALLBACK = """
 import torch, batchlab.norm as N
 from batchlab.norm import _kernels as K
-from batchlab.norm import functional as BF
+from batchlab.norm.ghost import ghost_batch_norm
 assert not K.available(), K.unavailable_reason()
 print(K.unavailable_reason())
 torch.manual_seed(0)
@@ -134,7 +134,7 @@ a = N.GhostBatchNorm1d(5, virtual_batch_size=8)(x)
 b = N.GhostBatchNorm1d(5, virtual_batch_size=8, impl="native")(x)
 assert torch.equal(a, b)
 try:
-    BF.ghost_batch_norm(x, training=True, virtual_batch_size=8, impl="fused")
+    ghost_batch_norm(x, training=True, virtual_batch_size=8, impl="fused")
 except RuntimeError as e:
     print(e)
 """
@@ -193,7 +193,7 @@ def test_fused_multithreaded_equals_loop_of_torch_batchnorm(threads: int) -> Non
             w, b = torch.rand(c, dtype=torch.float64) + 0.5, torch.randn(c, dtype=torch.float64)
             wf, bf = w.clone().requires_grad_(), b.clone().requires_grad_()
             rm, rv = torch.full((c,), 0.3, dtype=torch.float64), torch.full((c,), 2.0, dtype=torch.float64)
-            y = BF.ghost_batch_norm(x, rm, rv, wf, bf, True, momentum, 1e-5, vbs, torch.tensor(5), impl="fused")
+            y = ghost_batch_norm(x, rm, rv, wf, bf, True, momentum, 1e-5, vbs, torch.tensor(5), impl="fused")
             ref, xr, yr = _loop_reference(x, vbs, w, b, momentum, steps_before=5, running=(0.3, 2.0))
             g = torch.randn_like(y)
             y.backward(g)
@@ -218,11 +218,11 @@ def test_a_compiler_rejecting_the_fast_flags_still_gets_a_working_kernel(tmp_pat
     fake.chmod(0o755)
     env = {**os.environ, "BATCHLAB_KERNEL_CACHE": str(tmp_path / "cache"), "CC": str(fake)}
     code = (
-        "import torch\nfrom batchlab.norm import _kernels as K\nfrom batchlab.norm import functional as BF\n"
+        "import torch\nfrom batchlab.norm import _kernels as K\nfrom batchlab.norm.ghost import ghost_batch_norm\n"
         "assert K.available(), K.unavailable_reason()\n"
         "torch.manual_seed(0); x = torch.randn(96, 7, dtype=torch.float64)\n"
-        "a = BF.ghost_batch_norm(x, training=True, virtual_batch_size=16, impl='fused')\n"
-        "b = BF.ghost_batch_norm(x, training=True, virtual_batch_size=16, impl='native')\n"
+        "a = ghost_batch_norm(x, training=True, virtual_batch_size=16, impl='fused')\n"
+        "b = ghost_batch_norm(x, training=True, virtual_batch_size=16, impl='native')\n"
         "assert (a - b).abs().max() < 1e-12\nprint('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

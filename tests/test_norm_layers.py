@@ -11,19 +11,7 @@ import torch.nn as nn
 import batchlab.norm as N
 from batchlab.norm import _kernels as kernels
 from batchlab.norm import functional as BF
-
-
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, what: str) -> None:
-    """Explicit tolerances; the failure names the largest absolute and relative difference."""
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    diff = (actual.double() - expected.double()).abs()
-    bound = atol + rtol * expected.double().abs()
-    bad = diff > bound
-    if bad.any():
-        rel = (diff / expected.double().abs().clamp_min(1e-30)).max().item()
-        raise AssertionError(f"{what}: max abs diff {diff.max().item():.3e}, max rel diff {rel:.3e} (atol={atol}, rtol={rtol}), {int(bad.sum())} elements out of tolerance")
+from tests.helpers.norm import assert_close
 
 
 TOL = {torch.float32: (2e-5, 2e-5), torch.float64: (1e-10, 1e-10)}
@@ -372,7 +360,7 @@ def test_renorm_schedule() -> None:
         seen.append(rn.current_limits())
         rn(torch.randn(8, 2))
     assert seen == [(1.0, 0.0), (1.0, 0.0), (1.0, 0.0), (2.0, 1.0), (3.0, 1.0)]
-    with pytest.raises(ValueError, match="rmax must be >= 1, got 0.5"):
+    with pytest.raises(ValueError, match="rmax must be a finite number >= 1, got 0.5"):
         N.RenormSchedule(rmax=0.5)
     with pytest.raises(ValueError, match=r"rmax_steps \(10\) and dmax_steps \(25000\) must be >= warmup_steps \(20\)"):
         N.RenormSchedule(warmup_steps=20, rmax_steps=10)
@@ -436,9 +424,9 @@ def test_functional_matches_module_and_torch() -> None:
     with pytest.raises(ValueError, match=r"num_groups must divide the number of channels, got num_groups=3"):
         BF.group_norm(x, 3)
     for a, b in itertools.product([0.5], [-1.0]):
-        with pytest.raises(ValueError, match=f"rmax must be >= 1, got {a}"):
+        with pytest.raises(ValueError, match=f"rmax must be a finite number >= 1, got {a}"):
             BF.batch_renorm(x, rm, rv, training=True, rmax=a)
-        with pytest.raises(ValueError, match=f"dmax must be >= 0, got {b}"):
+        with pytest.raises(ValueError, match=f"dmax must be a finite number >= 0, got {b}"):
             BF.batch_renorm(x, rm, rv, training=True, dmax=b)
 
 

@@ -12,6 +12,7 @@ import torch
 
 from batchlab.norm import functional as BF
 from batchlab.norm import reference as R
+from batchlab.norm.ghost import ghost_batch_norm
 
 
 
@@ -108,7 +109,7 @@ def _torch_case(name: str, x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, p:
     if name == "renorm":
         return BF.batch_renorm(x, torch.tensor(p["running_mean"], dtype=x.dtype).clone(), torch.tensor(p["running_var"], dtype=x.dtype).clone(), g, b, True, 0.1, p["eps"], p["rmax"], p["dmax"])
     if name == "ghost":
-        return BF.ghost_batch_norm(x, torch.tensor(p["running_mean"], dtype=x.dtype).clone(), torch.tensor(p["running_var"], dtype=x.dtype).clone(), g, b, True, 0.1, p["eps"], p["virtual_batch_size"])
+        return ghost_batch_norm(x, torch.tensor(p["running_mean"], dtype=x.dtype).clone(), torch.tensor(p["running_var"], dtype=x.dtype).clone(), g, b, True, 0.1, p["eps"], p["virtual_batch_size"])
     if name == "group":
         return BF.group_norm(x, p["num_groups"], g, b, p["eps"])
     if name == "layer":

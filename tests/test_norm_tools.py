@@ -409,7 +409,7 @@ def test_registry_names_dims_and_errors() -> None:
     assert type(inst) is N.InstanceNorm1d and inst.affine
     with pytest.raises(ValueError, match=r"needs spatial dimensions \(dims >= 1\), got dims=0"):
         N.create_norm("instance", 3, dims=0)
-    with pytest.raises(ValueError, match=r"unknown norm 'bacth'; known norms: batch, caffe, .*group.*"):
+    with pytest.raises(ValueError, match=r"unknown norm 'bacth'; known norms: batch, batch_act, caffe, .*group.*"):
         N.create_norm("bacth", 3)
     with pytest.raises(ValueError, match=r"dims must be one of \[0, 1, 2, 3\], got 4"):
         N.create_norm("batch", 3, dims=4)

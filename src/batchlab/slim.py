@@ -73,7 +73,7 @@ __all__ = [
 def bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every batch-norm layer with a learnable scale (gamma), in model order.
 
-    Covers torch's ``BatchNorm*d`` and batchlab's BatchNorm, BatchRenorm and GhostBatchNorm.
+    Covers torch's ``BatchNorm*d`` and every subclass (batchlab's BatchNorm, BatchRenorm, GhostBatchNorm ...).
     """
     return [(n, m) for n, m in model.named_modules() if is_batchnorm(m) and getattr(m, "weight", None) is not None]
 
@@ -187,22 +187,6 @@ def select_channels(
 # Structural pruning with Torch-Pruning
 
 
-def _bn_pruner_type() -> type:
-    import torch_pruning as tp
-
-    class _BatchlabBNPruner(tp.pruner.function.BatchnormPruner):
-        """Torch-Pruning's BN pruner for batchlab's BN layers (same parameter/buffer layout as
-        torch's, but not subclasses of torch's ``_BatchNorm``, so Torch-Pruning needs telling)."""
-
-    return _BatchlabBNPruner
-
-
-def _customized_pruners(model: nn.Module) -> dict[type, Any]:
-    pruner_cls = _bn_pruner_type()
-    types = {type(m) for _, m in bn_layers(model) if not isinstance(m, nn.modules.batchnorm._BatchNorm)}
-    return {t: pruner_cls() for t in types}
-
-
 @dataclass
 class SlimResult:
     """What :func:`slim` did.
@@ -281,8 +265,7 @@ def slim(
     name_of = {m: n for n, m in layers}
 
     dg = tp.DependencyGraph().build_dependency(
-        net, example_inputs=example_inputs, customized_pruners=_customized_pruners(net),
-        ignored_layers=list(ignored_layers), verbose=False,
+        net, example_inputs=example_inputs, ignored_layers=list(ignored_layers), verbose=False,
     )
     for _, bn in layers:
         mask = pending[bn]

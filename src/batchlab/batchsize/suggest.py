@@ -132,13 +132,8 @@ class Suggestion:
 
 
 def has_batchnorm(model: nn.Module) -> bool:
-    """True when any module is a batch norm (torch's or batchlab's, via ``batchlab.norm.is_batchnorm``)."""
-    try:
-        from batchlab.norm import is_batchnorm
-    except ImportError:  # pragma: no cover - older norm package
-        def is_batchnorm(m: nn.Module) -> bool:
-            return isinstance(m, nn.modules.batchnorm._BatchNorm)
-    return any(is_batchnorm(m) for m in model.modules())
+    """True when any module is a batch norm (torch's or a subclass, as batchlab's all are)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def precise_bn_trial(task: Task, config: TrainConfig) -> dict[str, Any]:

@@ -1,5 +1,10 @@
-"""Swap normalization layers in a model: ``convert_norm`` (e.g. BN -> GroupNorm) and
-``freeze_bn`` (BN -> FrozenBatchNorm)."""
+"""Swap normalization layers in a model: ``convert_norm`` (e.g. BN -> GroupNorm), ``freeze_bn``
+(BN -> FrozenBatchNorm) and ``unfreeze_bn`` (back).
+
+What a converted layer inherits from the batch norm it replaces comes from the registry entry
+of the target name (:attr:`batchlab.norm.registry.NormEntry.inherits`), or, for a class or a
+partial, from its constructor's parameters.
+"""
 
 from __future__ import annotations
 
@@ -8,79 +13,14 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-import torch
 import torch.nn as nn
 
-from batchlab.norm.layers import FrozenBatchNorm, _BatchNormBase, is_batchnorm
-from batchlab.norm.registry import NormSpec, create_norm
+from batchlab.norm import _swap
+from batchlab.norm._swap import replace_modules
+from batchlab.norm.layers import FrozenBatchNorm, batchnorm_dims, is_batchnorm
+from batchlab.norm.registry import INHERITABLE, NormSpec, create_norm, norm_entry
 
-__all__ = ["convert_norm", "freeze_bn", "replace_modules", "batchnorm_dims"]
-
-_BN_KEYS = ("eps", "affine", "momentum", "track_running_stats")
-# Which settings of the old layer each registered name inherits.
-_INHERIT: dict[str, tuple[str, ...]] = {
-    "batch": _BN_KEYS,
-    "sync": _BN_KEYS,
-    "renorm": ("eps", "affine", "momentum"),
-    "ghost": _BN_KEYS,
-    "group": ("eps", "affine"),
-    "layer": ("eps", "affine"),
-    "instance": ("eps", "affine"),
-    "caffe": ("eps",),
-    "frozen": ("eps",),
-    "none": (),
-}
-
-
-def replace_modules(model: nn.Module, predicate: Callable[[nn.Module], bool], make: Callable[[str, nn.Module], nn.Module]) -> nn.Module:
-    """Replace, in place, every submodule for which ``predicate`` holds by ``make(name, module)``.
-
-    Args:
-        model: the module tree (modified in place).
-        predicate: which modules to replace (their children are not visited).
-        make: builds the replacement from the qualified name and the old module.
-
-    Returns:
-        ``model``, or the replacement when ``model`` itself matches.
-    """
-    if predicate(model):
-        return make("", model)
-
-    def visit(parent: nn.Module, prefix: str) -> None:
-        for name, child in list(parent.named_children()):
-            full = f"{prefix}.{name}" if prefix else name
-            if predicate(child):
-                setattr(parent, name, make(full, child))
-            else:
-                visit(child, full)
-
-    visit(model, "")
-    return model
-
-
-def batchnorm_dims(module: nn.Module) -> int:
-    """Spatial dims that a batch-norm layer expects, for :func:`create_norm`: 1 for
-    ``*1d`` (also right for ``(N, C)`` inputs), 2 for ``*2d`` (and unknown), 3 for ``*3d``."""
-    name = type(module).__name__
-    if name.endswith("1d"):
-        return 1
-    if name.endswith("3d"):
-        return 3
-    return 2
-
-
-def _copy_state(old: nn.Module, new: nn.Module) -> None:
-    """Copy every parameter/buffer that both modules have with the same name and shape."""
-    old_sd = old.state_dict()
-    with torch.no_grad():
-        for key, value in new.state_dict().items():
-            src = old_sd.get(key)
-            if src is not None and src.shape == value.shape:
-                value.copy_(src)
-    old_params = dict(old.named_parameters())
-    for key, p in new.named_parameters():
-        if key in old_params:
-            p.requires_grad_(old_params[key].requires_grad)
+__all__ = ["convert_norm", "freeze_bn", "unfreeze_bn", "replace_modules", "batchnorm_dims"]
 
 
 def _inherited_keys(to: NormSpec) -> tuple[str, ...]:
@@ -88,11 +28,10 @@ def _inherited_keys(to: NormSpec) -> tuple[str, ...]:
     if to is None:
         return ()
     if isinstance(to, str):
-        return _INHERIT.get(to.lower(), ("eps",))
-    keys = ("eps", "affine")
+        return norm_entry(to).inherits
     target = to.func if isinstance(to, functools.partial) else to
-    if isinstance(target, type) and issubclass(target, (_BatchNormBase, nn.modules.batchnorm._BatchNorm)):
-        keys = _BN_KEYS
+    is_bn = isinstance(target, type) and issubclass(target, nn.modules.batchnorm._BatchNorm)
+    keys = INHERITABLE if is_bn else ("eps", "affine", "bias")
     try:
         params = inspect.signature(to).parameters
     except (TypeError, ValueError):
@@ -100,6 +39,18 @@ def _inherited_keys(to: NormSpec) -> tuple[str, ...]:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return keys
     return tuple(k for k in keys if k in params)
+
+
+def _setting(old: nn.Module, key: str) -> tuple[bool, Any]:
+    """``(present, value)`` of one inheritable setting; defaults (tracking on, a learned shift)
+    are not passed, so targets without the keyword still build."""
+    if key == "bias":
+        if not getattr(old, "affine", False) or getattr(old, "bias", None) is not None:
+            return False, None
+        return True, False
+    if not hasattr(old, key) or (key == "track_running_stats" and getattr(old, key)):
+        return False, None
+    return True, getattr(old, key)
 
 
 def convert_norm(
@@ -113,9 +64,11 @@ def convert_norm(
     """Replace the batch-norm layers of ``model`` by another normalization, in place.
 
     Each replacement is ``create_norm(to, C, dims=d, **kw)`` with ``d`` from the layer's type
-    (:func:`batchnorm_dims`). The old layer's ``eps`` and ``affine`` are inherited unless given
-    in ``kw`` (only those the new layer accepts); for batch-family targets ("batch", "sync",
-    "renorm", "ghost" or a batch-norm class) ``momentum`` and ``track_running_stats=False`` too. With ``copy_state`` every parameter and buffer
+    (:func:`batchnorm_dims`). The old layer's settings listed by the target's registry entry
+    (``NormEntry.inherits``: e.g. eps, affine and ``bias=False`` for "group"; also momentum and
+    ``track_running_stats=False`` for the batch family) are inherited unless given in ``kw``; for
+    a class or a partial, those of eps, affine, bias (and, for a batch-norm class, momentum and
+    track_running_stats) that its constructor accepts. With ``copy_state`` every parameter and buffer
     present in both layers with the same shape is copied (so BN -> SyncBN/Renorm keeps running
     statistics, BN -> GroupNorm keeps gamma and beta). Device, dtype, ``requires_grad`` and
     train/eval mode are kept.
@@ -138,27 +91,30 @@ def convert_norm(
             raise ValueError(f"cannot convert {name or 'model'} ({type(old).__name__}): no num_features attribute")
         args = dict(kw)
         for key in _inherited_keys(to):
-            if hasattr(old, key) and not (key == "track_running_stats" and getattr(old, key)):
-                args.setdefault(key, getattr(old, key))
+            present, value = _setting(old, key)
+            if present:
+                args.setdefault(key, value)
         new = create_norm(to, num, dims=batchnorm_dims(old), **args)
         ref = next(iter(list(old.parameters()) + list(old.buffers())), None)
         if ref is not None:
             new = new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
         if copy_state:
-            _copy_state(old, new)
+            _swap.copy_state(old, new)
         new.train(old.training)
         return new
 
     return replace_modules(model, pred, make)
 
 
-def freeze_bn(model: nn.Module) -> nn.Module:
+def freeze_bn(model: nn.Module, eps: float | None = None) -> nn.Module:
     """Freeze every batch-norm layer: statistics and affine fixed, eval-mode normalization,
     also after ``model.train()`` (each layer becomes a :class:`FrozenBatchNorm`, whose weight
     and bias are buffers and whose forward ignores the mode), in place.
 
     Args:
         model: the module tree (modified in place).
+        eps: None keeps each layer's eps (the one its statistics were used with); a number
+            overrides it (e.g. 0.0 for weights trained with torchvision's old frozen layers).
 
     Returns:
         ``model`` (a new module when ``model`` itself is a batch norm).
@@ -172,6 +128,20 @@ def freeze_bn(model: nn.Module) -> nn.Module:
             raise ValueError(
                 f"freeze_bn needs running statistics; {name or 'model'} ({type(old).__name__}) has track_running_stats=False"
             )
-        return FrozenBatchNorm.from_batchnorm(old)
+        return FrozenBatchNorm.from_batchnorm(old, eps)
 
     return replace_modules(model, is_batchnorm, make)
+
+
+def unfreeze_bn(model: nn.Module, momentum: float | None = 0.1) -> nn.Module:
+    """Turn every :class:`FrozenBatchNorm` back into a trainable ``BatchNorm1d/2d/3d`` (see
+    :meth:`FrozenBatchNorm.unfreeze`), in place.
+
+    Args:
+        model: the module tree (modified in place).
+        momentum: momentum of the new layers.
+
+    Returns:
+        ``model`` (a new module when ``model`` itself is frozen).
+    """
+    return replace_modules(model, lambda m: isinstance(m, FrozenBatchNorm), lambda _n, m: m.unfreeze(momentum))

@@ -93,7 +93,7 @@ def _fold_into(layer: nn.Module, scale: Tensor, shift: Tensor) -> None:
 def fold_bn(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in which every batch norm that directly follows a Conv1d/2d/3d or
     Linear (and is the only consumer of its output) is folded into it and replaced by
-    ``nn.Identity``. Eval outputs agree with the original within float rounding.
+    ``nn.Identity`` (by its activation, for a norm+activation layer such as ``BatchNormAct2d``). Eval outputs agree with the original within float rounding.
 
     Pairs are found by tracing with torch.fx; models that cannot be traced fall back to
     adjacency inside ``nn.Sequential`` containers. Layers that normalize with batch statistics
@@ -124,5 +124,5 @@ def fold_bn(model: nn.Module) -> nn.Module:
         layer = new.get_submodule(layer_name)
         scale, shift = (t.to(layer.weight.device) for t in ss)
         _fold_into(layer, scale, shift)
-        _set_submodule(new, bn_name, nn.Identity())
+        _set_submodule(new, bn_name, getattr(bn, "act", None) or nn.Identity())  # a norm+act layer leaves its activation
     return new.eval()

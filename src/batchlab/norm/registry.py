@@ -3,23 +3,47 @@
 Every factory takes the channel count first, then ``dims`` (spatial dimensions of the input:
 0 for ``(N, C)``, 1 for ``(N, C, L)``, 2 for images, 3 for volumes), then keywords for the layer.
 ``create_norm`` also accepts a class or a partial; unknown names fail with the known ones.
+
+Each entry also says which settings a layer built under its name takes over from a batch norm
+it replaces (:attr:`NormEntry.inherits`, used by :func:`batchlab.norm.convert_norm`), so a norm
+a user registers converts as properly as the built-in ones.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch.nn as nn
 
 from batchlab.norm import layers as L
+from batchlab.norm import norm_act as A
+from batchlab.norm.sync import SyncBatchNorm
 
-__all__ = ["NormSpec", "create_norm", "known_norms", "register_norm"]
+__all__ = ["INHERITABLE", "NormEntry", "NormSpec", "create_norm", "known_norms", "norm_entry", "register_norm"]
 
 NormSpec = str | type | Callable[..., nn.Module] | None
 
 _DIMS = (0, 1, 2, 3)
+
+# the batch-norm settings a converted layer can take over (``bias`` means "learns a shift")
+INHERITABLE = ("eps", "momentum", "affine", "track_running_stats", "bias")
+_BN_KEYS = INHERITABLE
+
+
+@dataclasses.dataclass(frozen=True)
+class NormEntry:
+    """A registered norm: how to build it and what it inherits when it replaces a batch norm."""
+
+    factory: Callable[..., nn.Module]  # factory(num_features, dims=..., **kw)
+    inherits: tuple[str, ...] = ("eps",)  # settings taken over by convert_norm (subset of INHERITABLE)
+
+    def __post_init__(self) -> None:
+        bad = [k for k in self.inherits if k not in INHERITABLE]
+        if bad:
+            raise ValueError(f"inherits must name settings from {', '.join(INHERITABLE)}, got {bad}")
 
 
 def _by_dims(kind: str, classes: dict[int, type], dims: int) -> type:
@@ -28,14 +52,20 @@ def _by_dims(kind: str, classes: dict[int, type], dims: int) -> type:
     return classes[dims]
 
 
-def _batch(num_features: int, dims: int = 2, **kw: Any) -> nn.Module:
-    cls = _by_dims("batch", {0: L.BatchNorm1d, 1: L.BatchNorm1d, 2: L.BatchNorm2d, 3: L.BatchNorm3d}, dims)
-    return cls(num_features, **kw)
+def _bn_family(kind: str, c1: type, c2: type, c3: type) -> Callable[..., nn.Module]:
+    def make(num_features: int, dims: int = 2, **kw: Any) -> nn.Module:
+        return _by_dims(kind, {0: c1, 1: c1, 2: c2, 3: c3}, dims)(num_features, **kw)
+
+    return make
 
 
 def _group(num_features: int, dims: int = 2, num_groups: int | None = None, **kw: Any) -> nn.Module:
     # Default: 8 groups, or the largest divisor of C below 8; an explicit num_groups must divide.
     return L.GroupNorm(num_features, num_groups, **kw)
+
+
+def _group_act(num_features: int, dims: int = 2, num_groups: int | None = None, **kw: Any) -> nn.Module:
+    return A.GroupNormAct(num_features, num_groups, **kw)
 
 
 def _layer(num_features: int, dims: int = 2, **kw: Any) -> nn.Module:
@@ -47,6 +77,20 @@ def _layer(num_features: int, dims: int = 2, **kw: Any) -> nn.Module:
     return L.GroupNorm(num_features, 1, **kw)
 
 
+def _layer_act(num_features: int, dims: int = 2, **kw: Any) -> nn.Module:
+    if dims == 0:
+        affine = kw.pop("affine", True)
+        return A.LayerNormAct(num_features, elementwise_affine=affine, **kw)
+    return A.GroupNormAct(num_features, 1, **kw)
+
+
+def _rms(num_features: int, dims: int = 2, **kw: Any) -> nn.Module:
+    if dims != 0:
+        raise ValueError(f"norm 'rms' normalizes the trailing (feature) dimension: it needs dims=0, (N, C) or (..., C) inputs, got dims={dims}")
+    affine = kw.pop("affine", True)
+    return L.RMSNorm(num_features, elementwise_affine=affine, **kw)
+
+
 def _instance(num_features: int, dims: int = 2, **kw: Any) -> nn.Module:
     if dims == 0:
         raise ValueError("norm 'instance' needs spatial dimensions (dims >= 1), got dims=0")
@@ -55,19 +99,7 @@ def _instance(num_features: int, dims: int = 2, **kw: Any) -> nn.Module:
     return cls(num_features, **kw)
 
 
-def _renorm(num_features: int, dims: int = 2, **kw: Any) -> nn.Module:
-    cls = _by_dims("renorm", {0: L.BatchRenorm1d, 1: L.BatchRenorm1d, 2: L.BatchRenorm2d, 3: L.BatchRenorm3d}, dims)
-    return cls(num_features, **kw)
-
-
-def _ghost(num_features: int, dims: int = 2, **kw: Any) -> nn.Module:
-    cls = _by_dims("ghost", {0: L.GhostBatchNorm1d, 1: L.GhostBatchNorm1d, 2: L.GhostBatchNorm2d, 3: L.GhostBatchNorm3d}, dims)
-    return cls(num_features, **kw)
-
-
 def _sync(num_features: int, dims: int = 2, **kw: Any) -> nn.Module:
-    from batchlab.norm.sync import SyncBatchNorm
-
     return SyncBatchNorm(num_features, **kw)
 
 
@@ -76,6 +108,7 @@ def _caffe(num_features: int, dims: int = 2, **kw: Any) -> nn.Module:
 
 
 def _frozen(num_features: int, dims: int = 2, **kw: Any) -> nn.Module:
+    kw.setdefault("dims", max(dims, 1))
     return L.FrozenBatchNorm(num_features, **kw)
 
 
@@ -83,17 +116,21 @@ def _none(num_features: int, dims: int = 2, **kw: Any) -> nn.Module:
     return nn.Identity()
 
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {
-    "batch": _batch,
-    "group": _group,
-    "layer": _layer,
-    "instance": _instance,
-    "none": _none,
-    "renorm": _renorm,
-    "ghost": _ghost,
-    "sync": _sync,
-    "caffe": _caffe,
-    "frozen": _frozen,
+_REGISTRY: dict[str, NormEntry] = {
+    "batch": NormEntry(_bn_family("batch", L.BatchNorm1d, L.BatchNorm2d, L.BatchNorm3d), _BN_KEYS),
+    "batch_act": NormEntry(_bn_family("batch_act", A.BatchNormAct1d, A.BatchNormAct2d, A.BatchNormAct3d), _BN_KEYS),
+    "group": NormEntry(_group, ("eps", "affine", "bias")),
+    "group_act": NormEntry(_group_act, ("eps", "affine", "bias")),
+    "layer": NormEntry(_layer, ("eps", "affine")),
+    "layer_act": NormEntry(_layer_act, ("eps", "affine")),
+    "rms": NormEntry(_rms, ("affine",)),
+    "instance": NormEntry(_instance, ("eps", "affine", "bias")),
+    "none": NormEntry(_none, ()),
+    "renorm": NormEntry(_bn_family("renorm", L.BatchRenorm1d, L.BatchRenorm2d, L.BatchRenorm3d), ("eps", "affine", "momentum", "bias")),
+    "ghost": NormEntry(_bn_family("ghost", L.GhostBatchNorm1d, L.GhostBatchNorm2d, L.GhostBatchNorm3d), _BN_KEYS),
+    "sync": NormEntry(_sync, _BN_KEYS),
+    "caffe": NormEntry(_caffe, ("eps",)),
+    "frozen": NormEntry(_frozen, ("eps",)),
 }
 
 
@@ -102,31 +139,43 @@ def known_norms() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def register_norm(name: str, factory: Callable[..., nn.Module]) -> None:
+def norm_entry(name: str) -> NormEntry:
+    """The registry entry of ``name`` (any case); unknown names fail with the known ones."""
+    key = name.lower()
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown norm {name!r}; known norms: {', '.join(known_norms())}")
+    return _REGISTRY[key]
+
+
+def register_norm(name: str, factory: Callable[..., nn.Module], *, inherits: Iterable[str] = ("eps",)) -> None:
     """Register ``factory(num_features, dims=..., **kw)`` under ``name`` (lower case).
 
     Args:
         name: the new name; must not be registered yet.
         factory: builds the layer.
+        inherits: the settings of a batch norm that a layer built under this name takes over
+            when :func:`batchlab.norm.convert_norm` replaces one (from :data:`INHERITABLE`:
+            eps, momentum, affine, track_running_stats, bias); the factory must accept them.
     """
     key = name.lower()
     if key in _REGISTRY:
         raise ValueError(f"norm name {name!r} is already registered; known norms: {', '.join(known_norms())}")
-    _REGISTRY[key] = factory
+    _REGISTRY[key] = NormEntry(factory, tuple(inherits))
 
 
 def create_norm(kind: NormSpec, num_features: int, *, dims: int = 2, **kw: Any) -> nn.Module:
     """Build a normalization layer for ``num_features`` channels.
 
     Args:
-        kind: a registered name (see :func:`known_norms`: "batch", "group", "layer",
-            "instance", "none", "renorm", "ghost", "sync", "caffe", "frozen"), a class or a
-            callable (e.g. ``functools.partial``) taking ``num_features`` first; None means "none".
+        kind: a registered name (see :func:`known_norms`: "batch", "batch_act", "group",
+            "group_act", "layer", "layer_act", "rms", "instance", "none", "renorm", "ghost",
+            "sync", "caffe", "frozen"), a class or a callable (e.g. ``functools.partial``)
+            taking ``num_features`` first; None means "none".
         num_features: channel count (features for an MLP).
         dims: spatial dimensions of the input: 0 for (N, C), 1 for (N, C, L), 2 for images,
             3 for volumes. Used by names only (a class is called as ``kind(num_features, **kw)``).
         kw: passed to the layer (``eps``, ``momentum``, ``affine``, ``num_groups``,
-            ``virtual_batch_size``, ``rmax`` ...).
+            ``virtual_batch_size``, ``rmax``, ``act_layer`` ...).
 
     Returns:
         The layer (``nn.Identity`` for "none").
@@ -140,10 +189,7 @@ def create_norm(kind: NormSpec, num_features: int, *, dims: int = 2, **kw: Any) 
     if kind is None:
         kind = "none"
     if isinstance(kind, str):
-        key = kind.lower()
-        if key not in _REGISTRY:
-            raise ValueError(f"unknown norm {kind!r}; known norms: {', '.join(known_norms())}")
-        return _REGISTRY[key](num_features, dims=dims, **kw)
+        return norm_entry(kind).factory(num_features, dims=dims, **kw)
     if isinstance(kind, (type, functools.partial)) or callable(kind):
         return kind(num_features, **kw)
     raise TypeError(f"norm must be a name, a class or a callable, got {type(kind).__name__}: {kind!r}")

@@ -1,16 +1,40 @@
-"""Synchronized batch norm over ``torch.distributed`` ranks, on CPU (gloo) and CUDA (NCCL).
+"""Synchronized batch norm over ``torch.distributed`` ranks, on CPU (gloo) and on accelerators.
 
-torch's ``SyncBatchNorm`` only runs on accelerator tensors. batchlab's works with any backend
-that implements ``all_reduce``: the forward all-reduces one packed float64 vector
-``[count, sum, sum of squares]`` (per channel), the backward all-reduces
-``[sum(dy), sum(dy * (x - mean))]``. Ranks may hold different batch sizes (even zero); the
-result equals one batch norm over the concatenated batch. Each rank's parameter gradients are
-its local share; data-parallel training (DDP) sums/averages them as for any parameter.
+torch's ``nn.SyncBatchNorm`` only runs on accelerator tensors. batchlab's :class:`SyncBatchNorm`
+extends torch's batch norm (``nn.modules.batchnorm._BatchNorm``, the class every tool checks:
+state dicts, pruning, fusion, precise BN see a batch norm) with torch's ``nn.SyncBatchNorm``
+constructor and attributes. Its forward *is* torch's ``nn.SyncBatchNorm.forward`` on
+CUDA/XPU/HPU tensors (fused kernels) and, on every other device, works with any backend that
+implements ``all_reduce`` (gloo on CPU).
 
-Numerics: each rank's sums come from its own mean and biased variance (torch's batch-norm
-statistics kernel, a stable per-channel reduction) as ``n * mean`` and ``n * (var + mean**2)``, combined in float64.
-The only cancellation left is ``E[x^2] - mean^2`` across ranks, in float64: with a 1e6 offset
-and unit variance its relative error is about 1e-4, far below float32 input resolution there.
+Why not a subclass of ``nn.SyncBatchNorm`` itself: torch's ``DistributedDataParallel`` refuses
+any ``nn.SyncBatchNorm`` instance in a CPU module ("SyncBatchNorm layers only work with GPU
+modules", ``DistributedDataParallel._passing_sync_batchnorm_handle``), so a subclass could not
+be trained with DDP on CPU, the one thing this class exists for.
+
+The CPU path: the forward all-reduces one packed float64
+vector ``[count, sum, sum of squares]`` (per channel), the backward all-reduces ``[sum(dy),
+sum(dy * xhat)]``. Ranks may hold different batch sizes (even zero); the result equals one batch
+norm over the concatenated batch. Each rank's parameter gradients are its local share;
+data-parallel training (DDP) sums/averages them as for any parameter.
+
+Speed: every pass over the data is one of torch's native batch-norm kernels: the statistics
+(``torch.batch_norm_update_stats``), the normalization (the inference kernel fed with the global
+statistics), the backward's two per-channel sums (the inference-mode backward kernel, which
+returns exactly ``sum(dy)`` and ``sum(dy * xhat)``) and the input gradient (the inference kernel
+again, plus one ``addcmul``). What is left is the two all-reduces.
+
+Numerics: each rank's sums come from its own mean and biased variance (a stable per-channel
+reduction) as ``n * mean`` and ``n * (var + mean**2)``, combined in float64. The only
+cancellation left is ``E[x^2] - mean^2`` across ranks, in float64: with a 1e6 offset and unit
+variance its relative error is about 1e-4, far below float32 input resolution there.
+
+:func:`convert_sync_batchnorm` is batchlab's own rather than torch's
+``nn.SyncBatchNorm.convert_sync_batchnorm``: torch's converts every ``_BatchNorm`` subclass,
+which would turn Batch Renorm, Ghost BN and BatchNormAct layers into plain synchronized batch
+norms (dropping the renormalization, the virtual batches or the activation), and it builds
+torch's class, which refuses CPU tensors. batchlab's converts the plain batch norms only (those
+whose forward is torch's) into this class, and the classmethod of the same name does the same.
 """
 
 from __future__ import annotations
@@ -20,18 +44,27 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
+from batchlab.norm import _checks as C
 from batchlab.norm import functional as BF
-from batchlab.norm.layers import _BatchNormBase
+from batchlab.norm._swap import copy_state, replace_modules
 
-__all__ = ["SyncBatchNorm", "sync_batch_norm", "convert_sync_batchnorm"]
+__all__ = ["SyncBatchNorm", "sync_batch_norm", "convert_sync_batchnorm", "is_plain_batchnorm"]
+
+_BatchNorm = nn.modules.batchnorm._BatchNorm
 
 
 def _distributed_world(process_group: Any) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(process_group)
+
+
+def _torch_sync_devices() -> tuple[str, ...]:
+    """Devices on which torch's own ``nn.SyncBatchNorm`` forward runs (its fused kernels)."""
+    return ("cuda", "hpu", "xpu", torch._C._get_privateuse1_backend_name())
 
 
 class _SyncBatchNormFn(torch.autograd.Function):
@@ -54,50 +87,49 @@ class _SyncBatchNormFn(torch.autograd.Function):
             mean_l, var_l = BF.batch_stats(x)
             mean_l, var_l = mean_l.double(), var_l.double()
             packed[0] = n_local
-            packed[1 : 1 + c] = mean_l * n_local
-            packed[1 + c :] = (var_l + mean_l * mean_l) * n_local
+            torch.mul(mean_l, n_local, out=packed[1 : 1 + c])
+            torch.addcmul(var_l, mean_l, mean_l, out=packed[1 + c :]).mul_(n_local)
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=process_group)
         count = int(round(packed[0].item()))
         if count <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()} (global count {count})")
         mean64 = packed[1 : 1 + c] / count
-        var64 = (packed[1 + c :] / count - mean64 * mean64).clamp_(min=0.0)
+        var64 = (packed[1 + c :] / count).sub_(mean64 * mean64).clamp_(min=0.0)
         if running_mean is not None and running_var is not None:
             running_mean.mul_(1 - momentum).add_(mean64.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1 - momentum).add_((var64 * count / (count - 1)).to(running_var.dtype), alpha=momentum)
-        mean = mean64.to(x.dtype)
-        invstd = torch.rsqrt(var64 + eps).to(x.dtype)
-        shape = (1, c) + (1,) * (x.dim() - 2)
-        scale = invstd if weight is None else invstd * weight
-        shift = -mean * scale
-        if bias is not None:
-            shift = shift + bias
-        y = torch.addcmul(shift.view(shape), x, scale.view(shape))
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.count = count
+            running_var.mul_(1 - momentum).add_((var64 * (count / (count - 1))).to(running_var.dtype), alpha=momentum)
+        mean, var = mean64.to(x.dtype), var64.to(x.dtype)
+        # one fused pass: torch's inference kernel fed with the global statistics
+        y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.count, ctx.eps = count, eps
         ctx.process_group = process_group
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx: Any, gy: Tensor):  # type: ignore[override]
-        x, weight, mean, invstd = ctx.saved_tensors
+        x, weight, mean, var = ctx.saved_tensors
         c = x.shape[1]
-        shape = (1, c) + (1,) * (x.dim() - 2)
-        dims = BF.reduce_dims(x)
-        gy = gy.contiguous()
-        xmu = x - mean.view(shape)
-        sum_dy = gy.sum(dims)
-        sum_dy_xmu = (gy * xmu).sum(dims)
-        packed = torch.cat([sum_dy, sum_dy_xmu]).double()
+        eps = ctx.eps
+        if x.numel() > 0:
+            # inference-mode backward kernel: grad_weight = sum(dy * xhat), grad_bias = sum(dy),
+            # one fused pass (an empty input would divide by zero inside it)
+            _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+                gy, x, None, mean, var, None, None, False, eps, [False, True, True]
+            )
+        else:
+            sum_dy_xhat = sum_dy = x.new_zeros(c)
+        packed = torch.cat([sum_dy, sum_dy_xhat]).double()
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=ctx.process_group)
-        g_sum_dy = (packed[:c] / ctx.count).to(x.dtype)
-        g_sum_dy_xmu = (packed[c:] / ctx.count).to(x.dtype)
-        k = invstd if weight is None else invstd * weight
-        # dx = w * invstd * (dy - mean(dy) - (x - mu) * invstd^2 * mean(dy * (x - mu)))
-        coef = (g_sum_dy_xmu * invstd * invstd).view(shape)
-        dx = (gy - g_sum_dy.view(shape)).sub_(xmu.mul_(coef)).mul_(k.view(shape))
-        gw = (sum_dy_xmu * invstd) if weight is not None and ctx.needs_input_grad[1] else None
+        invstd = torch.rsqrt(var.double() + eps)
+        k = invstd if weight is None else invstd * weight.double()
+        mean_dy, mean_dy_xhat = packed[:c] / ctx.count, packed[c:] / ctx.count
+        # dx = k * (dy - mean(dy) - xhat * mean(dy * xhat)) = k * dy + [inference BN of x with
+        # weight -k * mean(dy * xhat) and bias -k * mean(dy)]
+        dx = F.batch_norm(x, mean, var, (-k * mean_dy_xhat).to(x.dtype), (-k * mean_dy).to(x.dtype), False, 0.0, eps)
+        dx.addcmul_(gy, k.to(x.dtype).view((1, c) + (1,) * (x.dim() - 2)))
+        gw = sum_dy_xhat if weight is not None and ctx.needs_input_grad[1] else None
         gb = sum_dy if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, gw, gb, None, None, None, None, None
 
@@ -129,21 +161,25 @@ def sync_batch_norm(
         The normalized local tensor.
     """
     if _distributed_world(process_group) <= 1:
-        BF.check_batch_size(x)
         return BF.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
     return _SyncBatchNormFn.apply(x, weight, bias, running_mean, running_var, eps, momentum, process_group)
 
 
-class SyncBatchNorm(_BatchNormBase):
+class SyncBatchNorm(_BatchNorm):
     """Batch norm synchronized across data-parallel ranks (Peng et al. 2018, MegDet "cross-GPU
-    batch norm"); BatchNorm's constructor and state_dict plus ``process_group``.
+    batch norm"): a torch batch norm with ``nn.SyncBatchNorm``'s constructor, state_dict and
+    ``process_group``, also on CPU (see the module notes for why it extends ``_BatchNorm`` rather
+    than ``nn.SyncBatchNorm``).
 
-    Works on CPU (gloo) and CUDA (NCCL), with unequal per-rank batch sizes. Outside a
+    On CUDA/XPU/HPU tensors the forward is ``nn.SyncBatchNorm.forward`` (fused kernels);
+    elsewhere (CPU with gloo) batchlab's, with unequal per-rank batch sizes allowed. Outside a
     distributed run (or with one rank) it is a plain batch norm. Eval uses running statistics.
+    Second derivatives are not available through the synchronized path (first derivatives
+    only, as torch's).
 
     Args:
         num_features: channels C of an ``(N, C, *)`` input.
-        eps, momentum, affine, track_running_stats: as :class:`batchlab.norm.BatchNorm2d`.
+        eps, momentum, affine, track_running_stats, bias: as :class:`batchlab.norm.BatchNorm2d`.
         process_group: group to synchronize over (None: the default group).
     """
 
@@ -157,32 +193,58 @@ class SyncBatchNorm(_BatchNormBase):
         process_group: Any = None,
         device: Any = None,
         dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        C.check_batchnorm_args(num_features, eps, momentum, affine, track_running_stats, bias)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.process_group = process_group
 
-    def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+    # torch's nn.SyncBatchNorm checks, shared rather than copied
+    _check_input_dim = nn.SyncBatchNorm._check_input_dim
+    _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.device.type in _torch_sync_devices():
+            return nn.SyncBatchNorm.forward(self, x)  # type: ignore[arg-type]
         self._check_input_dim(x)
-        use_batch = self._use_batch_stats()
-        if not use_batch:
-            return BF.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        world = _distributed_world(self.process_group)
-        if world <= 1:
-            BF.check_batch_size(x)
-        factor = self._step_factor()
-        rm, rv = self._buffers_for_call()
-        if world <= 1:
-            return BF.batch_norm(x, rm, rv, self.weight, self.bias, True, factor, self.eps)
-        return _SyncBatchNormFn.apply(x, self.weight, self.bias, rm, rv, self.eps, factor, self.process_group)
+        self._check_non_zero_input_channels(x)
+        world = _distributed_world(self.process_group) if self.training else 1
+        if world <= 1:  # torch's batch norm, its rules for buffers and modes
+            return _BatchNorm.forward(self, x)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        track = self.track_running_stats
+        return _SyncBatchNormFn.apply(
+            x, self.weight, self.bias, self.running_mean if track else None, self.running_var if track else None,
+            self.eps, factor, self.process_group,
+        )
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:  # type: ignore[override]
+        """:func:`convert_sync_batchnorm` (batchlab's, not torch's: see the module notes)."""
+        return convert_sync_batchnorm(module, process_group)
+
+
+def is_plain_batchnorm(module: nn.Module) -> bool:
+    """A batch norm whose forward is torch's own (torch's and batchlab's ``BatchNorm*d``, or a
+    user subclass that only adds to the constructor), not yet synchronized: what
+    :func:`convert_sync_batchnorm` may replace without changing what the layer computes."""
+    return (
+        isinstance(module, _BatchNorm)
+        and not isinstance(module, (nn.SyncBatchNorm, SyncBatchNorm))
+        and type(module).forward is _BatchNorm.forward
+    )
 
 
 def convert_sync_batchnorm(model: nn.Module, process_group: Any = None) -> nn.Module:
-    """Replace every plain batch norm (torch's ``BatchNorm*d`` and batchlab's ``BatchNorm*d``) in
-    ``model`` by :class:`SyncBatchNorm`, keeping parameters, buffers, ``requires_grad`` and mode.
+    """Replace every plain batch norm in ``model`` (see :func:`is_plain_batchnorm`) by
+    :class:`SyncBatchNorm`, keeping parameters, buffers, ``requires_grad``, ``bias=`` and mode.
+    Batch Renorm, Ghost BN and norm+activation layers are left as they are (torch's converter
+    would make plain synchronized batch norms of them).
 
     Works in place like torch's ``SyncBatchNorm.convert_sync_batchnorm``; returns the model (a
     new module when ``model`` itself is a batch norm).
@@ -194,6 +256,17 @@ def convert_sync_batchnorm(model: nn.Module, process_group: Any = None) -> nn.Mo
     Returns:
         The converted model.
     """
-    from batchlab.norm.convert import convert_norm
 
-    return convert_norm(model, to=SyncBatchNorm, copy_state=True, process_group=process_group)
+    def make(name: str, old: nn.Module) -> nn.Module:
+        ref = old.running_mean if old.running_mean is not None else old.weight
+        new = SyncBatchNorm(
+            old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats, process_group,
+            device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype,
+            bias=not old.affine or old.bias is not None,
+        )
+        copy_state(old, new)
+        if hasattr(old, "qconfig"):
+            new.qconfig = old.qconfig
+        return new.train(old.training)
+
+    return replace_modules(model, is_plain_batchnorm, make)

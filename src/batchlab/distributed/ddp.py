@@ -27,9 +27,9 @@ How it reuses :func:`batchlab.train.fit` instead of a second training loop:
   price is no overlap of communication with the backward pass (a hook telling callbacks which
   micro-batch is the last would let DDP's overlapped path and a comm hook do the same job).
 - **Gradient clipping** is moved after the all-reduce (``fit`` would clip local gradients).
-- **BatchNorm** layers become synchronized: batchlab's :class:`~batchlab.norm.SyncBatchNorm`, an
-  ``nn.SyncBatchNorm`` that also runs on CPU (gloo; torch's only runs on accelerators) and uses
-  torch's kernels on CUDA. Batch statistics then cover the global batch.
+- **BatchNorm** layers become synchronized: batchlab's :class:`~batchlab.norm.SyncBatchNorm`, which
+  also runs on CPU (gloo; torch's only runs on accelerators) and uses torch's ``nn.SyncBatchNorm``
+  forward on CUDA. Batch statistics then cover the global batch.
 - **Noise scale** (McCandlish et al. 2018): per-rank ``|g_r|^2`` (batch ``B/world``) before the
   all-reduce vs ``|mean_r g_r|^2`` (batch ``B``) after, smoothed by separate EMAs
   (:class:`batchlab.batchsize.GradientNoiseScale`); logged as ``b_simple`` in the history.
@@ -119,15 +119,15 @@ def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
 def sync_batchnorm(model: nn.Module, device: torch.device, process_group: Any = None) -> tuple[nn.Module, int]:
     """Make every batch norm of ``model`` synchronized across ranks; returns ``(model, n_converted)``.
 
-    Plain BatchNorm layers become batchlab's ``SyncBatchNorm`` (an ``nn.SyncBatchNorm`` that runs
-    torch's fused kernels on CUDA and works with gloo on CPU); Batch Renorm, Ghost BN and
+    Plain BatchNorm layers become batchlab's ``SyncBatchNorm`` (torch's ``nn.SyncBatchNorm``
+    forward on CUDA, gloo on CPU, where DDP refuses torch's class); Batch Renorm, Ghost BN and
     norm+activation layers are left as they are. Converted in place, like torch's
     ``convert_sync_batchnorm``.
     """
-    from batchlab.norm import convert_sync_batchnorm
+    from batchlab.norm import SyncBatchNorm, convert_sync_batchnorm
 
     def count() -> int:
-        return sum(1 for m in model.modules() if isinstance(m, nn.SyncBatchNorm))
+        return sum(1 for m in model.modules() if isinstance(m, (nn.SyncBatchNorm, SyncBatchNorm)))
 
     before = count()
     model = convert_sync_batchnorm(model, process_group)

@@ -469,6 +469,7 @@ def test_growth_factor_zero_ends_with_an_error_within_seconds():
      "--task 'digits-mlp' --task-arg hidden='abc': "),
     (["train", "--task", "digits-mlp", "--milestones", "0.5,1.5", "--schedule", "step", *FAST],
      r"milestones[1] must be a fraction of the budget in [0, 1], got 1.5"),
+    (["train", "--task", "digits-mlp", "--task-arg", "=5", *FAST], "argument --task-arg: must look like key=value with a non-empty key"),
     (["reproduce", "--only", ","], "--only must name at least one claim or experiment id (e.g. C10,C17), got ','"),
     (["bn-health", "--task", "digits-mlp", "--norm", "layer", "--epochs", "0"],
      "the model (with --norm 'layer') has no BatchNorm layer, so there is nothing for bn-health to check"),
@@ -483,6 +484,12 @@ def test_cuda_without_cuda_is_one_line(cli, command):
     argv = [command] if command == "reproduce" else [command, "--task", "digits-mlp"]
     line = one_error_line(cli(*argv, "--device", "cuda"), command)
     assert "'cuda' asks for CUDA, which is not available on this machine" in line
+
+
+def test_checkpoint_that_is_not_one_is_one_line(cli, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n" * 20)
+    r = cli("bn-health", "--task", "digits-mlp", "--checkpoint", str(tmp_path / "notes.txt"), "--epochs", "0")
+    assert "does not load into digits-mlp's model" in one_error_line(r, "bn-health")  # torch's message has many lines
 
 
 def test_resnet_depth_that_does_not_exist_is_one_line(cli, cifar_root):

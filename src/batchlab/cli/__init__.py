@@ -40,7 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, StoreError, OutputError) as e:
         # a usage error, a results store that cannot be opened or is damaged, an output that
         # cannot be written: one line naming the argument or file, exit status 2
-        sys.stderr.write(f"batchlab {args.command}: error: {e}\n")
+        message = " ".join(str(e).split())  # one line, even when a library's message has several
+        sys.stderr.write(f"batchlab {args.command}: error: {message}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("interrupted; finished trials are kept in the results store\n")

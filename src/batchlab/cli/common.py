@@ -35,6 +35,8 @@ def key_value(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"must look like key=value, got {text!r}")
     k, v = text.split("=", 1)
+    if not k.strip():
+        raise argparse.ArgumentTypeError(f"must look like key=value with a non-empty key, got {text!r}")
     try:
         return k, json.loads(v)
     except json.JSONDecodeError:

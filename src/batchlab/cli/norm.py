@@ -53,7 +53,8 @@ def cmd_bn_health(args: argparse.Namespace) -> int:
             state = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
         except Exception as e:  # noqa: BLE001 - any load failure is a usage error here
-            raise CliError(f"--checkpoint {args.checkpoint!r} does not load into {task.name}'s model: {e}") from e
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]  # torch's load errors run to many lines
+            raise CliError(f"--checkpoint {args.checkpoint!r} does not load into {task.name}'s model: {first}") from e
     elif args.epochs > 0:
         result = fit(task, TrainConfig(batch_size=min(task.batch_size, train_size(task) or task.batch_size), epochs=args.epochs,
                                        seed=args.seed, norm=args.norm, activation=args.activation),

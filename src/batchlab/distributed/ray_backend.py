@@ -28,11 +28,10 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from batchlab.argtypes import nonneg_float, positive_float
-from batchlab.store import Store, run_key, run_many
-from batchlab.tasks import Task
-from batchlab.train import RunResult, TrainConfig, fit
+from batchlab.runs import Trial, open_store, run_trial
+from batchlab.store import Store, run_many
 
-__all__ = ["RayBackend", "add_backend_args", "backend_from_args", "fit_job", "map_trials"]
+__all__ = ["RayBackend", "add_backend_args", "backend_from_args", "map_trials"]
 
 
 def _import_ray() -> tuple[Any, Any]:
@@ -44,12 +43,6 @@ def _import_ray() -> tuple[Any, Any]:
             f"the Ray backend needs Ray Tune (>= 2.9): pip install 'batchlab[ray]' (import failed: {e})"
         ) from e
     return ray, tune
-
-
-def fit_job(job: tuple[Task, dict[str, Any]]) -> dict[str, Any]:
-    """Default trial function: ``fit(task, TrainConfig.from_dict(config))`` with errors recorded."""
-    task, config = job
-    return fit(task, TrainConfig.from_dict(config), raise_errors=False).to_dict()
 
 
 def _trial(config: dict[str, Any], *, items: list[tuple[str, Any]], fn: Callable[[Any], Any], store_path: str | None,
@@ -141,7 +134,7 @@ class RayBackend:
         self,
         store: Store,
         items: Iterable[tuple[str, Any]],
-        fn: Callable[[Any], Any] = fit_job,
+        fn: Callable[[Any], Any] = run_trial,
         *,
         kind: str = "",
         retry_failed: bool = False,
@@ -152,7 +145,7 @@ class RayBackend:
             store: the results store; items already in it are loaded, not run.
             items: ``(key, args)`` pairs; ``fn(args)`` computes one result (a JSON-able dict or an
                 object with ``to_dict()``). ``fn`` and ``args`` are pickled to the workers.
-            fn: the trial function (default :func:`fit_job`: ``args = (task, config_dict)``).
+            fn: the trial function (default :func:`batchlab.runs.run_trial`: ``args`` a Trial or its portable form).
             kind: label stored with new rows.
             retry_failed: run again items stored as ``"failed"``/``"oom"``.
 
@@ -205,28 +198,27 @@ class RayBackend:
             if self.storage_path is None:
                 shutil.rmtree(storage, ignore_errors=True)
 
-    # ---------------------------------------------------------------- ExperimentContext
-    def fit_many(self, ctx: Any, jobs: Sequence[tuple[Task | str, TrainConfig]], **task_kwargs: Any) -> list[RunResult]:
-        """:meth:`batchlab.experiments.base.ExperimentContext.fit_many` on Ray: the same keys, kind and
-        device override as ``ctx.fit``, the missing trials concurrently."""
-        items = []
-        for task, config in jobs:
-            t = ctx.task(task, **task_kwargs) if isinstance(task, str) else task
-            cfg = config.replace(device=ctx.device)
-            items.append((run_key(t.fingerprint(), cfg.to_dict(), variant=""), (t, cfg.to_dict())))
-        missing = len({k for k, _ in items if k not in ctx.store})
-        payloads = self.map_trials(ctx.store, items, fit_job, kind=f"experiment:{ctx.experiment_id}")
-        ctx.trials_run += missing
-        ctx.trials_loaded += len(items) - missing
-        if getattr(ctx, "bar", None) is not None:
-            ctx.bar.update(len(items))
-        return [RunResult.from_dict(p) for p in payloads]
+    # ---------------------------------------------------------------- the runner interface
+    def run(self, trials: Sequence[Trial], store: Any = None, *, kind: str = "", progress: bool = False,
+            retry_failed: bool = False) -> list[dict[str, Any]]:
+        """:class:`batchlab.runs.Runner` on Ray: the missing trials run concurrently as Ray Tune
+        trials, with the same keys and failure handling as :class:`batchlab.runs.LocalRunner`.
+
+        A trial whose task came from the registry (a built-in name or a ``package.module:function``
+        entry point) is shipped as that name and its arguments: the worker builds the task itself,
+        no tensors cross the network. Other tasks are pickled whole.
+        """
+        if store is None:
+            raise ValueError("RayBackend.run needs a results store (a Store or a path): the trials report through it")
+        st = open_store(store)
+        return self.map_trials(st, [(t.key(), t.portable()) for t in trials], run_trial, kind=kind,
+                               retry_failed=retry_failed)
 
 
 def map_trials(
     store: Store,
     items: Iterable[tuple[str, Any]],
-    fn: Callable[[Any], Any] = fit_job,
+    fn: Callable[[Any], Any] = run_trial,
     *,
     backend: RayBackend | None = None,
     kind: str = "",

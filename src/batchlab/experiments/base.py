@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from batchlab.runs import LocalRunner, Trial, results
 from batchlab.store import Store, run_key
 from batchlab.tasks import Task, get_task
 from batchlab.train.config import RunResult, TrainConfig
-from batchlab.train.loop import fit
 
 VerdictName = Literal["supported", "refuted", "inconclusive", "observed", "not observed"]
 #: for claims with a decision rule
@@ -134,7 +134,7 @@ class ExperimentContext:
     store: Store
     out_dir: Path
     progress: bool = False
-    backend: Any = None  # an object with fit_many(ctx, jobs, **task_kwargs) (e.g. the Ray backend); None: in-process
+    backend: Any = None  # a trial runner (batchlab.runs.Runner, e.g. the Ray backend); None: in-process
     bar: Any = None  # a tqdm bar counting this experiment's trials (set by the runner)
     _tasks: dict[str, Task] = field(default_factory=dict)
     trials_run: int = 0
@@ -158,15 +158,25 @@ class ExperimentContext:
                 distinct ``variant`` string so its runs are stored under their own key.
             variant: part of the key, for anything the config does not say.
         """
+        return self.run_trials([self.trial(task, config, model_fn=model_fn, variant=variant, **task_kwargs)])[0]
+
+    def trial(self, task: Task | str, config: TrainConfig, *, model_fn: Callable[[], Any] | None = None,
+              variant: str = "", **task_kwargs: Any) -> Trial:
+        """The :class:`~batchlab.runs.Trial` of training ``task`` with ``config`` on the context's device."""
         t = self.task(task, **task_kwargs) if isinstance(task, str) else task
-        config = config.replace(device=self.device)
-        key = run_key(t.fingerprint(), config.to_dict(), variant=variant)
+        return Trial(t, config.replace(device=self.device), model_fn=model_fn, variant=variant)
 
-        def run() -> dict[str, Any]:
-            model = model_fn() if model_fn is not None else None
-            return fit(t, config, model=model, raise_errors=False).to_dict()
-
-        return RunResult.from_dict(self._through_store(key, run))
+    def run_trials(self, trials: Sequence[Trial]) -> list[RunResult]:
+        """Run ``trials`` with the context's runner (in this process, or the backend's, e.g. Ray),
+        through the store, counting trials run and loaded on the experiment's progress bar."""
+        before = sum(1 for t in trials if self.store.record(t.key()) is None)
+        payloads = (self.backend or LocalRunner()).run(trials, self.store, kind=f"experiment:{self.experiment_id}")
+        self.trials_run += before
+        self.trials_loaded += len(trials) - before
+        if self.bar is not None:
+            self.bar.update(len(trials))
+            self.bar.set_postfix(run=self.trials_run, loaded=self.trials_loaded, refresh=False)
+        return results(payloads)
 
     def _through_store(self, key: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """``store.run_or_load`` with the trial counters and the experiment's progress bar."""
@@ -188,11 +198,9 @@ class ExperimentContext:
         return payload
 
     def fit_many(self, jobs: Sequence[tuple[Task | str, TrainConfig]], **task_kwargs: Any) -> list[RunResult]:
-        """Several :meth:`fit` calls; with a parallel backend (``runner``'s ``backend``) the missing
-        ones run concurrently. Results come back in the order of ``jobs``."""
-        if self.backend is not None:
-            return self.backend.fit_many(self, jobs, **task_kwargs)
-        return [self.fit(t, c, **task_kwargs) for t, c in jobs]
+        """Several :meth:`fit` calls as one batch of trials: with a parallel runner (the runner's
+        ``backend``, e.g. Ray) the missing ones run concurrently. Results come back in the order of ``jobs``."""
+        return self.run_trials([self.trial(t, c, **task_kwargs) for t, c in jobs])
 
     def cached(self, name: str, params: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Run a measurement that is not a plain training run, through the store.

@@ -40,7 +40,7 @@ def get_task(spec: str | Task, **kwargs: Any) -> Task:
         return _load_entry_point(spec, **kwargs)
     if spec not in _TASKS:
         raise ValueError(f"unknown task {spec!r}; known tasks: {', '.join(sorted(_TASKS))} (or 'package.module:function')")
-    return _TASKS[spec][0](**kwargs)
+    return _with_spec(_TASKS[spec][0](**kwargs), spec, kwargs)
 
 
 def _load_entry_point(spec: str, **kwargs: Any) -> Task:
@@ -58,7 +58,21 @@ def _load_entry_point(spec: str, **kwargs: Any) -> Task:
         fn = getattr(fn, part)
     if not callable(fn):
         raise ValueError(f"task entry point {spec!r} is not callable")
-    task = fn(**kwargs)
+    try:
+        task = fn(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"task entry point {spec!r} does not take these arguments ({', '.join(kwargs) or 'none'}): {e}") from e
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's code: one line naming the entry point
+        raise ValueError(f"task entry point {spec!r} raised {type(e).__name__}: {e}") from e
     if not isinstance(task, Task):
         raise ValueError(f"task entry point {spec!r} returned {type(task).__name__}, expected batchlab.tasks.Task")
+    return _with_spec(task, spec, kwargs)
+
+
+def _with_spec(task: Task, spec: str, kwargs: dict[str, Any]) -> Task:
+    """Remember how the task was built, so another process (a Ray worker) can build it again."""
+    if task.spec is None:
+        task.spec = (spec, dict(kwargs))
     return task

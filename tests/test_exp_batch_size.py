@@ -30,8 +30,12 @@ def _params(exp: Any, quick: bool = False) -> dict[str, Any]:
 
 
 def _verdict(exp: Any, data: dict[str, Any], quick: bool = False) -> str:
+    """The verdict, or ``"invalid"`` when the validity check failed (then it must read inconclusive)."""
     (v,) = exp.decide(data, _params(exp, quick))
     assert v.reason and v.claim in exp.claims
+    if not v.valid:
+        assert v.verdict == "inconclusive" and v.reason.startswith("validity check failed: ")
+        return "invalid"
     return v.verdict
 
 
@@ -64,6 +68,10 @@ def test_c08_rule():
     assert _verdict(exp, _noise([-0.8, -0.75, -0.9])) == "refuted"
     assert _verdict(exp, _noise([-0.45, -0.62, -0.5])) == "inconclusive"  # mean inside, one seed outside
     assert _verdict(exp, _noise([-0.5, -0.5, -0.5], noise=0.6)) == "inconclusive"  # poor power-law fit
+    small_n = _noise([-0.5, -0.49, -0.52])
+    for d in small_n["seeds"].values():
+        d["n_train"] = 500  # B = 128 > N/10: the finite-population factor bends the slope
+    assert _verdict(exp, small_n) == "invalid"
     check_figures(exp.plot(_noise([-0.5, -0.49, -0.52]), _params(exp)))
 
 
@@ -108,6 +116,7 @@ def test_c10_rule():
     diverged = _fixed([falling] * 3)
     diverged["seeds"]["1"]["val_acc"][-1] = None
     assert _verdict(exp, diverged) == "inconclusive"
+    assert _verdict(exp, _fixed([[v - 0.3 for v in falling]] * 3)) == "invalid"  # peak 65%: the task is not learned
     check_figures(exp.plot(_fixed([falling] * 3), _params(exp)))
 
 
@@ -133,7 +142,9 @@ def test_c11_rule():
     assert _verdict(exp, _sharp(0.5, 0.03)) == "refuted"  # large-batch minima flatter
     assert _verdict(exp, _sharp(10.0, -0.02)) == "refuted"  # large batch generalizes better
     assert _verdict(exp, _sharp(10.0, 0.005)) == "inconclusive"  # gap difference below 1 point
-    assert _verdict(exp, _sharp(10.0, 0.03, train_acc=0.9)) == "inconclusive"  # not converged: no minimum
+    assert _verdict(exp, _sharp(10.0, 0.03, train_acc=0.9)) == "invalid"  # not converged: no minimum
+    (v,) = exp.decide(_sharp(10.0, 0.03), _params(exp))
+    assert v.published["trend_agrees"] is True and "Keskar" in v.published["source"]
     check_figures(exp.plot(_sharp(10.0, 0.03), _params(exp)))
 
 
@@ -155,12 +166,14 @@ def test_eps_sharpness_is_zero_for_a_flat_loss_and_restores_weights():
 # ------------------------------------------------------------------ C12
 
 
-def _ratio(d_matched: list[float], d_unscaled: float = 0.3, d_over: float | None = 0.5) -> dict[str, Any]:
+def _ratio(d_matched: list[float], d_unscaled: float = 0.3, d_over: float | None = 0.5,
+           ref_acc: float = 0.95) -> dict[str, Any]:
     epochs = list(range(1, 11))
     ref = [1.0 / e + 0.1 for e in epochs]
     seeds = {}
     for s in SEEDS:
-        arms = [{"kind": "reference", "k": 1, "B": 16, "lr": 0.01, "status": "ok", "epoch": epochs, "val_loss": ref}]
+        arms = [{"kind": "reference", "k": 1, "B": 16, "lr": 0.01, "status": "ok", "epoch": epochs, "val_loss": ref,
+                 "val_acc": [ref_acc] * len(epochs)}]
         for k, dm in zip([2, 4, 8], d_matched):
             for kind, d in (("matched", dm), ("unscaled", d_unscaled), ("over-scaled", d_over)):
                 ok = d is not None
@@ -176,6 +189,9 @@ def test_c12_rule():
     assert _verdict(exp, _ratio([0.01, 0.02, 0.05], d_over=None)) == "supported"  # diverged mismatched arm: far
     assert _verdict(exp, _ratio([0.4, 0.4, 0.4])) == "refuted"
     assert _verdict(exp, _ratio([0.01, 0.02, 0.4])) == "inconclusive"  # 6 of 9 comparisons
+    assert _verdict(exp, _ratio([0.01, 0.02, 0.05], ref_acc=0.5)) == "invalid"  # the reference does not learn
+    (v,) = exp.decide(_ratio([0.01, 0.02, 0.05]), _params(exp))
+    assert v.published["trend_agrees"] is True and "Goyal" in v.published["source"]
     d = _ratio([0.01, 0.02, 0.05])
     arm = d["seeds"]["0"]["arms"][1]
     assert LRBatchRatio.distance(arm, d["seeds"]["0"]["arms"][0], 10) == pytest.approx(0.01)
@@ -185,7 +201,9 @@ def test_c12_rule():
 # ------------------------------------------------------------------ C13
 
 
-def _grid(best_bs: list[int], quick: bool = True) -> dict[str, Any]:
+def _grid(best_bs: list[int], quick: bool = True, peak_j: int = 3) -> dict[str, Any]:
+    """Accuracy peaks at LR index ``peak_j`` and falls 4 points per LR step: the stable band (within 5 points)
+    is LR indices peak_j-1..peak_j+1, inside the grid unless peak_j sits at an edge."""
     p = BatchLRGrid().params(quick)
     seeds = {}
     for i, bb in enumerate(best_bs):
@@ -193,11 +211,11 @@ def _grid(best_bs: list[int], quick: bool = True) -> dict[str, Any]:
         for b in p["batches"]:
             row, st = [], []
             for j, lr in enumerate(p["lrs"]):
-                if b <= 4 and lr >= 0.2:
+                if b <= 4 and lr >= 0.8:
                     row.append(None)
                     st.append("diverged")
                     continue
-                row.append(0.95 - 0.02 * abs(math.log2(b / bb)) - 0.04 * abs(j - 2))
+                row.append(0.95 - 0.02 * abs(math.log2(b / bb)) - 0.04 * abs(j - peak_j))
                 st.append("ok")
             acc.append(row)
             status.append(st)
@@ -207,11 +225,12 @@ def _grid(best_bs: list[int], quick: bool = True) -> dict[str, Any]:
 
 def test_c13_rule():
     exp = BatchLRGrid()
-    assert _verdict(exp, _grid([8, 16, 8]), quick=True) == "supported"
-    assert _verdict(exp, _grid([128, 256, 128]), quick=True) == "refuted"
+    assert _verdict(exp, _grid([8, 16, 8]), quick=True) == "observed"
+    assert _verdict(exp, _grid([128, 256, 128]), quick=True) == "not observed"
     assert _verdict(exp, _grid([8, 128, 8]), quick=True) == "inconclusive"
+    assert _verdict(exp, _grid([8, 16, 8], peak_j=0), quick=True) == "invalid"  # bands cut at the lowest LR
     s = BatchLRGrid.summarize(_grid([8])["seeds"]["0"], 0.05)
-    assert s["best_b"] == 8 and s["bands"][0] == [0.0125, 0.05]
+    assert s["best_b"] == 8 and s["bands"][0] == [0.0125, 0.2]
     check_figures(exp.plot(_grid([8, 16, 8]), _params(exp, quick=True)))
 
 
@@ -219,7 +238,7 @@ def test_c13_rule():
 
 
 def _lbfgs(lb_small: float | None, lb_large: float, sgd_small: float = 0.95, seeds: int = 3) -> dict[str, Any]:
-    B = [32, 128, 512, 1438]
+    B = [32, 256, 2048, 8000]
     lrs = [0.0125, 0.05, 0.2]
     sgd = [sgd_small, sgd_small - 0.1, sgd_small - 0.3, sgd_small - 0.6]
     lb = [lb_small, (lb_large + (lb_small or 0)) / 2, lb_large, lb_large]
@@ -229,13 +248,22 @@ def _lbfgs(lb_small: float | None, lb_large: float, sgd_small: float = 0.95, see
                                "lbfgs_time": [5.0, 2.0, 1.0, 1.0]} for i in range(seeds)}}
 
 
+def test_c15_lbfgs_gets_at_most_sgds_gradient_evaluations():
+    p = LBFGSBatch().params(False)
+    for b in p["batches"]:
+        steps = LBFGSBatch.lbfgs_steps(p, 8000, b)
+        assert steps >= 1
+        if steps > 1:  # at least one step even where the budget buys less
+            assert steps * b * p["lbfgs_max_iter"] * 5 // 4 <= p["epochs"] * 8000
+
+
 def test_c15_rule():
     exp = LBFGSBatch()
     assert _verdict(exp, _lbfgs(0.5, 0.93)) == "supported"
     assert _verdict(exp, _lbfgs(None, 0.93)) == "supported"  # diverged at small B counts as failing
     assert _verdict(exp, _lbfgs(0.93, 0.94)) == "refuted"  # competitive at small B too
     assert _verdict(exp, _lbfgs(0.5, 0.6)) == "refuted"  # not competitive at large B
-    assert _verdict(exp, _lbfgs(0.3, 0.6, sgd_small=0.5)) == "inconclusive"  # SGD never learns the task
+    assert _verdict(exp, _lbfgs(0.3, 0.6, sgd_small=0.45)) == "invalid"  # SGD never learns the task
     mixed = _lbfgs(0.5, 0.93)
     mixed["seeds"]["2"] = _lbfgs(0.9, 0.93)["seeds"]["0"]
     assert _verdict(exp, mixed) == "inconclusive"

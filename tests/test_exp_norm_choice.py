@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -12,9 +10,7 @@ import torch
 import torch.nn as nn
 
 from batchlab.experiments.base import ExperimentContext
-from batchlab.experiments.norm_choice import (
-    BNEvalStats, NormBatch, SeqNorm, batch_stats_eval, population_bn_stats,
-)
+from batchlab.experiments.norm_choice import BNEvalStats, NormBatch, SeqNorm, batch_stats_eval
 from batchlab.store import Store
 from tests.helpers.figures import check_figures
 
@@ -27,43 +23,69 @@ def _ctx(tmp_path, exp_id: str, seeds=(0,)) -> ExperimentContext:
 # ---------------------------------------------------------------- C17
 
 
-def _c17_data(bn: dict[int, tuple[float, float]], gn: dict[int, tuple[float, float]]) -> dict:
+def _c17_task(bn: dict[int, tuple[float, float]], gn: dict[int, tuple[float, float]],
+              none32: float = 0.90) -> dict:
     acc = {n: {str(b): {"0": v[0], "1": v[1]} for b, v in t.items()} for n, t in (("batch", bn), ("group", gn))}
+    acc["none"] = {"32": {"0": none32, "1": none32}}
     return {"acc": acc, "status": {}}
 
 
-def _c17(bn, gn) -> str:
+def _c17_data(bn, gn, none32: float = 0.90, second: dict | None = None) -> dict:
+    """Task 'a' with the given accuracies; task 'b' the same unless ``second`` is given."""
+    return {"tasks": {"a": _c17_task(bn, gn, none32), "b": second or _c17_task(bn, gn, none32)}}
+
+
+def _c17(bn, gn, **kw) -> str:
     e = NormBatch()
-    return e.decide(_c17_data(bn, gn), e.params(True))[0].verdict
+    (v,) = e.decide(_c17_data(bn, gn, **kw), e.params(True))
+    return "invalid" if not v.valid else v.verdict
 
 
-def test_c17_supported_refuted_inconclusive():
-    flat = {2: (0.95, 0.95), 4: (0.95, 0.955), 32: (0.955, 0.95), 128: (0.94, 0.94)}
-    # BN loses 5+ points at small batch in every seed, GN flat
-    assert _c17({2: (0.85, 0.86), 4: (0.92, 0.91), 32: (0.96, 0.96), 128: (0.95, 0.95)}, flat) == "supported"
-    # BN as good at 2 and 4 as at 32 in every seed
-    assert _c17({2: (0.96, 0.955), 4: (0.96, 0.96), 32: (0.96, 0.955), 128: (0.95, 0.95)}, flat) == "refuted"
-    # GN depends strongly on B
-    assert _c17({2: (0.85, 0.86), 4: (0.92, 0.91), 32: (0.96, 0.96), 128: (0.95, 0.95)},
-                {2: (0.85, 0.86), 4: (0.9, 0.9), 32: (0.96, 0.96), 128: (0.95, 0.95)}) == "refuted"
+FLAT = {2: (0.95, 0.95), 4: (0.95, 0.955), 32: (0.955, 0.95), 128: (0.94, 0.94)}
+DROP = {2: (0.85, 0.86), 4: (0.92, 0.91), 32: (0.96, 0.96), 128: (0.95, 0.95)}
+SAME = {2: (0.96, 0.955), 4: (0.96, 0.96), 32: (0.96, 0.955), 128: (0.95, 0.95)}
+
+
+def test_c17_supported_refuted_inconclusive_invalid():
+    assert _c17(DROP, FLAT) == "supported"  # BN loses 5+ points at small batch in every seed, GN flat
+    assert _c17(SAME, FLAT) == "refuted"  # BN as good at 2 and 4 as at 32 in every seed
+    assert _c17(DROP, {2: (0.85, 0.86), 4: (0.9, 0.9), 32: (0.96, 0.96), 128: (0.95, 0.95)}) == "refuted"  # GN steep
     # seeds disagree: one shows a big drop, the other the opposite
-    assert _c17({2: (0.90, 0.99), 4: (0.90, 0.99), 32: (0.96, 0.955), 128: (0.95, 0.95)}, flat) == "inconclusive"
+    assert _c17({2: (0.90, 0.99), 4: (0.90, 0.99), 32: (0.96, 0.955), 128: (0.95, 0.95)}, FLAT) == "inconclusive"
+    # the two tasks disagree
+    assert _c17(DROP, FLAT, second=_c17_task(SAME, FLAT)) == "inconclusive"
+    # no normalization is as good as BN at 32 on both tasks: the tasks cannot show BN degrading
+    assert _c17(SAME, FLAT, none32=0.97) == "invalid"
+    # ... on one task only: that task is left out, the other decides
+    assert _c17(DROP, FLAT, second=_c17_task(SAME, FLAT, none32=0.97)) == "supported"
+
+
+def test_c17_prints_wu_and_he_beside_the_measured_numbers():
+    e = NormBatch()
+    (v,) = e.decide(_c17_data(DROP, FLAT), e.params(True))
+    pub = v.published
+    assert pub["published"]["BN"] == [23.6, 23.7, 24.8, 27.3, 34.7] and pub["published"]["GN"][-1] == 24.1
+    assert pub["trend_agrees"] == {"a": True, "b": True}
+    assert pub["measured"]["a"]["BN_drop_points"] == pytest.approx(100 * (0.96 - (0.855 + 0.915) / 2))
+    (v,) = e.decide(_c17_data(SAME, FLAT), e.params(True))
+    assert v.published["trend_agrees"] == {"a": False, "b": False}
 
 
 def test_c17_plot_and_smoke(tmp_path):
     e = NormBatch()
-    p = {"task": "digits-cnn", "norms": ["batch", "group"], "batches": [2, 32], "epochs": 0.02, "lr32": 0.05,
-         "seeds": [0]}
+    p = {"tasks": ["digits-mlp", "digits-cnn"], "norms": ["batch", "group", "none"], "batches": [2, 32],
+         "epochs": 0.02, "lr32": 0.05, "seeds": [0]}
     ctx = _ctx(tmp_path, e.id)
     data = e.run(ctx, p)
-    assert set(data["acc"]) == {"batch", "group"} and set(data["acc"]["batch"]) == {"2", "32"}
+    t = data["tasks"]["digits-mlp"]
+    assert set(t["acc"]) == {"batch", "group", "none"} and set(t["acc"]["batch"]) == {"2", "32"}
     assert e.decide(data, p)[0].verdict in ("supported", "refuted", "inconclusive")
     check_figures(e.plot(data, p))
     check_figures(e.plot(_c17_data({2: (0.8, 0.81), 4: (0.9, 0.9), 32: (0.95, 0.96)},
-                                 {2: (0.95, 0.95), 4: (0.95, 0.95), 32: (0.95, 0.95)}), e.params(True)))
-    assert ctx.trials_run == 4
+                                   {2: (0.95, 0.95), 4: (0.95, 0.95), 32: (0.95, 0.95)}), e.params(True)))
+    assert ctx.trials_run == 12
     e.run(ctx, p)  # everything is cached now
-    assert ctx.trials_run == 4
+    assert ctx.trials_run == 12
 
 
 # ---------------------------------------------------------------- C18
@@ -90,20 +112,20 @@ def test_c18_supported_refuted_inconclusive():
     assert _c18({0.01: (0.02, 0.03), 0.1: (-0.03, 0.01), 0.9: (0.01, 0.0)}) == "inconclusive"
 
 
-def test_population_stats_are_split_invariant_and_exact():
+def test_c18_invalid_when_the_bn_net_does_not_learn():
+    e = BNEvalStats()
+    data = _c18_data({0.01: (0.02, 0.03), 0.1: (0.0, 0.003)})
+    for seeds in data["runs"].values():
+        for r in seeds.values():
+            r["acc_ema"] = r["acc_precise"] = 0.5
+    (v,) = e.decide(data, {**e.params(True), "momenta": [0.01, 0.1]})
+    assert v.verdict == "inconclusive" and not v.valid
+
+
+def test_batch_stats_eval_leaves_the_running_stats():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.ReLU(), nn.Linear(7, 3))
     x = torch.randn(64, 5) * 3 + 1
-    m1, m2 = copy.deepcopy(model), copy.deepcopy(model)
-    population_bn_stats(m1, x, 64)
-    population_bn_stats(m2, x, 8)
-    # the first BN's input does not depend on the batch split: the stats are the population's
-    h = model[0](x).detach()
-    assert torch.allclose(m1[1].running_mean, h.mean(0), atol=1e-5)
-    assert torch.allclose(m1[1].running_var, h.var(0, unbiased=True), atol=1e-4)
-    assert torch.allclose(m2[1].running_mean, m1[1].running_mean, atol=1e-5)
-    assert torch.allclose(m2[1].running_var, m1[1].running_var, atol=1e-4)
-    assert m1.training  # mode restored
     before = model[1].running_mean.clone()
     loss, acc = batch_stats_eval(model, x, torch.zeros(64, dtype=torch.long), type("T", (), {
         "loss": staticmethod(nn.functional.cross_entropy), "metric": staticmethod(lambda a, b: 0.5)}), 16)
@@ -139,28 +161,31 @@ def test_c18_plot_and_smoke(tmp_path):
 # ---------------------------------------------------------------- C20
 
 
-def _c20_data(diffs: dict[int, tuple[float, float]]) -> dict:
+def _c20_data(diffs: dict[int, tuple[float, float]], mean_error: float = 0.5) -> dict:
     acc, curves, stats = {}, {}, {}
     for L, (d0, d1) in diffs.items():
         acc[str(L)] = {"layer": {"0": 0.95, "1": 0.95}, "batch": {"0": 0.95 - d0, "1": 0.95 - d1},
                        "batch_masked": {"0": 0.95, "1": 0.95}}
         curves[str(L)] = {a: {s: {"step": [0, 10], "val_acc": [0.3, v]} for s, v in acc[str(L)][a].items()}
                           for a in acc[str(L)]}
-        stats[str(L)] = {"padding_fraction": 1 - 18 / L, "mean_error_in_std": 0.5, "abs_log_var_ratio": 0.4,
+        stats[str(L)] = {"padding_fraction": 1 - 18 / L, "mean_error_in_std": mean_error, "abs_log_var_ratio": 0.4,
                          "batch_std_of_mean_with_padding": 0.1, "batch_std_of_mean_real_only": 0.05}
     return {"acc": acc, "curves": curves, "padding_stats": stats}
 
 
-def _c20(diffs) -> str:
+def _c20(diffs, **kw) -> str:
     e = SeqNorm()
     p = {**e.params(True), "pads": list(diffs)}
-    return e.decide(_c20_data(diffs), p)[0].verdict
+    (v,) = e.decide(_c20_data(diffs, **kw), p)
+    return "invalid" if not v.valid else v.verdict
 
 
-def test_c20_supported_refuted_inconclusive():
+def test_c20_supported_refuted_inconclusive_invalid():
     assert _c20({32: (0.0, 0.01), 64: (0.03, 0.05)}) == "supported"
     assert _c20({32: (0.0, 0.01), 64: (-0.03, -0.02)}) == "refuted"
     assert _c20({32: (0.0, 0.01), 64: (-0.04, 0.01)}) == "inconclusive"
+    # padding leaves BN's statistics alone: the task cannot show the effect
+    assert _c20({32: (0.0, 0.01), 64: (-0.03, -0.02)}, mean_error=0.01) == "invalid"
 
 
 def test_c20_plot_and_smoke(tmp_path):
@@ -183,4 +208,4 @@ def test_params_are_json_and_have_rules(cls):
     e = cls()
     for q in (True, False):
         json.dumps(e.params(q))
-    assert all(c in e.rules and c in e.statements for c in e.claims)
+    assert all(c in e.rules and c in e.statements and c in e.validity for c in e.claims)

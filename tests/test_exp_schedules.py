@@ -24,7 +24,8 @@ def _ctx(tmp_path, exp_id: str, seeds=(0,)) -> ExperimentContext:
 # ---------------------------------------------------------------- C16
 
 
-def _c16_data(decay: tuple[float, float], growth: tuple[float, float], growth_steps: int = 500) -> dict:
+def _c16_data(decay: tuple[float, float], growth: tuple[float, float], growth_steps: int = 500,
+              decay_gain: float = 0.02) -> dict:
     def run(acc: float, steps: int, bs: int) -> dict:
         return {"status": "ok", "final_acc": acc, "steps": steps, "epoch": [1.0, 2.0], "step": [steps // 2, steps],
                 "val_acc": [0.5, acc], "lr": [0.05, 0.01], "batch_size": [bs, bs]}
@@ -32,17 +33,24 @@ def _c16_data(decay: tuple[float, float], growth: tuple[float, float], growth_st
     return {"runs": {
         "lr_decay": {s: run(a, 1000, 16) for s, a in zip("01", decay)},
         "batch_growth": {s: run(a, growth_steps, 80) for s, a in zip("01", growth)},
-        "constant": {s: run(a - 0.02, 1000, 16) for s, a in zip("01", decay)},
+        "constant": {s: run(a - decay_gain, 1000, 16) for s, a in zip("01", decay)},
     }}
 
 
-def _c16(decay, growth, steps=500) -> str:
+def _c16(decay, growth, steps=500, **kw) -> str:
     e = BatchGrowth()
-    return e.decide(_c16_data(decay, growth, steps), e.params(True))[0].verdict
+    (v,) = e.decide(_c16_data(decay, growth, steps, **kw), e.params(True))
+    return "invalid" if not v.valid else v.verdict
 
 
-def test_c16_supported_refuted_inconclusive():
+def test_c16_supported_refuted_inconclusive_invalid():
     assert _c16((0.70, 0.72), (0.705, 0.715)) == "supported"
+    # decay no better than a constant LR: the task cannot show what growth replaces
+    assert _c16((0.70, 0.72), (0.705, 0.715), decay_gain=0.0) == "invalid"
+    assert _c16((0.70, 0.72), (0.66, 0.68), decay_gain=-0.01) == "invalid"  # never 'refuted' when invalid
+    e = BatchGrowth()
+    (v,) = e.decide(_c16_data((0.70, 0.72), (0.705, 0.715)), e.params(True))
+    assert v.published["trend_agrees"] is True and "Smith" in v.published["source"]
     assert _c16((0.70, 0.72), (0.66, 0.68)) == "refuted"
     assert _c16((0.70, 0.72), (0.70, 0.72), steps=1000) == "refuted"  # no fewer updates
     assert _c16((0.70, 0.72), (0.71, 0.685)) == "inconclusive"  # one seed 3.5 points worse
@@ -92,7 +100,27 @@ def test_c19_supported_refuted_inconclusive():
     assert _c19((60, 70), (150, 160)) == "refuted"  # momentum slower on the task
     assert _c19((150, 160), (60, 70), surf_gd=(50, 60), surf_mom=(100, 120)) == "refuted"  # slower on the surfaces
     assert _c19((150, 60), (60, 70)) == "inconclusive"  # faster on average, not in every seed
-    assert _c19((None, None), (None, None)) == "inconclusive"  # nobody reached the target
+    e = Momentum()
+    (v,) = e.decide(_c19_data((None, None), (None, None)), e.params(True))
+    assert v.verdict == "inconclusive" and not v.valid  # nobody reached the target on the task
+
+
+def test_c19_credits_momentum_where_plain_gd_never_reaches_the_target():
+    # the local-minimum surface: GD never escapes at any LR, momentum does in 23 steps
+    data = _c19_data((150, 160), (60, 70))
+    for seeds in data["surfaces"]["local_min"].values():
+        seeds["gd"]["0.1"]["steps"] = None
+        seeds["momentum"]["0.1"]["steps"] = 23
+    e = Momentum()
+    (v,) = e.decide(data, e.params(True))
+    assert v.verdict == "supported", v.reason
+    surf = v.effect["surfaces"]["local_min"]
+    assert surf["gd_missed"] and surf["faster_every_seed"]
+    # both miss: a tie, not a win for either
+    for seeds in data["surfaces"]["local_min"].values():
+        seeds["momentum"]["0.1"]["steps"] = None
+    (v,) = e.decide(data, e.params(True))
+    assert v.verdict == "inconclusive" and not v.effect["surfaces"]["local_min"]["faster_every_seed"]
 
 
 def test_heavy_ball_matches_torch_sgd_momentum():
@@ -130,4 +158,4 @@ def test_params_are_json_and_have_rules(cls):
     e = cls()
     for q in (True, False):
         json.dumps(e.params(q))
-    assert all(c in e.rules and c in e.statements for c in e.claims)
+    assert all(c in e.rules and c in e.statements and c in e.validity for c in e.claims)

@@ -23,6 +23,7 @@ class _Tiny(Experiment):
     seed_doc = "000"
     statements = {"C98": "a toy claim"}
     rules = {"C98": "supported if val_acc > 0.5 in every seed"}
+    validity = {"C98": "none: a toy"}
 
     def params(self, quick: bool) -> dict[str, Any]:
         return {"steps": 5}
@@ -79,15 +80,67 @@ def test_select_by_claim_or_id_and_unknown_ids():
         select(["C77"])
 
 
-def test_every_claim_c01_to_c20_has_an_experiment():
+def test_every_claim_c01_to_c22_has_an_experiment_with_a_validity_check():
     claims = {c for e in select(None) for c in e.claims}
-    missing = [f"C{i:02d}" for i in range(1, 21) if f"C{i:02d}" not in claims]
+    missing = [f"C{i:02d}" for i in range(1, 23) if f"C{i:02d}" not in claims]
     assert not missing, f"claims without an experiment: {missing}"
+    for e in select(None):
+        assert all(len(e.validity.get(c, "")) > 40 for c in e.claims), e.id
+    reported = {c for e in select(None) for c in e.reported}
+    assert reported == {"C05", "C07", "C13"}
 
 
 def test_verdict_values_are_checked():
-    with pytest.raises(ValueError, match="verdict must be one of supported, refuted, inconclusive; got 'maybe'"):
+    with pytest.raises(ValueError, match="verdict must be one of supported, refuted, inconclusive, observed, not "
+                       "observed; got 'maybe'"):
         Verdict("C01", "maybe", "")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="a failed validity check gives 'inconclusive', never 'refuted'"):
+        Verdict("C01", "refuted", "x", valid=False)
+    v = Verdict.invalid("C16", "decay did not beat a constant LR", {"gain": 0.0})
+    assert (v.verdict, v.valid, v.effect) == ("inconclusive", False, {"gain": 0.0})
+    assert v.reason == "validity check failed: decay did not beat a constant LR"
+
+
+def test_register_requires_a_validity_check_per_claim():
+    from batchlab.experiments.base import register
+
+    class NoCheck(_Tiny):
+        id = "no_check"
+        validity = {}
+
+    with pytest.raises(ValueError, match="no statement, rule or validity check for claim.*C98"):
+        register(NoCheck)
+
+    class Stray(_Tiny):
+        id = "stray"
+        reported = ("C97",)
+
+    with pytest.raises(ValueError, match="reports claim.*C97"):
+        register(Stray)
+
+
+def test_paired_rule_equivalence_and_noninferiority():
+    from batchlab.experiments.kit import paired_rule
+
+    tight = [0.002, -0.001, 0.003, 0.0, -0.002, 0.001, 0.002, -0.001]
+    t = paired_rule(tight, 0.01)
+    assert t.outcome == "supported" and -0.01 <= t.lo < t.mean < t.hi <= 0.01 and t.n == 8
+    # the interval: mean +- t_{0.95, 7} sd / sqrt(8) (scipy's t quantile, 1.8946)
+    import statistics
+
+    half = 1.894579 * statistics.stdev(tight) / 8 ** 0.5
+    assert t.hi - t.mean == pytest.approx(half, rel=1e-4)
+    assert paired_rule([x - 0.05 for x in tight], 0.01).outcome == "refuted"
+    assert paired_rule([x + 0.05 for x in tight], 0.01).outcome == "refuted"  # beyond the margin either way
+    assert paired_rule([0.03, -0.04, 0.02, -0.01], 0.01).outcome == "inconclusive"
+    assert paired_rule([0.0], 0.01).outcome == "inconclusive"  # one seed: no interval
+    # non-inferiority: better by any amount is fine, worse by more than the margin is not
+    assert paired_rule([x + 0.05 for x in tight], 0.01, "noninferiority").outcome == "supported"
+    assert paired_rule([x - 0.05 for x in tight], 0.01, "noninferiority").outcome == "refuted"
+    with pytest.raises(ValueError, match="margin must be >= 0, got -1"):
+        paired_rule(tight, -1)
+    with pytest.raises(ValueError, match="kind must be 'equivalence' or 'noninferiority', got 'two'"):
+        paired_rule(tight, 0.01, "two")  # type: ignore[arg-type]
 
 
 def test_steps_to_target_and_spread():
@@ -108,7 +161,13 @@ def test_feature_scale_decision_rule_on_built_data():
     assert exp.decide(data([5000, 8000], [3, 4]), params)[0].verdict == "supported"
     assert exp.decide(data([50, 80], [60, 4]), params)[0].verdict == "refuted"
     assert exp.decide(data([50, 80], [10, 40]), params)[0].verdict == "inconclusive"
-    assert exp.decide(data([None, None], [None, None]), params)[0].verdict == "inconclusive"
+    v = exp.decide(data([None, None], [None, None]), params)[0]
+    assert v.verdict == "inconclusive" and not v.valid
+    well_conditioned = data([5000, 8000], [3, 4])
+    for d in well_conditioned["seeds"].values():
+        d["raw"]["condition"] = 10.0
+    v = exp.decide(well_conditioned, params)[0]
+    assert v.verdict == "inconclusive" and not v.valid and "ill-conditioned" in v.reason
 
 
 def test_reproduce_report_shows_rule_before_numbers_and_renders(tmp_path: Path):
@@ -123,7 +182,9 @@ def test_reproduce_report_shows_rule_before_numbers_and_renders(tmp_path: Path):
     for text in ("Features on very different scales", "seed 002", "Decision rule", "Verdict: supported",
                  "batchlab reproduce --only C04 --quick", "The numbers behind the verdict"):
         assert text in page, text
-    assert page.index("Decision rule") < page.index("The numbers behind the verdict")
+    assert page.index("Decision rule") < page.index("Validity check") < page.index("The numbers behind the verdict")
+    md = (tmp_path / "verdicts.md").read_text()  # the run's table, generated
+    assert "| C04 | `feature_scale` | **supported** | passed |" in md and "--quick configuration, 1 seeds" in md
     if CHROMIUM is None and not os.environ.get("BATCHLAB_REQUIRE_BROWSER"):
         pytest.skip("no chromium binary on PATH (CI installs it)")
     images, broken = render_probe(tmp_path / "index.html", tmp_path)
@@ -144,3 +205,26 @@ def test_cuda_runs_larger_configurations():
                     assert gpu[key] == exp.gpu_scale * cpu[key], (exp.id, key)
                     scaled_any += 1
     assert scaled_any >= 20
+
+
+def test_markdown_block_is_regenerated_from_the_outcomes(tmp_path: Path):
+    from batchlab.experiments.report import main, markdown_table, write_markdown
+
+    out = tmp_path / "run"
+    store = Store(tmp_path / "b.db")
+    run_experiment(_Tiny, quick=True, seeds=[0, 1], device="cpu", store=store, out=out, progress=False)
+    table = markdown_table(out)
+    assert "| C98 | `tiny` | **" in table and "validity check" in table
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- reproduce:quick:begin -->\nold table\n<!-- reproduce:quick:end -->\nafter\n")
+    write_markdown(out, doc, "quick")
+    text = doc.read_text()
+    assert "old table" not in text and table in text and text.startswith("intro\n") and text.endswith("after\n")
+    write_markdown(out, doc, "quick")  # idempotent
+    assert doc.read_text() == text
+    with pytest.raises(ValueError, match="has no block <!-- reproduce:full:begin -->"):
+        write_markdown(out, doc, "full")
+    with pytest.raises(ValueError, match="no outcome.json under"):
+        markdown_table(tmp_path / "empty")
+    assert main([str(out), "--markdown", str(tmp_path / "t.md")]) == 0
+    assert (tmp_path / "t.md").read_text() == table

@@ -397,13 +397,13 @@ class BNPosition(Experiment):
         seeds = sorted(runs["before"], key=int)
         for i, s in enumerate(seeds):
             ys = [runs["before"][s]["final_val_acc"], runs["after"][s]["final_val_acc"]]
-            ax.plot([0, 1], ys, "o-", color=f"C{i + 2}", label=f"seed {s}")
+            ax.plot([0, 1], ys, "o-", color=f"C{i % 10}", alpha=0.7, label=f"seed {s}" if i < 10 else None)
         ax.set_xticks([0, 1], ["BN before ReLU", "BN after ReLU"])
         ax.set_xlim(-0.4, 1.4)
         ax.set_xlabel("position of BN in each hidden layer")
         ax.set_ylabel("final validation accuracy (fraction)")
-        ax.set_title(f"Per seed (tolerance {params['tol'] * 100:g} point)")
-        ax.legend()
+        ax.set_title(f"Paired seeds (equivalence margin +-{params['margin'] * 100:g} points)")
+        ax.legend(fontsize=7, ncol=2)
         fig.suptitle("C06: where BN goes")
         fig.tight_layout()
         return [fig]

@@ -14,7 +14,7 @@ ALLOWED = {
     "store": set(),
     "argtypes": set(),
     "fileio": set(),
-    "data": set(),
+    "data": {"fileio"},
     "models": {"norm"},
     "tasks": {"data", "models"},
     "train": {"tasks", "norm", "store"},

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import os
 import random
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from batchlab.data.arrays import ArrayDataset
+from batchlab.fileio import atomic_open
 
 NUM_CLASSES = 10
 SEQ_LENGTH = 40
@@ -55,17 +55,8 @@ def _generate(n_samples: int, seed: int) -> dict[str, np.ndarray]:
 
 def _write_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path) as f:
+        np.savez(f, **arrays)
 
 
 @functools.lru_cache(maxsize=8)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from batchlab.experiments.base import INVALID_PREFIX, VERDICTS
+from batchlab.fileio import atomic_write
 from batchlab.report.html import write_report
 
 SEED_FILES = {  # the seed documents (Chinese), described in English so any browser renders them
@@ -174,7 +175,7 @@ def write_markdown(out: str | Path, file: str | Path, block: str | None = None) 
     file = Path(file)
     table = markdown_table(out)
     if block is None:
-        file.write_text(table)
+        atomic_write(file, table)
         return file
     begin, end = f"<!-- reproduce:{block}:begin -->", f"<!-- reproduce:{block}:end -->"
     text = file.read_text()
@@ -182,7 +183,7 @@ def write_markdown(out: str | Path, file: str | Path, block: str | None = None) 
         raise ValueError(f"{file} has no block {begin} ... {end}")
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
-    file.write_text(f"{head}{begin}\n{table}{end}{tail}")
+    atomic_write(file, f"{head}{begin}\n{table}{end}{tail}")
     return file
 
 

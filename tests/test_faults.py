@@ -237,6 +237,18 @@ def test_train_out_naming_a_file_fails_before_training(cli, tmp_path):
     assert r.stdout == "" and f.read_text() == "keep me"
 
 
+@pytest.mark.parametrize("argv", [
+    ["train", "--task", "digits-mlp", *FAST], ["slim", "--task", "digits-cnn"], ["suggest", "--task", "digits-mlp"],
+    ["reproduce", "--only", "C01"], ["report", "TMP"],
+])
+def test_every_command_with_an_out_folder_probes_it_first(cli, tmp_path, argv):
+    f = tmp_path / "taken"
+    f.write_text("keep me")
+    r = cli(*[str(tmp_path) if a == "TMP" else a for a in argv], "--out", str(f))
+    assert f"--out '{f}' is a file, not a folder" in one_error_line(r, argv[0])
+    assert f.read_text() == "keep me"
+
+
 def test_train_read_only_out_fails_before_training(cli, readonly_dir):
     readonly_dir.seed(lambda root: None)
     r = cli("train", "--task", "digits-mlp", "--out", str(readonly_dir.path / "sub"), *FAST)

@@ -1,7 +1,7 @@
 """batchlab: measure batch size and normalization choices for PyTorch models.
 
 The main names are importable from the top level (loaded on first use, so ``import batchlab`` is
-cheap): ``Task``, ``fit``, ``TrainConfig``, ``suggest``.
+cheap): ``Task``, ``fit``, ``TrainConfig``, ``suggest``, ``executable_batch_size``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ _EXPORTS = {
     "TrainConfig": "batchlab.train",
     "RunResult": "batchlab.train",
     "suggest": "batchlab.batchsize",
+    "executable_batch_size": "batchlab.integrations.accelerate",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -362,7 +362,8 @@ def predict_max_batch(points: Sequence[tuple[int, float]], budget: float | None,
     fixed, slope = fit_line(points)
     if budget is None or len(points) < 2 or not math.isfinite(slope):
         return None
-    return cap if slope <= 0 else int(min(cap, max(0.0, (budget - fixed) / slope)))
+    # a hair of tolerance: a batch that lands exactly on the budget must not lose one to rounding
+    return cap if slope <= 0 else int(min(cap, max(0.0, (budget - fixed) / slope + 1e-6)))
 
 
 # ------------------------------------------------------------------ the trial batches

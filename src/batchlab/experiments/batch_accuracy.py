@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from batchlab.experiments.base import Experiment, ExperimentContext, Verdict, fmt_spread, one_thread, register, spread
-from batchlab.experiments.kit import final_metric as _final, nan_if_none as _nan, pyplot, seed_keys as _seed_keys
+from batchlab.experiments.base import Experiment, ExperimentContext, Verdict, fmt_spread, register, spread
+from batchlab.experiments.kit import final_metric as _final, nan_if_none as _nan, per_seed, pyplot, seed_keys as _seed_keys
 from batchlab.train import TrainConfig
 
 TASK = "digits-mlp"
@@ -53,20 +53,19 @@ class FixedEpochBatch(Experiment):
         return {"task": TASK, "batches": [2, 4, 8, 16, 32, 64, 128], "lr": 0.05, "epochs": 4, "drop": 0.02, "flat": 0.005}
 
     def run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {"seeds": {}}
-        with one_thread():
-            for seed in ctx.seeds:
-                rows = {"B": [], "val_acc": [], "train_acc": [], "status": [], "steps": []}
-                runs = ctx.fit_many([(params["task"], _grid_config(b, params["lr"], params["epochs"], seed))
-                                     for b in params["batches"]])
-                for b, r in zip(params["batches"], runs):
-                    rows["B"].append(b)
-                    rows["val_acc"].append(_final(r, "val_acc"))
-                    rows["train_acc"].append(_final(r, "train_acc"))
-                    rows["status"].append(r.status)
-                    rows["steps"].append(r.steps)
-                out["seeds"][str(seed)] = rows
-        return out
+        def one(seed: int) -> dict[str, Any]:
+            rows = {"B": [], "val_acc": [], "train_acc": [], "status": [], "steps": []}
+            runs = ctx.fit_many([(params["task"], _grid_config(b, params["lr"], params["epochs"], seed))
+                                 for b in params["batches"]])
+            for b, r in zip(params["batches"], runs):
+                rows["B"].append(b)
+                rows["val_acc"].append(_final(r, "val_acc"))
+                rows["train_acc"].append(_final(r, "train_acc"))
+                rows["status"].append(r.status)
+                rows["steps"].append(r.steps)
+            return rows
+
+        return per_seed(ctx, one)
 
     def decide(self, data: dict[str, Any], params: dict[str, Any]) -> list[Verdict]:
         drops, peaks_b, train_drops = [], [], []
@@ -148,22 +147,21 @@ class BatchLRGrid(Experiment):
                 "band_tol": 0.05, "best_range": [2, 32]}
 
     def run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {"seeds": {}}
-        with one_thread():
-            for seed in ctx.seeds:
-                acc, status = [], []
-                runs = iter(ctx.fit_many([(params["task"], _grid_config(b, lr, params["epochs"], seed))
-                                          for b in params["batches"] for lr in params["lrs"]]))
-                for _b in params["batches"]:
-                    row_a, row_s = [], []
-                    for _lr in params["lrs"]:
-                        r = next(runs)
-                        row_a.append(_final(r, "val_acc"))
-                        row_s.append(r.status)
-                    acc.append(row_a)
-                    status.append(row_s)
-                out["seeds"][str(seed)] = {"B": params["batches"], "lr": params["lrs"], "val_acc": acc, "status": status}
-        return out
+        def one(seed: int) -> dict[str, Any]:
+            acc, status = [], []
+            runs = iter(ctx.fit_many([(params["task"], _grid_config(b, lr, params["epochs"], seed))
+                                      for b in params["batches"] for lr in params["lrs"]]))
+            for _b in params["batches"]:
+                row_a, row_s = [], []
+                for _lr in params["lrs"]:
+                    r = next(runs)
+                    row_a.append(_final(r, "val_acc"))
+                    row_s.append(r.status)
+                acc.append(row_a)
+                status.append(row_s)
+            return {"B": params["batches"], "lr": params["lrs"], "val_acc": acc, "status": status}
+
+        return per_seed(ctx, one)
 
     @staticmethod
     def summarize(d: dict[str, Any], tol: float) -> dict[str, Any]:
@@ -289,19 +287,18 @@ class LRBatchRatio(Experiment):
         return arms
 
     def run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {"seeds": {}}
-        with one_thread():
-            for seed in ctx.seeds:
-                arms = []
-                specs = self._arms(params)
-                runs = ctx.fit_many([(params["task"], TrainConfig(batch_size=a["B"], lr=a["lr"], optimizer="momentum",
-                                                                  epochs=params["epochs"], norm=NORM, seed=seed,
-                                                                  eval_every=0)) for a in specs])
-                for a, r in zip(specs, runs):
-                    arms.append({**a, "status": r.status, "epoch": r.series("epoch"), "val_loss": r.series("val_loss"),
-                                 "val_acc": r.series("val_acc")})
-                out["seeds"][str(seed)] = {"arms": arms}
-        return out
+        def one(seed: int) -> dict[str, Any]:
+            arms = []
+            specs = self._arms(params)
+            runs = ctx.fit_many([(params["task"], TrainConfig(batch_size=a["B"], lr=a["lr"], optimizer="momentum",
+                                                              epochs=params["epochs"], norm=NORM, seed=seed,
+                                                              eval_every=0)) for a in specs])
+            for a, r in zip(specs, runs):
+                arms.append({**a, "status": r.status, "epoch": r.series("epoch"), "val_loss": r.series("val_loss"),
+                             "val_acc": r.series("val_acc")})
+            return {"arms": arms}
+
+        return per_seed(ctx, one)
 
     @staticmethod
     def distance(arm: dict[str, Any], ref: dict[str, Any], epochs: int) -> float:

@@ -21,7 +21,7 @@ import torch
 
 from batchlab.batchsize.throughput import find_knee
 from batchlab.experiments.base import Experiment, ExperimentContext, Verdict, fmt_spread, one_thread, register, spread
-from batchlab.experiments.kit import pyplot, seed_keys as _seed_keys
+from batchlab.experiments.kit import per_seed, pyplot, seeded_model, seed_keys as _seed_keys
 from batchlab.tasks import get_task
 from batchlab.train import TrainConfig, fit
 
@@ -73,19 +73,13 @@ class GradientNoise(Experiment):
                 "points": ["init", "trained"], "train_steps": 45, "band": [-0.6, -0.4], "min_r2": 0.9}
 
     def run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {"seeds": {}}
-        with one_thread():
-            for seed in ctx.seeds:
-                p = {k: v for k, v in params.items() if k != "seeds"}
-                out["seeds"][str(seed)] = ctx.cached("grad_std", {**p, "seed": seed}, lambda s=seed: self._one(params, s))
-        return out
+        p = {k: v for k, v in params.items() if k != "seeds"}
+        return per_seed(ctx, lambda s: ctx.cached("grad_std", {**p, "seed": s}, lambda: self._one(params, s)))
 
     @staticmethod
     def _one(p: dict[str, Any], seed: int) -> dict[str, Any]:
         task = get_task(p["task"])
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = task.make_model(norm=p["norm"])
+        model = seeded_model(seed, lambda: task.make_model(norm=p["norm"]))()
         X, Y = task.train_set.x, task.train_set.y
         n = X.shape[0]
         params = [q for q in model.parameters() if q.requires_grad]
@@ -206,12 +200,8 @@ class StepTime(Experiment):
         return out
 
     def run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {"seeds": {}}
-        for seed in ctx.seeds:
-            p = {k: v for k, v in params.items() if k != "seeds"}
-            out["seeds"][str(seed)] = ctx.cached("step_time", {**p, "seed": seed},
-                                                 lambda s=seed: self._one(params, s, ctx.device))
-        return out
+        p = {k: v for k, v in params.items() if k != "seeds"}
+        return per_seed(ctx, lambda s: ctx.cached("step_time", {**p, "seed": s}, lambda: self._one(params, s, ctx.device)))
 
     @staticmethod
     def _one(p: dict[str, Any], seed: int, device: str = "cpu") -> dict[str, Any]:

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from batchlab.experiments.base import Experiment, ExperimentContext, Verdict, fmt_spread, one_thread, register, spread
+from batchlab.experiments.base import Experiment, ExperimentContext, Verdict, fmt_spread, register, spread
 from batchlab.experiments.batch_accuracy import NORM, _grid_config
-from batchlab.experiments.kit import final_metric as _final, nan_if_none as _nan, pyplot, seed_keys as _seed_keys
+from batchlab.experiments.kit import final_metric as _final, nan_if_none as _nan, per_seed, pyplot, seed_keys as _seed_keys
 from batchlab.train import TrainConfig
 
 
@@ -52,38 +52,37 @@ class LBFGSBatch(Experiment):
         return max(1, int(p["epochs"] * n_train // (min(b, n_train) * evals_per_step)))
 
     def run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {"seeds": {}}
         task = ctx.task(params["task"], **params["task_kwargs"])
         n_train = len(task.train_set)
-        with one_thread():
-            for seed in ctx.seeds:
-                sgd_all, sgd_status, lb, lb_status, lb_time, sgd_time = [], [], [], [], [], []
-                jobs = []
-                for b in params["batches"]:
-                    jobs += [(task, _grid_config(b, lr, params["epochs"], seed)) for lr in params["sgd_lrs"]]
-                    jobs.append((task, TrainConfig(batch_size=b, lr=1.0, optimizer="lbfgs",
-                                                   max_steps=self.lbfgs_steps(params, n_train, b),
-                                                   lbfgs_max_iter=params["lbfgs_max_iter"], norm=NORM, seed=seed,
-                                                   eval_every=0)))
-                runs = iter(ctx.fit_many(jobs))
-                for _b in params["batches"]:
-                    row, st, tt = [], [], []
-                    for _lr in params["sgd_lrs"]:
-                        r = next(runs)
-                        row.append(_final(r, "val_acc"))
-                        st.append(r.status)
-                        tt.append(r.train_time)
-                    sgd_all.append(row)
-                    sgd_status.append(st)
-                    sgd_time.append(tt)
+
+        def one(seed: int) -> dict[str, Any]:
+            sgd_all, sgd_status, lb, lb_status, lb_time, sgd_time = [], [], [], [], [], []
+            jobs = []
+            for b in params["batches"]:
+                jobs += [(task, _grid_config(b, lr, params["epochs"], seed)) for lr in params["sgd_lrs"]]
+                jobs.append((task, TrainConfig(batch_size=b, lr=1.0, optimizer="lbfgs",
+                                               max_steps=self.lbfgs_steps(params, n_train, b),
+                                               lbfgs_max_iter=params["lbfgs_max_iter"], norm=NORM, seed=seed,
+                                               eval_every=0)))
+            runs = iter(ctx.fit_many(jobs))
+            for _b in params["batches"]:
+                row, st, tt = [], [], []
+                for _lr in params["sgd_lrs"]:
                     r = next(runs)
-                    lb.append(_final(r, "val_acc"))
-                    lb_status.append(r.status)
-                    lb_time.append(r.train_time)
-                out["seeds"][str(seed)] = {"B": params["batches"], "sgd_lrs": params["sgd_lrs"], "sgd_all": sgd_all,
-                                           "sgd_status": sgd_status, "sgd_time": sgd_time, "lbfgs": lb,
-                                           "lbfgs_status": lb_status, "lbfgs_time": lb_time}
-        return out
+                    row.append(_final(r, "val_acc"))
+                    st.append(r.status)
+                    tt.append(r.train_time)
+                sgd_all.append(row)
+                sgd_status.append(st)
+                sgd_time.append(tt)
+                r = next(runs)
+                lb.append(_final(r, "val_acc"))
+                lb_status.append(r.status)
+                lb_time.append(r.train_time)
+            return {"B": params["batches"], "sgd_lrs": params["sgd_lrs"], "sgd_all": sgd_all, "sgd_status": sgd_status,
+                    "sgd_time": sgd_time, "lbfgs": lb, "lbfgs_status": lb_status, "lbfgs_time": lb_time}
+
+        return per_seed(ctx, one)
 
     @staticmethod
     def summarize(d: dict[str, Any]) -> dict[str, Any]:

@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from batchlab.experiments.base import Experiment, ExperimentContext, Verdict, fmt_spread, one_thread, register, spread
+from batchlab.experiments.base import Experiment, ExperimentContext, Verdict, fmt_spread, register, spread
 from batchlab.experiments.kit import pyplot
 from batchlab.experiments.batch_accuracy import NORM, TASK
-from batchlab.experiments.kit import seed_keys as _seed_keys
+from batchlab.experiments.kit import per_seed, seeded_model, seed_keys as _seed_keys
 from batchlab.tasks import Task, get_task
 from batchlab.train import TrainConfig, fit
 
@@ -94,19 +94,13 @@ class SharpMinima(Experiment):
                 "min_train_acc": 0.99, "ratio": 1.5, "gap": 0.01}
 
     def run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {"seeds": {}}
         p = {k: v for k, v in params.items() if k != "seeds"}
-        with one_thread():
-            for seed in ctx.seeds:
-                out["seeds"][str(seed)] = ctx.cached("sharpness", {**p, "seed": seed}, lambda s=seed: self._one(params, s))
-        return out
+        return per_seed(ctx, lambda s: ctx.cached("sharpness", {**p, "seed": s}, lambda: self._one(params, s)))
 
     @staticmethod
     def _one(p: dict[str, Any], seed: int) -> dict[str, Any]:
         task = get_task(p["task"])
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            init = task.make_model(norm=NORM)
+        init = seeded_model(seed, lambda: task.make_model(norm=NORM))()
         w_init = _vector(init)
         xt, yt, xv, yv = task.train_set.x, task.train_set.y, task.val_set.x, task.val_set.y
         res: dict[str, Any] = {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from batchlab.experiments.base import (
@@ -21,7 +21,7 @@ from batchlab.experiments.base import (
     spread,
     steps_to_target,
 )
-from batchlab.experiments.kit import paired_rule, pyplot
+from batchlab.experiments.kit import paired_rule, pyplot, seeded_model
 from batchlab.train import RunResult, TrainConfig
 
 CURVE_KEYS = ("step", "epoch", "val_acc", "val_loss", "train_loss", "train_acc")
@@ -39,19 +39,6 @@ def compact(r: RunResult) -> dict[str, Any]:
         "history": [{k: row[k] for k in CURVE_KEYS if k in row} for row in r.history],
     }
 
-
-
-def seeded_model(seed: int, build: Callable[[], Any]) -> Callable[[], Any]:
-    """A model_fn whose weights are drawn from ``seed`` (as fit() does for the models it builds)."""
-
-    def make() -> Any:
-        import torch
-
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            return build()
-
-    return make
 
 
 def _band(ax: Any, runs: Sequence[dict[str, Any]], key: str, label: str, color: str, x: str = "step",

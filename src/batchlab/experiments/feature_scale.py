@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from batchlab.experiments.base import Experiment, ExperimentContext, Verdict, fmt_spread, register, spread
+from batchlab.experiments.kit import per_seed
 
 
 def _gd(X: np.ndarray, y: np.ndarray, lr: float, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,10 +51,7 @@ class FeatureScale(Experiment):
         return {"n": 500, "scale2": 100.0, "max_steps": 20000 if quick else 50000, "tol": 0.01, "factor": 10.0}
 
     def run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {"seeds": {}}
-        for seed in ctx.seeds:
-            out["seeds"][str(seed)] = ctx.cached("gd", {**params, "seed": seed}, lambda s=seed: self._one(params, s))
-        return out
+        return per_seed(ctx, lambda s: ctx.cached("gd", {**params, "seed": s}, lambda: self._one(params, s)))
 
     def _one(self, p: dict[str, Any], seed: int) -> dict[str, Any]:
         rng = np.random.default_rng(seed)

@@ -4,6 +4,7 @@ One home each, so the experiments stop growing their own copies:
 
 - :func:`pyplot` returns ``matplotlib.pyplot`` on the non-interactive Agg backend (imported only
   when an experiment draws).
+- :func:`seeded_model` builds a model from a seed without touching the global RNG.
 - :func:`per_seed` runs ``fn(seed)`` for every seed of the context (one torch thread on the CPU)
   and returns ``{"seeds": {"0": ..., "1": ...}}``, the layout most experiments' data use;
   :func:`seed_keys` lists those keys in seed order.
@@ -40,6 +41,20 @@ def per_seed(ctx: ExperimentContext, fn: Callable[[int], Any], seeds: Sequence[i
         for seed in ctx.seeds if seeds is None else seeds:
             out["seeds"][str(seed)] = fn(int(seed))
     return out
+
+
+def seeded_model(seed: int, build: Callable[[], Any]) -> Callable[[], Any]:
+    """A model_fn whose weights are drawn from ``seed`` (as fit() does for the models it builds), leaving
+    the global RNG as it was."""
+
+    def make() -> Any:
+        import torch
+
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return build()
+
+    return make
 
 
 def seed_keys(data: dict[str, Any]) -> list[str]:

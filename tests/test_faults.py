@@ -425,12 +425,13 @@ def test_every_store_open_failure_names_the_path(tmp_path, case):
         Store(path)
 
 
-def test_suggest_on_a_store_that_is_not_a_database_is_one_line(cli, tmp_path):
+def test_a_store_that_is_not_a_database_is_one_line(cli, tmp_path):
     out = tmp_path / "s"
     out.mkdir()
     (out / "batchlab.db").write_bytes(b"garbage" * 1000)
-    r = cli("suggest", "--task", "digits-mlp", "--out", str(out), "--quiet", "--threads", "1")
-    assert f"cannot open results store {out / 'batchlab.db'}" in one_error_line(r, "suggest")
+    r = cli("reproduce", "--only", "C01", "--out", str(out), "--quick", "--quiet")
+    line = one_error_line(r, "reproduce")
+    assert f"cannot open results store {out / 'batchlab.db'}: file is not a database" in line
 
 
 # ------------------------------------------------------------------------------------ hangs and silent misconfiguration

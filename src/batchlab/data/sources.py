@@ -154,6 +154,7 @@ class LoaderSource(Source):
             except TypeError:
                 length = None
         self.length = length
+        self.seed = 0  # seeds the DataLoader's worker seeds (fit sets it to the run's seed)
 
     def __len__(self) -> int:
         if self.length is None:
@@ -174,7 +175,11 @@ class LoaderSource(Source):
             if self.num_workers == 0 and not self.pin_memory:
                 yield from super().stream(index_batches)
                 return
-            yield from self._loader(batch_sampler=_IndexLists(index_batches))
+            # a generator of its own: creating the loader's iterator must not draw from the global
+            # RNG (that would shift the model's dropout masks by the worker count); worker seeds
+            # still differ from run to run through the indices' own seeded order
+            gen = torch.Generator().manual_seed(self.seed)
+            yield from self._loader(batch_sampler=_IndexLists(index_batches), generator=gen)
             return
         # an IterableDataset: examples in its own order, re-read from the start when exhausted
         examples = self._examples()
@@ -189,6 +194,21 @@ class LoaderSource(Source):
                         items.append(next(examples))
                     except StopIteration:
                         raise ValueError(f"{type(self.dataset).__name__} yielded no examples") from None
+            yield self.collate_fn(items)
+
+    def ordered(self, batch_size: int, limit: int | None = None) -> Iterator[Any]:
+        if self.indexable:
+            yield from super().ordered(batch_size, limit)
+            return
+        items: list[Any] = []  # an IterableDataset: one pass in its own order
+        for i, example in enumerate(self._examples()):
+            if limit is not None and i >= limit:
+                break
+            items.append(example)
+            if len(items) == batch_size:
+                yield self.collate_fn(items)
+                items = []
+        if items:
             yield self.collate_fn(items)
 
     def _examples(self) -> Iterator[Any]:

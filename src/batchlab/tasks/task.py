@@ -408,6 +408,10 @@ class Task:
             except Exception as e:  # noqa: BLE001
                 raise TaskError(f"task {name!r}: the model rejected a {split} batch ({describe_batch(batch)}): "
                                 f"{type(e).__name__}: {e}") from e
+            default_loss = self.batch_loss is None and self.loss is F.cross_entropy and getattr(out, "loss", None) is None
+            default_metric = self.batch_metric is None and self.metric is accuracy and self.metric_name == "accuracy"
+            if default_loss or default_metric:
+                self._check_targets(out, batch)
             try:
                 loss = self.loss_of(out, batch)
             except TaskError:
@@ -431,10 +435,6 @@ class Task:
                                 f"{type(e).__name__}: {e}") from e
             if not math.isfinite(value) and self.metric_name != "loss":
                 raise TaskError(f"task {name!r}: the metric {self.metric_name!r} returned {value!r}")
-            default_loss = self.batch_loss is None and self.loss is F.cross_entropy and getattr(out, "loss", None) is None
-            default_metric = self.batch_metric is None and self.metric is accuracy and self.metric_name == "accuracy"
-            if default_loss or default_metric:
-                self._check_targets(out, batch)
 
     def _metric_value(self, out: Any, batch: Any, n: int) -> float:
         if self.batch_metric is not None:

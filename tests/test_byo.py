@@ -1,0 +1,245 @@
+"""Bring your own model: three models written as outside code (tests/byo/) through every tool,
+on the command line and through the API, and the errors a user task can make."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset, IterableDataset
+
+BYO = Path(__file__).resolve().parent / "byo"
+sys.path.insert(0, str(BYO))
+
+import cifar_resnet  # noqa: E402
+import char_gpt  # noqa: E402
+import hf_style  # noqa: E402
+
+from batchlab import Task, TaskError  # noqa: E402
+from batchlab.runs import Trial, run_trial  # noqa: E402
+from batchlab.train import TrainConfig, fit  # noqa: E402
+
+SMALL = {
+    "cifar_resnet": dict(n_train=128, n_val=64, size=16, width=4),
+    "char_gpt": dict(n_chars=6000, n_embd=32, block_size=16),
+    "hf_style": dict(n_train=128, n_val=64, max_len=24),
+}
+
+
+def small_task(name: str, **kw) -> Task:
+    module = {"cifar_resnet": cifar_resnet, "char_gpt": char_gpt, "hf_style": hf_style}[name]
+    return module.make_task(**{**SMALL[name], **kw})
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BYO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "batchlab.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def task_arg(name: str) -> list[str]:
+    out = ["--task", f"{name}:make_task"]
+    for k, v in SMALL[name].items():
+        out += ["--task-arg", f"{k}={v}"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------- API
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_fit_on_outside_models(name):
+    task = small_task(name)
+    r = fit(task, TrainConfig(batch_size=16, max_steps=6, eval_every=3, seed=0))
+    assert r.status == "ok", r.error
+    assert r.steps == 6 and r.examples == 96
+    assert [row["step"] for row in r.history] == [0, 3, 6]
+    assert r.extra["metric"] == task.metric_name
+    final = r.final
+    if name == "char_gpt":  # language modelling: the metric is the validation loss, lower is better
+        assert task.metric_name == "loss" and task.higher_is_better is False
+        assert final["val_metric"] == final["val_loss"] and "val_acc" not in final
+        assert r.history[-1]["val_loss"] < r.history[0]["val_loss"]  # it learns
+    else:
+        assert task.metric_name == "accuracy" and task.higher_is_better is True
+        assert final["val_acc"] == final["val_metric"] and 0.0 <= final["val_acc"] <= 1.0
+
+
+def test_dataloader_runs_are_deterministic_and_follow_the_plan():
+    """Workers prefetch ahead of the loop; a growing batch must still come out exactly as planned,
+    and the same seed gives the same run."""
+    cfg = TrainConfig(batch_size=8, max_steps=8, batch_growth=(0.5,), growth_factor=2, eval_every=4, seed=3)
+    task = small_task("cifar_resnet", num_workers=2)
+    a, b = fit(task, cfg), fit(task, cfg)
+    assert a.status == b.status == "ok"
+    assert [row["batch_size"] for row in a.history] == [0, 8, 16]
+    assert a.examples == 4 * 8 + 4 * 16
+    assert [row["val_loss"] for row in a.history] == [row["val_loss"] for row in b.history]
+    assert [row["batch_loss"] for row in a.history[1:]] == [row["batch_loss"] for row in b.history[1:]]
+
+
+def test_in_process_loading_equals_worker_loading_without_augmentation():
+    """The DataLoader path (2 workers) and the in-process path give the same batches."""
+    task0 = small_task("hf_style")
+    task2 = small_task("hf_style", num_workers=2)
+    cfg = TrainConfig(batch_size=16, max_steps=5, eval_every=5, seed=1)
+    r0, r2 = fit(task0, cfg), fit(task2, cfg)
+    assert r0.final["val_loss"] == pytest.approx(r2.final["val_loss"], rel=1e-6)
+    assert r0.history[-1]["batch_loss"] == pytest.approx(r2.history[-1]["batch_loss"], rel=1e-6)
+
+
+def test_fingerprint_covers_model_and_data():
+    a, b = small_task("cifar_resnet"), small_task("cifar_resnet")
+    assert a.fingerprint() == b.fingerprint()  # augmentation does not change it
+    assert small_task("cifar_resnet", width=6).fingerprint() != a.fingerprint()  # another model
+    assert small_task("cifar_resnet", n_train=120).fingerprint() != a.fingerprint()  # other data
+    assert small_task("cifar_resnet", seed=1).fingerprint() != a.fingerprint()  # same size, other images
+    v1, v2 = small_task("cifar_resnet", version="v1"), small_task("cifar_resnet", n_train=120, version="v1")
+    assert v1.fingerprint()["data"] == v2.fingerprint()["data"] == {"version": "v1"}
+
+
+def test_norm_swap_on_a_plain_model_goes_through_convert_norm():
+    task = small_task("cifar_resnet")
+    model = task.make_model(norm="group")
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()), kinds
+    assert any(isinstance(m, nn.GroupNorm) for m in model.modules()), kinds
+    r = fit(task, TrainConfig(batch_size=16, max_steps=2, norm="group"))
+    assert r.status == "ok"
+    with pytest.raises(TaskError, match="activation='tanh' needs a built-in model"):
+        task.make_model(activation="tanh")
+
+
+def test_precise_bn_and_bn_health_take_the_task_forward():
+    from batchlab.norm import bn_health, precise_bn
+    from batchlab.train import iterate_batches
+
+    task = small_task("cifar_resnet", num_workers=0)
+    model = task.make_model()
+    before = [m.running_mean.clone() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    counts = precise_bn(model, iterate_batches(task, 16, seed=0), 4, forward=task.forward_batch)
+    after = [m.running_mean for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(counts) == len(before) > 0 and all(not torch.equal(x, y) for x, y in zip(before, after))
+    report = bn_health(model, task.sample_batch(16, split="val"), forward=task.forward_batch)
+    assert report.batch_size == 16 and len(report.layers) == len(before)
+
+
+def test_trials_travel_as_entry_point_and_arguments():
+    from batchlab.tasks import get_task
+
+    task = get_task("hf_style:make_task", **SMALL["hf_style"])
+    trial = Trial(task, TrainConfig(batch_size=16, max_steps=2, eval_every=2))
+    portable = trial.portable()
+    assert portable[0] == "spec" and portable[1] == ("hf_style:make_task", SMALL["hf_style"])
+    direct, shipped = run_trial(trial), run_trial(portable)
+    assert direct["final"]["val_loss"] == pytest.approx(shipped["final"]["val_loss"], rel=1e-6)
+
+
+class _Stream(IterableDataset):
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        for _ in range(200):
+            x = torch.randn(4, generator=g)
+            yield x, int(x.sum() > 0)
+
+
+def test_an_iterable_dataset_trains_by_steps_and_epochs_need_a_length():
+    task = Task.from_torch(name="stream", model=lambda: nn.Linear(4, 2), train=_Stream(), val=_Stream(), lr=0.1)
+    r = fit(task, TrainConfig(batch_size=16, max_steps=20, eval_every=10))
+    assert r.status == "ok" and r.examples == 320 and r.final["val_acc"] > 0.6
+    with pytest.raises(TaskError, match="task 'stream': _Stream has no length; give a budget in steps or examples"):
+        fit(task, TrainConfig(batch_size=16, epochs=1))
+
+
+# --------------------------------------------------------------------------- bad user tasks
+
+
+class _Pairs(Dataset):
+    def __init__(self, n: int = 32, label: int | float = 1, dim: int = 4) -> None:
+        self.n, self.label, self.dim = n, label, dim
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return torch.full((self.dim,), float(i)), self.label
+
+
+def _factory_raises():
+    raise RuntimeError("weights file missing")
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(model=_factory_raises), r"task 'bad': the model factory raised RuntimeError: weights file missing"),
+    (dict(loss=lambda out, batch: out.sum(dim=1)), r"task 'bad': the loss must be a scalar .* shape \(4,\)"),
+    (dict(metric=lambda out, batch: "high", higher_is_better=True), r"task 'bad': the metric 'metric' must return a number, got str"),
+    (dict(train=_Pairs(label=7)), r"task 'bad': labels must be in 0..1 \(the model has 2 outputs\), found 7..7"),
+    (dict(train=_Pairs(label=0.5)), r"task 'bad': targets must be integer class indices .* got dtype torch.float"),
+    (dict(train=_Pairs(n=0)), r"task 'bad': the training set is empty"),
+    (dict(val=_Pairs(dim=3)), r"task 'bad': the model rejected a validation batch \(\[tensor\(4, 3\) float32, tensor\(4,\) int64\]\): RuntimeError"),
+])
+def test_bad_user_tasks_fail_before_training_naming_task_and_problem(kw, message):
+    args = dict(name="bad", model=lambda: nn.Linear(4, 2), train=_Pairs(), val=_Pairs())
+    args.update(kw)
+    task = Task.from_torch(**args)
+    with pytest.raises(TaskError, match=message):
+        fit(task, TrainConfig(batch_size=8, max_steps=1000))
+
+
+@pytest.mark.parametrize("kw,error,message", [
+    (dict(model=42), TypeError, "model must be a zero-argument callable"),
+    (dict(metric="f1"), ValueError, "metric must be one of accuracy, loss or a callable"),
+    (dict(metric=lambda o, b: 1.0), ValueError, "a callable metric needs higher_is_better=True or False, got None"),
+    (dict(metric="loss", higher_is_better=True), ValueError, "metric 'loss' is lower is better"),
+    (dict(train=[1, 2, 3][0]), TypeError, "train must be a torch Dataset"),
+    (dict(num_workers=-1), ValueError, "num_workers must be an integer >= 0, got -1"),
+    (dict(optimizer="rmsprop"), ValueError, "optimizer must be one of sgd, .*got 'rmsprop'"),
+    (dict(lr=0), ValueError, "lr must be a positive finite number, got 0"),
+    (dict(batch_size=0), ValueError, "batch_size must be a positive integer, got 0"),
+])
+def test_from_torch_arguments_are_checked(kw, error, message):
+    args = dict(name="t", model=lambda: nn.Linear(4, 2), train=_Pairs(), val=_Pairs())
+    args.update(kw)
+    with pytest.raises(error, match=message):
+        Task.from_torch(**args)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_cli_train(name, tmp_path):
+    p = cli("train", *task_arg(name), "--steps", "4", "--batch-size", "8", "--threads", "1", "--quiet",
+            "--out", str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    summary = json.loads(p.stdout)
+    assert summary["status"] == "ok" and summary["steps"] == 4
+    assert Path(summary["path"]).is_file()
+
+
+def test_cli_errors_in_user_code_are_one_line(tmp_path):
+    bad = tmp_path / "badtasks.py"
+    bad.write_text(
+        "import torch, torch.nn as nn\n"
+        "from batchlab import Task\n"
+        "class D(torch.utils.data.Dataset):\n"
+        "    def __len__(self): return 16\n"
+        "    def __getitem__(self, i): return torch.ones(4), 5\n"
+        "def labels():\n"
+        "    return Task.from_torch(name='labels', model=lambda: nn.Linear(4, 2), train=D(), val=D())\n"
+        "def raises():\n"
+        "    raise OSError('no such data')\n"
+    )
+    env_path = f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    for entry, expected in (("labels", "labels must be in 0..1"), ("raises", "raised OSError: no such data")):
+        p = subprocess.run([sys.executable, "-m", "batchlab.cli", "train", "--task", f"badtasks:{entry}", "--steps", "2"],
+                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": env_path})
+        assert p.returncode == 2, p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0] and "Traceback" not in p.stderr, p.stderr

@@ -396,6 +396,30 @@ def test_reproduce_on_a_damaged_store_keeps_the_earlier_outcomes(cli, tmp_path):
     assert (out / "index.html").read_text() == "<p>earlier report</p>"
 
 
+def test_store_failing_mid_run_keeps_the_earlier_outcome(tmp_path):
+    import sqlite3
+
+    from batchlab.experiments.base import Experiment
+    from batchlab.experiments.runner import run_experiment
+
+    class StoreBreaks(Experiment):
+        id, claims, title, seed_doc = "store_breaks", ("C97",), "store breaks", "000"
+        statements, rules = {"C97": "a toy claim"}, {"C97": "never decided"}
+
+        def params(self, quick):
+            return {}
+
+        def run(self, ctx, params):
+            raise sqlite3.DatabaseError("database disk image is malformed")  # what a store damaged mid-run raises
+
+    (tmp_path / "store_breaks").mkdir()
+    (tmp_path / "store_breaks" / "outcome.json").write_text('{"the": "earlier verdict"}')
+    with pytest.raises(sqlite3.DatabaseError, match="malformed"):
+        run_experiment(StoreBreaks, quick=True, seeds=[0], device="cpu", store=Store(tmp_path / "batchlab.db"),
+                       out=tmp_path, progress=False)
+    assert (tmp_path / "store_breaks" / "outcome.json").read_text() == '{"the": "earlier verdict"}'  # not "failed"
+
+
 def test_store_opens_read_only_from_read_only_media(readonly_dir):
     readonly_dir.seed(lambda root: _filled_store(root / "batchlab.db", n=3))
     db = readonly_dir.path / "batchlab.db"

@@ -1,27 +1,30 @@
-"""Benchmark: ``batchlab.batchsize.suggest`` against the full grid of batch sizes (claim C14).
+"""Benchmark: ``batchlab.suggest`` against the full grid of batch sizes, scored by suggest's objective.
 
-For each task: train every power of two from 2 to 512 (capped at the training set) with the LR
-scaled by the optimizer's rule, the task's full budget and the same seeds; then run ``suggest``.
-Reported per task:
+For each task: train every power of two from 2 to 512 (capped at the training set) with the LR scaled
+by the optimizer's rule, the task's budget in examples and ``--seeds`` seeds (at least 4); then run
+``suggest`` on the same budget with seeds the grid does not use (``--suggest-seed-offset``, 100 by
+default), objective "best metric at the fixed budget, the fastest of the batches tied with it".
 
-- cost: training examples processed by suggest (memory probes, throughput timing, noise-scale run
-  and pivot-search trials all counted) / examples of the grid (target <= 15%);
-- regret: grid's best mean validation metric - grid's mean metric at the suggested batch, in
-  points (target <= 0.5);
-- whether the suggested batch is within one power of two of the grid's best (of any of them when
-  several batch sizes tie exactly for the best mean, which happens on small validation sets).
+Scoring (issue 15):
 
-Both go through a results store (``--out/store.db``), so a rerun costs nothing.
+- a batch is **good** when its seed-mean metric is within the seed noise of the best batch's: the
+  difference is at most one standard error of the difference, ``sqrt(s_best^2/n + s_b^2/n)``
+  (direction-aware: "best" is the highest accuracy or the lowest loss);
+- the **target**: suggest returns a good batch whose mean training time (the grid's seconds at that
+  batch) is at most 1.5x that of the fastest good batch, and processes at most 10% of the grid's
+  training examples.
 
-Two controls, because the grid's own best is partly seed noise:
+Writes ``OUT/results.json``: per task ``task``, ``grid`` (a list of ``{batch, seed, metric, seconds,
+examples, status}``, one per grid run), ``higher_is_better``, ``suggested_batch``,
+``suggest_seconds``, ``suggest_examples`` and the derived scores. Grid runs go through a results
+store (``OUT/store.db``): a rerun trains nothing again. ``--markdown`` prints the table for
+docs/batchsize.md from ``OUT/results.json`` (no training).
 
-- ``--replicate``: a second full grid with fresh seeds (``seeds + n``); its best batch is scored
-  against the first grid exactly like suggest's. This is the ceiling of any method: a rerun of
-  the grid itself, at 100% of the cost, is how far "the grid's best" reproduces.
-- ``--suggest-seed-offset K``: suggest runs with seeds ``K, K+1, ...`` instead of the grid's, so its
-  full-budget confirmation runs do not share the grid's seed noise.
+    .venv/bin/python benchmarks/suggest_vs_grid.py --seeds 4 --max-epochs 5 --out benchmarks/out/sg2 \\
+        --tasks digits-mlp synthetic-mlp heldout_tasks:byo_resnet heldout_tasks:byo_gpt heldout_tasks:byo_hf
+    .venv/bin/python benchmarks/suggest_vs_grid.py --markdown --out benchmarks/out/sg2
 
-    .venv/bin/python benchmarks/suggest_vs_grid.py --tasks digits-mlp synthetic-mlp mnist1d-mlp --max-epochs 10 --replicate
+See ``heldout_tasks.py`` for which tasks the method was developed on and which are held out.
 """
 
 from __future__ import annotations
@@ -30,121 +33,166 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from batchlab.batchsize import suggest
-from batchlab.batchsize.search import fit_trial, trial_job
-from batchlab.distributed.ray_backend import add_backend_args, backend_from_args, map_trials
-from batchlab.store import Store, run_key
-from batchlab.tasks import get_task
-from batchlab.train import TrainConfig, default_lr_rule, scale_lr
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+GOOD_TIME_FACTOR = 1.5  # suggest's batch may take at most this x the fastest good batch's time
+COST_FRACTION = 0.10  # suggest may process at most this fraction of the grid's examples
 
 
-def grid(task, seeds, budget_examples, store, low=2, high=512, backend=None):
-    n = len(task.train_set)
+def grid_runs(task: Any, seeds: list[int], budget: int, store: Any, low: int = 2, high: int = 512) -> list[dict[str, Any]]:
+    """Every (batch, seed) of the grid, through the store."""
+    from batchlab.batchsize.batches import powers_of_two
+    from batchlab.store import run_key
+    from batchlab.train import TrainConfig, default_lr_rule, fit, scale_lr
+
     rule = default_lr_rule(task.optimizer)
-    sizes = [b for b in (2**k for k in range(1, 12)) if low <= b <= min(high, n)]
-    rows = {}
-    examples = 0
-    t0 = time.perf_counter()
-    items, where = [], []
-    for b in sizes:
+    rows = []
+    fp = task.fingerprint()
+    for b in powers_of_two(low, min(high, task.n_train)):
         for s in seeds:
             cfg = TrainConfig(batch_size=b, lr=scale_lr(task.lr, task.batch_size, b, rule), optimizer=task.optimizer,
-                              max_examples=budget_examples, seed=s, eval_train=False)
-            items.append((run_key(task.fingerprint(), cfg.to_dict(), kind="grid"), (fit_trial, task, cfg)))
-            where.append(b)
-    # every grid trial is independent: with --backend ray they run as parallel Ray Tune trials
-    payloads = map_trials(store, items, trial_job, backend=backend, kind="grid")
-    for b in sizes:
-        ds = [d for d, w in zip(payloads, where) if w == b]
-        examples += sum(int(d.get("examples", 0)) for d in ds)
-        vals = [d["metric"] if d["status"] == "ok" else math.nan for d in ds]
-        rows[b] = statistics.fmean(vals) if all(math.isfinite(v) for v in vals) else -math.inf
-        print(f"  grid {task.name} B={b}: {rows[b]:.4f}", flush=True)
-    return rows, examples, time.perf_counter() - t0
+                              max_examples=budget, seed=s, eval_train=False)
+
+            def run(cfg: TrainConfig = cfg) -> dict[str, Any]:
+                r = fit(task, cfg, raise_errors=False)
+                return {"status": r.status, "metric": float(r.final.get("val_metric", math.nan)) if r.ok else math.nan,
+                        "seconds": r.train_time, "examples": r.examples}
+
+            d = store.run_or_load(run_key(fp, cfg.to_dict(), kind="grid-v2"), run, kind="grid-v2")
+            rows.append({"batch": b, "seed": s, "metric": d["metric"], "seconds": d["seconds"],
+                         "examples": d["examples"], "status": d["status"]})
+        ms = [r["metric"] for r in rows if r["batch"] == b]
+        print(f"  grid {task.name} B={b}: " + " ".join(f"{m:.4f}" for m in ms), flush=True)
+    return rows
 
 
-def best_batches(g: dict[int, float]) -> list[int]:
-    """Every batch size whose mean metric equals the grid's best exactly."""
-    top = max(g.values())
-    return [b for b, v in g.items() if v == top]
+def score(row: dict[str, Any]) -> dict[str, Any]:
+    """Good batches, the fastest good one and whether suggest met the target (see the docstring)."""
+    hib = row["higher_is_better"]
+    by: dict[int, list[dict[str, Any]]] = {}
+    for r in row["grid"]:
+        by.setdefault(int(r["batch"]), []).append(r)
+    stats = {}
+    for b, rs in by.items():
+        ms = [r["metric"] for r in rs]
+        if any(r["status"] != "ok" or not math.isfinite(r["metric"]) for r in rs):
+            continue
+        stats[b] = {"mean": statistics.fmean(ms), "var": statistics.variance(ms) if len(ms) > 1 else 0.0, "n": len(ms),
+                    "seconds": statistics.fmean(r["seconds"] for r in rs)}
+    best = (max if hib else min)(stats, key=lambda b: stats[b]["mean"])
+    good = []
+    for b, st in stats.items():
+        gap = (stats[best]["mean"] - st["mean"]) if hib else (st["mean"] - stats[best]["mean"])
+        se = math.sqrt(stats[best]["var"] / stats[best]["n"] + st["var"] / st["n"])
+        if gap <= se:
+            good.append(b)
+    fastest = min(good, key=lambda b: stats[b]["seconds"])
+    sb = row.get("suggested_batch")
+    grid_examples = sum(r["examples"] for r in row["grid"])
+    out = {
+        "grid_means": {str(b): stats[b]["mean"] for b in sorted(stats)},
+        "grid_seconds": {str(b): stats[b]["seconds"] for b in sorted(stats)},
+        "best_batch": best, "good_batches": sorted(good), "fastest_good_batch": fastest,
+        "grid_examples": grid_examples, "grid_seconds_total": sum(r["seconds"] for r in row["grid"]),
+    }
+    if sb is not None:
+        out["suggested_good"] = sb in good
+        out["time_ratio"] = stats[sb]["seconds"] / stats[fastest]["seconds"] if sb in stats else math.inf
+        out["cost_fraction"] = row["suggest_examples"] / grid_examples
+        out["target_met"] = bool(out["suggested_good"] and out["time_ratio"] <= GOOD_TIME_FACTOR
+                                 and out["cost_fraction"] <= COST_FRACTION)
+    return out
 
 
-def within_one_pow2(b: int | None, bests: list[int]) -> bool:
-    return b is not None and any(abs(math.log2(b) - math.log2(x)) <= 1 for x in bests)
+def markdown(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| task | metric | grid best B (mean) | good batches | fastest good B (s) | suggested B (grid mean, s) | time / fastest good "
+        "| examples suggest / grid | suggest wall s | target |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        sc = r.get("score") or score(r)
+        name = r["task"] + (" (held out)" if r.get("held_out") else "")
+        metric = r.get("metric_name", "metric") + (" (higher better)" if r["higher_is_better"] else " (lower better)")
+        gm, gs = sc["grid_means"], sc["grid_seconds"]
+        sb = r.get("suggested_batch")
+        fg = sc["fastest_good_batch"]
+        if sb is None:
+            sug = "none"
+            tail = "- | - | - | no"
+        else:
+            sug = f"{sb} ({gm.get(str(sb), math.nan):.4g}, {gs.get(str(sb), math.nan):.1f})"
+            tail = (f"{sc['time_ratio']:.2f} | {r['suggest_examples']:,} / {sc['grid_examples']:,} = "
+                    f"{100 * sc['cost_fraction']:.1f}% | {r['suggest_seconds']:.0f} | "
+                    f"{'yes' if sc['target_met'] else 'no'}{'' if sc['suggested_good'] else ' (not good)'}")
+        lines.append(f"| {name} | {metric} | {sc['best_batch']} ({gm[str(sc['best_batch'])]:.4g}) | "
+                     f"{', '.join(map(str, sc['good_batches']))} | {fg} ({gs[str(fg)]:.1f}) | {sug} | {tail} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tasks", nargs="+", default=["digits-mlp", "synthetic-mlp", "mnist1d-mlp"])
-    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--tasks", nargs="+", default=["digits-mlp", "synthetic-mlp"])
+    ap.add_argument("--held-out", nargs="*", default=[], help="tasks (also listed in --tasks) marked as held out")
+    ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--suggest-seed-offset", type=int, default=100, help="suggest's seeds start here (not the grid's)")
     ap.add_argument("--out", default="benchmarks/out/suggest_vs_grid")
     ap.add_argument("--max-epochs", type=float, default=None, help="cap each task's budget (epochs) to save time")
-    ap.add_argument("--replicate", action="store_true", help="also run a second grid with fresh seeds (the ceiling)")
-    ap.add_argument("--suggest-seed-offset", type=int, default=0, help="suggest's seeds start here (0: the grid's seeds)")
+    ap.add_argument("--grid-only", action="store_true", help="run the grids only (no suggest)")
+    ap.add_argument("--grid-store", default=None, help="the grids' results store (default OUT/store.db), to share one")
+    ap.add_argument("--markdown", action="store_true", help="print the table from OUT/results.json and exit")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids OpenMP spinning on a shared machine)")
-    add_backend_args(ap)
     args = ap.parse_args()
-    backend = backend_from_args(args)
-    torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if args.markdown:
+        print(markdown(json.loads((out / "results.json").read_text())))
+        return
+    if args.seeds < 4:
+        ap.error(f"--seeds must be >= 4 (the issue's bar), got {args.seeds}")
+    torch.set_num_threads(args.threads)
     out.mkdir(parents=True, exist_ok=True)
-    store = Store(out / "store.db")
-    seeds = tuple(range(args.seeds))
-    results = []
-    for name in args.tasks:
-        task = get_task(name)
+    from batchlab import suggest
+    from batchlab.store import Store
+    from batchlab.tasks import get_task
+
+    store = Store(Path(args.grid_store) if args.grid_store else out / "store.db")
+    seeds = list(range(args.seeds))
+    path = out / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else []
+    for spec in args.tasks:
+        task = get_task(spec)
         epochs = task.epochs if args.max_epochs is None else min(task.epochs, args.max_epochs)
-        budget = round(epochs * len(task.train_set))
-        g, g_examples, g_time = grid(task, seeds, budget, store, backend=backend)
+        budget = round(epochs * task.n_train)
         t0 = time.perf_counter()
-        s_seeds = tuple(args.suggest_seed_offset + i for i in range(args.seeds))
-        s = suggest(task, seeds=s_seeds, budget_examples=budget, store=Store(out / f"suggest-{name}.db"), backend=backend)
-        s_time = time.perf_counter() - t0
-        best_b = max(g, key=g.get)
-        bests = best_batches(g)
-        sb = s.batch_size
-        regret = 100 * (g[best_b] - g.get(sb, -math.inf)) if sb is not None else math.inf
-        row = {
-            "task": name, "budget_examples": budget, "grid_best_batch": best_b, "grid_best_batches": bests, "grid_best_metric": g[best_b],
-            "suggested_batch": sb, "suggested_lr": s.lr, "grid_metric_at_suggested": g.get(sb),
-            "regret_points": regret, "within_one_pow2": within_one_pow2(sb, bests),
-            "suggest_examples": s.total_examples, "grid_examples": g_examples,
-            "cost_ratio": s.total_examples / g_examples, "suggest_breakdown": s.examples_processed,
-            "suggest_wall_s": s_time, "grid_wall_s": g_time, "b_noise": s.b_noise, "search_path": s.search["path"],
-            "grid": {str(k): v for k, v in g.items()}, "suggest_seeds": list(s_seeds),
-            "confirm": s.search.get("confirm"), "screen_means": s.search["means"],
+        g = grid_runs(task, seeds, budget, store)
+        row: dict[str, Any] = {
+            "task": task.name, "spec": spec, "held_out": spec in args.held_out, "budget_examples": budget,
+            "metric_name": task.metric_name, "higher_is_better": task.higher_is_better, "grid": g,
+            "grid_wall_s": time.perf_counter() - t0, "suggested_batch": None,
         }
-        if args.replicate:
-            r_seeds = tuple(range(args.seeds, 2 * args.seeds))
-            g2, _, _ = grid(task, r_seeds, budget, store, backend=backend)
-            rb = max(g2, key=g2.get)
-            row["replicate"] = {"seeds": list(r_seeds), "grid": {str(k): v for k, v in g2.items()}, "best_batch": rb,
-                                "regret_points": 100 * (g[best_b] - g[rb]),
-                                "within_one_pow2": within_one_pow2(rb, bests)}
-        results.append(row)
-        print(json.dumps(row, allow_nan=True), flush=True)
-        (out / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True))
-    print("\n| task | grid best B (val acc) | suggested B (grid acc there) | regret (points) | within x2 | examples suggest/grid | suggest wall s |")
-    print("|---|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['task']} | {' = '.join(map(str, r['grid_best_batches']))} ({100 * r['grid_best_metric']:.2f}) | {r['suggested_batch']} "
-              f"({100 * (r['grid_metric_at_suggested'] or math.nan):.2f}) | {r['regret_points']:.2f} | "
-              f"{'yes' if r['within_one_pow2'] else 'no'} | {r['suggest_examples']}/{r['grid_examples']} = {100 * r['cost_ratio']:.1f}% "
-              f"| {r['suggest_wall_s']:.0f} |")
-    reps = [r for r in results if "replicate" in r]
-    if reps:
-        print("\nCeiling: a second grid with fresh seeds, scored against the first")
-        print("| task | first grid best B | replicate grid best B (first grid's acc there) | regret (points) | within x2 |")
-        print("|---|---|---|---|---|")
-        for r in reps:
-            p = r["replicate"]
-            print(f"| {r['task']} | {r['grid_best_batch']} | {p['best_batch']} ({100 * r['grid'][str(p['best_batch'])]:.2f}) | "
-                  f"{p['regret_points']:.2f} | {'yes' if p['within_one_pow2'] else 'no'} |")
+        if not args.grid_only:
+            s_seeds = tuple(args.suggest_seed_offset + i for i in range(2))
+            t0 = time.perf_counter()
+            s = suggest(task, seeds=s_seeds, budget_examples=budget, objective="epochs",
+                        store=Store(out / f"suggest-{spec.replace(':', '_')}.db"))
+            row.update({
+                "suggested_batch": s.batch_size, "suggested_lr": s.lr, "suggest_seconds": time.perf_counter() - t0,
+                "suggest_examples": s.total_examples, "suggest_breakdown": s.examples_processed,
+                "suggest_status": s.status, "suggest_headline": s.headline, "suggest_seeds": list(s_seeds),
+                "halving": s.search.rungs, "confirm": s.confirm.message,
+            })
+        row["score"] = score(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "grid"}, allow_nan=True, default=str), flush=True)
+        results = [r for r in results if r.get("spec") != spec] + [row]
+        path.write_text(json.dumps(results, indent=2, allow_nan=True, default=str))
+    print(markdown(results))
 
 
 if __name__ == "__main__":

@@ -218,6 +218,33 @@ class GradientNoiseScale(Callback):
         self._prev, self._small = None, []
 
 
+def is_stable(values: Sequence[float], window: int, tolerance: float) -> bool:
+    """True when the last ``window`` values are finite, positive and within ``tolerance`` of their
+    median ((max - min) / median <= tolerance)."""
+    if window < 2 or len(values) < window:
+        return False
+    last = list(values)[-window:]
+    if not all(math.isfinite(v) and v > 0 for v in last):
+        return False
+    mid = sorted(last)[window // 2]
+    return (max(last) - min(last)) / mid <= tolerance
+
+
+class _StopWhenStable(Callback):
+    """Ends training once B_simple has been stable for ``window`` updates (see :func:`is_stable`)."""
+
+    def __init__(self, gns: GradientNoiseScale, window: int, tolerance: float, min_steps: int) -> None:
+        self.gns, self.window, self.tolerance, self.min_steps = gns, window, tolerance, min_steps
+        self.stable_at: int | None = None
+
+    def on_step_end(self, ctx: StepContext) -> None:
+        if ctx.step < self.min_steps:
+            return
+        if is_stable([p.b_simple for p in self.gns.history], self.window, self.tolerance):
+            self.stable_at = ctx.step
+            ctx.stop = True
+
+
 @dataclass
 class NoiseScaleResult:
     """Outcome of :func:`noise_scale` (plain data)."""
@@ -232,6 +259,8 @@ class NoiseScaleResult:
     examples_processed: int
     history: list[dict[str, float]] = field(default_factory=list)  # per update: step, g2, tr_sigma, b_simple
     error: str | None = None
+    stable: bool | None = None  # None: run for a fixed number of steps; else whether B_simple settled
+    stable_at: int | None = None  # the step at which it was declared stable
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -249,8 +278,17 @@ def noise_scale(
     device: str = "cpu",
     norm: str | None = None,
     progress: bool = False,
+    until_stable: float | None = None,
+    window: int = 10,
+    min_steps: int = 10,
 ) -> NoiseScaleResult:
     """Train ``task`` for ``steps`` steps and measure B_simple from micro-batch gradient norms.
+
+    With ``until_stable`` (a relative tolerance, e.g. 0.2), training stops as soon as the last
+    ``window`` values of B_simple lie within that tolerance of their median (and at least
+    ``min_steps`` steps ran); ``steps`` is then the most it may take. B_simple from a fixed 20
+    steps is unstable (3 at 20 steps, ~20 at 100 on a character LM): stopping on stability instead
+    spends the steps where the estimate still moves.
 
     The step batch is ``micro_batch * accumulation``; the LR is the task's, scaled to that batch by
     the optimizer's default rule (``batchlab.train.default_lr_rule``). B_simple changes during
@@ -265,9 +303,10 @@ def noise_scale(
         lr: learning rate for the step batch (default: scaled from the task's).
         seed, device, norm: passed to the training config.
         progress: show a progress bar.
+        until_stable, window, min_steps: stop early once B_simple is stable (see above).
     """
     task = get_task(task)
-    n = len(task.train_set)
+    n = task.n_train
     if not isinstance(accumulation, int) or accumulation < 2:
         raise ValueError(f"accumulation must be an integer >= 2 (B_simple needs two batch sizes), got {accumulation!r}")
     if not isinstance(micro_batch, int) or not 1 <= micro_batch * accumulation <= n:
@@ -284,9 +323,17 @@ def noise_scale(
         batch_size=micro_batch, accumulation=accumulation, lr=step_lr, max_steps=steps, seed=seed, device=device,
         norm=norm, eval_train=False, drop_last=True,
     )
-    result = fit(task, cfg, callbacks=[gns], progress=progress)
+    if until_stable is not None and not (isinstance(until_stable, (int, float)) and until_stable > 0):
+        raise ValueError(f"until_stable must be None or a positive relative tolerance, got {until_stable!r}")
+    callbacks: list[Callback] = [gns]
+    stopper = None
+    if until_stable is not None:
+        stopper = _StopWhenStable(gns, window, float(until_stable), min_steps)
+        callbacks.append(stopper)
+    result = fit(task, cfg, callbacks=callbacks, progress=progress)
     return NoiseScaleResult(
         b_simple=gns.b_simple, micro_batch=micro_batch, accumulation=accumulation, steps=result.steps, lr=step_lr,
         beta=beta, status=result.status, examples_processed=result.examples, history=[asdict(p) for p in gns.history],
-        error=result.error,
+        error=result.error, stable=None if stopper is None else stopper.stable_at is not None,
+        stable_at=None if stopper is None else stopper.stable_at,
     )

@@ -11,7 +11,10 @@ A trial that diverges, runs out of memory or fails counts as a failure of that b
 -inf) and the search goes on. Every trial goes through the results store, so a rerun (or a resumed,
 interrupted search) runs nothing twice.
 
-The walk itself is the pure function :func:`pivot_walk` over ``run_batch(batch) -> [Trial]``.
+The walk itself is the pure function :func:`pivot_walk` over ``run_batch(batch) -> [Trial]``. It
+works on any task: the metric is ``fit``'s ``val_metric`` in the direction of the task's
+``higher_is_better`` (a loss is compared as a loss, never negated), and a model with BatchNorm is
+scored after its running statistics are recomputed (:func:`fit_trial`, precise BN).
 """
 
 from __future__ import annotations
@@ -22,11 +25,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+import torch.nn as nn
+
 from batchlab.batchsize._store import key_for, open_store
+from batchlab.batchsize.batches import BatchRange, Split, budget_in_examples, check_positive_int
 from batchlab.tasks import Task, get_task
-from batchlab.train import TrainConfig, default_lr_rule, fit, scale_lr
+from batchlab.train import TrainConfig, default_lr_rule, evaluate, fit, iterate_batches, scale_lr
 
 TrialFn = Callable[[Task, TrainConfig], dict[str, Any]]
+
+PRECISE_BN_EXAMPLES = 1024  # training examples (at most one epoch) whose statistics replace BN's running ones
+PRECISE_BN_BATCH = 64
 
 
 @dataclass
@@ -38,7 +48,7 @@ class Trial:
     metric: float  # final validation metric (NaN when the run did not end "ok")
     status: str  # "ok", "diverged", "oom" or "failed"
     examples: int  # training examples processed
-    time: float  # seconds of wall time the run took (when it ran; a stored run reports its original time)
+    time: float  # seconds of training the run took (when it ran; a stored run reports its original time)
     lr: float
     steps: int = 0
     error: str | None = None
@@ -54,11 +64,13 @@ class PivotResult:
         best_lr: its scaled learning rate.
         trials: every trial, in the order run.
         path: batch sizes visited, in order.
-        means, stds: per batch size, the mean and the seed-to-seed standard deviation of the metric.
+        means, stds: per batch size, the mean and the seed-to-seed standard deviation of the metric
+            (NaN when a seed failed).
         noise: the pooled seed-to-seed standard deviation used as the improvement threshold.
         stop_reason: why the walk stopped.
         pivot, low, high: the (possibly lowered, see ``notes``) pivot and the bounds used.
         budget_examples: training examples per trial.
+        metric, higher_is_better: the task's metric and its direction.
     """
 
     best_batch: int | None
@@ -76,6 +88,8 @@ class PivotResult:
     rule: str
     seeds: list[int]
     notes: list[str] = field(default_factory=list)
+    metric: str = "accuracy"
+    higher_is_better: bool = True
 
     @property
     def examples(self) -> int:
@@ -87,9 +101,10 @@ class PivotResult:
         return d
 
 
-def _score(trials: Sequence[Trial]) -> float:
+def _mean(trials: Sequence[Trial]) -> float:
+    """Seed-mean metric; NaN when any seed failed."""
     if not trials or any(t.status != "ok" or not math.isfinite(t.metric) for t in trials):
-        return -math.inf
+        return math.nan
     return statistics.fmean(t.metric for t in trials)
 
 
@@ -106,17 +121,15 @@ def _pooled_std(groups: Sequence[Sequence[Trial]]) -> float:
 
 def check_range(pivot: int, low: int, high: int) -> None:
     """Validate the search range; ValueError naming the argument, the allowed range and the value."""
-    for name, v in (("pivot", pivot), ("low", low), ("high", high)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    if low > high:
-        raise ValueError(f"low must be <= high, got low={low} > high={high}")
-    if not low <= pivot <= high:
+    check_positive_int("pivot", pivot)
+    rng = BatchRange(low, high)
+    if not rng.low <= pivot <= rng.high:
         raise ValueError(f"pivot must be in [low, high] = [{low}, {high}], got {pivot}")
 
 
 def pivot_walk(
-    run_batch: Callable[[int], list[Trial]], pivot: int, low: int, high: int, min_delta: float = 0.0
+    run_batch: Callable[[int], list[Trial]], pivot: int, low: int, high: int, min_delta: float = 0.0,
+    higher_is_better: bool = True,
 ) -> tuple[int | None, list[int], dict[int, list[Trial]], float, str]:
     """The pure walk of claim C14 (see the module docstring).
 
@@ -124,6 +137,7 @@ def pivot_walk(
         run_batch: runs every seed at one batch size and returns the trials.
         pivot, low, high: start and bounds (``low <= pivot <= high``).
         min_delta: an improvement must also exceed this (in metric units).
+        higher_is_better: the metric's direction (False for a loss).
 
     Returns:
         ``(best, path, trials_by_batch, noise, stop_reason)``.
@@ -136,7 +150,15 @@ def pivot_walk(
         if b not in done:
             done[b] = list(run_batch(b))
             path.append(b)
-        return _score(done[b])
+        return _mean(done[b])
+
+    def gain(new: float, old: float) -> float:
+        """How much ``new`` improves on ``old`` (a failed size never improves; anything beats one)."""
+        if not math.isfinite(new):
+            return -math.inf
+        if not math.isfinite(old):
+            return math.inf
+        return new - old if higher_is_better else old - new
 
     def noise() -> float:
         return max(_pooled_std(list(done.values())), min_delta)
@@ -146,9 +168,9 @@ def pivot_walk(
     for b in neighbours:
         ev(b)
     cur = pivot
-    best_nb = max(neighbours, key=lambda b: _score(done[b]), default=None)
+    best_nb = max(neighbours, key=lambda b: gain(_mean(done[b]), _mean(done[pivot])), default=None)
     reason = "neighbours do not beat the pivot by more than the seed-to-seed noise"
-    if best_nb is not None and _score(done[best_nb]) > _score(done[pivot]) + noise():
+    if best_nb is not None and gain(_mean(done[best_nb]), _mean(done[pivot])) > noise():
         up = best_nb > pivot
         cur = best_nb
         while True:
@@ -156,16 +178,16 @@ def pivot_walk(
             if not low <= nxt <= high or nxt == cur:
                 reason = f"reached the {'upper' if up else 'lower'} bound"
                 break
-            if ev(nxt) > _score(done[cur]) + noise():
+            if gain(ev(nxt), _mean(done[cur])) > noise():
                 cur = nxt
             else:
                 reason = f"x{'2' if up else '0.5'} from {cur} did not improve by more than the noise"
                 break
-    if _score(done[cur]) == -math.inf:
-        ok = [b for b in done if _score(done[b]) > -math.inf]
+    if not math.isfinite(_mean(done[cur])):
+        ok = [b for b in done if math.isfinite(_mean(done[b]))]
         if not ok:
             return None, path, done, noise(), "every trial failed (diverged, out of memory or error)"
-        cur = max(ok, key=lambda b: _score(done[b]))
+        cur = (max if higher_is_better else min)(ok, key=lambda b: _mean(done[b]))
         reason += "; the walk ended on a failed size, the best successful one is returned"
     return cur, path, done, noise(), reason
 
@@ -177,14 +199,85 @@ def trial_job(args: tuple[TrialFn, Task, TrainConfig]) -> dict[str, Any]:
     return run(task, config)
 
 
-def fit_trial(task: Task, config: TrainConfig) -> dict[str, Any]:
-    """Default trial: ``fit`` and keep what the search needs (errors become status "failed")."""
-    r = fit(task, config, raise_errors=False)
-    metric = r.final.get("val_acc", math.nan) if r.ok else math.nan
-    return {
-        "status": r.status, "metric": float(metric), "examples": r.examples, "time": r.wall_time, "steps": r.steps,
+def has_batchnorm(model: nn.Module) -> bool:
+    """True when any module is a batch norm with running statistics (torch's or a subclass, as
+    batchlab's all are)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None for m in model.modules())
+
+
+class _TaskForward(nn.Module):
+    """``model`` behind the task's own forward rule, so precise BN and BN health see any batch type."""
+
+    def __init__(self, task: Task, model: nn.Module) -> None:
+        super().__init__()
+        self.task, self.model = task, model
+
+    def forward(self, batch: Any) -> Any:
+        return self.task.forward_batch(self.model, batch)
+
+
+def precise_bn_on_task(model: nn.Module, task: Task, seed: int = 0, device: Any = "cpu",
+                       examples: int = PRECISE_BN_EXAMPLES, batch_size: int = PRECISE_BN_BATCH) -> int:
+    """Recompute ``model``'s BatchNorm running statistics (:func:`batchlab.norm.precise_bn`) over
+    ``examples`` training examples (at most one epoch) of ``task`` in batches of ``batch_size``,
+    drawn with ``seed``; any batch structure (pairs, tuples, mappings). Returns the examples used."""
+    from batchlab.norm import precise_bn
+
+    n = task.n_train
+    bs = max(2, min(batch_size, n))
+    num = max(1, min(examples, n) // bs)
+    batches = iterate_batches(task, bs, seed=seed, device=device)
+    try:
+        precise_bn(_TaskForward(task, model), ((b,) for b in batches), num_batches=num)
+    finally:
+        batches.close()
+    return num * bs
+
+
+def _bn_health_summary(model: nn.Module, task: Task, seed: int, device: Any) -> dict[str, Any] | None:
+    """:func:`batchlab.norm.bn_health` on one training batch, as plain data (None when the batch
+    is not a tensor input the check can feed)."""
+    from batchlab.norm.health import bn_health
+
+    batch = task.sample_batch(min(64, task.n_train), seed=seed, device=device)
+    x = task.inputs_of(batch)
+    if not isinstance(x, torch.Tensor):
+        return None
+    h = bn_health(model, x)
+    return {"ok": h.ok, "problems": h.problems[:8], "output_gap": h.output_gap}
+
+
+def fit_trial(task: Task, config: TrainConfig, *, precise: bool = True, health: bool = False) -> dict[str, Any]:
+    """Default trial: ``fit``, then score the final model by the task's metric (``val_metric``).
+
+    A model with BatchNorm is scored after its running statistics are recomputed over training
+    batches (precise BN, Wu & Johnson 2021): after a short run the running averages lag the weights,
+    most for the few-step runs of large batches, and would score those runs unfairly. The metric
+    with the stale statistics is kept as ``metric_stale``. Errors become status "failed".
+    ``health``: add a :func:`batchlab.norm.bn_health` summary of the final model.
+    """
+    device = config.device
+    task.check(device)
+    with torch.random.fork_rng(devices=[]):  # the same initial weights fit() would draw for this seed
+        torch.manual_seed(config.seed)
+        model = task.make_model(norm=config.norm, activation=config.activation)
+    r = fit(task, config, model=model, raise_errors=False)
+    metric = r.final.get("val_metric", math.nan) if r.ok else math.nan
+    out: dict[str, Any] = {
+        "status": r.status, "metric": float(metric), "examples": r.examples, "time": r.train_time, "steps": r.steps,
         "error": None if r.error is None else r.error[-2000:], "final": r.final,
     }
+    if r.ok and precise and has_batchnorm(model):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            # at most one epoch and PRECISE_BN_EXAMPLES, and no more than the run trained on (at least one batch)
+            use = min(PRECISE_BN_EXAMPLES, max(PRECISE_BN_BATCH, r.examples))
+            out["precise_bn_examples"] = precise_bn_on_task(model, task, seed=config.seed, device=device, examples=use)
+            _, m = evaluate(model, task.val_source, task, device=device)
+            out["metric_stale"], out["metric"] = out["metric"], float(m)
+            if health:
+                out["bn_health"] = _bn_health_summary(model, task, config.seed, device)
+    return out
 
 
 def pivot_search(
@@ -214,7 +307,7 @@ def pivot_search(
     """Run the pivot search of claim C14 on ``task``.
 
     Args:
-        task: a Task or registered name.
+        task: a Task or registered name (any task, e.g. ``Task.from_torch``).
         pivot, low, high: start and bounds; ``low <= pivot <= high`` or ValueError.
         seeds: at least two seeds; the seed-to-seed spread is the noise threshold.
         budget_epochs, budget_examples: the fixed per-trial budget (one of them; default the task's
@@ -240,39 +333,26 @@ def pivot_search(
         kind: the store's label for these trials.
     """
     task = get_task(task)
-    n = len(task.train_set)
+    n = task.n_train
     check_range(pivot, low, high)
     if pivot > n:
         raise ValueError(f"pivot must be <= the training-set size ({n} examples), got {pivot}")
     seeds = [int(s) for s in seeds]
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must hold at least two distinct seeds (the noise needs them), got {seeds!r}")
-    if budget_epochs is not None and budget_examples is not None:
-        raise ValueError("give one of budget_epochs and budget_examples, not both")
-    if budget_examples is None:
-        epochs = task.epochs if budget_epochs is None else budget_epochs
-        if not epochs > 0:
-            raise ValueError(f"budget_epochs must be positive, got {budget_epochs!r}")
-        budget_examples = max(1, round(epochs * n))
-    if not isinstance(budget_examples, int) or budget_examples < 1:
-        raise ValueError(f"budget_examples must be a positive integer, got {budget_examples!r}")
-    if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
-        raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+    budget_examples = budget_in_examples(n, budget_epochs, budget_examples, default_epochs=task.epochs)
+    if max_batch is not None:
+        check_positive_int("max_batch", max_batch)
     opt = optimizer or task.optimizer
     rule = rule or default_lr_rule(opt)
     base_lr = float(lr if lr is not None else task.lr)
     base_batch = int(lr_batch if lr_batch is not None else task.batch_size)
     notes: list[str] = []
-    micro_max = None
-    if accumulate and max_batch is not None:
-        micro_max = 1 << int(math.floor(math.log2(max_batch)))
-        eff_high = min(high, n)
-    else:
-        eff_high = min(high, n, max_batch if max_batch is not None else high)
-    if eff_high < high:
-        notes.append(f"upper bound lowered from {high} to {eff_high} ({'memory maximum' if max_batch is not None and max_batch == eff_high else 'training-set size'})")
-    if eff_high < low:
-        raise ValueError(f"no batch size fits: low={low} but the memory maximum / training-set size is {eff_high}")
+    micro_max = max_batch if accumulate else None
+    rng, note = BatchRange(low, high).capped(n, max_batch, accumulate)
+    if note:
+        notes.append(note)
+    eff_high = rng.high
     p = pivot
     while p > eff_high:
         p //= 2
@@ -291,16 +371,11 @@ def pivot_search(
     def run_batch(b: int) -> list[Trial]:
         out = []
         trial_lr = scale_lr(base_lr, base_batch, b, rule)
-        micro, acc = b, 1
-        if micro_max is not None and b > micro_max:
-            acc = math.ceil(b / micro_max)
-            micro = b // acc
-            if micro * acc != b:
-                raise ValueError(f"batch {b} is not a multiple of the micro-batch {micro_max}; use powers of two")
+        split = Split.of(b, micro_max)
         cfgs = {
             s: TrainConfig(
-                batch_size=micro, accumulation=acc, lr=trial_lr, optimizer=opt, max_examples=budget_examples, seed=s,
-                norm=norm, device=device, eval_train=False,
+                batch_size=split.micro, accumulation=split.accumulation, lr=trial_lr, optimizer=opt,
+                max_examples=budget_examples, seed=s, norm=norm, device=device, eval_train=False,
             )
             for s in seeds
         }
@@ -317,7 +392,7 @@ def pivot_search(
             t = Trial(
                 batch_size=b, seed=s, metric=float(d.get("metric", math.nan)), status=str(d.get("status", "failed")),
                 examples=int(d.get("examples", 0)), time=float(d.get("time", 0.0)), lr=trial_lr,
-                steps=int(d.get("steps", 0)), error=d.get("error"), accumulation=acc,
+                steps=int(d.get("steps", 0)), error=d.get("error"), accumulation=split.accumulation,
             )
             trials.append(t)
             out.append(t)
@@ -326,16 +401,18 @@ def pivot_search(
         return out
 
     try:
-        best, path, done, noise, reason = pivot_walk(run_batch, p, low, eff_high, min_delta=min_delta)
+        best, path, done, noise, reason = pivot_walk(run_batch, p, low, eff_high, min_delta=min_delta,
+                                                     higher_is_better=task.higher_is_better)
     finally:
         bar.close()
-    means = {str(b): _score(ts) for b, ts in done.items()}
+    means = {str(b): _mean(ts) for b, ts in done.items()}
     stds = {
-        str(b): (statistics.stdev([t.metric for t in ts]) if _score(ts) > -math.inf and len(ts) > 1 else math.nan)
+        str(b): (statistics.stdev([t.metric for t in ts]) if math.isfinite(_mean(ts)) and len(ts) > 1 else math.nan)
         for b, ts in done.items()
     }
     return PivotResult(
         best_batch=best, best_lr=None if best is None else scale_lr(base_lr, base_batch, best, rule), trials=trials,
         path=path, means=means, stds=stds, noise=noise, stop_reason=reason, pivot=p, low=low, high=eff_high,
-        budget_examples=budget_examples, rule=rule, seeds=seeds, notes=notes,
+        budget_examples=budget_examples, rule=rule, seeds=seeds, notes=notes, metric=task.metric_name,
+        higher_is_better=task.higher_is_better,
     )

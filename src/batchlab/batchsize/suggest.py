@@ -1,45 +1,37 @@
 """``suggest(task) -> Suggestion``: which batch size, learning rate and accumulation to train with.
 
-The recommendation combines four measurements, each cheap next to a grid of full training runs:
+The objective is explicit (:mod:`batchlab.batchsize.objective`) and stated in the report: by default
+the batch (its LR scaled by the optimizer's rule) that reaches the best validation metric within
+the time of one full training run at the task's own batch; ``objective="epochs"``: the best metric
+after a fixed number of examples. Candidates tied within the seed noise: the fastest.
 
-1. **Memory** (:func:`max_batch_size`): the largest per-device batch whose step fits.
-2. **Speed** (:func:`throughput`): seconds per step at each power of two that fits.
-3. **Statistics** (:func:`noise_scale`): the gradient noise scale B_simple ~ B_noise from a short
-   run with gradient accumulation (McCandlish et al. 2018).
-4. **A generalization check** in two stages, like successive halving with a final full-budget rung:
+Five stages, each a function returning a dataclass the report renders:
 
-   a. *Screen* (:func:`pivot_search`, claim C14): short runs (``check_fraction``, 4% of the full
-      budget, two or more seeds) at the predicted batch and its neighbours, walking x0.5 / x2 while
-      the validation metric improves by more than the seed noise.
-   b. *Confirm*: the screen's best batch and its x2 neighbour (x0.5 at the upper bound) are trained
-      at the **full** budget with the first seed; the better one is recommended, the larger one when
-      they differ by less than the screen's seed noise.
+1. :func:`measure`: memory maximum (when the task can be probed), seconds per step at every
+   candidate batch (:func:`throughput`), the gradient noise scale B_noise measured *until stable*
+   (:func:`noise_scale` with ``until_stable``), and a trivial baseline (the untrained model's metric;
+   for accuracy also the majority-class rate). Each measurement's cost is capped at a fraction of
+   the cost budget, so it shrinks with the model and the budget.
+2. :func:`predict`: McCandlish et al.'s ``S = S_min (1 + B_noise / B)`` steps times the measured
+   step time ranks the candidates (Pollux's goodput in other words). The ranking only orders and
+   selects the candidates; it is never the answer.
+3. :func:`search`: successive halving (:mod:`batchlab.batchsize.halving`) over the candidates:
+   many cheap runs, the better half promoted to twice the budget, rung by rung; equal examples per
+   rung for "epochs", equal time for "time". A batch too large for a rung's budget (fewer than
+   ``MIN_STEPS`` steps) waits for a rung that gives it enough steps instead of being judged on one
+   or two. Every run of a model with BatchNorm is scored after precise BN (its running statistics
+   recomputed), so stale statistics do not penalise few-step, large-batch runs.
+4. :func:`confirm`: on the last rung (all seeds), the candidates within one standard error of the
+   difference from the best are tied; the fastest of them is recommended and the report says
+   whether the candidates were separable at all. If the best does not beat the trivial baseline by
+   more than its seed noise, the recommendation is marked not supported.
+5. :func:`advise`: LR by the optimizer's rule, micro-batch x accumulation when the batch does not
+   fit, ``bn_health`` of the recommendation's final model, and for a small per-device batch with
+   BatchNorm the alternatives (GroupNorm, Ghost BN) measured at the last rung's budget, with
+   advice only when that budget separates them from BatchNorm.
 
-   Why both: short runs favour small batches (with few examples the larger batch's fewer steps
-   are what limits it; over the full budget the loss falls, B_noise grows and larger batches catch
-   up), so the screen alone lands one or two powers of two too low; and a full-budget comparison of
-   three or more sizes would cost a third of a 9-size x 2-seed grid. Two full-budget runs cost 2/18
-   = 11% of that grid, the screen and the measurements ~2-4% more.
-
-Prediction. McCandlish et al.'s model: the steps and examples needed to reach a given loss trade
-off as ``S = S_min (1 + B_noise / B)`` and ``E = E_min (1 + B / B_noise)``. With ``t(B)`` the
-measured seconds per step (``acc * t(micro)`` when B is reached by accumulation), the predicted
-time to target is ``S_min (1 + B_noise / B) t(B)``. S_min is anchored by assuming the task's default
-batch reaches the target in the full budget: ``E_min = E_budget / (1 + B_ref / B_noise)``,
-``S_min = E_min / B_noise``. This is Pollux's goodput criterion (throughput x statistical
-efficiency) in other words.
-
-Pivot. The check starts at the smaller of (a) the batch of least predicted time and (b) the
-largest batch whose statistical efficiency ``E_min / E(B) = 1 / (1 + B / B_noise)`` is at least
-``efficiency`` (0.9, the same 90% rule as the throughput knee): with a fixed budget of examples,
-every batch above (b) spends its examples less efficiently (McCandlish et al. sec. 2.2; at the
-critical batch B_noise itself the examples double). On a CPU where the step time hardly depends on
-B, (a) alone would always pick the largest batch and waste examples.
-
-Normalization. If the per-device (micro-)batch is small (``small_batch`` = 8 or less) and the model
-has BatchNorm, its batch statistics are unreliable (Wu & He 2018); the suggestion says so and
-measures GroupNorm, Ghost BN (when registered) and precise BN statistics (BN retrained, then its
-running statistics recomputed over the training set) at the same batch with the same short budget.
+Cost: everything (measurements, search, advice) is bounded by ``cost_budget`` examples, by
+default one full training run (``budget_examples``), and reported per stage.
 """
 
 from __future__ import annotations
@@ -52,17 +44,24 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch.nn as nn
+import torch
 
-from batchlab.batchsize._store import key_for, open_store
-from batchlab.batchsize.memory import max_batch_size
+from batchlab.batchsize._store import key_for, open_store, run_trials
+from batchlab.batchsize.batches import BatchRange, Split, budget_in_examples, pow2_floor
+from batchlab.batchsize.halving import RungTrial, plan_rungs, successive_halving
 from batchlab.batchsize.noise import noise_scale
-from batchlab.batchsize.search import fit_trial, pivot_search
+from batchlab.batchsize.objective import OBJECTIVES, Objective, SeedStats, se_of_difference
+from batchlab.batchsize.search import PRECISE_BN_BATCH, fit_trial, has_batchnorm
+from batchlab.batchsize.state import preserved_state
 from batchlab.batchsize.throughput import throughput
 from batchlab.tasks import Task, get_task
-from batchlab.train import TrainConfig, default_lr_rule, scale_lr
+from batchlab.train import TrainConfig, default_lr_rule, evaluate, scale_lr
 
-SMALL_BATCH = 8  # a per-device batch at or below this triggers the normalization advice
+SMALL_BATCH = 8  # a per-device batch at or below this with BatchNorm triggers the normalization check
+MIN_STEPS = 4  # a candidate is run at a rung only when the rung gives it at least this many steps
+NOISE_TOLERANCE = 0.2  # B_noise is stable when its last values lie within 20% of their median
+SHARE_THROUGHPUT = 0.10  # at most this fraction of the cost budget for timing steps
+SHARE_NOISE = 0.15  # ... and for the noise-scale run
 
 
 @dataclass
@@ -82,28 +81,94 @@ class Candidate:
 
 
 @dataclass
+class Measurements:
+    """Stage 1."""
+
+    memory: dict[str, Any] | None  # MaxBatchResult.to_dict(), None when not measured
+    micro_max: int | None  # largest per-device batch (None: not capped)
+    throughput: dict[str, Any]
+    noise: dict[str, Any]
+    b_noise: float
+    baseline: float  # the trivial baseline's metric
+    baseline_kind: str  # what the baseline is
+    examples: dict[str, int]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Prediction:
+    """Stage 2: the candidates, their predicted cost, and the order they enter the search."""
+
+    objective: dict[str, Any]
+    candidates: list[dict[str, Any]]  # Candidate rows
+    ranked: list[int]  # every candidate, best predicted first
+    selected: list[int]  # those the search starts with
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SearchResult:
+    """Stage 3: successive halving."""
+
+    plan: list[list[float]]  # per rung: [candidates, budget per trial]
+    unit: str  # "examples" or "seconds"
+    rungs: list[dict[str, Any]]
+    trials: list[dict[str, Any]]
+    survivors: list[int]  # the last rung's candidates, best first
+    examples: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Confirmation:
+    """Stage 4: the decision on the last rung."""
+
+    batch: int | None
+    best: int | None  # best seed-mean on the last rung
+    tied: list[int]  # within one standard error of the difference from the best
+    separable: bool  # the best is separated from every other last-rung candidate
+    supported: bool  # the best beats the trivial baseline by more than its seed noise
+    means: dict[str, float]
+    ses: dict[str, float]
+    budget: float
+    message: str
+
+
+@dataclass
+class Advice:
+    """Stage 5."""
+
+    lr: float | None
+    micro_batch: int | None
+    accumulation: int
+    bn_health: dict[str, Any] | None
+    norm_advice: dict[str, Any] | None
+    critical: dict[str, Any] | None
+    lines: list[str]
+    examples: int = 0
+
+
+@dataclass
 class Suggestion:
-    """The recommendation and the measurements behind it. Plain data: ``to_json`` / ``from_dict``."""
+    """The recommendation and the stages behind it. Plain data: ``to_json`` / ``from_dict``."""
 
     task: str
-    status: str  # "ok" or "failed" (every checked batch diverged / ran out of memory)
+    status: str  # "ok", "not supported" (no better than a trivial baseline) or "failed"
     batch_size: int | None  # examples per optimizer step
     micro_batch: int | None  # examples per forward/backward (per device)
     accumulation: int  # micro-batches per step
     lr: float | None
     optimizer: str
     rule: str
-    rationale: list[str]
-    b_noise: float
-    budget_examples: int  # the full training budget the prediction is anchored to
-    check_examples: int  # per-trial budget of the pivot search
-    seeds: list[int]
-    memory: dict[str, Any]
-    throughput: dict[str, Any]
-    noise: dict[str, Any]
-    candidates: list[dict[str, Any]]
-    search: dict[str, Any]
-    norm_advice: dict[str, Any] | None = None
+    headline: str  # the recommendation in one line
+    objective: dict[str, Any]
+    measure: Measurements
+    predict: Prediction
+    search: SearchResult
+    confirm: Confirmation
+    advise: Advice
+    cost_budget: int  # examples everything may process (one full run unless the user says)
     examples_processed: dict[str, int] = field(default_factory=dict)
     wall_time: float = 0.0
 
@@ -115,376 +180,533 @@ class Suggestion:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Suggestion:
+        d = dict(d)
+        for name, typ in (("measure", Measurements), ("predict", Prediction), ("search", SearchResult),
+                          ("confirm", Confirmation), ("advise", Advice)):
+            d[name] = typ(**d[name])
         return cls(**d)
 
     @property
     def total_examples(self) -> int:
         return int(sum(self.examples_processed.values()))
 
+    @property
+    def b_noise(self) -> float:
+        return self.measure.b_noise
+
+    @property
+    def budget_examples(self) -> int:
+        return int(self.objective["budget_examples"])
+
+    @property
+    def rationale(self) -> list[str]:
+        """The evidence, one line each, in stage order."""
+        return [*self.measure.notes, *self.predict.notes, *self.search.notes, self.confirm.message, *self.advise.lines]
+
     def summary(self) -> str:
-        """The recommendation in a few lines of plain text."""
-        if self.batch_size is None:
-            head = f"{self.task}: no batch size could be recommended (status {self.status})."
-        else:
-            acc = f" as {self.accumulation} x {self.micro_batch} (gradient accumulation)" if self.accumulation > 1 else ""
-            head = f"{self.task}: batch size {self.batch_size}{acc}, learning rate {self.lr:.4g} ({self.optimizer}, {self.rule} scaling)"
-        return "\n".join([head, *("  - " + r for r in self.rationale)])
+        """The recommendation and the evidence in a few lines of plain text."""
+        return "\n".join([self.headline, *("  - " + r for r in self.rationale)])
 
 
-def has_batchnorm(model: nn.Module) -> bool:
-    """True when any module is a batch norm (torch's or a subclass, as batchlab's all are)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+# ------------------------------------------------------------------------------------ stage 1
+def _baseline(task: Task, device: str, seed: int) -> tuple[float, str]:
+    """The untrained model's validation metric and, for accuracy, the majority-class rate: the
+    better of the two is the bar a recommendation must clear."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = task.make_model().to(device)
+    _, untrained = evaluate(model, task.val_source, task, device=device)
+    best, kind = float(untrained), f"the untrained model's validation {task.metric_name} ({untrained:.4g})"
+    if task.metric_name == "accuracy":
+        counts: dict[int, int] = {}
+        try:
+            for batch in task.val_source.ordered(1024, None):
+                y = task.targets_of(batch).reshape(-1)
+                for v, c in zip(*torch.unique(y[y != -100], return_counts=True)):
+                    counts[int(v)] = counts.get(int(v), 0) + int(c)
+        except Exception:  # noqa: BLE001 - a task without plain targets keeps the untrained baseline
+            counts = {}
+        if counts:
+            rate = max(counts.values()) / sum(counts.values())
+            if rate > best:
+                best, kind = rate, f"the majority-class rate ({rate:.4g})"
+    return best, kind
 
 
-def precise_bn_trial(task: Task, config: TrainConfig) -> dict[str, Any]:
-    """Train with BN, then recompute population statistics (precise BN, Wu & Johnson 2021) and evaluate."""
-    from batchlab.norm import precise_bn
-    from batchlab.train import evaluate, fit
+def _memory(task: Task, device: str, memory_limit: int | None, rng: BatchRange) -> tuple[dict[str, Any] | None, int | None, int, str]:
+    from batchlab.batchsize.memory import max_batch_size
 
-    model = task.make_model(norm=config.norm)
-    r = fit(task, config, model=model, raise_errors=False)
-    if not r.ok:
-        return {"status": r.status, "metric": math.nan, "examples": r.examples, "time": r.wall_time, "error": r.error}
-    import torch
-
-    with torch.random.fork_rng():
-        torch.manual_seed(config.seed)
-        batches = [x for x, _ in task.train_set.batches(256, generator=torch.Generator().manual_seed(config.seed))]
-        precise_bn(model, batches, num_batches=len(batches))
-    _, metric = evaluate(model, task.val_set.x, task.val_set.y, task)
-    return {"status": "ok", "metric": float(metric), "examples": r.examples + len(task.train_set), "time": r.wall_time}
+    try:
+        mem = max_batch_size(task, device=device, memory_limit=memory_limit, low=rng.low, high=rng.high)
+    except (AttributeError, TypeError, NotImplementedError) as e:  # a task the memory probe cannot feed
+        return None, None, 0, (f"memory maximum not measured ({type(e).__name__}: {str(e)[:120]}); a trial that runs "
+                               "out of memory counts as a failure of its batch")
+    if mem.batch_size is None:
+        raise ValueError(f"not even a batch of low={rng.low} fits in memory ({mem.memory_limit} bytes); lower low or "
+                         "raise memory_limit")
+    used = int(sum(p[0] for p in mem.probes) + sum(t[0] for t in mem.tried))
+    why = "training-set size" if mem.capped_by == "data" else mem.capped_by
+    return mem.to_dict(), mem.batch_size, used, f"memory: the largest batch whose whole step fits is {mem.batch_size} ({why})"
 
 
-def _pow2_floor(x: float) -> int:
-    return 1 << max(0, int(math.floor(math.log2(max(x, 1)))))
+def measure(task: Task, rng: BatchRange, cost_budget: int, *, device: str, memory_limit: int | None, quick: bool,
+            store: Any, progress: bool, seed: int) -> Measurements:
+    """Stage 1 (see the module docstring); every cost is a share of ``cost_budget``."""
+    notes: list[str] = []
+    mem, micro_max, mem_examples, line = _memory(task, device, memory_limit, rng)
+    notes.append(line)
+    sizes = rng.sizes()
+    fits = [b for b in sizes if micro_max is None or b <= micro_max] or [pow2_floor(micro_max or rng.low)]
+    # throughput: one warm-up and one or two timed steps per size, the largest sizes dropped (their
+    # time is extrapolated) when timing them would cost more than SHARE_THROUGHPUT of the budget
+    passes = 2 if quick else 3
+    cap = SHARE_THROUGHPUT * cost_budget
+    timed: list[int] = []
+    for b in fits:
+        if len(timed) >= 2 and (sum(timed) + b) * (passes + 0.25) > cap:
+            break
+        timed.append(b)
+    if len(timed) < len(fits):
+        notes.append(f"throughput timed at {', '.join(map(str, timed))} (larger sizes extrapolated: timing them would "
+                     f"exceed {SHARE_THROUGHPUT:.0%} of the cost budget)")
+    tp = throughput(task, timed, device=device, warmup=1, repeats=passes - 1, time_limit=5.0 if quick else 15.0,
+                    progress=progress)
+    # noise scale, measured until stable within SHARE_NOISE of the budget
+    n = task.n_train
+    micro, acc = max(1, min(16, pow2_floor(n // 8), pow2_floor(micro_max or 16))), 4
+    max_steps = int(SHARE_NOISE * cost_budget // (micro * acc))
+    while max_steps < 30 and micro > 2:
+        micro //= 2
+        max_steps = int(SHARE_NOISE * cost_budget // (micro * acc))
+    max_steps = max(5, min(max_steps, 400))
+    ncfg = {"micro_batch": micro, "accumulation": acc, "steps": max_steps, "device": device,
+            "until_stable": NOISE_TOLERANCE * (1.5 if quick else 1.0), "window": 8 if quick else 10,
+            "min_steps": min(max_steps, 10), "seed": seed}
+    noise = open_store(store).run_or_load(
+        key_for(task.fingerprint(), ncfg, kind="batchsize-noise-v2"),
+        lambda: noise_scale(task, progress=progress, **ncfg), kind="batchsize-noise-v2",
+    )
+    b_noise = float(noise.get("b_simple", math.nan))
+    if math.isfinite(b_noise) and b_noise > 0:
+        how = (f"stable within {ncfg['until_stable']:.0%} after {noise.get('stable_at')} steps" if noise.get("stable")
+               else f"not yet stable after {noise.get('steps')} steps (the cost cap); it only orders the candidates")
+        notes.append(f"gradient noise scale B_simple ~ {b_noise:.0f} at {micro} x {acc} (McCandlish et al. 2018), {how}")
+    else:
+        notes.append(f"the gradient noise scale could not be measured (status {noise.get('status')!r}); candidates "
+                     "are ordered by their distance from the task's own batch")
+    baseline, kind = _baseline(task, device, seed)
+    notes.append(f"trivial baseline: {kind}")
+    return Measurements(
+        memory=mem, micro_max=micro_max, throughput=tp.to_dict(), noise=noise, b_noise=b_noise, baseline=baseline,
+        baseline_kind=kind,
+        examples={"memory": mem_examples, "throughput": tp.examples_processed,
+                  "noise": int(noise.get("examples_processed", 0))},
+        notes=notes,
+    )
 
 
-def predict_candidates(
-    sizes: Sequence[int], tp: Any, max_micro: int, b_noise: float, budget_examples: int, ref_batch: int
-) -> list[Candidate]:
-    """The prediction table (see the module docstring); ``tp`` is a ThroughputResult."""
+# ------------------------------------------------------------------------------------ stage 2
+def _time_per_step(tp: dict[str, Any], batch: int) -> float:
+    from batchlab.batchsize.throughput import ThroughputResult
+
+    return ThroughputResult(**tp).time_per_step(batch)
+
+
+def predict_candidates(sizes: Sequence[int], tp: dict[str, Any], micro_max: int | None, b_noise: float,
+                       budget_examples: int, ref_batch: int) -> list[Candidate]:
+    """The prediction table: ``S = S_min (1 + B_noise/B)`` steps x measured seconds per step, with
+    S_min anchored by assuming the task's own batch reaches the target in ``budget_examples``."""
     out = []
     finite = math.isfinite(b_noise) and b_noise > 0
     e_min = budget_examples / (1 + ref_batch / b_noise) if finite else math.nan
     s_min = e_min / b_noise if finite else math.nan
     for b in sizes:
-        micro = b if b <= max_micro else max_micro
-        acc = math.ceil(b / micro)
-        t = acc * tp.time_per_step(micro)
+        sp = Split.of(b, micro_max)
+        t = sp.accumulation * _time_per_step(tp, sp.micro)
         steps = s_min * (1 + b_noise / b) if finite else math.nan
         out.append(Candidate(
-            batch_size=b, micro_batch=micro, accumulation=acc, step_time=t, examples_per_sec=b / t if t > 0 else math.nan,
-            epoch_time=math.ceil(tp.n_train / b) * t, predicted_steps=steps,
-            predicted_examples=e_min * (1 + b / b_noise) if finite else math.nan,
-            predicted_time=steps * t, fits=b <= max_micro,
+            batch_size=b, micro_batch=sp.micro, accumulation=sp.accumulation, step_time=t,
+            examples_per_sec=b / t if t > 0 else math.nan, epoch_time=math.ceil(tp["n_train"] / b) * t,
+            predicted_steps=steps, predicted_examples=e_min * (1 + b / b_noise) if finite else math.nan,
+            predicted_time=steps * t, fits=sp.accumulation == 1,
         ))
     return out
 
 
+def predict(task: Task, rng: BatchRange, m: Measurements, objective: Objective, max_candidates: int) -> Prediction:
+    """Stage 2: rank every candidate by predicted time to target; keep the ``max_candidates`` best
+    (always with the task's own batch, the incumbent, when it is in range)."""
+    sizes = rng.sizes()
+    cands = predict_candidates(sizes, m.throughput, m.micro_max, m.b_noise, objective.budget_examples, task.batch_size)
+    incumbent = rng.clamp(pow2_floor(task.batch_size))
+    if all(math.isfinite(c.predicted_time) for c in cands):
+        ranked = [c.batch_size for c in sorted(cands, key=lambda c: (c.predicted_time, -c.batch_size))]
+        why = "ordered by predicted time to target S_min (1 + B_noise/B) x t(B)"
+    else:
+        ranked = sorted(sizes, key=lambda b: (abs(math.log2(b) - math.log2(incumbent)), -b))
+        why = "ordered by distance from the task's own batch (no usable noise scale)"
+    selected = ranked[:max_candidates]
+    if incumbent in sizes and incumbent not in selected:
+        selected[-1] = incumbent
+    notes = [f"candidates {', '.join(map(str, ranked))} {why}; the search starts with {', '.join(map(str, sorted(selected)))}"]
+    return Prediction(objective=objective.to_dict(), candidates=[asdict(c) for c in cands], ranked=ranked,
+                      selected=selected, notes=notes)
+
+
+# ------------------------------------------------------------------------------------ stage 3
+def search(task: Task, p: Prediction, m: Measurements, objective: Objective, available: float, seeds: Sequence[int], *,
+           device: str, store: Any, runner: Any, backend: Any, trial_fn: Any, eta: int = 2,
+           precise: bool = False) -> SearchResult:
+    """Stage 3: successive halving over ``p.selected`` within ``available`` examples (``precise``:
+    each run is followed by a precise-BN pass over up to as many examples, planned as half the cost)."""
+    cands = {c["batch_size"]: c for c in p.candidates}
+    eps = {b: c["examples_per_sec"] for b, c in cands.items()}
+    rule = default_lr_rule(task.optimizer)
+    time_mode = objective.kind == "time"
+
+    def examples_at(b: int, budget: float) -> int:
+        return int(budget * eps[b]) if time_mode else int(budget)
+
+    def testable(b: int, budget: float) -> bool:
+        return examples_at(b, budget) >= MIN_STEPS * b
+
+    # plan in examples; in "time" mode a rung's seconds are its examples at the mean candidate speed
+    selected = list(p.selected)
+    notes: list[str] = []
+    plan: list[tuple[int, float]] = []
+    for _ in range(len(selected)):
+        plan = plan_rungs(len(selected), available / 2 if precise else available, eta=eta, seeds_last=len(seeds),
+                          seeds_early=1, per_trial_overhead=PRECISE_BN_BATCH if precise else 0)
+        if not plan:
+            if len(selected) <= 2:
+                break
+            big = max(selected)  # a batch the budget could not give MIN_STEPS steps in a final pair goes first
+            pair = 2 * len(seeds) * (MIN_STEPS * big + (PRECISE_BN_BATCH if precise else 0)) * (2 if precise else 1)
+            worst = big if pair > available else max(selected, key=p.ranked.index)
+            notes.append(f"batch {worst} left out ({'too large' if worst == big and pair > available else 'lowest predicted'}): "
+                         f"the cost budget cannot hold {len(selected)} candidates")
+            selected.remove(worst)
+            continue
+        last = plan[-1][1]
+        ok = [b for b in selected if last >= MIN_STEPS * b]
+        if len(ok) == len(selected) or len(ok) < 2:
+            break
+        dropped = max(b for b in selected if b not in ok)  # one at a time: fewer candidates, longer rungs
+        notes.append(f"batch {dropped} left out: even the last rung would give it fewer than {MIN_STEPS} steps within "
+                     "the cost budget")
+        selected.remove(dropped)
+    if not plan:
+        return SearchResult(plan=[], unit="examples", rungs=[], trials=[], survivors=[], examples=0, seconds=0.0,
+                            notes=[f"the cost budget ({available:.0f} examples after the measurements) leaves nothing to "
+                                   "search with"])
+    if time_mode:  # seconds at the fastest candidate's speed: no candidate can exceed the planned examples
+        top_eps = max(eps[b] for b in selected if math.isfinite(eps[b]))
+        budgets = [ex / top_eps for _, ex in plan]
+    else:
+        budgets = [ex for _, ex in plan]
+    trial_seeds = [[seeds[0]]] * (len(plan) - 1) + [list(seeds)]
+    fn = trial_fn or fit_trial
+
+    def run(batches: list[int], budget: float, rung_seeds: list[int], k: int) -> list[RungTrial]:
+        cfgs, meta = [], []
+        for b in batches:
+            sp = Split.of(b, m.micro_max)
+            lr = scale_lr(task.lr, task.batch_size, b, rule)
+            for s in rung_seeds:
+                cfgs.append(TrainConfig(batch_size=sp.micro, accumulation=sp.accumulation, lr=lr,
+                                        optimizer=task.optimizer, max_examples=max(1, examples_at(b, budget)), seed=s,
+                                        device=device, eval_train=False))
+                meta.append((b, s, lr, sp.accumulation))
+        payloads = run_trials(task, cfgs, fn, store, kind="batchsize-halving", runner=runner, backend=backend)
+        out = []
+        for (b, s, lr, acc), c, d in zip(meta, cfgs, payloads):
+            extra = {k: d[k] for k in ("metric_stale", "bn_health", "error", "precise_bn_examples") if d.get(k) is not None}
+            out.append(RungTrial(batch=b, seed=s, rung=k, metric=float(d.get("metric", math.nan)),
+                                 status=str(d.get("status", "failed")), examples=int(d.get("examples", 0)),
+                                 seconds=float(d.get("time", 0.0)), steps=int(d.get("steps", 0)), lr=lr,
+                                 accumulation=acc, budget_examples=c.max_examples, extra=extra))
+        return out
+
+    rungs, trials, survivors = successive_halving(sorted(selected, key=p.ranked.index), budgets, run, objective,
+                                                  trial_seeds, testable=testable, eta=eta)
+    examples = sum(t.examples + int(t.extra.get("precise_bn_examples", 0)) for t in trials)
+    unit = "seconds" if time_mode else "examples"
+    notes.append(
+        f"successive halving over {', '.join(map(str, sorted(selected)))}: "
+        + "; ".join(f"rung {r.index} ({r.budget:.3g} {unit} per run, seeds {r.seeds}): "
+                    + ", ".join(f"{b} {r.stats[str(b)]['mean']:.4g}" for b in r.tested)
+                    + (f" (waiting: {', '.join(map(str, r.byes))})" if r.byes else "")
+                    for r in rungs)
+        + (" (BatchNorm models scored after precise BN)" if any("metric_stale" in t.extra for t in trials) else "")
+    )
+    return SearchResult(plan=[[c, b] for c, b in zip([c for c, _ in plan], budgets)], unit=unit,
+                        rungs=[r.to_dict() for r in rungs], trials=[asdict(t) for t in trials], survivors=survivors,
+                        examples=examples, seconds=sum(t.seconds for t in trials), notes=notes)
+
+
+# ------------------------------------------------------------------------------------ stage 4
+def confirm(s: SearchResult, m: Measurements, p: Prediction, objective: Objective) -> Confirmation:
+    """Stage 4: ties on the last rung within one standard error of the difference; the fastest
+    of the tied is recommended; the best must beat the trivial baseline."""
+    if not s.rungs or not s.survivors:
+        return Confirmation(None, None, [], False, False, {}, {}, 0.0, "no candidate could be run within the cost budget")
+    last = next(r for r in reversed(s.rungs) if r["tested"])
+    st = {int(b): v for b, v in last["stats"].items()}
+    ok = [b for b in s.survivors if math.isfinite(st[b]["mean"]) and not st[b]["failed"]]
+    means = {str(b): st[b]["mean"] for b in st}
+    ses = {str(b): st[b]["se"] for b in st}
+    if not ok:
+        return Confirmation(None, None, [], False, False, means, ses, last["budget"],
+                            "every run of the last rung failed (diverged, out of memory or error)")
+    best = objective.best_of({b: st[b]["mean"] for b in ok})
+    stats = {b: SeedStats(st[b]["mean"], st[b]["se"], int(st[b]["n"]), int(st[b]["failed"])) for b in ok}
+    ses_ok = [stats[b].se for b in ok if math.isfinite(stats[b].se)]
+    floor = statistics.fmean(ses_ok) if ses_ok else 0.0  # the seed noise where a batch has one usable seed
+    tied = [b for b in ok if objective.gap(stats[best].mean, stats[b].mean) <= se_of_difference(stats[best], stats[b], floor)]
+    eps = {c["batch_size"]: c["examples_per_sec"] for c in p.candidates}
+    pick = max(tied, key=lambda b: (eps.get(b, 0.0) if math.isfinite(eps.get(b, math.nan)) else 0.0, b))
+    separable = len(tied) == 1 and len(ok) > 1
+    margin = objective.gap(stats[best].mean, m.baseline)  # > 0: the best beats the baseline
+    noise = stats[best].se if math.isfinite(stats[best].se) else 0.0
+    supported = margin > noise
+    unit = "s" if objective.kind == "time" else " examples"
+    if len(ok) == 1:
+        msg = f"only batch {best} reached the last rung ({last['budget']:.3g}{unit} per run)"
+    elif separable:
+        msg = (f"last rung ({last['budget']:.3g}{unit} per run, seeds {last['seeds']}): batch {best} is better than "
+               f"{', '.join(str(b) for b in ok if b != best)} by more than the seed noise")
+    else:
+        msg = (f"last rung ({last['budget']:.3g}{unit} per run, seeds {last['seeds']}): batches "
+               f"{', '.join(map(str, sorted(tied)))} are not separable by more than their seed noise (one standard "
+               f"error of the difference); the fastest of them, {pick}, is recommended")
+    msg += "; " + ", ".join(f"batch {b}: {objective.metric} {stats[b].mean:.4g} +- {stats[b].se:.2g}" for b in ok)
+    if not supported:
+        msg += (f". Recommendation not supported: the best validation {objective.metric} {stats[best].mean:.4g} does not "
+                f"beat the trivial baseline, {m.baseline_kind}, by more than its seed noise")
+    return Confirmation(pick, best, sorted(tied), separable, supported, means, ses, last["budget"], msg)
+
+
+# ------------------------------------------------------------------------------------ stage 5
+def _critical(task: Task) -> dict[str, Any] | None:
+    """The critical batch over training (issue 16) when ``batchlab.batchsize.critical`` exists."""
+    try:
+        from batchlab.batchsize import critical  # noqa: F401
+    except ImportError:
+        return None
+    return None  # not wired in (see docs/batchsize.md, "Limits")
+
+
+def advise(task: Task, c: Confirmation, s: SearchResult, m: Measurements, objective: Objective, seeds: Sequence[int],
+           remaining: float, *, device: str, store: Any, runner: Any, backend: Any, small_batch: int,
+           check_norms: bool) -> Advice:
+    """Stage 5: LR, split, BN health and the normalization check (see the module docstring)."""
+    if c.batch is None:
+        return Advice(None, None, 1, None, None, None, [])
+    rule = default_lr_rule(task.optimizer)
+    b = c.batch
+    sp = Split.of(b, m.micro_max)
+    lr = scale_lr(task.lr, task.batch_size, b, rule)
+    lines = [f"learning rate {lr:.4g}: the task's {task.lr:g} at batch {task.batch_size}, {rule} scaling"]
+    if sp.accumulation > 1:
+        lines.append(f"batch {b} does not fit: {sp.accumulation} micro-batches of {sp.micro} (gradient accumulation)")
+    mine = [t for t in s.trials if t["batch"] == b and t["rung"] == max(tt["rung"] for tt in s.trials if tt["batch"] == b)]
+    health = next((t["extra"]["bn_health"] for t in mine if t["extra"].get("bn_health")), None)
+    if health is not None:
+        lines.append("bn_health on the recommendation's final model: "
+                     + ("no problem found" if health["ok"] else "; ".join(health["problems"][:3])))
+    norm_advice, examples = None, 0
+    bn = any("metric_stale" in t["extra"] for t in mine)
+    if sp.micro <= small_batch and bn and check_norms:
+        norm_advice, examples = _norm_check(task, b, sp, lr, mine, objective, seeds, remaining, device, store, runner,
+                                            backend)
+        lines.append(norm_advice["message"])
+    return Advice(lr, sp.micro, sp.accumulation, health, norm_advice, _critical(task), lines, examples)
+
+
+def _norm_check(task: Task, b: int, sp: Split, lr: float, bn_trials: list[dict[str, Any]], objective: Objective,
+                seeds: Sequence[int], remaining: float, device: str, store: Any, runner: Any,
+                backend: Any) -> tuple[dict[str, Any], int]:
+    """GroupNorm and Ghost BN at the recommendation's last-rung budget, against its (precise-BN)
+    BatchNorm runs; advice only when the difference exceeds one standard error."""
+    from batchlab.norm import known_norms
+
+    alts = [nm for nm in ("group", "ghost") if nm in known_norms()]
+    budget = max(t["budget_examples"] for t in bn_trials)
+    cost = len(alts) * len(seeds) * budget
+    bn = SeedStats.of([t["metric"] if t["status"] == "ok" else math.nan for t in bn_trials])
+    out: dict[str, Any] = {"per_device_batch": sp.micro, "batchnorm": bn.mean, "alternatives": {}, "budget_examples": budget}
+    head = f"the per-device batch {sp.micro} is small for BatchNorm (Wu & He 2018)"
+    if cost > remaining:
+        out["message"] = (f"{head}; GroupNorm/Ghost BN not measured: the cost budget has {remaining:.0f} examples left, "
+                          f"{cost} needed at the last rung's budget; no normalization advice")
+        return out, 0
+    examples = 0
+    better = []
+    for nm in alts:
+        cfgs = [TrainConfig(batch_size=sp.micro, accumulation=sp.accumulation, lr=lr, optimizer=task.optimizer,
+                            max_examples=budget, seed=s, norm=nm, device=device, eval_train=False) for s in seeds]
+        ds = run_trials(task, cfgs, fit_trial, store, kind=f"batchsize-norm-{nm}", runner=runner, backend=backend)
+        examples += sum(int(d.get("examples", 0)) for d in ds)
+        st = SeedStats.of([float(d.get("metric", math.nan)) if d.get("status") == "ok" else math.nan for d in ds])
+        out["alternatives"][nm] = {"mean": st.mean, "se": st.se}
+        if st.ok and bn.ok and -objective.gap(bn.mean, st.mean) > se_of_difference(bn, st):
+            better.append(nm)
+    parts = ", ".join(f"{k} {v['mean']:.4g}" for k, v in out["alternatives"].items())
+    if better:
+        out["message"] = (f"{head}; at {budget} examples per run {', '.join(better)} beat BatchNorm (precise BN) "
+                          f"{bn.mean:.4g} by more than the seed noise ({parts}): consider {better[0]}")
+    else:
+        out["message"] = (f"{head}; at {budget} examples per run GroupNorm/Ghost BN ({parts}) cannot be told apart from "
+                          f"BatchNorm with precise BN ({bn.mean:.4g}) beyond the seed noise: no normalization advice")
+    out["advised"] = better
+    return out, examples
+
+
+# ------------------------------------------------------------------------------------ suggest
 def suggest(
-    task: Task | str,
+    task: Task | str | None = None,
     *,
+    model: Any = None,
+    train: Any = None,
+    val: Any = None,
+    loss: Any = None,
     device: str = "cpu",
     low: int = 2,
     high: int = 512,
     seeds: Sequence[int] = (0, 1),
+    objective: str = "time",
     budget_epochs: float | None = None,
     budget_examples: int | None = None,
-    check_fraction: float = 0.04,
-    confirm: bool = True,
+    time_budget: float | None = None,
+    cost_budget: int | None = None,
+    max_candidates: int = 8,
+    eta: int = 2,
     memory_limit: int | None = None,
-    noise_steps: int = 20,
-    noise_micro_batch: int = 16,
-    noise_accumulation: int = 4,
-    repeats: int = 2,
-    efficiency: float = 0.9,
     small_batch: int = SMALL_BATCH,
     check_norms: bool = True,
     store: Any = None,
     quick: bool = False,
     progress: bool = False,
     backend: Any = None,
+    runner: Any = None,
+    trial_fn: Any = None,
+    **from_torch: Any,
 ) -> Suggestion:
-    """Recommend a batch size, learning rate and accumulation for ``task``.
+    """Recommend a batch size, learning rate and accumulation for ``task`` (see the module docstring).
 
     Args:
-        task: a Task or registered name.
+        task: a Task or registered name; None: ``Task.from_torch(model=model, train=train, val=val,
+            loss=loss, **from_torch)`` (``name`` defaults to "model").
+        model, train, val, loss, from_torch: the notebook shortcut (see :meth:`Task.from_torch`).
         device: "cpu" or "cuda[:N]".
-        low, high: range of batch sizes considered (powers of two within it).
-        seeds: seeds of the pivot-search trials (at least two).
-        budget_epochs, budget_examples: the full training budget (default: the task's epochs).
-        check_fraction: the screening walk's per-trial budget as a fraction of the full budget.
-        confirm: train the screen's candidate (the largest batch within the seed noise of the
-            screen's best) and the task's own batch size (or, when they are the same, the
-            candidate's x2 neighbour) at the full budget (first seed only) and recommend the
-            better. False: recommend where the screen's walk ended (cheaper, biased towards small
-            batches).
+        low, high: range of batch sizes considered (its powers of two).
+        seeds: seeds of the last rung (at least two; the earlier rungs use the first).
+        objective: "time" (best metric within ``time_budget``) or "epochs" (best metric after the budget
+            in examples); both prefer the fastest of the batches tied within the seed noise.
+        budget_epochs, budget_examples: one full training run (default: the task's epochs).
+        time_budget: seconds of one full training run ("time"; default: the measured time of
+            ``budget_examples`` at the task's own batch).
+        cost_budget: examples all of suggest may process (default: one full run, ``budget_examples``).
+        max_candidates: batches the search starts with (the best predicted, plus the task's own).
+        eta: successive halving keeps 1/eta per rung and multiplies the budget by eta.
         memory_limit: bytes a step may use (see :func:`max_batch_size`).
-        noise_steps, noise_micro_batch, noise_accumulation: the B_simple measurement run.
-        repeats: timed steps per batch size.
-        efficiency: the check starts no higher than the largest batch whose statistical efficiency
-            ``1 / (1 + B / B_noise)`` is at least this (0.9: examples within 10% of E_min).
-        small_batch: a per-device batch at or below this with BatchNorm triggers the norm check.
-        check_norms: measure the normalization alternatives when triggered.
+        small_batch: a per-device batch at or below this with BatchNorm triggers the normalization check.
+        check_norms: run that check.
         store: a Store, a path or None; every training run is looked up there first.
-        quick: halve the measurement effort (fewer noise steps, repeats and a smaller check budget).
+        quick: fewer measurements and candidates (half the cost budget, 6 candidates).
         progress: progress bars.
-        backend: a parallel trial backend for the screening walk (see ``pivot_search``).
+        backend: a parallel trial backend (``map_trials``), e.g. Ray.
+        runner: a trial runner (``run(trials, store, kind=)``, :class:`batchlab.runs.LocalRunner`); a
+            test passes a fake one.
+        trial_fn: ``trial_fn(task, config) -> {"status", "metric", "examples", "time", ...}`` for the
+            search's runs (default :func:`batchlab.batchsize.search.fit_trial`).
 
     Returns:
-        A :class:`Suggestion`.
+        A :class:`Suggestion`. The caller's random generators are left as they were.
     """
     t_start = time.perf_counter()
+    if task is None:
+        if model is None or train is None or val is None:
+            raise ValueError("give task=, or model=, train= and val= (and optionally loss=) to build one with "
+                             f"Task.from_torch; got model={type(model).__name__}, train={type(train).__name__}, "
+                             f"val={type(val).__name__}")
+        task = Task.from_torch(from_torch.pop("name", "model"), model, train, val, loss=loss, **from_torch)
+    elif from_torch or model is not None or train is not None or val is not None or loss is not None:
+        extra = sorted(from_torch) + [k for k, v in (("model", model), ("train", train), ("val", val), ("loss", loss))
+                                      if v is not None]
+        raise ValueError(f"task= was given, so {', '.join(extra)} must not be (they build a task when task is None)")
     task = get_task(task)
-    n = len(task.train_set)
-    for name, v in (("low", low), ("high", high)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    if low > high:
-        raise ValueError(f"low must be <= high, got low={low} > high={high}")
-    if low > n:
-        raise ValueError(f"low must be <= the training-set size ({n} examples), got {low}")
-    if not 0 < efficiency < 1:
-        raise ValueError(f"efficiency must be in (0, 1), got {efficiency!r}")
-    if not 0 < check_fraction <= 1:
-        raise ValueError(f"check_fraction must be in (0, 1], got {check_fraction!r}")
-    if budget_epochs is not None and budget_examples is not None:
-        raise ValueError("give one of budget_epochs and budget_examples, not both")
-    if budget_examples is None:
-        epochs = task.epochs if budget_epochs is None else budget_epochs
-        if not (isinstance(epochs, (int, float)) and epochs > 0):
-            raise ValueError(f"budget_epochs must be a positive number, got {budget_epochs!r}")
-        budget_examples = max(1, round(epochs * n))
+    n = task.n_train
+    rng = BatchRange(low, high)
+    rng.check_data(n)
+    rng, cap_note = rng.capped(n)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    seeds = [int(s) for s in seeds]
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must hold at least two distinct seeds (the noise needs them), got {seeds!r}")
+    budget = budget_in_examples(n, budget_epochs, budget_examples, default_epochs=task.epochs)
+    if time_budget is not None and not (isinstance(time_budget, (int, float)) and time_budget > 0):
+        raise ValueError(f"time_budget must be a positive number of seconds, got {time_budget!r}")
+    if time_budget is not None and objective != "time":
+        raise ValueError(f"time_budget needs objective='time', got objective={objective!r}")
+    if cost_budget is not None and (not isinstance(cost_budget, int) or cost_budget < 1):
+        raise ValueError(f"cost_budget must be a positive number of examples, got {cost_budget!r}")
+    if not isinstance(eta, int) or eta < 2:
+        raise ValueError(f"eta must be an integer >= 2, got {eta!r}")
     if quick:
-        noise_steps, repeats, check_fraction = max(10, noise_steps // 2), max(1, repeats - 1), check_fraction / 2
-    check_examples = max(1, round(check_fraction * budget_examples))
-    high = min(high, n)
+        max_candidates = min(max_candidates, 6)
+    with preserved_state():
+        return _suggest(task, rng, cap_note, seeds, objective, budget, time_budget, cost_budget, max_candidates, eta,
+                        device, memory_limit, small_batch, check_norms, store, quick, progress, backend, runner,
+                        trial_fn, t_start)
+
+
+def _suggest(task: Task, rng: BatchRange, cap_note: str | None, seeds: list[int], kind: str, budget: int,
+             time_budget: float | None, cost_budget: int | None, max_candidates: int, eta: int, device: str,
+             memory_limit: int | None, small_batch: int, check_norms: bool, store: Any, quick: bool, progress: bool,
+             backend: Any, runner: Any, trial_fn: Any, t_start: float) -> Suggestion:
     st = open_store(store)
-    fp = task.fingerprint()
-    rationale: list[str] = []
-    opt = task.optimizer
-    rule = default_lr_rule(opt)
-
-    # 1. memory
-    mem = max_batch_size(task, device=device, memory_limit=memory_limit, low=low, high=high)
-    if mem.batch_size is None:
-        raise ValueError(f"not even a batch of low={low} fits in memory ({mem.memory_limit} bytes); lower low or raise memory_limit")
-    max_b = mem.batch_size
-    max_micro = _pow2_floor(max_b)
-    mem_examples = int(sum(p[0] for p in mem.probes) + sum(t[0] for t in mem.tried))
-
-    # 2. speed at every power of two that fits
-    sizes = [b for b in (1 << k for k in range(0, 31)) if low <= b <= high]
-    if not sizes:
-        sizes = [high]
-    timed = [b for b in sizes if b <= max_micro] or [max_micro]
-    tp = throughput(task, timed, device=device, warmup=1, repeats=repeats, progress=progress)
-
-    # 3. noise scale (stored: a rerun does not train again)
-    micro = max(1, min(noise_micro_batch, max_micro, n // noise_accumulation))
-    ncfg = {"micro_batch": micro, "accumulation": noise_accumulation, "steps": noise_steps, "device": device}
-    noise = st.run_or_load(
-        key_for(fp, ncfg, kind="batchsize-noise"), lambda: noise_scale(task, progress=progress, **ncfg),
-        kind="batchsize-noise",
-    )
-    b_noise = float(noise.get("b_simple", math.nan))
-    if not math.isfinite(b_noise) or b_noise <= 0:
-        rationale.append(
-            f"the gradient noise scale could not be measured (training status {noise.get('status')!r}); "
-            f"the check starts at the task's batch {task.batch_size}"
-        )
-
-    # 4. prediction table and pivot
-    cands = predict_candidates(sizes, tp, max_micro, b_noise, budget_examples, task.batch_size)
-    usable = [c for c in cands if math.isfinite(c.predicted_time)]
-    if usable:
-        fastest = min(usable, key=lambda c: c.predicted_time)
-        b_eff = _pow2_floor(b_noise * (1 / efficiency - 1))
-        pivot = min(fastest.batch_size, max(b_eff, low))
-        rationale.append(
-            f"gradient noise scale B_simple ~ {b_noise:.0f} (McCandlish et al. 2018): batches well below it use "
-            f"examples efficiently, batches above it mostly save steps"
-        )
-        rationale.append(
-            f"least predicted time to target: batch {fastest.batch_size} ({fastest.predicted_time:.3g} s predicted, "
-            f"{fastest.step_time * 1e3:.3g} ms per step); largest batch with >= {efficiency:.0%} statistical efficiency "
-            f"E_min/E = 1/(1 + B/B_noise): {b_eff}; the check starts at the smaller, {pivot}"
-        )
+    task.check(device)
+    cost = cost_budget if cost_budget is not None else (budget // 2 if quick else budget)
+    m = measure(task, rng, cost, device=device, memory_limit=memory_limit, quick=quick, store=st, progress=progress,
+                seed=seeds[0])
+    if cap_note:
+        m.notes.insert(0, cap_note)
+    # the objective: "time" converts the budget to seconds at the task's own batch (measured speed)
+    own = rng.clamp(pow2_floor(task.batch_size))
+    sp = Split.of(own, m.micro_max)
+    t_own = sp.accumulation * _time_per_step(m.throughput, sp.micro)
+    if kind == "time":
+        if time_budget is None:
+            time_budget = budget * t_own / own
+        else:
+            budget = max(1, int(time_budget * own / t_own))
+            if cost_budget is None:
+                cost = budget // 2 if quick else budget
+    obj = Objective(kind, budget, time_budget if kind == "time" else None, task.metric_name, task.higher_is_better)
+    p = predict(task, rng, m, obj, max_candidates)
+    used = sum(m.examples.values())
+    bn = has_batchnorm(task.make_model())
+    precise = bn and trial_fn is None  # precise BN reads up to as many examples as each run trained on
+    s = search(task, p, m, obj, max(0.0, cost - used), seeds, device=device, store=st, runner=runner, backend=backend,
+               trial_fn=trial_fn, eta=eta, precise=precise)
+    c = confirm(s, m, p, obj)
+    a = advise(task, c, s, m, obj, seeds, cost - used - s.examples, device=device, store=st, runner=runner,
+               backend=backend, small_batch=small_batch, check_norms=check_norms)
+    status = "failed" if c.batch is None else ("ok" if c.supported else "not supported")
+    if c.batch is None:
+        headline = f"{task.name}: no batch size could be recommended ({c.message})"
     else:
-        pivot = min(max(_pow2_floor(task.batch_size), low), high)
-    pivot = min(max(pivot, sizes[0]), sizes[-1])
-    if tp.knee is not None:
-        rationale.append(f"throughput saturates (90% of the peak examples/s) at batch {tp.knee}")
-    accumulate = max_micro < high
-    rationale.append(
-        f"memory: the largest batch whose whole step fits is {max_b} "
-        f"({'training-set size' if mem.capped_by == 'data' else mem.capped_by}); "
-        + ("larger batches are checked as gradient accumulation" if accumulate else "every batch considered fits")
-    )
-
-    # 5. the check: pivot search with short runs
-    search = pivot_search(
-        task, pivot=pivot, low=sizes[0], high=sizes[-1], seeds=seeds, budget_examples=check_examples,
-        max_batch=max_micro, accumulate=accumulate, device=device, store=st, progress=progress, backend=backend,
-    )
-    best = search.best_batch
-    status = "ok" if best is not None else "failed"
-    acc = 1
-    micro_best: int | None = None
-    confirmed: dict[str, Any] = {}
-    confirm_examples = 0
-    if best is not None:
-        rationale.append(
-            f"screened {len(search.path)} batch sizes ({', '.join(map(str, search.path))}) with {len(search.seeds)} seeds "
-            f"and {check_examples} examples each ({check_fraction:.0%} of the budget): {search.stop_reason}; "
-            f"best validation metric {search.means[str(best)]:.4f} at batch {best} (seed noise {search.noise:.4f})"
-        )
-        if confirm:
-            challenger = _challenger(search.means, search.noise)
-            best, confirmed, confirm_examples, line = _confirm(
-                task, search, challenger, sizes, max_micro, accumulate, budget_examples, device, st, fp,
-            )
-            rationale.append(line)
-        acc = _accumulation(best, max_micro if accumulate else None)
-        micro_best = best // acc
-        if acc > 1:
-            rationale.append(f"batch {best} does not fit: use {acc} micro-batches of {micro_best} (gradient accumulation)")
-        best_lr = scale_lr(task.lr, task.batch_size, best, rule)
-        rationale.append(f"learning rate {best_lr:.4g}: the task's {task.lr:g} at batch {task.batch_size}, {rule} scaling")
-    else:
-        best_lr = None
-        rationale.append(f"every checked batch failed ({search.stop_reason}); see the trials for the errors")
-    search_d = search.to_dict()
-    search_d["confirm"] = confirmed
-
-    # 6. normalization advice for small per-device batches
-    norm_advice = None
-    norm_examples = 0
-    if micro_best is not None and micro_best <= small_batch and has_batchnorm(task.make_model()):
-        norm_advice, norm_examples = _norm_check(task, micro_best, acc, best_lr, search, check_examples, device, st, fp, check_norms)
-        rationale.append(norm_advice["message"])
-
-    examples = {
-        "memory": mem_examples, "throughput": tp.examples_processed, "noise": int(noise.get("examples_processed", 0)),
-        "search": search.examples, "confirm": confirm_examples, "norm": norm_examples,
-    }
+        acc = f" as {a.accumulation} x {a.micro_batch} (gradient accumulation)" if a.accumulation > 1 else ""
+        tie = "" if c.separable or len(c.tied) < 2 else f", fastest of the tied {', '.join(map(str, c.tied))}"
+        warn = "" if c.supported else " - NOT SUPPORTED: no better than a trivial baseline"
+        headline = (f"{task.name}: batch size {c.batch}{acc}, learning rate {a.lr:.4g} ({task.optimizer}, "
+                    f"{default_lr_rule(task.optimizer)} scaling){tie}{warn}")
+    examples = {**m.examples, "search": s.examples, "norm": a.examples}
     return Suggestion(
-        task=task.name, status=status, batch_size=best, micro_batch=micro_best, accumulation=acc, lr=best_lr,
-        optimizer=opt, rule=rule, rationale=rationale, b_noise=b_noise, budget_examples=budget_examples,
-        check_examples=check_examples, seeds=list(search.seeds), memory=mem.to_dict(), throughput=tp.to_dict(),
-        noise=noise, candidates=[asdict(c) for c in cands], search=search_d, norm_advice=norm_advice,
+        task=task.name, status=status, batch_size=c.batch, micro_batch=a.micro_batch, accumulation=a.accumulation,
+        lr=a.lr, optimizer=task.optimizer, rule=default_lr_rule(task.optimizer), headline=headline,
+        objective=obj.to_dict(), measure=m, predict=p, search=s, confirm=c, advise=a, cost_budget=int(cost),
         examples_processed=examples, wall_time=time.perf_counter() - t_start,
     )
-
-
-def _accumulation(batch: int, micro_max: int | None) -> int:
-    """Micro-batches per step for ``batch`` when micro-batches are capped at ``micro_max`` (None: no cap)."""
-    return 1 if micro_max is None or batch <= micro_max else math.ceil(batch / micro_max)
-
-
-def _challenger(means: dict[str, float], noise: float) -> int:
-    """The screen's candidate for the full-budget comparison: the largest batch whose screen mean
-    is within the seed noise of the best screen mean. Short runs favour small batches (fewer
-    examples leave the larger batch short of steps), so among batches the screen cannot tell
-    apart, the largest is the one least hurt by that bias."""
-    ok = {int(b): v for b, v in means.items() if v > -math.inf}
-    top = max(ok.values())
-    tol = noise if math.isfinite(noise) else 0.0
-    return max(b for b, v in ok.items() if v >= top - tol)
-
-
-def _confirm(
-    task: Task, search: Any, screened: int, sizes: Sequence[int], max_micro: int, accumulate: bool,
-    budget_examples: int, device: str, st: Any, fp: dict[str, Any],
-) -> tuple[int, dict[str, Any], int, str]:
-    """Full-budget comparison of the screen's candidate with the task's own batch size.
-
-    The screen's short runs favour small batches: with few examples the larger batch's fewer
-    steps are what limits it, while at the full budget it catches up. The other candidate is the
-    incumbent, the task's configured batch size (the one its learning rate was set for, so its
-    run needs no scaling rule): a change of batch size is recommended only when it beats what
-    the user already has at the budget they will train with. When the screen already chose the
-    incumbent, the other candidate is its x2 neighbour (x0.5 at the upper bound). Both run at the
-    full budget with the first seed; the higher validation metric wins, the larger batch on a tie.
-    Returns ``(batch, record, examples, rationale line)``.
-    """
-    def usable(b: int) -> bool:
-        return sizes[0] <= b <= sizes[-1] and (accumulate or b <= max_micro)
-
-    incumbent = task.batch_size
-    if incumbent != screened and usable(incumbent):
-        other, role = incumbent, f"the task's own batch size {incumbent}"
-    else:
-        up = screened * 2
-        other = up if usable(up) else screened // 2
-        role = f"its neighbour {other}"
-    if not usable(other) or other == screened:
-        return screened, {"candidates": [screened], "metrics": {}}, 0, (
-            f"no other batch to confirm {screened} against within the range; kept it"
-        )
-    seed = search.seeds[0]
-    rule = search.rule
-    metrics: dict[int, float] = {}
-    examples = 0
-    for b in sorted({screened, other}):
-        acc = _accumulation(b, max_micro if accumulate else None)
-        cfg = TrainConfig(
-            batch_size=b // acc, accumulation=acc, lr=scale_lr(task.lr, task.batch_size, b, rule), optimizer=task.optimizer,
-            max_examples=budget_examples, seed=seed, device=device, eval_train=False,
-        )
-        d = st.run_or_load(key_for(fp, cfg.to_dict(), kind="batchsize-confirm", trial_fn="fit_trial"),
-                           lambda cfg=cfg: fit_trial(task, cfg), kind="batchsize-confirm")
-        examples += int(d.get("examples", 0))
-        metrics[b] = float(d["metric"]) if d.get("status") == "ok" and math.isfinite(float(d.get("metric", math.nan))) else -math.inf
-    lo, hi = min(metrics), max(metrics)
-    if metrics[hi] == -math.inf and metrics[lo] == -math.inf:
-        pick, why = screened, "both full-budget runs failed; kept the screen's choice"
-    elif metrics[hi] >= metrics[lo]:
-        pick, why = hi, f"{hi} is as good or better"
-    else:
-        pick, why = lo, f"{lo} is better"
-    record = {"candidates": sorted(metrics), "metrics": {str(b): v for b, v in metrics.items()}, "seed": seed,
-              "budget_examples": budget_examples, "incumbent": incumbent, "screened": screened, "batch": pick}
-    line = (f"confirmed the screen's candidate {screened} (the largest batch within the seed noise of the screen's best) against {role} "
-            f"at the full budget ({budget_examples} examples, "
-            f"seed {seed}): " + ", ".join(f"batch {b} {v:.4f}" for b, v in sorted(metrics.items())) + f"; {why}")
-    return pick, record, examples, line
-
-
-def _norm_check(
-    task: Task, micro: int, acc: int, lr: float, search: Any, check_examples: int, device: str, st: Any, fp: dict[str, Any], run: bool
-) -> tuple[dict[str, Any], int]:
-    """Measure GroupNorm, Ghost BN and precise BN at the suggested per-device batch."""
-    from batchlab.norm import known_norms
-
-    alternatives = [nm for nm in ("group", "ghost") if nm in known_norms()] + ["precise"]
-    bn = [t.metric for t in search.trials if t.batch_size == micro * acc and t.status == "ok"]
-    out: dict[str, Any] = {
-        "per_device_batch": micro, "batchnorm": statistics.fmean(bn) if bn else math.nan, "alternatives": {},
-        "message": (
-            f"the per-device batch {micro} is small and the model uses BatchNorm, whose batch statistics are noisy "
-            f"at this size (Wu & He 2018); consider GroupNorm, Ghost BN or precise BN statistics"
-        ),
-    }
-    examples = 0
-    if not run:
-        return out, 0
-    for nm in alternatives:
-        vals = []
-        trial = precise_bn_trial if nm == "precise" else fit_trial
-        for s in search.seeds:
-            cfg = TrainConfig(
-                batch_size=micro, accumulation=acc, lr=lr, optimizer=task.optimizer,
-                max_examples=check_examples, seed=s, norm="batch" if nm == "precise" else nm, device=device,
-                eval_train=False,
-            )
-            kind = f"batchsize-norm-{nm}"
-            d = st.run_or_load(key_for(fp, cfg.to_dict(), kind=kind), lambda cfg=cfg, trial=trial: trial(task, cfg), kind=kind)
-            examples += int(d.get("examples", 0))
-            if d.get("status") == "ok":
-                vals.append(float(d["metric"]))
-        out["alternatives"][nm] = statistics.fmean(vals) if vals else math.nan
-    if out["alternatives"]:
-        parts = ", ".join(f"{k} {v:.4f}" for k, v in out["alternatives"].items())
-        out["message"] += f"; measured at batch {micro}: batch norm {out['batchnorm']:.4f}, {parts}"
-    return out, examples

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from batchlab.batchsize.memory import training_step
+from batchlab.batchsize.batches import check_positive_int
 from batchlab.batchsize.state import preserved_state
 from batchlab.tasks import Task, get_task
 from batchlab.train import is_oom, make_optimizer
@@ -68,6 +68,16 @@ def monotone_step_times(batch_sizes: Sequence[int], step_time: Sequence[float]) 
             best = min(best, t)
             out[i] = best
     return out
+
+
+def task_step(task: Task, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Any) -> torch.Tensor:
+    """One plain training step on any task (the task's forward and loss, backward, optimizer step);
+    returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = task.loss_of(task.forward_batch(model, batch), batch)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
 
 @dataclass
@@ -149,7 +159,10 @@ def throughput(
     estimate; the median is kept in ``step_time_median``), repaired to be non-decreasing in the
     batch size (:func:`monotone_step_times`; the raw minima are kept in ``step_time_raw``).
     CUDA is synchronised around each timed step. Model, optimizer and RNG state are restored
-    after every step, so each step starts from the same weights.
+    after every step, so each step starts from the same weights; the caller's random generators
+    (torch, CUDA, NumPy, Python) are left as they were. Any task works: batches come from
+    ``task.sample_batch`` (pairs, tuples or mappings), the step from ``task.forward_batch`` and
+    ``task.loss_of``.
 
     Args:
         task: a Task or a registered name.
@@ -166,15 +179,14 @@ def throughput(
         progress: show a progress bar.
     """
     task = get_task(task)
-    n = len(task.train_set)
+    n = task.n_train
     sizes = [int(b) for b in batch_sizes]
     if not sizes:
         raise ValueError("batch_sizes must not be empty")
     for b in sizes:
         if not 1 <= b <= n:
             raise ValueError(f"batch_sizes must be in [1, {n}] (the training-set size); got {b}")
-    if not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    check_positive_int("repeats", repeats)
     if not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
     max_repeats = max(int(max_repeats), repeats)
@@ -182,29 +194,33 @@ def throughput(
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available")
+    with preserved_state():  # building the model and reading (augmented) batches draw random numbers
+        return _throughput(task, sizes, dev, warmup, repeats, max_repeats, min_time, time_limit, allowance, norm,
+                           model, progress)
+
+
+def _throughput(task: Task, sizes: list[int], dev: torch.device, warmup: int, repeats: int, max_repeats: int,
+                min_time: float, time_limit: float, allowance: int, norm: str | None, model: torch.nn.Module | None,
+                progress: bool) -> ThroughputResult:
+    n = task.n_train
+    task.check(dev)
     model = (model if model is not None else task.make_model(norm=norm)).to(dev)
     optimizer = make_optimizer(task.optimizer, model.parameters(), task.lr)
-    g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(n, generator=g)
-    train_x, train_y = task.train_set.x.to(dev), task.train_set.y.to(dev)
-    batches = {}
-    for b in sizes:
-        idx = perm[:b].to(dev)
-        batches[b] = (train_x.index_select(0, idx), train_y.index_select(0, idx))
+    batches = {b: task.sample_batch(b, seed=0, device=dev) for b in sizes}
     times: dict[int, list[float]] = {b: [] for b in sizes}
     failed: set[int] = set()
     processed = 0
 
     def one_step(b: int, timed: bool) -> None:
         nonlocal processed
-        x, y = batches[b]
+        batch = batches[b]
         try:
             with preserved_state(model, optimizer):
                 model.train()
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 t0 = time.perf_counter()
-                training_step(task, model, optimizer, x, y)
+                task_step(task, model, optimizer, batch)
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 dt = time.perf_counter() - t0

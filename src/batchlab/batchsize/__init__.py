@@ -3,6 +3,7 @@
 ``from batchlab.batchsize import max_batch_size, throughput, noise_scale, pivot_search, suggest``.
 """
 
+from batchlab.batchsize.critical import CriticalBatchResult, CriticalPoint, critical_batch, critical_from_losses
 from batchlab.batchsize.memory import MaxBatchResult, max_batch_size, power_candidates, search_max_batch
 from batchlab.batchsize.noise import (
     GradientNoiseScale,
@@ -19,7 +20,8 @@ from batchlab.batchsize.throughput import ThroughputResult, find_knee, throughpu
 from batchlab.train import is_oom, scale_lr
 
 __all__ = [
-    "BatchSizeSchedule", "Candidate", "GradientNoiseScale", "MaxBatchResult", "NoiseScaleResult", "PivotResult",
+    "BatchSizeSchedule", "Candidate", "CriticalBatchResult", "CriticalPoint", "GradientNoiseScale", "MaxBatchResult",
+    "NoiseScaleResult", "PivotResult", "critical_batch", "critical_from_losses",
     "Suggestion", "ThroughputResult", "Trial", "find_knee", "goyal_warmup_steps", "is_oom", "max_batch_size",
     "noise_from_ranks", "noise_scale", "pivot_search", "pivot_walk", "power_candidates", "preserved_state",
     "scale_lr", "search_max_batch", "suggest", "throughput", "unbiased_norms", "warmup_factor",

@@ -1,4 +1,4 @@
-"""Batch-size sub-commands: ``suggest``, ``find-max-batch``, ``throughput``, ``noise-scale``."""
+"""Batch-size sub-commands: ``suggest``, ``find-max-batch``, ``throughput``, ``noise-scale``, ``critical-batch``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from batchlab.cli.common import (
     train_size,
     add_task_args,
     add_threads_arg,
+    float_list,
     load_task,
     positive_float,
     positive_int,
@@ -157,6 +158,39 @@ def cmd_noise_scale(args: argparse.Namespace) -> int:
     return 0 if r.status == "ok" else 1
 
 
+def cmd_critical_batch(args: argparse.Namespace) -> int:
+    from batchlab.batchsize import BatchSizeSchedule, critical_batch
+    from batchlab.fileio import atomic_open
+
+    task = load_task(args)
+    out = prepare_out(args.out) if args.out else None
+    n = len(task.train_set)
+    budget = None if args.budget is None else max(1, round(args.budget * n))
+    try:
+        r = critical_batch(
+            task, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, rule=args.rule,
+            budget_examples=budget, checkpoints=args.checkpoints, factors=args.factors,
+            branch_examples=args.branch_examples, seeds=args.seeds, tolerance=args.tolerance,
+            gns_groups=args.gns_groups, device=args.device, quick=args.quick, progress=not args.quiet,
+        )
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    schedule = BatchSizeSchedule.from_critical_batch(r, r.batch_size, rule=r.rule, max_batch=n)
+    print(r.table())
+    print(f"warmup schedule (examples seen, batch) from B={r.batch_size}: {list(schedule.stages) or 'constant'}"
+          f" ({r.rule} co-scaling)")
+    print(f"examples processed: {r.examples_processed}; {r.wall_time:.1f} s")
+    if out is not None:
+        d = r.to_dict()
+        d["schedule"] = schedule.state_dict()
+        atomic_write(out / "critical_batch.json", _json(d))
+        fig = r.plot()
+        with atomic_open(out / "critical_batch.png", "wb") as f:
+            fig.savefig(f, format="png", dpi=120)
+        print(f"wrote {out / 'critical_batch.json'} and {out / 'critical_batch.png'}")
+    return 0
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("suggest", help="recommend batch size, learning rate and accumulation (with an HTML report)")
     add_task_args(p)
@@ -202,4 +236,33 @@ def register(sub: Any) -> None:
     p.add_argument("--history", action="store_true", help="include the per-step history")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_noise_scale)
+
+    from batchlab.train.config import OPTIMIZERS, SCALE_RULES
+
+    p = sub.add_parser("critical-batch", help="critical batch over training by branching (Merrill et al. 2025), "
+                                              "beside B_simple; table, JSON and figure")
+    add_task_args(p)
+    add_threads_arg(p)
+    p.add_argument("--batch-size", type=positive_int, default=None, help="base batch B (default: the task's)")
+    p.add_argument("--lr", type=positive_float, default=None, help="LR at B (default: the task's, scaled to B)")
+    p.add_argument("--optimizer", choices=[o for o in OPTIMIZERS if o != "lbfgs"], default=None,
+                   help="default: the task's")
+    p.add_argument("--rule", choices=SCALE_RULES, default=None,
+                   help="co-scaling rule of the branches (default: linear for SGD, adam-halflife for Adam)")
+    p.add_argument("--budget", type=positive_float, default=None,
+                   help="training budget in epochs the checkpoints are fractions of (default: the task's)")
+    p.add_argument("--checkpoints", type=float_list, default=None,
+                   help="fractions of the budget, e.g. 0,0.1,0.25,0.5 (the default; --quick: 0,0.25)")
+    p.add_argument("--factors", type=int_list, default=None, help="branch batches as multiples of B (default 1,2,4,8,16)")
+    p.add_argument("--branch-examples", type=positive_int, default=None,
+                   help="examples per branch (default: 8 steps at the largest batch)")
+    p.add_argument("--seeds", type=positive_int, default=2, help="branch seeds (default 2)")
+    p.add_argument("--tolerance", type=float, default=0.2,
+                   help="fraction of the base branch's loss decrease a larger batch may lose (default 0.2)")
+    p.add_argument("--gns-groups", type=positive_int, default=None, help="B_simple groups (default 16; --quick 8)")
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--out", default=None, help="folder for critical_batch.json and critical_batch.png")
+    p.add_argument("--quick", action="store_true", help="2 checkpoints, factors up to 8")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_critical_batch)
 

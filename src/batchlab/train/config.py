@@ -13,6 +13,9 @@ from typing import Any, Literal
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "lbfgs")
 SCHEDULES = ("constant", "step", "cosine")
 STATUSES = ("ok", "diverged", "oom", "failed")
+LR_RULES = ("linear", "sqrt", "none")  # batch-size rules that scale the LR only (see optim.scale_hparams)
+ADAM_RULES = ("adam-sde", "adam-halflife")  # rules that also scale Adam's betas / eps
+SCALE_RULES = LR_RULES + ADAM_RULES
 
 Status = Literal["ok", "diverged", "oom", "failed"]
 
@@ -38,6 +41,11 @@ class TrainConfig:
     gamma: float = 0.1
     batch_growth: tuple[float, ...] = ()  # fractions of the budget where the batch grows by growth_factor
     growth_factor: int = 1  # batch growth factor at each batch_growth milestone (1 = off)
+    # (examples seen, batch_size) pairs, increasing: from that many training examples on, batch_size
+    # is the pair's (before the first: batch_size above). A measured batch-size warmup
+    # (batchlab.batchsize.BatchSizeSchedule); LR, Adam betas and eps are co-scaled from batch_size.
+    batch_schedule: tuple[tuple[int, int], ...] = ()
+    batch_scale_rule: str | None = None  # co-scaling rule for batch_schedule (SCALE_RULES); None: the optimizer's default
     accumulation: int = 1  # micro-batches per optimizer step (each of batch_size examples)
     eval_every: int = 0  # evaluate every N steps; 0: at the end of every epoch
     eval_train: bool = True  # also record loss/accuracy on (a fixed subset of) the training set
@@ -90,6 +98,17 @@ class TrainConfig:
             for i, m in enumerate(value):
                 _check_real(f"{name}[{i}]", m, "a fraction of the budget in [0, 1]", lambda v: 0 <= v <= 1)
             object.__setattr__(self, name, tuple(float(m) for m in value))
+        object.__setattr__(self, "batch_schedule", _check_batch_schedule(self.batch_schedule))
+        if self.batch_schedule and self.batch_growth:
+            raise ValueError("give batch_growth (fractions of the budget) or batch_schedule (examples seen), not both; "
+                             f"got batch_growth={self.batch_growth!r} and batch_schedule={self.batch_schedule!r}")
+        if self.batch_scale_rule is not None and self.batch_scale_rule not in SCALE_RULES:
+            raise ValueError(f"batch_scale_rule must be one of {', '.join(SCALE_RULES)} or None (the optimizer's default); "
+                             f"got {self.batch_scale_rule!r}")
+        if (self.batch_scale_rule in ADAM_RULES and self.optimizer is not None
+                and self.optimizer not in ("adam", "adamw")):
+            raise ValueError(f"batch_scale_rule {self.batch_scale_rule!r} is for optimizer 'adam' or 'adamw'; "
+                             f"got optimizer {self.optimizer!r}")
         _check_real("gamma", self.gamma, "a positive finite factor", lambda v: 0 < v < math.inf)
         if self.grad_clip is not None:
             _check_real("grad_clip", self.grad_clip, "a positive finite gradient norm or None (off)",
@@ -110,7 +129,9 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-native fields (tuples as lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        d["batch_schedule"] = [list(p) for p in self.batch_schedule]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -122,7 +143,26 @@ class TrainConfig:
         for k in ("milestones", "batch_growth"):
             if k in d:
                 d[k] = tuple(d[k])
+        if "batch_schedule" in d and isinstance(d["batch_schedule"], (list, tuple)):
+            d["batch_schedule"] = tuple(tuple(p) if isinstance(p, (list, tuple)) else p for p in d["batch_schedule"])
         return cls(**d)
+
+
+def _check_batch_schedule(value: Any) -> tuple[tuple[int, int], ...]:
+    """``batch_schedule`` as a tuple of ``(examples, batch)`` int pairs, examples >= 0 and increasing."""
+    allowed = "a sequence of (examples seen, batch_size) pairs of integers, examples >= 0 and increasing, batch_size >= 1"
+    if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)):
+        raise ValueError(f"batch_schedule must be {allowed}; got {value!r}")
+    out: list[tuple[int, int]] = []
+    for i, pair in enumerate(value):
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"batch_schedule[{i}] must be an (examples seen, batch_size) pair; got {pair!r}")
+        _check_int(f"batch_schedule[{i}] examples", pair[0], 0)
+        _check_positive_int(f"batch_schedule[{i}] batch_size", pair[1])
+        if out and pair[0] <= out[-1][0]:
+            raise ValueError(f"batch_schedule examples must increase; got {out[-1][0]} then {pair[0]} at index {i}")
+        out.append((int(pair[0]), int(pair[1])))
+    return tuple(out)
 
 
 def _check_positive_int(name: str, value: Any) -> None:

@@ -34,7 +34,16 @@ from batchlab.data.sources import ArraySource, Source, batch_size_of, make_sourc
 from batchlab.tasks import Task, TaskError, get_task
 from batchlab.train.config import RunResult, TrainConfig
 from batchlab.train.oom import free_memory, is_oom
-from batchlab.train.optim import batch_factor, lr_factor, make_optimizer
+from batchlab.train.optim import (
+    batch_factor,
+    default_hparam_rule,
+    lr_factor,
+    make_optimizer,
+    optimizer_hparams,
+    scale_hparams,
+    scheduled_batch,
+    set_hparams,
+)
 
 
 @dataclass
@@ -183,6 +192,7 @@ class _StepPlan:
     epoch: int
     epoch_ended: bool
     frac: float  # budget fraction done before this step
+    batch: int = 0  # the planned examples per micro-batch (cfg.batch_size, grown or scheduled)
 
     @property
     def examples(self) -> int:
@@ -202,7 +212,12 @@ def _plan_steps(cfg: TrainConfig, sampler: _Sampler, total_examples: int | None)
         ):
             return  # a single leftover example of the budget is not worth a (BatchNorm-breaking) step
         frac = step / cfg.max_steps if cfg.max_steps is not None else examples / total_examples
-        b = cfg.batch_size * batch_factor(frac, cfg.batch_growth, cfg.growth_factor) if cfg.batch_growth else cfg.batch_size
+        if cfg.batch_growth:
+            b = cfg.batch_size * batch_factor(frac, cfg.batch_growth, cfg.growth_factor)
+        elif cfg.batch_schedule:
+            b = scheduled_batch(cfg.batch_size, cfg.batch_schedule, examples)
+        else:
+            b = cfg.batch_size
         micro: list[torch.Tensor] = []
         room = None if total_examples is None else total_examples - examples
         for _ in range(cfg.accumulation):
@@ -215,7 +230,7 @@ def _plan_steps(cfg: TrainConfig, sampler: _Sampler, total_examples: int | None)
                 room -= idx.shape[0]
             if sampler.epoch_ended:
                 break
-        plan = _StepPlan(micro, sampler.epoch, sampler.epoch_ended, frac)
+        plan = _StepPlan(micro, sampler.epoch, sampler.epoch_ended, frac, b)
         step += 1
         examples += plan.examples
         yield plan
@@ -299,6 +314,9 @@ def fit(
     if n is not None and cfg.batch_size > n:
         raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the training set of task {task.name!r} "
                          f"({n} examples)")
+    if n is not None and cfg.batch_schedule and max(b for _, b in cfg.batch_schedule) > n:
+        raise ValueError(f"batch_schedule's largest batch ({max(b for _, b in cfg.batch_schedule)}) is larger than the "
+                         f"training set of task {task.name!r} ({n} examples)")
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(cfg.seed)
@@ -328,6 +346,12 @@ def _fit(
         opt_name, model.parameters(), base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
         lbfgs_max_iter=cfg.lbfgs_max_iter,
     )
+    # batch_schedule: LR, Adam betas and eps co-scaled from cfg.batch_size to the step's batch, each
+    # time from the base values (so the hyperparameters are a function of the batch alone)
+    base_hp = optimizer_hparams(optimizer)
+    scale_rule = (cfg.batch_scale_rule or default_hparam_rule(opt_name)) if cfg.batch_schedule else None
+    hp = scale_hparams(opt_name, base_hp, cfg.batch_size, cfg.batch_size, scale_rule) if scale_rule else base_hp
+    hp_batch = cfg.batch_size
     train_src, val_src = task.train_source, task.val_source
     if isinstance(train_src, ArraySource):
         train_src, val_src = train_src.to(device), val_src.to(device)  # type: ignore[union-attr]
@@ -403,7 +427,10 @@ def _fit(
         for plan, micro in batches:
             step_n = plan.examples
             ctx.epoch, ctx.batch_size = plan.epoch, step_n
-            ctx.lr = base_lr * lr_factor(
+            if scale_rule is not None and plan.batch != hp_batch:
+                hp, hp_batch = scale_hparams(opt_name, base_hp, cfg.batch_size, plan.batch, scale_rule), plan.batch
+                set_hparams(optimizer, hp)
+            ctx.lr = hp["lr"] * lr_factor(
                 cfg.schedule, plan.frac, ctx.step, warmup_steps=cfg.warmup_steps, milestones=cfg.milestones, gamma=cfg.gamma
             )
             for group in optimizer.param_groups:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from batchlab.train.config import OPTIMIZERS, SCHEDULES
-
-LR_RULES = ("linear", "sqrt", "none")
+from batchlab.train.config import ADAM_RULES, LR_RULES, OPTIMIZERS, SCALE_RULES, SCHEDULES
 
 
 def make_optimizer(
@@ -47,22 +47,13 @@ def make_optimizer(
 def scale_lr(lr: float, from_batch: int, to_batch: int, rule: str = "linear") -> float:
     """The learning rate for ``to_batch`` given one tuned for ``from_batch``.
 
-    ``"linear"``: lr * to/from (Goyal et al. 2017, for SGD); ``"sqrt"``: lr * sqrt(to/from)
-    (Malladi et al. 2022, for Adam); ``"none"``: unchanged.
+    The LR part of :func:`scale_hparams` (one home for the rules), for a rule in
+    :data:`LR_RULES`: ``"linear"``: lr * to/from (Goyal et al. 2017, for SGD); ``"sqrt"``:
+    lr * sqrt(to/from) (Malladi et al. 2022, for Adam); ``"none"``: unchanged.
     """
     if rule not in LR_RULES:
         raise ValueError(f"rule must be one of {', '.join(LR_RULES)}; got {rule!r}")
-    for name, b in (("from_batch", from_batch), ("to_batch", to_batch)):
-        if not isinstance(b, int) or isinstance(b, bool) or b < 1:
-            raise ValueError(f"{name} must be a positive integer, got {b!r}")
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    ratio = to_batch / from_batch
-    if rule == "linear":
-        return lr * ratio
-    if rule == "sqrt":
-        return lr * math.sqrt(ratio)
-    return lr
+    return scale_hparams(None, {"lr": lr}, from_batch, to_batch, rule)["lr"]
 
 
 def default_lr_rule(optimizer: str) -> str:
@@ -72,6 +63,129 @@ def default_lr_rule(optimizer: str) -> str:
     if optimizer == "lbfgs":
         return "none"
     return "linear"
+
+
+def default_hparam_rule(optimizer: str) -> str:
+    """The co-scaling rule :func:`scale_hparams` uses when none is given: Adam(W) keeps beta2's
+    half-life in examples (``"adam-halflife"``, Marek et al. 2025), the others as :func:`default_lr_rule`."""
+    if optimizer in ("adam", "adamw"):
+        return "adam-halflife"
+    return default_lr_rule(optimizer)
+
+
+def optimizer_name(optimizer: str | torch.optim.Optimizer | None) -> str | None:
+    """A name from :data:`OPTIMIZERS` for a name or a torch optimizer (SGD with momentum: "momentum"
+    or "nesterov"; an unknown class: None, which the LR-only rules accept)."""
+    if optimizer is None or isinstance(optimizer, str):
+        if optimizer is not None and optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)} or a torch optimizer; got {optimizer!r}")
+        return optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a name ({', '.join(OPTIMIZERS)}) or a torch.optim.Optimizer; "
+                        f"got {type(optimizer).__name__}")
+    if isinstance(optimizer, torch.optim.AdamW):
+        return "adamw"
+    if isinstance(optimizer, torch.optim.Adam):
+        return "adam"
+    if isinstance(optimizer, torch.optim.LBFGS):
+        return "lbfgs"
+    if isinstance(optimizer, torch.optim.SGD):
+        group = optimizer.param_groups[0]
+        if group.get("nesterov"):
+            return "nesterov"
+        return "momentum" if group.get("momentum", 0) else "sgd"
+    return None
+
+
+def scale_hparams(
+    optimizer: str | torch.optim.Optimizer | None,
+    hparams: Mapping[str, Any],
+    from_batch: int,
+    to_batch: int,
+    rule: str | None = None,
+) -> dict[str, Any]:
+    """The optimizer hyperparameters for ``to_batch`` given ones tuned for ``from_batch``.
+
+    With ``k = to_batch / from_batch``:
+
+    - ``"linear"`` (Goyal et al. 2017, "Accurate, Large Minibatch SGD"; for SGD): lr * k.
+    - ``"sqrt"``: lr * sqrt(k), nothing else (OLMo's batch-size warmup, Merrill et al. 2025).
+    - ``"adam-sde"`` (Malladi et al. 2022, "On the SDEs and Scaling Rules for Adaptive Gradient
+      Algorithms"; Adam(W) only): lr * sqrt(k), ``(1 - beta) * k`` for both betas and eps / sqrt(k).
+      For large k, ``(1 - beta) * k`` would pass 1; it is clipped there (beta' >= 0: no averaging,
+      the rule's limit), which is far outside where the SDE approximation holds.
+    - ``"adam-halflife"`` (Marek et al. 2025, arXiv 2507.07101; Adam(W) only): lr * sqrt(k) and
+      ``beta2' = beta2 ** k``, so the second-moment average keeps its half-life in *examples*
+      (``beta2 ** (1/B)`` per example); beta1 and eps unchanged.
+    - ``"none"``: unchanged.
+
+    Args:
+        optimizer: a name from :data:`OPTIMIZERS`, a torch optimizer (its class decides), or None
+            (only the LR rules then).
+        hparams: ``{"lr": ...}`` and, for Adam, optionally ``"betas"`` (a pair) and ``"eps"``;
+            other keys (weight decay, momentum) are copied unchanged.
+        from_batch, to_batch: positive integers.
+        rule: one of :data:`SCALE_RULES`; None: :func:`default_hparam_rule` of the optimizer
+            (``"linear"`` when the optimizer is unknown).
+
+    Returns:
+        A new plain dict (``betas`` as a tuple); the input is not modified. ``k = 1`` returns the
+        same values.
+    """
+    name = optimizer_name(optimizer)
+    if rule is None:
+        rule = default_hparam_rule(name) if name is not None else "linear"
+    if rule not in SCALE_RULES:
+        raise ValueError(f"rule must be one of {', '.join(SCALE_RULES)}; got {rule!r}")
+    if rule in ADAM_RULES and name not in ("adam", "adamw"):
+        raise ValueError(f"rule {rule!r} is for Adam(W) (optimizer 'adam' or 'adamw'); got optimizer {name!r}")
+    for arg, b in (("from_batch", from_batch), ("to_batch", to_batch)):
+        if not isinstance(b, numbers.Integral) or isinstance(b, bool) or b < 1:
+            raise ValueError(f"{arg} must be a positive integer, got {b!r}")
+    if not isinstance(hparams, Mapping) or "lr" not in hparams:
+        raise ValueError(f"hparams must be a mapping with an 'lr' entry, got {hparams!r}")
+    lr = hparams["lr"]
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    out = dict(hparams)
+    if "betas" in out:
+        betas = out["betas"]
+        if (isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2
+                or not all(isinstance(b, numbers.Real) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
+        out["betas"] = (float(betas[0]), float(betas[1]))
+    if "eps" in out:
+        eps = out["eps"]
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (eps >= 0 and math.isfinite(eps)):
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    k = to_batch / from_batch
+    if rule == "none" or k == 1:
+        return out
+    out["lr"] = float(lr) * (k if rule == "linear" else math.sqrt(k))
+    if rule == "adam-sde":
+        if "betas" in out:
+            out["betas"] = tuple(max(0.0, 1.0 - (1.0 - b) * k) for b in out["betas"])
+        if "eps" in out:
+            out["eps"] = float(out["eps"]) / math.sqrt(k)
+    elif rule == "adam-halflife" and "betas" in out:
+        b1, b2 = out["betas"]
+        out["betas"] = (b1, b2**k)
+    return out
+
+
+def optimizer_hparams(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The scalable hyperparameters of ``optimizer``'s first parameter group: lr and, where the
+    optimizer has them, betas and eps (the input :func:`scale_hparams` takes)."""
+    group = optimizer.param_groups[0]
+    return {k: (tuple(group[k]) if k == "betas" else group[k]) for k in ("lr", "betas", "eps") if k in group}
+
+
+def set_hparams(optimizer: torch.optim.Optimizer, hparams: Mapping[str, Any]) -> None:
+    """Write lr, betas and eps of ``hparams`` into every parameter group that has them."""
+    for group in optimizer.param_groups:
+        for k in ("lr", "betas", "eps"):
+            if k in hparams and k in group:
+                group[k] = tuple(hparams[k]) if k == "betas" else hparams[k]
 
 
 def lr_factor(
@@ -108,3 +222,14 @@ def lr_factor(
 def batch_factor(progress: float, milestones: tuple[float, ...], factor: int) -> int:
     """Batch-size multiplier after the growth milestones passed at ``progress`` (Smith et al. 2018)."""
     return factor ** sum(1 for m in milestones if progress >= m)
+
+
+def scheduled_batch(base: int, stages: Sequence[tuple[int, int]], examples: int) -> int:
+    """The batch of a batch-size schedule after ``examples`` training examples: ``base`` before the
+    first stage, then the batch of the last ``(threshold, batch)`` stage with threshold <= examples."""
+    b = base
+    for threshold, batch in stages:
+        if examples < threshold:
+            break
+        b = batch
+    return b

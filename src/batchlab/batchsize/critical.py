@@ -1,0 +1,435 @@
+"""The critical batch size measured by branching (Merrill et al. 2025), beside B_simple.
+
+Definition (Merrill, Arora, Groeneveld, Hajishirzi 2025, "Critical Batch Size Revisited",
+arXiv 2505.23971): at a point of training, the critical batch is the largest batch ``B'`` such that
+training on from there for a fixed number of examples at ``B'`` (its LR and optimizer settings
+scaled from ``B`` by the optimizer's rule) reaches a loss within a tolerance of training those same
+examples at the original batch ``B``. Below it a larger batch costs no examples (fewer steps for the
+same progress); above it, it does. Merrill et al. find it near zero at initialization, rising fast,
+then plateauing, and the gradient noise scale an unreliable proxy for it.
+
+How :func:`critical_batch` measures it:
+
+1. A base run at batch ``B`` saves the model and the optimizer state at each checkpoint (fractions
+   of the training budget).
+2. From each checkpoint, short branches at ``k x B`` for each factor k and seed: the checkpoint's
+   model *and* optimizer state (Adam's moments, momentum buffers), hyperparameters co-scaled by
+   :func:`batchlab.train.scale_hparams`; each branch trains ``branch_examples`` examples and
+   its validation loss is recorded.
+3. The critical batch is the largest ``k x B`` whose seed-mean loss, and that of every smaller
+   factor, stays within the tolerance of the base branch's (k = 1). The tolerance is a fraction
+   of the base branch's loss decrease over the branch: ``loss_k <= loss_1 + tolerance *
+   (loss_checkpoint - loss_1)``, i.e. the larger batch makes at least ``1 - tolerance`` of the
+   progress on the same examples. This makes it scale-free (no dependence on the loss's floor)
+   and ties it to McCandlish et al.'s model ``E = E_min (1 + B / B_noise)``: at a fixed number of
+   examples the progress at batch B is about ``(1 + B_0/B_noise) / (1 + B/B_noise)`` of that at
+   a small B_0, so a tolerance of 0.5 puts the critical batch near B_noise, and the default 0.2
+   where a larger batch costs about 25% more examples (Zhang et al. 2025 take a 20% overhead).
+   Stopping at the first failure keeps one lucky large branch from counting. The same rule on each seed's losses alone
+   gives per-seed estimates, whose smallest and largest are the reported range (``critical_low``,
+   ``critical_high``); the base branch's seed-to-seed spread (``base_loss_std``) is the branch noise.
+4. B_simple (McCandlish et al. 2018) at the checkpoint's weights, with the
+   :class:`~batchlab.batchsize.noise.GradientNoiseScale` estimator: ``gns_groups`` groups of
+   ``gns_accumulation`` micro-batches (small = one micro-batch, big = the group's mean), no
+   optimizer step in between.
+
+The result is plain data (dataclasses -> JSON); :meth:`CriticalBatchResult.plot` draws both over
+training. :meth:`batchlab.batchsize.BatchSizeSchedule.from_critical_batch` turns it into a
+batch-size warmup.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import numbers
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from batchlab.batchsize.noise import GradientNoiseScale
+from batchlab.tasks import Task, get_task
+from batchlab.train import (
+    Callback,
+    StepContext,
+    TrainConfig,
+    default_hparam_rule,
+    default_lr_rule,
+    evaluate,
+    fit,
+    iterate_batches,
+    scale_hparams,
+    scale_lr,
+    set_hparams,
+)
+
+DEFAULT_CHECKPOINTS = (0.0, 0.1, 0.25, 0.5)
+DEFAULT_FACTORS = (1, 2, 4, 8, 16)
+QUICK_CHECKPOINTS = (0.0, 0.25)
+QUICK_FACTORS = (1, 2, 4, 8)
+
+
+@dataclass
+class CriticalPoint:
+    """The measurement at one checkpoint (plain data)."""
+
+    examples: int  # training examples the base run had seen
+    step: int  # its optimizer steps
+    val_loss: float  # validation loss at the checkpoint
+    batches: list[int]  # branch batches k x B
+    losses: list[list[float]]  # losses[i][s]: validation loss after the branch at batches[i], seed s
+    mean_losses: list[float]  # seed means of losses
+    critical_batch: int  # from the seed-mean losses
+    critical_low: int  # smallest per-seed estimate
+    critical_high: int  # largest per-seed estimate
+    base_loss_std: float  # seed-to-seed std of the base branch (k = 1): the branch noise
+    b_simple: float  # gradient noise scale at the checkpoint
+    ratio: float  # critical_batch / b_simple (NaN when B_simple is not positive)
+    capped: bool  # the largest batch tried was within tolerance: the critical batch is at least this
+
+
+@dataclass
+class CriticalBatchResult:
+    """Outcome of :func:`critical_batch` (plain data: JSON and back)."""
+
+    task: str
+    batch_size: int  # the base batch B
+    optimizer: str
+    rule: str  # hyperparameter co-scaling rule of the branches
+    hparams: dict[str, Any]  # the base batch's hyperparameters (lr, betas, eps)
+    tolerance: float
+    branch_examples: int
+    factors: list[int]
+    seeds: list[int]
+    budget_examples: int  # the training budget the checkpoint fractions refer to
+    points: list[CriticalPoint] = field(default_factory=list)
+    examples_processed: int = 0  # every example through a forward/backward (base run, branches, B_simple)
+    wall_time: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, **kw: Any) -> str:
+        return json.dumps(self.to_dict(), allow_nan=True, **kw)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CriticalBatchResult:
+        d = dict(d)
+        d["points"] = [CriticalPoint(**p) for p in d.get("points", [])]
+        return cls(**d)
+
+    def table(self, markdown: bool = False) -> str:
+        """One row per checkpoint: examples, loss, critical batch (range), B_simple, ratio."""
+        head = ["examples", "val loss", "critical batch", "per-seed range", "B_simple", "critical / B_simple"]
+        rows = []
+        for p in self.points:
+            crit = f">={p.critical_batch}" if p.capped else str(p.critical_batch)
+            rows.append([str(p.examples), f"{p.val_loss:.4f}", crit, f"{p.critical_low}-{p.critical_high}",
+                         f"{p.b_simple:.1f}", f"{p.ratio:.2f}"])
+        if markdown:
+            lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            lines += ["| " + " | ".join(r) + " |" for r in rows]
+            return "\n".join(lines)
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+        fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+        return "\n".join([fmt.format(*head)] + [fmt.format(*r) for r in rows])
+
+    def plot(self, ax: Any = None) -> Any:
+        """Critical batch (with its per-seed range) and B_simple over training; returns the figure."""
+        import matplotlib
+
+        if ax is None:
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig = ax.figure if ax is not None else plt.figure(figsize=(5.5, 3.8))
+        ax = ax if ax is not None else fig.add_subplot(1, 1, 1)
+        x = [p.examples for p in self.points]
+        crit = [p.critical_batch for p in self.points]
+        lo = [p.critical_batch - p.critical_low for p in self.points]
+        hi = [p.critical_high - p.critical_batch for p in self.points]
+        ax.errorbar(x, crit, yerr=[lo, hi], marker="o", capsize=3, label="critical batch (branches; seed range)")
+        capped = [(xi, c) for xi, c, p in zip(x, crit, self.points) if p.capped]
+        if capped:
+            ax.scatter(*zip(*capped), marker="^", s=60, color="C0", label="largest tried (lower bound)")
+        bs = [(xi, p.b_simple) for xi, p in zip(x, self.points) if math.isfinite(p.b_simple) and p.b_simple > 0]
+        if bs:
+            ax.plot(*zip(*bs), marker="s", ls="--", color="C3", label="B_simple (noise scale)")
+        ax.set_yscale("log", base=2)
+        ax.set_xlabel("training examples seen")
+        ax.set_ylabel("batch size")
+        ax.set_title(f"{self.task}: critical batch over training (B={self.batch_size}, {self.rule})", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        return fig
+
+
+def critical_from_losses(batches: Sequence[int], losses: Sequence[float], start_loss: float,
+                         tolerance: float) -> tuple[int, bool]:
+    """The largest batch whose loss, and that of every smaller batch, is within ``tolerance`` of the first's.
+
+    The tolerance is a fraction of the base branch's progress: a batch passes when its loss is
+    at most ``losses[0] + tolerance * (start_loss - losses[0])``, i.e. it made at least
+    ``1 - tolerance`` of the base branch's loss decrease on the same examples.
+
+    Args:
+        batches: increasing batch sizes; the first is the base batch.
+        losses: the loss after the branch at each batch (NaN or inf: fails).
+        start_loss: the loss at the branch point (the checkpoint).
+        tolerance: in [0, 1).
+
+    Returns:
+        ``(critical batch, capped)``; capped is True when every batch passed (the critical batch is
+        then at least the largest tried, a lower bound).
+    """
+    if len(batches) != len(losses) or not batches:
+        raise ValueError(f"batches and losses must be non-empty and of equal length, got {len(batches)} and {len(losses)}")
+    base = losses[0]
+    limit = base + tolerance * max(start_loss - base, 0.0)
+    best = batches[0]
+    for b, loss in zip(batches[1:], losses[1:]):
+        if not (math.isfinite(loss) and loss <= limit):
+            return best, False
+        best = b
+    return best, True
+
+
+class _Checkpointer(Callback):
+    """Saves model and optimizer state the first time the examples seen reach each threshold."""
+
+    def __init__(self, thresholds: Sequence[int]) -> None:
+        self.thresholds = sorted(thresholds)
+        self.saved: list[dict[str, Any]] = []
+
+    def _save_due(self, ctx: StepContext) -> None:
+        while len(self.saved) < len(self.thresholds) and ctx.examples >= self.thresholds[len(self.saved)]:
+            self.saved.append({
+                "examples": ctx.examples, "step": ctx.step, "model": copy.deepcopy(ctx.model),
+                "optimizer": copy.deepcopy(ctx.optimizer.state_dict()),
+            })
+        if len(self.saved) == len(self.thresholds):
+            ctx.stop = True
+
+    def on_train_begin(self, ctx: StepContext) -> None:
+        self._save_due(ctx)
+
+    def on_step_end(self, ctx: StepContext) -> None:
+        self._save_due(ctx)
+
+
+class _ResumeOptimizer(Callback):
+    """Loads a saved optimizer state at the start of a branch, then sets the branch's scaled
+    hyperparameters (loading restores the saved ones)."""
+
+    def __init__(self, state: dict[str, Any], hparams: dict[str, Any]) -> None:
+        self.state, self.hparams = state, hparams
+
+    def on_train_begin(self, ctx: StepContext) -> None:
+        ctx.optimizer.load_state_dict(copy.deepcopy(self.state))
+        set_hparams(ctx.optimizer, self.hparams)
+
+
+def _b_simple_at(task: Task, model: torch.nn.Module, batch: int, accumulation: int, groups: int, seed: int,
+                 device: str) -> tuple[float, int]:
+    """B_simple at ``model``'s weights (no optimizer step): returns (B_simple, examples used)."""
+    model = copy.deepcopy(model).to(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    gns = GradientNoiseScale(beta=1.0 - 1.0 / max(groups, 2))
+    batches = iterate_batches(task, batch, seed=seed, device=device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(groups):
+            total = None
+            small = 0.0
+            for _ in range(accumulation):
+                b = next(batches)
+                model.zero_grad(set_to_none=True)
+                task.loss_of(task.forward_batch(model, b), b).backward()
+                g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().double()
+                               for p in params])
+                small += float(g @ g)
+                total = g if total is None else total + g
+            mean = total / accumulation
+            gns.update(small / accumulation, float(mean @ mean), batch, batch * accumulation)
+    return gns.b_simple, groups * accumulation * batch
+
+
+def _check_int_seq(name: str, value: Any, minimum: int) -> list[int]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value or any(
+            not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < minimum for v in value):
+        raise ValueError(f"{name} must be a non-empty sequence of integers >= {minimum}, got {value!r}")
+    return [int(v) for v in value]
+
+
+def critical_batch(
+    task: Task | str,
+    *,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    optimizer: str | None = None,
+    rule: str | None = None,
+    budget_examples: int | None = None,
+    checkpoints: Sequence[float] | None = None,
+    factors: Sequence[int] | None = None,
+    branch_examples: int | None = None,
+    seeds: int | Sequence[int] = 2,
+    tolerance: float = 0.2,
+    gns_groups: int | None = None,
+    gns_accumulation: int = 4,
+    gns_batch: int | None = None,
+    seed: int = 0,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    device: str = "cpu",
+    quick: bool = False,
+    progress: bool = False,
+) -> CriticalBatchResult:
+    """Measure the critical batch over training by branching (Merrill et al. 2025), beside B_simple.
+
+    Args:
+        task: a Task (``Task.from_torch`` tasks included) or a registered name / entry point.
+        batch_size: the base batch B (default: the task's).
+        lr: the LR at B (default: the task's LR scaled to B by ``default_lr_rule``).
+        optimizer: default: the task's (L-BFGS is refused: its steps are line searches).
+        rule: co-scaling rule of the branches' hyperparameters (one of ``SCALE_RULES``; None:
+            :func:`batchlab.train.default_hparam_rule` of the optimizer).
+        budget_examples: the training budget the checkpoints are fractions of (default: the
+            task's epochs x training-set size). The base run stops at the last checkpoint.
+        checkpoints: fractions of the budget in [0, 1) (0: initialization). Default
+            ``(0, 0.1, 0.25, 0.5)``; quick: ``(0, 0.25)``.
+        factors: branch batches as multiples of B, increasing, starting at 1 (default 1..16;
+            quick 1..8). Batches larger than the training set are left out.
+        branch_examples: examples per branch (default: 8 steps at the largest batch).
+        seeds: number of branch seeds (or the seeds themselves); >= 2 gives an uncertainty.
+        tolerance: in [0, 1): a branch passes when its loss is at most the base branch's plus
+            ``tolerance`` times the base branch's loss decrease (see the module docstring).
+        gns_groups, gns_accumulation, gns_batch: the B_simple measurement: ``gns_groups``
+            groups (default 16; quick 8) of ``gns_accumulation`` micro-batches of ``gns_batch``
+            examples (default ``max(B, 32)``: the small-batch norm of a tiny batch is so noisy
+            that the estimate needs many more groups).
+        seed: the base run's seed.
+        momentum, weight_decay: optimizer settings (as in :class:`TrainConfig`).
+        device: "cpu", "cuda", ...
+        quick: the cheap mode for ``suggest``: 2 checkpoints, factors up to 8, 8 B_simple groups
+            (arguments given explicitly win).
+        progress: print one line per checkpoint.
+
+    Returns:
+        A :class:`CriticalBatchResult`.
+    """
+    t0 = time.perf_counter()
+    task = get_task(task) if not isinstance(task, Task) else task
+    n = task.n_train if task.train_source.indexable else None
+    B = batch_size if batch_size is not None else task.batch_size
+    if not isinstance(B, numbers.Integral) or isinstance(B, bool) or B < 1 or (n is not None and B > n):
+        raise ValueError(f"batch_size must be an integer in [1, {n}] (the training-set size), got {B!r}")
+    opt = optimizer or task.optimizer
+    if opt == "lbfgs":
+        raise ValueError("optimizer must not be 'lbfgs' (its steps are line searches, not batch-size scalable); got 'lbfgs'")
+    base_lr = lr if lr is not None else scale_lr(task.lr, task.batch_size, B, default_lr_rule(opt))
+    rule = rule or default_hparam_rule(opt)
+    checkpoints = tuple(checkpoints) if checkpoints is not None else (QUICK_CHECKPOINTS if quick else DEFAULT_CHECKPOINTS)
+    if not checkpoints or any(isinstance(c, bool) or not isinstance(c, numbers.Real) or not 0 <= c < 1 for c in checkpoints) \
+            or list(checkpoints) != sorted(set(checkpoints)):
+        raise ValueError(f"checkpoints must be increasing fractions of the budget in [0, 1), got {checkpoints!r}")
+    factors = _check_int_seq("factors", list(factors) if factors is not None else list(QUICK_FACTORS if quick else DEFAULT_FACTORS), 1)
+    if factors[0] != 1 or factors != sorted(set(factors)) or len(factors) < 2:
+        raise ValueError(f"factors must be increasing integers starting at 1 (the base batch), at least two; got {factors!r}")
+    if n is not None:
+        factors = [k for k in factors if k * B <= n]
+        if len(factors) < 2:
+            raise ValueError(f"batch_size {B} x factors leaves only the base batch within the training set ({n} examples)")
+    seed_list = list(range(seeds)) if isinstance(seeds, numbers.Integral) and not isinstance(seeds, bool) else seeds
+    seed_list = _check_int_seq("seeds", seed_list, 0) if not isinstance(seeds, numbers.Integral) else seed_list
+    if not seed_list:
+        raise ValueError(f"seeds must be a positive count or a non-empty sequence of seeds, got {seeds!r}")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance must be a number in [0, 1) (a fraction of the base branch's loss decrease), "
+                         f"got {tolerance!r}")
+    groups = gns_groups if gns_groups is not None else (8 if quick else 16)
+    micro = gns_batch if gns_batch is not None else max(B, 32)
+    if n is not None and gns_batch is None:
+        micro = max(1, min(micro, n // gns_accumulation))
+    for name, v, lo in (("gns_groups", groups, 1), ("gns_accumulation", gns_accumulation, 2), ("gns_batch", micro, 1)):
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    if budget_examples is None:
+        if n is None:
+            raise ValueError(f"budget_examples is needed for task {task.name!r}: its training set has no length")
+        budget_examples = max(1, round(task.epochs * n))
+    if not isinstance(budget_examples, numbers.Integral) or isinstance(budget_examples, bool) or budget_examples < 1:
+        raise ValueError(f"budget_examples must be a positive integer, got {budget_examples!r}")
+    largest = factors[-1] * B
+    if branch_examples is None:
+        branch_examples = 8 * largest
+    if not isinstance(branch_examples, numbers.Integral) or isinstance(branch_examples, bool) or branch_examples < largest:
+        raise ValueError(f"branch_examples must be an integer >= the largest branch batch ({largest}), got {branch_examples!r}")
+
+    common = dict(optimizer=opt, momentum=momentum, weight_decay=weight_decay, device=device, eval_train=False)
+    thresholds = [round(c * budget_examples) for c in checkpoints]
+    ckpt = _Checkpointer(thresholds)
+    base_cfg = TrainConfig(batch_size=B, lr=base_lr, max_examples=max(thresholds[-1], B), seed=seed, **common)
+    base_run = fit(task, base_cfg, callbacks=[ckpt])
+    if base_run.status != "ok" or len(ckpt.saved) < len(thresholds):
+        raise ValueError(f"task {task.name!r}: the base run at batch {B} ended {base_run.status!r} at step "
+                         f"{base_run.failed_step} before the last checkpoint: {base_run.error}")
+    processed = base_run.examples
+
+    result = CriticalBatchResult(
+        task=task.name, batch_size=B, optimizer=opt, rule=rule, hparams={}, tolerance=float(tolerance),
+        branch_examples=int(branch_examples), factors=factors, seeds=list(seed_list),
+        budget_examples=int(budget_examples),
+    )
+    batches = [k * B for k in factors]
+    for saved in ckpt.saved:
+        model, opt_state = saved["model"], saved["optimizer"]
+        base_hp = _base_hparams(base_lr, opt_state)
+        result.hparams = base_hp
+        val_loss, _ = evaluate(model, task.val_source, task, device=device)
+        losses: list[list[float]] = []
+        for b in batches:
+            hp = scale_hparams(opt, base_hp, B, b, rule)
+            row = []
+            for s in seed_list:
+                cfg = TrainConfig(batch_size=b, lr=hp["lr"], max_examples=int(branch_examples), seed=int(s), **common)
+                r = fit(task, cfg, model=copy.deepcopy(model), callbacks=[_ResumeOptimizer(opt_state, hp)],
+                        raise_errors=False)
+                processed += r.examples
+                row.append(float(r.final.get("val_loss", math.nan)) if r.status == "ok" else math.inf)
+            losses.append(row)
+        means = [statistics.fmean(row) for row in losses]
+        crit, capped = critical_from_losses(batches, means, val_loss, tolerance)
+        per_seed = [critical_from_losses(batches, [row[i] for row in losses], val_loss, tolerance)[0]
+                    for i in range(len(seed_list))]
+        b_simple, used = _b_simple_at(task, model, micro, gns_accumulation, groups, seed, device)
+        processed += used
+        point = CriticalPoint(
+            examples=int(saved["examples"]), step=int(saved["step"]), val_loss=float(val_loss), batches=list(batches),
+            losses=losses, mean_losses=means, critical_batch=crit, critical_low=min(per_seed),
+            critical_high=max(per_seed), base_loss_std=statistics.stdev(losses[0]) if len(losses[0]) > 1 else math.nan,
+            b_simple=float(b_simple), ratio=crit / b_simple if b_simple > 0 else math.nan, capped=capped,
+        )
+        result.points.append(point)
+        if progress:
+            print(f"[critical-batch] {task.name} at {point.examples} examples: critical {crit} "
+                  f"({point.critical_low}-{point.critical_high}), B_simple {b_simple:.1f}", flush=True)
+    result.examples_processed = int(processed)
+    result.wall_time = time.perf_counter() - t0
+    return result
+
+
+def _base_hparams(lr: float, state: dict[str, Any]) -> dict[str, Any]:
+    """The base batch's lr/betas/eps: those of the checkpoint's optimizer (as saved)."""
+    groups = state.get("param_groups") or []
+    hp: dict[str, Any] = {"lr": float(lr)}
+    if groups:
+        for k in ("betas", "eps"):
+            if k in groups[0]:
+                hp[k] = tuple(groups[0][k]) if k == "betas" else groups[0][k]
+    return hp

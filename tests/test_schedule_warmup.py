@@ -1,0 +1,204 @@
+"""Batch-size warmup: BatchSizeSchedule stages, TrainConfig.batch_schedule in fit (planner and
+co-scaled hyperparameters), resume in a user's own loop, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from batchlab import Task
+from batchlab.batchsize import BatchSizeSchedule
+from batchlab.train import Callback, TrainConfig, fit, make_optimizer, optimizer_hparams, scale_hparams
+from batchlab.train.loop import _plan_steps, _Sampler
+
+
+class Record(Callback):
+    """Per step: examples before it, its batch, and the optimizer's lr/betas/eps during it."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, int, dict]] = []
+        self._before = 0
+
+    def on_before_step(self, ctx) -> None:
+        self.rows.append((ctx.examples, ctx.batch_size, optimizer_hparams(ctx.optimizer)))
+
+    def on_step_end(self, ctx) -> None:
+        assert ctx.examples == self.rows[-1][0] + self.rows[-1][1]
+
+
+def test_schedule_stages_pure_functions_and_config():
+    s = BatchSizeSchedule(8, stages=((64, 16), (192, 32)), rule="adam-sde")
+    assert s.milestones == ()  # stages given: no default milestones
+    assert [s.batch_at(e) for e in (0, 63, 64, 191, 192, 10**6)] == [8, 8, 16, 16, 32, 32]
+    hp = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8}
+    assert s.hparams_at(100, hp, "adamw") == scale_hparams("adamw", hp, 8, 16, "adam-sde")
+    assert s.hparams_at(0, hp, "adamw") == hp
+    cfg = s.apply(TrainConfig(optimizer="adamw"))
+    assert (cfg.batch_size, cfg.batch_schedule, cfg.batch_scale_rule) == (8, ((64, 16), (192, 32)), "adam-sde")
+    assert BatchSizeSchedule.from_config(cfg) == s
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert s.final_batch == 32
+    # the milestone form is unchanged (Smith et al.)
+    m = BatchSizeSchedule(32)
+    assert m.milestones == (0.5, 0.75) and m(0.8) == 128 and m.batch_at(80, total_examples=100) == 128
+    with pytest.raises(ValueError, match="give total_examples"):
+        m.batch_at(80)
+    with pytest.raises(ValueError, match="call batch_at"):
+        s(0.5)
+
+
+def test_from_critical_batch_integer_factors_monotone_capped():
+    measured = [(0, 3), (100, 40), (200, 20), (400, 1000)]
+    s = BatchSizeSchedule.from_critical_batch(measured, 8, max_batch=128)
+    # 3 < 8: stay at base; 40 -> 32; 20 (lower) keeps 32; 1000 -> capped at 128
+    assert s.stages == ((100, 32), (400, 128))
+    s4 = BatchSizeSchedule.from_critical_batch(measured, 8, factor=4)
+    assert s4.stages == ((100, 32), (400, 512))
+    assert BatchSizeSchedule.from_critical_batch([(0, 4)], 8).stages == ()
+    with pytest.raises(ValueError, match="factor must be an integer >= 2, got 1"):
+        BatchSizeSchedule.from_critical_batch(measured, 8, factor=1)
+    with pytest.raises(ValueError, match=r"measured\[0\] must be an \(examples, critical batch\) pair"):
+        BatchSizeSchedule.from_critical_batch([5], 8)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"stages": ((64, 12),)}, "must be an integer multiple of base"),
+    ({"stages": ((64, 16), (32, 32))}, "stages examples must increase; got 64 then 32"),
+    ({"stages": ((64, 32), (128, 16))}, "no smaller than the stage before"),
+    ({"stages": ((64, 0),)}, r"stages\[0\] batch_size must be a positive integer, got 0"),
+    ({"stages": ((64, 16),), "milestones": (0.5,)}, "give milestones .* or stages .*, not both"),
+    ({"stages": ((64, 16),), "rule": "cubic"}, "rule must be one of linear, sqrt, none, adam-sde, adam-halflife"),
+    ({"stages": ((64, 64),), "max_batch": 32}, "exceeds max_batch=32"),
+    ({"examples": -1}, "examples must be an integer >= 0, got -1"),
+])
+def test_schedule_bad_inputs(kw, message):
+    with pytest.raises(ValueError, match=message):
+        BatchSizeSchedule(8, **kw)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"batch_schedule": ((10, 16), (5, 32))}, "batch_schedule examples must increase; got 10 then 5"),
+    ({"batch_schedule": ((10,),)}, r"batch_schedule\[0\] must be an \(examples seen, batch_size\) pair"),
+    ({"batch_schedule": ((-1, 16),)}, r"batch_schedule\[0\] examples must be an integer >= 0, got -1"),
+    ({"batch_schedule": ((10, 2.5),)}, r"batch_schedule\[0\] batch_size must be a positive integer, got 2.5"),
+    ({"batch_schedule": "10:16"}, "batch_schedule must be a sequence of"),
+    ({"batch_schedule": ((10, 16),), "batch_growth": (0.5,), "growth_factor": 2}, "not both"),
+    ({"batch_scale_rule": "cube"}, "batch_scale_rule must be one of linear, sqrt, none, adam-sde, adam-halflife"),
+    ({"batch_scale_rule": "adam-sde", "optimizer": "momentum"}, "is for optimizer 'adam' or 'adamw'; got optimizer 'momentum'"),
+])
+def test_config_batch_schedule_bad_inputs(kw, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kw)
+
+
+def test_fit_follows_the_schedule_and_coscales_adam(toy_task):
+    s = BatchSizeSchedule(8, stages=((64, 16), (192, 32)), rule="adam-sde")
+    cfg = s.apply(TrainConfig(optimizer="adamw", lr=1e-3, max_examples=512, eval_train=False))
+    rec = Record()
+    r = fit(toy_task, cfg, callbacks=[rec])
+    assert r.ok and r.examples == 512
+    base = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8}
+    for examples, batch, hp in rec.rows:
+        assert batch == s.batch_at(examples)
+        want = s.hparams_at(examples, base, "adamw")
+        assert hp["lr"] == pytest.approx(want["lr"], rel=1e-12)
+        assert hp["betas"] == pytest.approx(want["betas"], rel=1e-12) and hp["eps"] == pytest.approx(want["eps"])
+    assert {b for _, b, _ in rec.rows} == {8, 16, 32}
+    assert r.steps == 64 // 8 + (192 - 64) // 16 + (512 - 192) // 32  # 8 + 8 + 10 = 26 instead of 64
+    # the LR schedule multiplies the co-scaled LR
+    rec2 = Record()
+    fit(toy_task, cfg.replace(schedule="cosine"), callbacks=[rec2])
+    mid = [hp["lr"] for e, b, hp in rec2.rows if b == 16]
+    assert all(lr < s.hparams_at(64, base, "adamw")["lr"] for lr in mid)
+
+
+def test_planner_is_pure_and_a_dataloader_sees_the_same_batches(toy_task):
+    """The planner's batches depend only on the steps before: planned ahead in one go they are
+    what fit took, also when a DataLoader (with workers prefetching) fetches them."""
+    cfg = TrainConfig(batch_size=8, batch_schedule=((40, 16), (100, 48)), lr=0.05, max_examples=300,
+                      eval_train=False, seed=2)
+    planned = [[int(i) for i in idx] for p in _plan_steps(cfg, _Sampler(256, torch.Generator().manual_seed(2), False),
+                                                           300) for idx in p.micro]
+    assert [len(p) for p in planned][:6] == [8, 8, 8, 8, 8, 16]  # 40 examples at 8, then 16
+
+    seen: list[list[int]] = []
+    x, y = toy_task.train_set.x, toy_task.train_set.y
+    vx, vy = toy_task.val_set.x, toy_task.val_set.y
+    TD = torch.utils.data.TensorDataset
+
+    def forward(model, batch):  # the index travels with the batch
+        if model.training:
+            seen.append([int(i) for i in batch[0]])
+        return model(batch[1])
+
+    class Clear(Callback):
+        def on_train_begin(self, ctx) -> None:
+            seen.clear()  # drop the preflight check's batch
+
+    loader_task = Task.from_torch("toy-loader", lambda: toy_task.make_model(), TD(torch.arange(len(x)), x, y),
+                                  TD(torch.arange(len(vx)), vx, vy), forward=forward,
+                                  loss=lambda out, b: torch.nn.functional.cross_entropy(out, b[2]),
+                                  metric="loss", num_workers=2)
+    assert not loader_task.in_memory
+    r = fit(loader_task, cfg, callbacks=[Clear()])
+    assert r.ok and r.examples == 300
+    assert seen == planned
+
+
+def _train_own_loop(total: int, schedule: BatchSizeSchedule, model, opt, base_hp, data):
+    x, y = data
+    while schedule.examples < total:
+        b = min(schedule.batch, total - schedule.examples)
+        schedule.apply_to(opt, base_hp)
+        start = schedule.examples % len(x)
+        idx = torch.arange(start, start + b) % len(x)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        schedule.step(b)
+
+
+def test_schedule_resumed_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path, toy_task):
+    data = (toy_task.train_set.x, toy_task.train_set.y)
+    base_hp = {"lr": 3e-3, "betas": (0.9, 0.99), "eps": 1e-8}
+
+    def fresh():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        opt = make_optimizer("adamw", model.parameters(), base_hp["lr"])
+        return model, opt, BatchSizeSchedule(8, stages=((48, 16), (160, 64)), rule="adam-sde")
+
+    model, opt, sched = fresh()
+    _train_own_loop(600, sched, model, opt, base_hp, data)
+    assert sched.examples == 600
+
+    model2, opt2, sched2 = fresh()
+    _train_own_loop(112, sched2, model2, opt2, base_hp, data)  # stop inside the 16 stage
+    torch.save({"model": model2.state_dict(), "opt": opt2.state_dict(), "sched": json.dumps(sched2.state_dict())},
+               tmp_path / "ckpt.pt")
+    del model2, opt2, sched2
+    model3, opt3, sched3 = fresh()
+    ck = torch.load(tmp_path / "ckpt.pt")
+    model3.load_state_dict(ck["model"])
+    opt3.load_state_dict(ck["opt"])
+    sched3.load_state_dict(json.loads(ck["sched"]))
+    assert sched3.examples == 112 and sched3.batch == 16
+    _train_own_loop(600, sched3, model3, opt3, base_hp, data)
+    for p, q in zip(model.parameters(), model3.parameters()):
+        assert torch.equal(p, q)
+    assert opt3.param_groups[0]["betas"] == opt.param_groups[0]["betas"] != base_hp["betas"]
+
+    other = BatchSizeSchedule(8, stages=((48, 16),))
+    with pytest.raises(ValueError, match="differs from this one in stages"):
+        other.load_state_dict(json.loads(ck["sched"]))
+
+
+def test_fit_refuses_a_schedule_batch_larger_than_the_data(toy_task):
+    with pytest.raises(ValueError, match=r"batch_schedule's largest batch \(512\) is larger than the training set"):
+        fit(toy_task, TrainConfig(batch_size=8, batch_schedule=((16, 512),), max_examples=64))
+    with pytest.raises(ValueError, match="rule 'adam-sde' is for Adam"):
+        fit(toy_task, TrainConfig(batch_size=8, batch_schedule=((16, 16),), batch_scale_rule="adam-sde", max_examples=64))
+    assert math.isfinite(fit(toy_task, TrainConfig(batch_size=8, batch_schedule=((16, 16),), max_examples=64)).final["val_loss"])

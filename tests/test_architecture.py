@@ -16,8 +16,9 @@ ALLOWED = {
     "fileio": set(),
     "data": {"fileio"},
     "models": {"norm"},
-    "tasks": {"data", "models"},
-    "train": {"tasks", "norm", "store"},
+    "tasks": {"data", "models", "norm"},
+    "train": {"tasks", "norm", "store", "data"},
+    "runs": {"tasks", "train", "store"},
 }
 
 

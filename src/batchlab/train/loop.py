@@ -30,7 +30,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from batchlab.data.arrays import ArrayDataset
-from batchlab.data.sources import ArraySource, Source, batch_size_of, make_source, move_to_device
+from batchlab.data.sources import ArraySource, LoaderSource, Source, batch_size_of, make_source, move_to_device
 from batchlab.tasks import Task, TaskError, get_task
 from batchlab.train.config import RunResult, TrainConfig
 from batchlab.train.oom import free_memory, is_oom
@@ -419,6 +419,8 @@ def _fit(
     ctx.lr = base_lr * lr_factor(cfg.schedule, 0.0, 0, warmup_steps=cfg.warmup_steps, milestones=cfg.milestones, gamma=cfg.gamma)
     for cb in callbacks:
         cb.on_train_begin(ctx)
+    if isinstance(train_src, LoaderSource):
+        train_src.seed = cfg.seed  # the DataLoader's worker seeds follow the run's seed
     batches = _Batches(train_src, _plan_steps(cfg, sampler, total_examples), device, non_blocking)
     try:
         if cfg.eval_every:

@@ -143,31 +143,70 @@ def test_1d_model_with_batchlab_bn_prunes_through_flatten() -> None:
     assert res.model[0].out_features == 7 and res.model[3].in_features == 7
 
 
-# --- C21's decision rule on data built to be true, false or too noisy ------------------------------------------
+# --- C21's decision rule on data built to be true, false, too noisy or invalid ------------------------------------
+
+SPARSE = [0.001] * 30 + [0.8] * 18  # 30 of 48 channels below 10% of the largest |gamma|
+DENSE = [0.9 + 0.01 * i for i in range(48)]  # no sparsity formed
 
 
-def _data(drops: list[float], baseline: list[float], removed: float = 0.5) -> dict:
+def _data(drops: list[float], baseline: list[float], removed: float = 0.5, gammas: list[float] = SPARSE) -> dict:
     seeds = {}
     for i, (d, b) in enumerate(zip(drops, baseline)):
         seeds[str(i)] = {"slim": {"removed_fraction": removed}, "baseline": {"val_acc": b / 100},
                          "after": {"val_acc": (b - d) / 100, "params": 500, "macs": 100},
-                         "before": {"params": 2000, "macs": 400}}
-    return {"lambda": 1e-4, "n_val": 360, "seeds": seeds}
+                         "before": {"params": 2000, "macs": 400}, "gammas_sparse": gammas}
+    return {"lambda": 1e-3, "n_val": 360, "seeds": seeds,
+            "sweep_heldout_acc": {"0.0001": {"0": 0.9, "1": 0.91}, "0.001": {"0": 0.95, "1": 0.94}}}
 
 
-@pytest.mark.parametrize(("drops", "baseline", "removed", "verdict"), [
-    ([0.3, -0.2, 0.8], [97.0, 97.5, 96.8], 0.5, "supported"),
-    ([4.0, 5.5, 6.0], [97.0, 97.2, 96.9], 0.5, "refuted"),
-    ([0.2, 3.5, -1.0], [97.0, 94.0, 98.0], 0.5, "inconclusive"),  # seeds disagree
-    ([1.5, 2.0, 1.8], [90.0, 97.0, 99.0], 0.5, "inconclusive"),  # over 1 point, but within the seed spread
-    ([0.1, 0.2, 0.0], [97.0, 97.0, 97.0], 0.45, "inconclusive"),  # not half the channels
+@pytest.mark.parametrize(("drops", "baseline", "removed", "gammas", "verdict"), [
+    ([0.3, -0.2, 0.8], [97.0, 97.5, 96.8], 0.5, SPARSE, "supported"),
+    ([4.0, 5.5, 6.0], [97.0, 97.2, 96.9], 0.5, SPARSE, "refuted"),
+    ([0.2, 3.5, -1.0], [97.0, 94.0, 98.0], 0.5, SPARSE, "inconclusive"),  # seeds disagree
+    ([1.5, 2.0, 1.8], [90.0, 97.0, 99.0], 0.5, SPARSE, "inconclusive"),  # over 1 point, but within the seed spread
+    ([0.1, 0.2, 0.0], [97.0, 97.0, 97.0], 0.45, SPARSE, "invalid"),  # not half the channels
+    ([4.0, 5.5, 6.0], [97.0, 97.2, 96.9], 0.5, DENSE, "invalid"),  # no sparsity formed: never 'refuted'
 ])
-def test_c21_decide(drops: list[float], baseline: list[float], removed: float, verdict: str) -> None:
+def test_c21_decide(drops: list[float], baseline: list[float], removed: float, gammas: list[float],
+                    verdict: str) -> None:
     exp = Slimming()
     params = exp.params(quick=True)
-    (v,) = exp.decide(_data(drops, baseline, removed), params)
-    assert v.claim == "C21" and v.verdict == verdict, v.reason
+    (v,) = exp.decide(_data(drops, baseline, removed, gammas), params)
+    got = "invalid" if not v.valid else v.verdict
+    assert v.claim == "C21" and got == verdict, v.reason
     assert v.effect["drop_points"]["n"] == 3
+    assert "lambda 0.001 chosen on the held-out split" in v.reason
+
+
+def test_c21_figure_shows_the_lambda_sweep() -> None:
+    from tests.helpers.figures import check_figures
+
+    d = _data([0.3, -0.2, 0.8], [97.0, 97.5, 96.8])
+    for r in d["seeds"].values():
+        r.update({"gammas_baseline": [1.0] * 48, "sparsity": 1e-3, "pruned_acc_before_finetune": 0.9,
+                  "slim": {"removed_fraction": 0.5, "threshold": 0.01, "channels_before": {"bn1": 16, "bn2": 32},
+                           "channels_after": {"bn1": 8, "bn2": 16}}})
+        r["before"]["val_acc"] = 0.95
+    figs = Slimming().plot(d, Slimming().params(True))
+    assert "Lambda sweep" in figs[0].axes[3].get_title()
+    check_figures(figs)
+
+
+def test_c21_lambda_is_chosen_on_a_held_out_split():
+    from batchlab.tasks import get_task
+
+    assert Slimming.choose_lambda({"0.0001": {"0": 0.9, "1": 0.91}, "0.001": {"0": 0.95, "1": 0.94},
+                                   "0.01": {"0": 0.6, "1": 0.5}}) == 1e-3
+    assert Slimming.choose_lambda({"0.0001": {"0": 0.9}, "0.001": {"0": 0.9}}) == 1e-3  # a tie: the larger
+    task = get_task("digits-cnn")
+    h = Slimming.heldout_task(task, 0.2, seed=0)
+    assert len(h.val_set) == round(0.2 * len(task.train_set)) and len(h.train_set) + len(h.val_set) == len(task.train_set)
+    # the two parts are exactly the training set, re-split: no validation image is used to choose lambda
+    both = torch.cat([h.train_set.x, h.val_set.x]).flatten(1)
+    assert torch.allclose(both.double().sum(0), task.train_set.x.flatten(1).double().sum(0))
+    assert torch.equal(torch.cat([h.train_set.y, h.val_set.y]).sort().values, task.train_set.y.sort().values)
+    assert torch.equal(Slimming.heldout_task(task, 0.2, seed=0).val_set.x, h.val_set.x)  # fixed per seed
+    assert not torch.equal(Slimming.heldout_task(task, 0.2, seed=1).val_set.x, h.val_set.x)
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------------

@@ -523,6 +523,13 @@ def test_cuda_without_cuda_is_one_line(cli, command):
     assert "'cuda' asks for CUDA, which is not available on this machine" in line
 
 
+def test_a_task_that_cannot_run_as_given_is_one_line(cli):
+    # BatchNorm cannot train on one example: fit raises TaskError naming the task and the step
+    r = cli("train", "--task", "digits-mlp", "--batch-size", "1", "--examples", "1", "--quiet", "--threads", "1")
+    line = one_error_line(r, "train")
+    assert "task 'digits-mlp'" in line and "Expected more than 1 value per channel" in line
+
+
 def test_checkpoint_that_is_not_one_is_one_line(cli, tmp_path):
     (tmp_path / "notes.txt").write_text("not a checkpoint\n" * 20)
     r = cli("bn-health", "--task", "digits-mlp", "--checkpoint", str(tmp_path / "notes.txt"), "--epochs", "0")

@@ -28,6 +28,13 @@ def build_parser() -> _Parser:
     return parser
 
 
+def _task_errors() -> tuple[type[Exception], ...]:
+    """``TaskError`` when the tasks package is loaded (it imports torch, which ``--help`` need not)."""
+    tasks = sys.modules.get("batchlab.tasks")
+    error = getattr(tasks, "TaskError", None)
+    return (error,) if isinstance(error, type) else ()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -37,9 +44,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return int(args.func(args) or 0)
-    except (CliError, StoreError, OutputError) as e:
-        # a usage error, a results store that cannot be opened or is damaged, an output that
-        # cannot be written: one line naming the argument or file, exit status 2
+    except Exception as e:  # noqa: BLE001 - narrowed right below
+        # a usage error, a task that cannot run as given (TaskError names the task and what was
+        # wrong), a results store that cannot be opened or is damaged, an output that cannot be
+        # written: one line naming the argument or file, exit status 2; anything else is a bug
+        if not isinstance(e, (CliError, StoreError, OutputError, *_task_errors())):
+            raise
         message = " ".join(str(e).split())  # one line, even when a library's message has several
         sys.stderr.write(f"batchlab {args.command}: error: {message}\n")
         return 2

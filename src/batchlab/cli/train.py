@@ -93,7 +93,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     path = Path(args.dir)
     if not path.is_dir():
         raise CliError(f"DIR {args.dir!r} is not a folder")
-    out = prepare_out(args.out if args.out else path / "report")
+    if args.out:
+        out = prepare_out(args.out)
+    else:
+        try:
+            out = prepare_out(path / "report", "the report folder")
+        except CliError as e:
+            raise CliError(f"{e}; write the report elsewhere with --out") from e
     try:
         index = report_from_dir(path, out_dir=out)
     except ValueError as e:

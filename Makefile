@@ -19,9 +19,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	touch $@
 
-# the tests also exercise the optional Ray and Lightning adapters
+# the tests also exercise the optional Ray, Lightning and Hugging Face adapters
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,ray,lightning]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,ray,lightning,hf]"
 	touch $@
 
 demo: setup

@@ -1,0 +1,386 @@
+"""Hugging Face ``Trainer`` integration: the gradient noise scale during ``Trainer.train`` and a
+one-call batch-size / learning-rate suggestion for a Trainer.
+
+``Trainer(..., callbacks=[GradientNoiseScaleCallback()])`` tracks B_simple (McCandlish et al. 2018,
+"An Empirical Model of Large-Batch Training") and adds ``b_simple`` to the Trainer's logs:
+
+- with ``gradient_accumulation_steps = k >= 2``: from the micro-batch gradients the step already
+  computes. A hook on every parameter (``register_post_accumulate_grad_hook``) sees ``.grad`` right
+  after it is accumulated in each micro-batch's backward, *before* the Trainer clips the gradients
+  (clipping happens before any callback sees them, and would bias the big-batch norm). Each
+  micro-batch's contribution is the difference from the previous value (one gradient copy). The
+  weight the Trainer gave each micro-batch's loss (``1/k`` when it divides by the accumulation
+  steps, 1 when the model is trusted to normalize by ``num_items_in_batch``) is read from a hook on
+  the model's loss tensor, so contributions are turned back into micro-batch gradients and the
+  accumulated ``.grad`` into the window's mean. Windows whose micro-batches differ in size, number
+  or weight (the tail of an epoch) are skipped. A model that normalizes by ``num_items_in_batch``
+  gives gradients that are a common multiple of the true ones: B_simple (a ratio) is unchanged.
+- with ``k = 1``: by splitting the batch. On every ``every``-th step, before the optimizer steps,
+  the callback takes the step's inputs (captured by a forward pre-hook), runs the two halves
+  through the model again (one extra forward and backward, ``torch.autograd.grad``: ``.grad`` is
+  not touched) and compares the halves'
+  gradients (batch B/2) with their mean (batch B). The RNG and the model's buffers are restored
+  afterwards, so training is unchanged.
+
+:func:`suggest_for_trainer` builds a :class:`batchlab.Task` from the Trainer's model (a fresh copy
+made from its config), datasets, data collator and training arguments, runs
+:func:`batchlab.batchsize.suggest` on it and returns ``per_device_train_batch_size``,
+``gradient_accumulation_steps`` and ``learning_rate`` to set (:meth:`TrainerSuggestion.apply` sets
+them).
+
+Needs the optional extra: ``pip install 'batchlab[hf]'`` (transformers with accelerate).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+try:
+    from transformers import TrainerCallback
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        f"batchlab.integrations.huggingface needs transformers: pip install 'batchlab[hf]' (import failed: {e})"
+    ) from e
+
+from batchlab.batchsize.noise import GradientNoiseScale
+from batchlab.data.sources import batch_size_of
+from batchlab.tasks import Task
+
+__all__ = ["GradientNoiseScaleCallback", "TrainerSuggestion", "suggest_for_trainer", "task_from_trainer"]
+
+
+def _sqnorm(t: torch.Tensor) -> float:
+    return float(t.detach().double().square().sum())
+
+
+def _loss_of(out: Any) -> torch.Tensor | None:
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, Mapping):
+        loss = out.get("loss")
+    if loss is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) and out[0].dim() == 0:
+        loss = out[0]
+    return loss if isinstance(loss, torch.Tensor) else None
+
+
+def _split(value: Any, n: int, lo: int, hi: int) -> Any:
+    """Rows ``lo:hi`` of every tensor in ``value`` whose first dimension is the batch size ``n``."""
+    if isinstance(value, torch.Tensor):
+        return value[lo:hi] if value.dim() > 0 and value.shape[0] == n else value
+    if isinstance(value, Mapping):
+        return {k: _split(v, n, lo, hi) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_split(v, n, lo, hi) for v in value)
+    return value
+
+
+class GradientNoiseScaleCallback(TrainerCallback):
+    """Track the gradient noise scale B_simple during ``Trainer.train`` (one device).
+
+    Args:
+        beta: EMA factor of the two accumulators (0.99 in the paper; 0.9-0.95 for short runs).
+        every: measure every ``every``-th optimizer step only.
+        name: the key added to the Trainer's logs.
+
+    Attributes:
+        tracker: the :class:`~batchlab.batchsize.GradientNoiseScale` (``tracker.b_simple``,
+            ``tracker.history``, ``tracker.state()``).
+        mode: "accumulation" or "split", decided at ``on_train_begin``.
+    """
+
+    def __init__(self, beta: float = 0.99, every: int = 1, name: str = "b_simple") -> None:
+        self.tracker = GradientNoiseScale(beta=beta, every=every)  # validates beta and every
+        self.every = every
+        self.name = name
+        self.mode: str | None = None
+        self._k = 1
+        self._handles: list[Any] = []
+        self._model: nn.Module | None = None
+        self._params: list[nn.Parameter] = []
+        self._measure_now = False
+        self._measuring = False
+        self._reset_window()
+        self._inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+
+    @property
+    def b_simple(self) -> float:
+        """The current EMA ratio (NaN before the first measurement)."""
+        return self.tracker.b_simple
+
+    def _reset_window(self) -> None:
+        self._micro = 0
+        self._weights: list[float] = []
+        self._sizes: list[int] = []
+        self._small: list[float] = []
+        self._total: list[float] = []
+        self._prev: dict[int, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ hooks
+    def _forward_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not (module.training and torch.is_grad_enabled()) or self._measuring:
+            return
+        try:
+            n = batch_size_of((args, kwargs))
+        except TypeError:
+            n = 0
+        if self.mode == "accumulation":
+            self._sizes.append(n)
+        else:
+            self._inputs = (args, kwargs)
+
+    def _forward_post(self, module: nn.Module, args: Any, out: Any) -> None:
+        """Hook the model's loss: the gradient flowing into it is the weight the Trainer gave this
+        micro-batch (1/k when it divides the loss by the accumulation steps, else 1)."""
+        if not (module.training and torch.is_grad_enabled()) or self._measuring or not self._measure_now:
+            return
+        loss = _loss_of(out)
+        if loss is not None and loss.requires_grad:
+            loss.register_hook(self._loss_grad)
+
+    def _loss_grad(self, grad: torch.Tensor) -> None:
+        self._weights.append(float(grad))
+
+    def _after_accumulate(self, p: torch.Tensor) -> None:
+        if not self._measure_now or p.grad is None:
+            return
+        i, key, g = self._micro, id(p), p.grad
+        while len(self._small) <= i:
+            self._small.append(0.0)
+            self._total.append(0.0)
+        prev = self._prev.get(key)
+        self._small[i] += _sqnorm(g if prev is None else g - prev)
+        self._total[i] += _sqnorm(g)
+        if prev is None:
+            self._prev[key] = g.detach().clone()
+        else:
+            prev.copy_(g)
+
+    # ------------------------------------------------------------------ TrainerCallback
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
+        if model is None:
+            raise ValueError("GradientNoiseScaleCallback: the Trainer passed no model to on_train_begin")
+        if getattr(args, "world_size", 1) > 1:
+            raise ValueError(
+                "GradientNoiseScaleCallback measures on one device (under DDP the accumulated gradient is already "
+                f"all-reduced); got world_size={args.world_size}. Use batchlab.distributed.fit_ddp, which measures "
+                "from per-rank gradients.")
+        self._remove_hooks()
+        self._k = int(args.gradient_accumulation_steps)
+        self.mode = "accumulation" if self._k >= 2 else "split"
+        self._model = model
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._measure_now = False
+        self._handles.append(model.register_forward_pre_hook(self._forward_pre, with_kwargs=True))
+        if self.mode == "accumulation":
+            self._handles.append(model.register_forward_hook(self._forward_post))
+            self._handles += [p.register_post_accumulate_grad_hook(self._after_accumulate) for p in self._params]
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._reset_window()
+        self._measure_now = self.mode == "accumulation" and state.global_step % self.every == 0
+
+    def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._micro += 1
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.mode == "split":
+            if self._inputs is not None and state.global_step % self.every == 0:
+                inputs, self._inputs = self._inputs, None
+                self._measure_split(inputs, state.global_step)
+            return
+        if not self._measure_now:
+            return
+        self._measure_now = False
+        k, sizes = self._k, self._sizes
+        if self._micro + 1 != k or len(self._small) != k or len(sizes) != k or len(set(sizes)) != 1 or sizes[0] < 1:
+            return  # a short window (the end of an epoch): its mean is not a k * b batch gradient
+        # each micro-batch contributed w * (its gradient); w from the loss hook (1/k without it)
+        weights = self._weights if len(self._weights) == k else [1.0 / k] * k
+        w = weights[0]
+        if not w > 0 or any(abs(x - w) > 1e-6 * w for x in weights):
+            return  # unequal weights: the accumulated gradient is not the window's plain mean
+        small = sum(self._small) / k / (w * w)
+        big = self._total[-1] / (w * k) ** 2  # the accumulated gradient before clipping / (w k): the mean
+        self.tracker.update(small, big, sizes[0], sizes[0] * k, step=state.global_step)
+        self._prev = {}
+
+    def _measure_split(self, inputs: tuple[tuple[Any, ...], dict[str, Any]], step: int) -> None:
+        model = self._model
+        assert model is not None
+        try:
+            n = batch_size_of(inputs)
+        except TypeError:
+            return
+        h = n // 2
+        if h < 1:
+            return
+        args, kwargs = inputs
+        # the Trainer's total token count would make each half's loss a share of the whole batch's
+        kwargs = {k: v for k, v in kwargs.items() if k != "num_items_in_batch"}
+        grads = []
+        buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+        self._measuring = True
+        try:
+            with torch.random.fork_rng(devices=[p.device for p in self._params[:1] if p.device.type == "cuda"]):
+                for lo, hi in ((0, h), (h, 2 * h)):
+                    part_args, part_kwargs = _split(args, n, lo, hi), _split(kwargs, n, lo, hi)
+                    with torch.enable_grad():
+                        loss = _loss_of(model(*part_args, **part_kwargs))
+                        if loss is None:
+                            return  # no loss in the output (labels handled outside the model): nothing to measure
+                        grads.append(torch.autograd.grad(loss, self._params, allow_unused=True))
+        finally:
+            self._measuring = False
+            with torch.no_grad():
+                for k, v in model.named_buffers():
+                    v.copy_(buffers[k])
+        g1, g2 = ([torch.zeros_like(p) if g is None else g for g, p in zip(gs, self._params)] for gs in grads)
+        small = 0.5 * (sum(_sqnorm(a) for a in g1) + sum(_sqnorm(b) for b in g2))
+        big = sum(_sqnorm(0.5 * (a + b)) for a, b in zip(g1, g2))
+        self.tracker.update(small, big, h, 2 * h, step=step)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if self.tracker.updates == 0 or logs is None or "loss" not in logs:
+            return
+        logs[self.name] = self.tracker.b_simple
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1][self.name] = self.tracker.b_simple
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._remove_hooks()
+        self._reset_window()
+        self._inputs = None
+
+    def _remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+# ------------------------------------------------------------------ suggest on a Trainer
+_OPTIMIZERS = {"sgd": "sgd", "adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw",
+               "adamw_torch_xla": "adamw", "adamw_apex_fused": "adamw", "adafactor": "adamw"}
+
+
+def _model_factory(model: nn.Module) -> Any:
+    """A zero-argument factory of fresh, randomly initialized copies of ``model`` (from its config)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"the Trainer's model ({type(model).__name__}) has no .config: pass model_init= "
+                        "(a zero-argument factory) to suggest_for_trainer")
+    cls, cfg = type(model), copy.deepcopy(config)
+
+    def make() -> nn.Module:
+        return cls(copy.deepcopy(cfg))
+
+    make.__qualname__ = f"{cls.__qualname__}.from_config"
+    return make
+
+
+class _ColumnCollator:
+    """The Trainer's data collator, fed only the columns the model's forward takes (what the Trainer
+    does with ``remove_unused_columns``)."""
+
+    def __init__(self, collator: Any, keep: set[str] | None) -> None:
+        self.collator, self.keep = collator, keep
+
+    def __call__(self, features: list[Any]) -> Any:
+        if self.keep is not None and features and isinstance(features[0], Mapping):
+            features = [{k: v for k, v in f.items() if k in self.keep} for f in features]
+        return self.collator(features)
+
+
+def task_from_trainer(trainer: Any, *, model_init: Any = None, name: str | None = None, metric: Any = "loss",
+                      higher_is_better: bool | None = None) -> Task:
+    """A :class:`batchlab.Task` from a ``transformers.Trainer``: a fresh model from the Trainer's
+    model config (or ``model_init`` / the Trainer's own ``model_init``), its train and eval datasets,
+    data collator and training arguments (optimizer, learning rate, batch, epochs)."""
+    args = trainer.args
+    if trainer.train_dataset is None:
+        raise ValueError("suggest_for_trainer: the Trainer has no train_dataset")
+    val = trainer.eval_dataset
+    if isinstance(val, Mapping):
+        val = next(iter(val.values()), None)
+    if val is None:
+        raise ValueError("suggest_for_trainer: the Trainer has no eval_dataset; batchlab's suggestion checks "
+                         "generalization on it (pass eval_dataset= to the Trainer)")
+    model = trainer.model
+    factory = model_init or getattr(trainer, "model_init", None) or _model_factory(model)
+    keep = None
+    if getattr(args, "remove_unused_columns", True):
+        keep = set(inspect.signature(model.forward).parameters) | {"label", "label_ids", "labels"}
+        keep |= set(getattr(args, "label_names", None) or [])
+    optim = str(getattr(args.optim, "value", args.optim))
+    world = max(1, int(getattr(args, "world_size", 1)))
+    batch = int(args.per_device_train_batch_size) * int(args.gradient_accumulation_steps) * world
+    n = len(trainer.train_dataset)
+    epochs = float(args.num_train_epochs) if args.max_steps is None or args.max_steps <= 0 \
+        else max(args.max_steps * batch / max(n, 1), 1e-6)
+    return Task.from_torch(
+        name=name or f"hf-{type(model).__name__}", model=factory, train=trainer.train_dataset, val=val,
+        collate_fn=_ColumnCollator(trainer.data_collator, keep), metric=metric, higher_is_better=higher_is_better,
+        optimizer=_OPTIMIZERS.get(optim, "adamw"), lr=float(args.learning_rate), batch_size=batch, epochs=epochs,
+        num_workers=int(getattr(args, "dataloader_num_workers", 0) or 0),
+    )
+
+
+@dataclass
+class TrainerSuggestion:
+    """The settings to give a Trainer, and batchlab's full :class:`~batchlab.batchsize.Suggestion`."""
+
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    learning_rate: float
+    suggestion: Any
+
+    def apply(self, trainer: Any) -> None:
+        """Set them on ``trainer.args`` (and the Trainer's own copy of the batch size)."""
+        args = trainer.args
+        args.per_device_train_batch_size = self.per_device_train_batch_size
+        args.gradient_accumulation_steps = self.gradient_accumulation_steps
+        args.learning_rate = self.learning_rate
+        if hasattr(trainer, "_train_batch_size"):
+            trainer._train_batch_size = args.train_batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"per_device_train_batch_size": self.per_device_train_batch_size,
+                "gradient_accumulation_steps": self.gradient_accumulation_steps,
+                "learning_rate": self.learning_rate}
+
+
+def suggest_for_trainer(trainer: Any, *, device: str | None = None, quick: bool = False, store: Any = None,
+                        progress: bool = False, apply: bool = False, model_init: Any = None, metric: Any = "loss",
+                        higher_is_better: bool | None = None, **suggest_kwargs: Any) -> TrainerSuggestion:
+    """Run :func:`batchlab.batchsize.suggest` on a Trainer's model and data; return the settings.
+
+    Args:
+        trainer: a ``transformers.Trainer`` with ``train_dataset`` and ``eval_dataset``.
+        device: where to measure (default: the Trainer's device type, "cpu" or "cuda").
+        quick, store, progress: passed to ``suggest``; further keyword arguments too.
+        apply: also set the values on the Trainer (:meth:`TrainerSuggestion.apply`).
+        model_init: a zero-argument factory of fresh models (default: ``type(model)(model.config)``).
+        metric, higher_is_better: what the generalization check compares ("loss": the eval loss).
+
+    Returns:
+        A :class:`TrainerSuggestion`; raises ``RuntimeError`` when ``suggest`` recommends nothing.
+    """
+    from batchlab.batchsize import suggest
+
+    task = task_from_trainer(trainer, model_init=model_init, metric=metric, higher_is_better=higher_is_better)
+    dev = device or trainer.args.device.type
+    s = suggest(task, device=dev, quick=quick, store=store, progress=progress, **suggest_kwargs)
+    if s.batch_size is None or s.micro_batch is None or s.lr is None or not math.isfinite(s.lr):
+        raise RuntimeError(f"suggest_for_trainer: batchlab could not recommend a batch size for {task.name} "
+                           f"(status {s.status!r}): " + "; ".join(s.rationale))
+    out = TrainerSuggestion(per_device_train_batch_size=int(s.micro_batch), gradient_accumulation_steps=int(s.accumulation),
+                            learning_rate=float(s.lr), suggestion=s)
+    if apply:
+        out.apply(trainer)
+    return out

@@ -1,0 +1,168 @@
+"""Hugging Face Trainer integration with a tiny randomly initialized BERT (no download)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+transformers = pytest.importorskip("transformers", reason="the 'hf' extra is not installed (pip install 'batchlab[hf]')")
+pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate (the 'hf' extra)")
+
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments  # noqa: E402
+
+from batchlab.batchsize.noise import unbiased_norms  # noqa: E402
+from batchlab.integrations.huggingface import (  # noqa: E402
+    GradientNoiseScaleCallback,
+    suggest_for_trainer,
+    task_from_trainer,
+)
+
+MICRO = 8
+
+
+def _config() -> BertConfig:
+    return BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                      max_position_embeddings=64, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+class Tokens(torch.utils.data.Dataset):
+    """Variable-length token lists with a label and a text column the model does not take."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        for _ in range(n):
+            ids = torch.randint(2, 100, (int(torch.randint(4, 24, (1,), generator=g)),), generator=g)
+            self.items.append({"input_ids": ids.tolist(), "label": int(ids.float().mean() > 50), "text": "raw"})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+def pad_collate(features: list[dict]) -> dict:
+    if any("text" in f for f in features):
+        raise TypeError("a string column reached the collator")
+    n = max(len(f["input_ids"]) for f in features)
+    ids = torch.zeros(len(features), n, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, f in enumerate(features):
+        ids[i, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
+        mask[i, : len(f["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([f["label"] for f in features])}
+
+
+def _trainer(tmp_path, k: int, steps: int, lr: float = 0.0, callbacks=(), **kw) -> Trainer:
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(_config())
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=MICRO, gradient_accumulation_steps=k,
+        max_steps=steps, learning_rate=lr, weight_decay=0.0, report_to=[], use_cpu=True, logging_steps=1,
+        save_strategy="no", disable_tqdm=True, seed=0, dataloader_drop_last=True, **kw)
+    return Trainer(model=model, args=args, train_dataset=Tokens(96, 1), eval_dataset=Tokens(32, 2),
+                   data_collator=pad_collate, callbacks=list(callbacks))
+
+
+class _Record:
+    """Records every training batch the model sees (an independent witness for the reference)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.batches: list[dict] = []
+        model.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs):
+        if module.training and torch.is_grad_enabled():
+            self.batches.append({k: v.clone() for k, v in kwargs.items() if torch.is_tensor(v) and v.dim() > 0})
+
+
+def _flat_grad(model, batch) -> torch.Tensor:
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(model(**batch).loss, params, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]).double()
+
+
+def test_noise_scale_from_micro_batches_before_clipping(tmp_path) -> None:
+    k, steps = 4, 3
+    cb = GradientNoiseScaleCallback(beta=0.5)
+    # lr=0 keeps the parameters put; max_grad_norm=1e-3 clips hard: reading clipped gradients would be wrong
+    trainer = _trainer(tmp_path, k, steps, callbacks=[cb], max_grad_norm=1e-3)
+    rec = _Record(trainer.model)
+    trainer.train()
+    assert cb.mode == "accumulation" and cb.tracker.updates == steps
+    ref = BertForSequenceClassification(_config())
+    ref.load_state_dict(trainer.model.state_dict())
+    ref.train()
+    assert len(rec.batches) == steps * k
+    for s, point in enumerate(cb.tracker.history):
+        micro = [_flat_grad(ref, rec.batches[s * k + i]) for i in range(k)]
+        small = float(torch.stack([m.square().sum() for m in micro]).mean())
+        big = float(torch.stack(micro).mean(0).square().sum())
+        g2, trs = unbiased_norms(small, big, MICRO, MICRO * k)
+        assert point.g2 == pytest.approx(g2, rel=1e-4), f"step {s}: |G|^2 {point.g2} vs {g2}"
+        assert point.tr_sigma == pytest.approx(trs, rel=1e-4), f"step {s}: tr(Sigma) {point.tr_sigma} vs {trs}"
+    logged = [row["b_simple"] for row in trainer.state.log_history if "b_simple" in row]
+    assert logged == pytest.approx([p.b_simple for p in cb.tracker.history], nan_ok=True)
+
+
+def test_noise_scale_by_splitting_without_accumulation(tmp_path) -> None:
+    steps = 3
+    cb = GradientNoiseScaleCallback(beta=0.5)
+    trainer = _trainer(tmp_path, 1, steps, lr=1e-3, callbacks=[cb])
+    rec = _Record(trainer.model)
+    # the parameters at each step, to recompute the halves' gradients independently
+    snaps = []
+    trainer.add_callback(type("Snap", (transformers.TrainerCallback,), {
+        "on_step_begin": lambda self, args, state, control, model=None, **kw: snaps.append(
+            {k: v.detach().clone() for k, v in model.state_dict().items()})})())
+    trainer.train()
+    assert cb.mode == "split" and cb.tracker.updates == steps
+    for s, point in enumerate(cb.tracker.history):
+        ref = BertForSequenceClassification(_config())
+        ref.load_state_dict(snaps[s])
+        ref.train()
+        batch = [b for b in rec.batches if b["input_ids"].shape[0] == MICRO][s]  # not the callback's halves
+        h = MICRO // 2
+        g1 = _flat_grad(ref, {k: v[:h] for k, v in batch.items()})
+        g2_ = _flat_grad(ref, {k: v[h:] for k, v in batch.items()})
+        small = 0.5 * float(g1.square().sum() + g2_.square().sum())
+        big = float((0.5 * (g1 + g2_)).square().sum())
+        g2, trs = unbiased_norms(small, big, h, MICRO)
+        assert point.g2 == pytest.approx(g2, rel=1e-4, abs=1e-9) and point.tr_sigma == pytest.approx(trs, rel=1e-4)
+    # the extra forward/backward changed nothing in training: same parameters as a run without the callback
+    plain = _trainer(tmp_path, 1, steps, lr=1e-3)
+    plain.train()
+    for (name, a), b in zip(trainer.model.state_dict().items(), plain.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_task_from_trainer_and_suggest(tmp_path) -> None:
+    trainer = _trainer(tmp_path, 2, -1, lr=5e-4, num_train_epochs=30)  # the budget: 30 epochs of 96 examples
+    task = task_from_trainer(trainer)
+    model = task.make_model()
+    assert type(model) is BertForSequenceClassification and model is not trainer.model
+    assert model.config.hidden_size == 32 and task.optimizer == "adamw" and task.lr == 5e-4
+    assert task.batch_size == MICRO * 2 and task.metric_name == "loss" and task.epochs == 30
+    batch = task.sample_batch(5)  # the "text" column is dropped before the Trainer's collator, as the Trainer does
+    assert set(batch) == {"input_ids", "attention_mask", "labels"} and batch["input_ids"].shape[0] == 5
+    s = suggest_for_trainer(trainer, quick=True, store=tmp_path / "store", apply=True)
+    assert s.per_device_train_batch_size >= 1 and s.gradient_accumulation_steps >= 1 and s.learning_rate > 0
+    assert trainer.args.per_device_train_batch_size == s.per_device_train_batch_size
+    assert trainer.args.gradient_accumulation_steps == s.gradient_accumulation_steps
+    assert trainer.args.learning_rate == s.learning_rate
+    assert s.suggestion.batch_size == s.per_device_train_batch_size * s.gradient_accumulation_steps
+    print("suggest_for_trainer:", s.to_dict(), f"{s.suggestion.wall_time:.1f} s")
+
+
+def test_errors(tmp_path) -> None:
+    trainer = _trainer(tmp_path, 1, 1)
+    trainer.eval_dataset = None
+    with pytest.raises(ValueError, match="the Trainer has no eval_dataset"):
+        task_from_trainer(trainer)
+    with pytest.raises(ValueError, match="beta must be in"):
+        GradientNoiseScaleCallback(beta=1.5)

@@ -185,6 +185,16 @@ def test_reproduce_report_shows_rule_before_numbers_and_renders(tmp_path: Path):
     assert page.index("Decision rule") < page.index("Validity check") < page.index("The numbers behind the verdict")
     md = (tmp_path / "verdicts.md").read_text()  # the run's table, generated
     assert "| C04 | `feature_scale` | **supported** | passed |" in md and "--quick configuration, 1 seeds" in md
+    # the command line regenerates a marked block of a document from the same run (every trial loads from the store)
+    from batchlab.cli import main
+
+    doc = tmp_path / "doc.md"
+    doc.write_text("# doc\n<!-- reproduce:quick:begin -->\nstale\n<!-- reproduce:quick:end -->\n")
+    assert main(["reproduce", "--only", "C04", "--quick", "--seeds", "1", "--out", str(tmp_path), "--quiet",
+                 "--markdown", str(doc), "--markdown-block", "quick"]) == 0
+    assert "stale" not in doc.read_text() and "| C04 | `feature_scale` | **supported** |" in doc.read_text()
+    assert main(["reproduce", "--only", "C04", "--out", str(tmp_path), "--markdown", str(doc),
+                 "--markdown-block", "full"]) == 2  # no such block: refused before anything runs
     if CHROMIUM is None and not os.environ.get("BATCHLAB_REQUIRE_BROWSER"):
         pytest.skip("no chromium binary on PATH (CI installs it)")
     images, broken = render_probe(tmp_path / "index.html", tmp_path)

@@ -19,6 +19,11 @@ def register(sub: Any) -> None:
     p.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--markdown", default=None, metavar="FILE",
+                   help="also write the run's verdict table as Markdown to FILE (every run writes OUT/verdicts.md)")
+    p.add_argument("--markdown-block", default=None, metavar="NAME",
+                   help="with --markdown: replace only the <!-- reproduce:NAME:begin/end --> block of FILE "
+                   "(how docs/reproduce.md keeps its generated tables)")
     from batchlab.distributed.ray_backend import add_backend_args
 
     add_backend_args(p)
@@ -44,6 +49,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from e
     if args.device != "cpu" and not args.device.startswith("cuda"):
         raise CliError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if args.markdown_block is not None and args.markdown is None:
+        raise CliError("--markdown-block needs --markdown FILE")
+    if args.markdown_block is not None:
+        from batchlab.experiments.report import has_block
+
+        if not has_block(args.markdown, args.markdown_block):
+            raise CliError(f"--markdown {args.markdown!r} has no <!-- reproduce:{args.markdown_block}:begin/end --> block")
     prepare_out(args.out)
     from batchlab.distributed.ray_backend import backend_from_args
 
@@ -54,4 +66,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     outcomes = reproduce(only=only, quick=args.quick, out=args.out, seeds=args.seeds, device=args.device,
                          progress=not args.quiet, backend=backend)
     print_summary(outcomes, Path(args.out))
+    if args.markdown is not None:
+        from batchlab.experiments.report import write_markdown
+
+        print(f"verdict table: {write_markdown(args.out, args.markdown, args.markdown_block)}")
     return 0 if all(o.status == "ok" for o in outcomes) else 1

@@ -168,6 +168,15 @@ def markdown_table(out: str | Path) -> str:
     return head + "\n\n" + "\n".join(table) + "\n"
 
 
+def has_block(file: str | Path, block: str) -> bool:
+    """Whether ``file`` exists and holds the ``<!-- reproduce:BLOCK:begin/end -->`` markers."""
+    file = Path(file)
+    if not file.is_file():
+        return False
+    text = file.read_text()
+    return f"<!-- reproduce:{block}:begin -->" in text and f"<!-- reproduce:{block}:end -->" in text
+
+
 def write_markdown(out: str | Path, file: str | Path, block: str | None = None) -> Path:
     """Write :func:`markdown_table` to ``file``; with ``block``, replace only the text between the lines
     ``<!-- reproduce:BLOCK:begin -->`` and ``<!-- reproduce:BLOCK:end -->`` of an existing file (how
@@ -178,9 +187,9 @@ def write_markdown(out: str | Path, file: str | Path, block: str | None = None) 
         atomic_write(file, table)
         return file
     begin, end = f"<!-- reproduce:{block}:begin -->", f"<!-- reproduce:{block}:end -->"
-    text = file.read_text()
-    if begin not in text or end not in text:
+    if not has_block(file, block):
         raise ValueError(f"{file} has no block {begin} ... {end}")
+    text = file.read_text()
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     atomic_write(file, f"{head}{begin}\n{table}{end}{tail}")

@@ -7,16 +7,16 @@ sees ``batch_size * world_size * accumulation`` examples (the *global* batch).
 How it reuses :func:`batchlab.train.fit` instead of a second training loop:
 
 - **Sampling.** Every rank runs ``fit`` on the *global* micro-batch size with the same seed, so
-  every rank draws the same per-epoch permutation and the same global batch of indices. A thin
-  module (``_RankShard``) in front of the model keeps only this rank's contiguous slice of that
-  batch (:func:`shard_bounds`), and the task's loss is wrapped to slice the targets the same way.
-  The union of the rank slices is therefore exactly the batch one process would take, budgets
-  (epochs, examples) and schedules count global examples, and ``batch_growth`` just works.
-- **Loss.** The wrapped loss is ``mean over the local slice * n_local * world / n_global``: the
+  every rank plans the same per-epoch permutation and the same global batch of indices; ``fit``'s
+  ``shard`` argument then makes each rank *fetch* only its contiguous slice of those indices
+  (:func:`shard_bounds`): a DataLoader-backed task loads and augments only this rank's examples.
+  The union of the rank slices is exactly the batch one process would take, budgets (epochs,
+  examples) and schedules count global examples, and ``batch_growth`` just works. Any task works
+  (pairs, dict batches, outputs carrying their loss): nothing is sliced after loading.
+- **Loss.** Each rank back-propagates ``mean over its slice * n_local * world / n_global``: the
   average of these gradients over ranks is the gradient of the global mean loss, even when the
-  slices differ in size (the short last batch of an epoch). Its *value* is the all-reduced global
-  mean loss (a detached correction), so every rank sees the same loss and takes the same
-  divergence decision, and the history logs the global batch loss.
+  slices differ in size (the short last batch of an epoch). The logged loss is the all-reduced
+  global mean, so every rank sees the same value and takes the same divergence decision.
 - **Gradients.** The model is wrapped in ``DistributedDataParallel`` (which broadcasts rank 0's
   parameters and buffers at construction) but its forward always runs under ``no_sync()``;
   gradients are all-reduced once per optimizer step in the ``on_before_step`` hook. Reason:
@@ -42,11 +42,10 @@ re-seeded with ``seed + rank``), so a model with dropout matches one process onl
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import inspect
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,39 +134,36 @@ def sync_batchnorm(model: nn.Module, device: torch.device, process_group: Any = 
 
 
 class _RankShard(nn.Module):
-    """Runs the wrapped (DDP) model on this rank's slice of the global batch while training.
+    """The (DDP) model, run under ``no_sync()`` while training: gradients are all-reduced once per
+    optimizer step by :class:`_GradSync`, not by DDP after every micro-batch. In eval mode it is
+    transparent (every rank evaluates the full data)."""
 
-    In eval mode it is transparent (every rank evaluates the full data)."""
-
-    def __init__(self, ddp: nn.Module, rank: int, world_size: int) -> None:
+    def __init__(self, ddp: nn.Module) -> None:
         super().__init__()
         self.module = ddp
-        self.rank, self.world_size = rank, world_size
-        self.bounds: tuple[int, int, int] | None = None  # (lo, hi, global n) of the last training forward
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not self.training:
-            return self.module(x)
-        n = x.shape[0]
-        lo, hi = shard_bounds(n, self.rank, self.world_size)
-        self.bounds = (lo, hi, n)
-        with self.module.no_sync():  # gradients are all-reduced once per step by _GradSync
-            return self.module(x[lo:hi])
+            return self.module(*args, **kwargs)
+        with self.module.no_sync():
+            return self.module(*args, **kwargs)
 
 
-def _sharded_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shard: _RankShard) -> Callable[..., torch.Tensor]:
-    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if not shard.training or shard.bounds is None or y.shape[0] != shard.bounds[2]:
-            return loss_fn(logits, y)  # evaluation: the full data on every rank
-        lo, hi, n = shard.bounds
-        y = y[lo:hi]
-        local = loss_fn(logits, y) if hi > lo else logits.sum() * 0.0  # an empty slice: zero gradient
-        weighted = local * ((hi - lo) * shard.world_size / n)
-        total = (local.detach().double() * ((hi - lo) / n)).reshape(1)
+@dataclass(frozen=True)
+class _Shard:
+    """This rank's share of every batch, as :func:`batchlab.train.fit`'s ``shard`` argument."""
+
+    rank: int
+    world_size: int
+
+    def bounds(self, n: int) -> tuple[int, int]:
+        return shard_bounds(n, self.rank, self.world_size)
+
+    def global_mean(self, local_mean: float, n_local: int, n: int) -> float:
+        """The mean over all ranks' slices of a batch of ``n`` from each rank's mean over its ``n_local``."""
+        total = torch.tensor([local_mean * n_local / n], dtype=torch.float64)
         dist.all_reduce(total)
-        return weighted + (total.to(weighted.dtype).reshape(()) - weighted.detach())
-
-    return loss
+        return float(total)
 
 
 class _GradSync(Callback):
@@ -322,7 +318,7 @@ def fit_ddp(
         ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None, **_no_forward_buffer_sync(),
         )
-        shard = _RankShard(ddp, env.rank, world)
+        shard = _RankShard(ddp)
         params = [p for p in model.parameters() if p.requires_grad]
         tracker = None
         if gns and world > 1:
@@ -330,10 +326,9 @@ def fit_ddp(
 
             tracker = GradientNoiseScale(beta=gns_beta)
         sync = _GradSync(params, world, env.rank, config.grad_clip, tracker)
-        inner_task = dataclasses.replace(task, loss=_sharded_loss(task.loss, shard))
         inner_cfg = config.replace(batch_size=global_micro, lr=lr, grad_clip=None, device=str(device))
         result = fit(
-            inner_task, inner_cfg, model=shard, callbacks=[sync, *callbacks],
+            task, inner_cfg, model=shard, callbacks=[sync, *callbacks], shard=_Shard(env.rank, world),
             progress=progress and env.is_main, raise_errors=raise_errors,
         )
     finally:

@@ -240,8 +240,9 @@ class _Batches:
     """Pairs each planned step with its fetched micro-batches (in-memory: fetched on demand;
     DataLoader: streamed, the loader consuming the plan ahead of the loop)."""
 
-    def __init__(self, source: Source, plans: Iterator[_StepPlan], device: torch.device, non_blocking: bool) -> None:
-        self.device, self.non_blocking = device, non_blocking
+    def __init__(self, source: Source, plans: Iterator[_StepPlan], device: torch.device, non_blocking: bool,
+                 shard: Any = None) -> None:
+        self.device, self.non_blocking, self.shard = device, non_blocking, shard
         self.pending: collections.deque[_StepPlan] = collections.deque()
         self.plans = plans
         self.direct = isinstance(source, ArraySource)
@@ -249,24 +250,39 @@ class _Batches:
         if not self.direct:
             self.stream = source.stream(self._indices())
 
+    def _local(self, idx: torch.Tensor) -> torch.Tensor:
+        """This process's share of a micro-batch's indices (all of them without a shard)."""
+        if self.shard is None:
+            return idx
+        lo, hi = self.shard.bounds(int(idx.shape[0]))
+        return idx[lo:hi]
+
     def _indices(self) -> Iterator[torch.Tensor]:
         for plan in self.plans:
             self.pending.append(plan)
-            yield from plan.micro
+            yield from (local for local in map(self._local, plan.micro) if local.numel())
 
     def __iter__(self) -> Iterator[tuple[_StepPlan, list[Any]]]:
+        """Each step's plan and its micro-batches (None for a micro-batch whose share here is empty)."""
         if self.direct:
             for plan in self.plans:
-                yield plan, [self.source.fetch(idx) for idx in plan.micro]
+                yield plan, [self.source.fetch(local) if local.numel() else None for local in map(self._local, plan.micro)]
             return
+        fetched: collections.deque[Any] = collections.deque()  # loaded ahead of the step they belong to
         while True:
-            try:
-                first = next(self.stream)
-            except StopIteration:
-                return
+            if not self.pending:  # pulling one batch makes the loader plan (at least) the next step
+                try:
+                    fetched.append(next(self.stream))
+                except StopIteration:
+                    return
             plan = self.pending.popleft()
-            batches = [first] + [next(self.stream) for _ in plan.micro[1:]]
-            yield plan, [move_to_device(b, self.device, self.non_blocking) for b in batches]
+            batches: list[Any] = []
+            for idx in plan.micro:
+                if not self._local(idx).numel():
+                    batches.append(None)
+                else:
+                    batches.append(fetched.popleft() if fetched else next(self.stream))
+            yield plan, [None if b is None else move_to_device(b, self.device, self.non_blocking) for b in batches]
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -287,6 +303,7 @@ def fit(
     callbacks: Sequence[Callback] = (),
     progress: bool = False,
     raise_errors: bool = True,
+    shard: Any = None,
 ) -> RunResult:
     """Train ``task``'s model with ``config`` and return its history.
 
@@ -299,6 +316,10 @@ def fit(
         raise_errors: re-raise errors other than divergence and OOM; when False they end the run
             with status ``"failed"`` and the traceback in ``error``. Problems with the task itself
             (found by :meth:`Task.check` before training) always raise :class:`TaskError`.
+        shard: data-parallel training (see :mod:`batchlab.distributed.ddp`): an object with
+            ``world_size``, ``bounds(n) -> (lo, hi)`` (this process's slice of a micro-batch of
+            ``n`` planned examples; only those are loaded) and ``global_mean(local, n_local, n)``
+            (the mean loss over all processes). None: this process takes whole batches.
 
     Returns:
         A :class:`RunResult`; ``status`` is ``"ok"``, ``"diverged"``, ``"oom"`` or ``"failed"``.
@@ -320,7 +341,7 @@ def fit(
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(cfg.seed)
-        return _fit(task, cfg, device, model, list(callbacks), progress, raise_errors)
+        return _fit(task, cfg, device, model, list(callbacks), progress, raise_errors, shard)
 
 
 def _fit(
@@ -331,6 +352,7 @@ def _fit(
     callbacks: list[Callback],
     progress: bool,
     raise_errors: bool,
+    shard: Any = None,
 ) -> RunResult:
     t_start = time.perf_counter()
     opt_name = cfg.optimizer or task.optimizer
@@ -421,7 +443,7 @@ def _fit(
         cb.on_train_begin(ctx)
     if isinstance(train_src, LoaderSource):
         train_src.seed = cfg.seed  # the DataLoader's worker seeds follow the run's seed
-    batches = _Batches(train_src, _plan_steps(cfg, sampler, total_examples), device, non_blocking)
+    batches = _Batches(train_src, _plan_steps(cfg, sampler, total_examples), device, non_blocking, shard)
     try:
         if cfg.eval_every:
             record()
@@ -454,12 +476,24 @@ def _fit(
             else:
                 step_loss = 0.0
                 for i, (idx, batch) in enumerate(zip(plan.micro, micro)):
-                    with autocast:
-                        loss = task.loss_of(task.forward_batch(model, batch), batch)
-                    weight = idx.shape[0] / step_n
-                    scaled = loss if weight == 1.0 else loss * weight
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                    step_loss += loss.item() * weight
+                    n_micro = int(idx.shape[0])
+                    weight = n_micro / step_n
+                    if shard is None:
+                        with autocast:
+                            loss = task.loss_of(task.forward_batch(model, batch), batch)
+                        scaled = loss if weight == 1.0 else loss * weight
+                        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                        step_loss += loss.item() * weight
+                    else:  # this rank's slice: its gradient share of the global mean, its loss all-reduced
+                        lo, hi = shard.bounds(n_micro)
+                        local = 0.0
+                        if batch is not None:
+                            with autocast:
+                                loss = task.loss_of(task.forward_batch(model, batch), batch)
+                            scaled = loss * (weight * (hi - lo) * shard.world_size / n_micro)
+                            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                            local = loss.item()
+                        step_loss += shard.global_mean(local, hi - lo, n_micro) * weight
                     if callbacks:
                         ctx.micro_batch, ctx.micro_batch_size = i, int(idx.shape[0])
                         for cb in callbacks:

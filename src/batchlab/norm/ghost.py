@@ -137,9 +137,11 @@ def ghost_batch_norm(
                 "impl='fused' needs both running buffers or neither, contiguous (C,) tensors of the input's dtype"
             )
         return _GhostFusedFn.apply(x, weight, bias, running_mean, running_var, momentum, k0, virtual_batch_size, eps)
-    if x.dim() > 2 and x.is_contiguous():
+    if x.dim() > 2 and _layout(x) is not None:
         # Write each virtual batch's output (and, backward, input gradient) straight into one
         # tensor: no concatenation copies, so the cost is torch's BatchNorm plus per-call overhead.
+        # In channels_last too: the batch dimension is outermost there as well, so each virtual
+        # batch is a dense slice.
         moms = tuple(momentum if momentum is not None else 1.0 / (k0 + i + 1) for i in range(len(sizes)))
         return _GhostNativeFn.apply(x, weight, bias, running_mean, running_var, tuple(sizes), moms, eps)
     outs = []
@@ -147,6 +149,18 @@ def ghost_batch_norm(
         m = momentum if momentum is not None else 1.0 / (k0 + i + 1)
         outs.append(F.batch_norm(chunk, running_mean, running_var, weight, bias, True, m, eps))
     return torch.cat(outs)
+
+
+def _layout(x: Tensor) -> torch.memory_format | None:
+    """The dense layout of ``x`` whose batch slices are dense too: contiguous or channels_last
+    (2-D or 3-D images), else None."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return None
 
 
 def _ghost_traceable(
@@ -276,7 +290,7 @@ class _GhostNativeFn(torch.autograd.Function):
         x, weight, bias, save_mean, save_invstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiable gradients
             return (*_regrad(x, weight, bias, gy, list(ctx.sizes), ctx.eps, ctx.needs_input_grad[:3]), None, None, None, None, None)
-        gy = gy.contiguous()
+        gy = gy.contiguous(memory_format=_layout(x) or torch.contiguous_format)
         c = x.shape[1]
         want_w = weight is not None and ctx.needs_input_grad[1]
         want_b = ctx.has_bias and ctx.needs_input_grad[2]

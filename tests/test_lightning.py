@@ -1,4 +1,4 @@
-"""GradientNoiseScaleCallback with a tiny LightningModule on CPU (skipped without the extra)."""
+"""GradientNoiseScaleCallback and BatchSizeTuner with a tiny LightningModule on CPU (skipped without the extra)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from batchlab.batchsize.noise import unbiased_norms  # noqa: E402
-from batchlab.integrations.lightning import GradientNoiseScaleCallback, default_batch_size  # noqa: E402
+from batchlab.integrations.lightning import BatchSizeTuner, GradientNoiseScaleCallback, default_batch_size  # noqa: E402
 
 MICRO, K = 8, 4
 
@@ -97,11 +97,129 @@ def test_training_run_skips_short_windows(tmp_path: Path) -> None:
     assert cb.tracker.updates == 6  # steps 0-2 and 4-6 are full windows; steps 3 and 7 are short tails
 
 
-def test_needs_accumulation(tmp_path: Path) -> None:
-    trainer = _trainer(tmp_path, steps=1, k=1)
-    trainer.callbacks.append(GradientNoiseScaleCallback())
-    with pytest.raises(ValueError, match="accumulate_grad_batches=1"):
-        trainer.fit(Tiny(lr=0.1), DataLoader(_data(64), batch_size=MICRO))
+def _halves_reference(module_state: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    ref = Tiny(lr=0.0)
+    ref.load_state_dict(module_state)
+    h = x.shape[0] // 2
+    gs = []
+    for lo, hi in ((0, h), (h, 2 * h)):
+        grads = torch.autograd.grad(torch.nn.functional.cross_entropy(ref(x[lo:hi]), y[lo:hi]), list(ref.parameters()))
+        gs.append(torch.cat([g.reshape(-1) for g in grads]).double())
+    small = float((gs[0].square().sum() + gs[1].square().sum()) / 2)
+    big = float(((gs[0] + gs[1]) / 2).square().sum())
+    return unbiased_norms(small, big, h, 2 * h)
+
+
+def test_no_accumulation_splits_the_batch(tmp_path: Path) -> None:
+    data = _data()
+    steps = 4
+    cb = GradientNoiseScaleCallback(beta=0.5)
+    module = Tiny(lr=0.0)
+    trainer = _trainer(tmp_path, steps, k=1)
+    trainer.callbacks.append(cb)
+    trainer.fit(module, DataLoader(data, batch_size=MICRO, shuffle=False))
+    assert cb.tracker.updates == steps and cb.modes == {"accumulation": 0, "split": steps}
+    for s, point in enumerate(cb.tracker.history):
+        x, y = data.tensors[0][s * MICRO:(s + 1) * MICRO], data.tensors[1][s * MICRO:(s + 1) * MICRO]
+        g2, trs = _halves_reference(module.state_dict(), x, y)
+        assert point.g2 == pytest.approx(g2, rel=1e-5, abs=1e-9) and point.tr_sigma == pytest.approx(trs, rel=1e-5)
+    rows = list(csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")))
+    assert len([r for r in rows if r.get("b_simple")]) == steps
+    # the extra forward/backward changes nothing in training: same parameters as without the callback
+    trained, plain = Tiny(lr=0.1), Tiny(lr=0.1)
+    t1 = _trainer(tmp_path, steps, k=1)
+    t1.callbacks.append(GradientNoiseScaleCallback())
+    t1.fit(trained, DataLoader(data, batch_size=MICRO, shuffle=False))
+    _trainer(tmp_path, steps, k=1).fit(plain, DataLoader(data, batch_size=MICRO, shuffle=False))
+    for (name, a), b in zip(trained.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_with_an_accumulation_scheduler(tmp_path: Path) -> None:
+    """k = 1 in epoch 0 (split), k = 2 from epoch 1 (micro-batch gradients)."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    cb = GradientNoiseScaleCallback(beta=0.9)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False, deterministic=True,
+                         callbacks=[GradientAccumulationScheduler({0: 1, 1: 2}), cb])
+    trainer.fit(Tiny(lr=0.1), DataLoader(_data(64), batch_size=MICRO))  # 8 batches per epoch
+    assert trainer.global_step == 8 + 4
+    assert cb.modes == {"split": 8, "accumulation": 4} and cb.tracker.updates == 12
+
+
+# ------------------------------------------------------------------ the tuner
+class TinyDM(pl.LightningDataModule):
+    def __init__(self, n: int, batch_size: int = 4) -> None:
+        super().__init__()
+        self.data, self.batch_size = _data(n), batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=self.batch_size)
+
+
+class Seen(pl.Callback):
+    """The module's state when training starts and every training batch size."""
+
+    def __init__(self) -> None:
+        self.state: dict | None = None
+        self.sizes: list[int] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.sizes.append(batch[0].shape[0])
+
+
+def _tune(tmp_path: Path, tuner: BatchSizeTuner, n: int = 256, steps: int = 2, **kw):
+    module, dm, seen = Tiny(lr=0.1), TinyDM(n), Seen()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False, callbacks=[tuner, seen], **kw)
+    trainer.fit(module, datamodule=dm)
+    return module, dm, seen, before, trainer
+
+
+def test_tuner_memory_mode_sets_batch_and_lr_and_restores_the_module(tmp_path: Path) -> None:
+    free = BatchSizeTuner(memory_limit=2**40)
+    module, dm, seen, before, _ = _tune(tmp_path, free, n=100)
+    assert free.result["batch_size"] == 100 and free.result["measured"]["capped_by"] == "data"  # never past the data
+    m = free.result["measured"]
+    limit = int((m["fixed_bytes"] + m["per_sample_bytes"] * 40) / 0.9)  # room for ~40 within the 10% margin
+    tuner = BatchSizeTuner(memory_limit=limit)
+    module, dm, seen, before, trainer = _tune(tmp_path, tuner)
+    r = tuner.result
+    assert r["batch_size"] == 32 and dm.batch_size == 32 and seen.sizes == [32, 32]  # the loaders use it
+    assert r["measured"]["margin"] == 0.1 and r["measured"]["budget_bytes"] == pytest.approx(limit * 0.9)
+    assert r["old_lr"] == 0.1 and module.lr == pytest.approx(0.1 * 32 / 4) == r["lr"]  # linear rule for SGD
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.8)  # optimizers rebuilt with it
+    for k, v in before.items():  # the tuner measured on a copy: the module starts training as it was
+        assert torch.equal(seen.state[k], v), k
+
+
+def test_tuner_suggest_mode(tmp_path: Path) -> None:
+    tuner = BatchSizeTuner("suggest", store=tmp_path / "store")
+    module, dm, seen, _, trainer = _tune(tmp_path, tuner, n=256, steps=1, max_epochs=20)
+    r = tuner.result
+    s = r["measured"]
+    assert dm.batch_size == r["batch_size"] == s["micro_batch"] and module.lr == pytest.approx(s["lr"])
+    assert trainer.accumulate_grad_batches == s["accumulation"] == r["accumulation"]
+    assert seen.sizes == [r["batch_size"]] * r["accumulation"]
+
+
+def test_tuner_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="mode must be one of memory, suggest, got 'power'"):
+        BatchSizeTuner("power")
+    with pytest.raises(ValueError, match="lr_rule must be one of linear, sqrt, none, got 'cube'"):
+        BatchSizeTuner(lr_rule="cube")
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, callbacks=[BatchSizeTuner(batch_arg_name="bs")])
+    with pytest.raises(ValueError, match="'bs' is not an attribute of the module"):
+        trainer.fit(Tiny(lr=0.1), datamodule=TinyDM(32))
 
 
 def test_arguments_and_batch_size() -> None:

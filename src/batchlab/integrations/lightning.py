@@ -1,32 +1,56 @@
-"""Lightning integration: track the gradient noise scale B_simple while a ``Trainer`` trains.
+"""Lightning integration: the gradient noise scale while a ``Trainer`` trains, and a tuner-style
+callback that sets the batch size and learning rate before it does.
 
-``Trainer(accumulate_grad_batches=4, callbacks=[GradientNoiseScaleCallback()])`` logs ``b_simple``
-(McCandlish et al. 2018, "An Empirical Model of Large-Batch Training") through the module's
-logger once per optimizer step, from two batch sizes that the step already computes:
+``GradientNoiseScaleCallback`` logs ``b_simple`` (McCandlish et al. 2018, "An Empirical Model of
+Large-Batch Training") through the module's logger once per measured optimizer step, from two
+batch sizes:
 
-- small: each micro-batch's gradient. Lightning divides every micro-batch loss by
-  ``accumulate_grad_batches`` (k) and accumulates into ``.grad``, so after the i-th backward
-  (``on_after_backward``) the micro-batch gradient is ``k * (grad_after - grad_before)``;
-- big: the accumulated ``.grad`` at ``on_before_optimizer_step`` (before clipping), which is the
-  mean of the k micro-batch gradients, i.e. a gradient on ``k * micro_batch`` examples.
+- with gradient accumulation (``accumulate_grad_batches = k >= 2``, fixed or from a
+  ``GradientAccumulationScheduler``, read afresh at every accumulation window), from gradients the
+  step already computes. Small: each micro-batch's gradient. Lightning divides every micro-batch
+  loss by k and accumulates into ``.grad``, so after the i-th backward (``on_after_backward``) the
+  micro-batch gradient is ``k * (grad_after - grad_before)``. Big: the accumulated ``.grad`` at
+  ``on_before_optimizer_step`` (before clipping): the mean of the k micro-batch gradients. One copy
+  of the gradients, no extra forward or backward pass;
+- without accumulation (k = 1), and always under DDP (where the accumulated gradient is already
+  all-reduced), by splitting the batch: before the optimizer steps, the module's
+  ``training_step`` runs on each half of the step's batch (one extra forward and backward,
+  ``torch.autograd.grad`` on the module itself, outside DDP, so ``.grad`` and the other ranks are
+  untouched; ``self.log`` is silenced, the RNG and buffers restored) and the halves' gradients
+  (batch B/2) are compared with their mean (batch B). Under DDP every rank measures its own batch
+  and the two norms are averaged over ranks.
 
 The per-step estimates of ``|G|^2`` and ``tr(Sigma)`` are smoothed by two separate EMAs and
 B_simple is their ratio (:class:`batchlab.batchsize.GradientNoiseScale` does the arithmetic).
-It costs one copy of the gradients and no extra forward or backward pass. Windows whose
-micro-batches differ in size or count (the short tail of an epoch) are skipped.
+Windows whose micro-batches differ in size or count (the short tail of an epoch) are skipped.
+
+``BatchSizeTuner`` is a tuner in the manner of Lightning's ``BatchSizeFinder``: at ``on_fit_start``
+it builds a :class:`batchlab.Task` from the LightningModule (a copy: its ``training_step`` gives the
+loss, ``configure_optimizers`` the optimizer) and the DataModule's (or module's) datasets and
+collate function, then either finds the memory maximum (``mode="memory"``,
+:func:`batchlab.batchsize.max_batch_size`: every trial restored, a safety margin, the longest
+examples, never past the data set, all ranks agreeing under DDP) or runs the whole recommendation
+(``mode="suggest"``, :func:`batchlab.batchsize.suggest`). It sets the batch size where Lightning
+looks for it (``batch_size`` on the module, its ``hparams`` or the DataModule) and the learning
+rate (``lr`` or ``learning_rate``; in memory mode scaled by the LR rule from the old batch to the
+new one), sets ``accumulate_grad_batches`` in suggest mode, and rebuilds the optimizers. The
+module itself is never trained on: its parameters, buffers and the RNG are as before.
 
 Needs the optional extra: ``pip install 'batchlab[lightning]'``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import copy
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 try:
     import lightning.pytorch as pl
+    from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr, lightning_setattr
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "batchlab.integrations.lightning needs Lightning (>= 2.2): pip install 'batchlab[lightning]' "
@@ -34,8 +58,10 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     ) from e
 
 from batchlab.batchsize.noise import GradientNoiseScale
+from batchlab.batchsize.state import preserved_state
+from batchlab.tasks import Task
 
-__all__ = ["GradientNoiseScaleCallback", "default_batch_size"]
+__all__ = ["BatchSizeTuner", "GradientNoiseScaleCallback", "default_batch_size", "task_from_lightning"]
 
 
 def default_batch_size(batch: Any) -> int:
@@ -55,8 +81,45 @@ def default_batch_size(batch: Any) -> int:
     )
 
 
+def _rows(value: Any, n: int, lo: int, hi: int) -> Any:
+    """Rows ``lo:hi`` of every tensor in ``value`` whose first dimension is the batch size ``n``."""
+    if isinstance(value, torch.Tensor):
+        return value[lo:hi] if value.dim() > 0 and value.shape[0] == n else value
+    if isinstance(value, Mapping):
+        return {k: _rows(v, n, lo, hi) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_rows(v, n, lo, hi) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows(v, n, lo, hi) for v in value)
+    return value
+
+
+def _step_loss(out: Any) -> torch.Tensor:
+    """The loss a ``training_step`` returned (a tensor or a mapping with "loss")."""
+    if isinstance(out, Mapping):
+        out = out.get("loss")
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"training_step must return the loss (a tensor or a dict with 'loss'), got {type(out).__name__}")
+    return out
+
+
+class _Silenced:
+    """``self.log`` / ``self.log_dict`` of a module made no-ops inside the block (extra steps must not log)."""
+
+    def __init__(self, module: pl.LightningModule) -> None:
+        self.module = module
+
+    def __enter__(self) -> None:
+        self.module.log = lambda *a, **k: None  # type: ignore[method-assign]
+        self.module.log_dict = lambda *a, **k: None  # type: ignore[method-assign]
+
+    def __exit__(self, *exc: Any) -> None:
+        for name in ("log", "log_dict"):
+            self.module.__dict__.pop(name, None)
+
+
 class GradientNoiseScaleCallback(pl.Callback):
-    """Log the gradient noise scale B_simple during ``Trainer.fit`` (needs ``accumulate_grad_batches >= 2``).
+    """Log the gradient noise scale B_simple during ``Trainer.fit``.
 
     Args:
         beta: EMA factor of the two accumulators (0.99 in the paper; 0.9-0.95 for short runs).
@@ -69,6 +132,7 @@ class GradientNoiseScaleCallback(pl.Callback):
     Attributes:
         tracker: the :class:`~batchlab.batchsize.GradientNoiseScale` holding the EMAs and history
             (``tracker.b_simple``, ``tracker.state()``).
+        modes: how each measured step was measured, ``{"accumulation": n, "split": n}``.
     """
 
     def __init__(
@@ -85,12 +149,15 @@ class GradientNoiseScaleCallback(pl.Callback):
         self.name = name
         self.batch_size_fn = batch_size_fn or default_batch_size
         self.prog_bar = prog_bar
+        self.modes = {"accumulation": 0, "split": 0}
         self._k = 1
+        self._split = False
         self._active = False
         self._prev: list[torch.Tensor] | None = None
         self._small: list[torch.Tensor] = []
         self._sizes: list[int] = []
         self._size = 0
+        self._batch: tuple[Any, int] | None = None
 
     @property
     def b_simple(self) -> float:
@@ -100,21 +167,8 @@ class GradientNoiseScaleCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        k = trainer.accumulate_grad_batches
-        if not isinstance(k, int) or k < 2:
-            raise ValueError(
-                "GradientNoiseScaleCallback needs two batch sizes per step: set Trainer(accumulate_grad_batches=k) "
-                f"with k >= 2 (micro-batch vs accumulated gradient); got accumulate_grad_batches={k!r}"
-            )
-        if trainer.world_size > 1:
-            raise ValueError(
-                "GradientNoiseScaleCallback measures on one device (with DDP the last micro-batch's gradient is "
-                f"already all-reduced); got world_size={trainer.world_size}. Use batchlab.distributed.fit_ddp, "
-                "which measures from per-rank gradients."
-            )
         if not pl_module.automatic_optimization:
             raise ValueError("GradientNoiseScaleCallback needs automatic optimization (automatic_optimization=True)")
-        self._k = k
 
     def _params(self, pl_module: pl.LightningModule) -> list[torch.nn.Parameter]:
         return [p for p in pl_module.parameters() if p.requires_grad]
@@ -126,13 +180,18 @@ class GradientNoiseScaleCallback(pl.Callback):
         return torch.stack([t.detach().double().square().sum() for t in ts]).sum()
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if batch_idx % self._k == 0:  # first micro-batch of an accumulation window
+        k = int(trainer.accumulate_grad_batches)  # a GradientAccumulationScheduler changes it between epochs
+        if batch_idx % k == 0:  # first micro-batch of an accumulation window
+            self._k = k
+            self._split = k == 1 or trainer.world_size > 1
             self._active = trainer.global_step % self.every == 0
-            self._prev, self._small, self._sizes = None, [], []
+            self._prev, self._small, self._sizes, self._batch = None, [], [], None
         self._size = self.batch_size_fn(batch)
+        if self._active and self._split:
+            self._batch = (batch, batch_idx)  # the last micro-batch of the window is split
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._active:
+        if not self._active or self._split:
             return
         params = self._params(pl_module)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -148,6 +207,11 @@ class GradientNoiseScaleCallback(pl.Callback):
         if not self._active:
             return
         self._active = False
+        if self._split:
+            batch, self._batch = self._batch, None
+            if batch is not None:
+                self._measure_split(trainer, pl_module, *batch)
+            return
         sizes, small = self._sizes, self._small
         self._prev, self._small, self._sizes = None, [], []
         if len(sizes) != self._k or len(set(sizes)) != 1:
@@ -155,11 +219,42 @@ class GradientNoiseScaleCallback(pl.Callback):
         params = self._params(pl_module)
         big = float(self._sqnorm([p.grad for p in params if p.grad is not None]))
         mean_small = float(torch.stack(small).mean())
-        value = self.tracker.update(mean_small, big, sizes[0], sizes[0] * self._k, step=trainer.global_step)
-        pl_module.log(self.name, value, on_step=True, on_epoch=False, prog_bar=self.prog_bar, batch_size=sizes[0] * self._k)
+        self._record(trainer, pl_module, mean_small, big, sizes[0], sizes[0] * self._k, "accumulation")
+
+    def _measure_split(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        n = self.batch_size_fn(batch)
+        h = n // 2
+        if h < 1:
+            return
+        params = self._params(pl_module)
+        buffers = {k: v.detach().clone() for k, v in pl_module.named_buffers()}
+        devices = sorted({p.device.index for p in params if p.device.type == "cuda" and p.device.index is not None})
+        grads = []
+        try:
+            with torch.random.fork_rng(devices=devices), _Silenced(pl_module), torch.enable_grad():
+                for lo, hi in ((0, h), (h, 2 * h)):
+                    loss = _step_loss(pl_module.training_step(_rows(batch, n, lo, hi), batch_idx))
+                    grads.append(torch.autograd.grad(loss, params, allow_unused=True))
+        finally:
+            with torch.no_grad():
+                for k, v in pl_module.named_buffers():
+                    v.copy_(buffers[k])
+        g1, g2 = ([torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)] for gs in grads)
+        small = 0.5 * (self._sqnorm(g1) + self._sqnorm(g2))
+        big = self._sqnorm(torch._foreach_add(g1, g2)) * 0.25
+        if trainer.world_size > 1:  # every rank measured its own batch: average the two norms
+            both = trainer.strategy.reduce(torch.stack([small, big]).to(pl_module.device), reduce_op="mean")
+            small, big = both[0], both[1]
+        self._record(trainer, pl_module, float(small), float(big), h, 2 * h, "split")
+
+    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, small: float, big: float, b_small: int,
+                b_big: int, mode: str) -> None:
+        value = self.tracker.update(small, big, b_small, b_big, step=trainer.global_step)
+        self.modes[mode] += 1
+        pl_module.log(self.name, value, on_step=True, on_epoch=False, prog_bar=self.prog_bar, batch_size=b_big)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._prev, self._small = None, []
+        self._prev, self._small, self._batch = None, [], None
 
     def state_dict(self) -> dict[str, Any]:
         return {"ema_g2": self.tracker.ema_g2, "ema_tr_sigma": self.tracker.ema_tr_sigma, "updates": self.tracker.updates}
@@ -168,3 +263,194 @@ class GradientNoiseScaleCallback(pl.Callback):
         self.tracker.ema_g2 = float(state_dict["ema_g2"])
         self.tracker.ema_tr_sigma = float(state_dict["ema_tr_sigma"])
         self.tracker.updates = int(state_dict["updates"])
+
+
+# ------------------------------------------------------------------ the tuner
+def _lightning_forward(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    return _step_loss(model.training_step(batch, 0))
+
+
+def _lightning_loss(out: Any, batch: Any) -> torch.Tensor:
+    return out
+
+
+def _first_optimizer(configured: Any) -> torch.optim.Optimizer:
+    """The optimizer in whatever ``configure_optimizers`` returned."""
+    if isinstance(configured, torch.optim.Optimizer):
+        return configured
+    if isinstance(configured, Mapping) and "optimizer" in configured:
+        return _first_optimizer(configured["optimizer"])
+    if isinstance(configured, (list, tuple)) and configured:
+        return _first_optimizer(configured[0])
+    raise TypeError(f"configure_optimizers returned {type(configured).__name__}; BatchSizeTuner needs an optimizer")
+
+
+def _optimizer_name(opt: torch.optim.Optimizer) -> str:
+    if isinstance(opt, torch.optim.AdamW):
+        return "adamw"
+    if isinstance(opt, torch.optim.Adam):
+        return "adam"
+    if isinstance(opt, torch.optim.SGD):
+        group = opt.param_groups[0]
+        return "nesterov" if group.get("nesterov") else ("momentum" if group.get("momentum", 0) else "sgd")
+    return "adamw"
+
+
+def _loaders(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Any, Any]:
+    """The training and validation DataLoaders of the DataModule, the module, or ``fit``'s arguments."""
+    holders = [h for h in (trainer.datamodule, pl_module) if h is not None]
+
+    def get(kind: str) -> Any:
+        for h in holders:
+            fn = getattr(h, f"{kind}_dataloader", None)
+            if fn is None:
+                continue
+            try:
+                loader = fn()
+            except NotImplementedError:  # a LightningModule or DataModule hook the user did not define
+                continue
+            if loader is not None:
+                return loader[0] if isinstance(loader, (list, tuple)) and loader else loader
+        source = getattr(trainer.fit_loop, "_data_source" if kind == "train" else "", None)
+        if source is not None and getattr(source, "instance", None) is not None and not source.is_module():
+            return source.instance
+        return None
+
+    train, val = get("train"), get("val")
+    if train is None:
+        raise ValueError("BatchSizeTuner: found no training DataLoader on the DataModule or the LightningModule")
+    return train, val
+
+
+def task_from_lightning(trainer: pl.Trainer, pl_module: pl.LightningModule, *, batch_arg_name: str = "batch_size",
+                        name: str | None = None) -> tuple[Task, torch.nn.Module, torch.optim.Optimizer]:
+    """A :class:`batchlab.Task` from a LightningModule and its data, plus a copy of the module and
+    that copy's optimizer to measure with (the module itself is never trained on).
+
+    The task's forward is the module's ``training_step`` (its loss), its metric the validation loss
+    from the same ``training_step`` in eval mode; the datasets and collate function are those of
+    the training (and validation, else training) DataLoader.
+    """
+    train_loader, val_loader = _loaders(trainer, pl_module)
+    held = pl_module._trainer
+    pl_module._trainer = None  # never copy the Trainer along with the module
+    try:
+        with preserved_state():
+            template = copy.deepcopy(pl_module)
+    finally:
+        pl_module._trainer = held
+    _Silenced(template).__enter__()  # the copies run training_step outside a Trainer: no logging
+
+    def factory() -> torch.nn.Module:
+        return copy.deepcopy(template)
+
+    factory.__qualname__ = f"{type(pl_module).__qualname__}.copy"
+    model = factory()
+    optimizer = _first_optimizer(model.configure_optimizers())
+    batch = int(lightning_getattr(pl_module, batch_arg_name)) if lightning_hasattr(pl_module, batch_arg_name) else 32
+    task = Task.from_torch(
+        name=name or type(pl_module).__name__, model=factory, train=train_loader.dataset,
+        val=(val_loader if val_loader is not None else train_loader).dataset, forward=_lightning_forward,
+        loss=_lightning_loss, metric="loss", collate_fn=train_loader.collate_fn, optimizer=_optimizer_name(optimizer),
+        lr=float(optimizer.param_groups[0]["lr"]), batch_size=max(1, batch),
+        epochs=float(trainer.max_epochs) if trainer.max_epochs and trainer.max_epochs > 0 else 1.0,
+    )
+    return task, model, optimizer
+
+
+class BatchSizeTuner(pl.Callback):
+    """Set the batch size and learning rate at the start of ``Trainer.fit`` (a tuner, like
+    Lightning's ``BatchSizeFinder``, that also works under DDP and also sets the LR).
+
+    Args:
+        mode: "memory" (the largest batch that fits, with a safety margin; the LR scaled from the
+            old batch by ``lr_rule``) or "suggest" (batchlab's recommendation: batch, LR and
+            accumulation).
+        batch_arg_name: the attribute Lightning reads the batch size from.
+        lr_attr: the LR attribute (default: ``lr`` or ``learning_rate``, whichever exists); the
+            optimizers are rebuilt from ``configure_optimizers`` after it is set.
+        scale_lr: in memory mode, scale the LR with the batch (False: keep it).
+        lr_rule: "linear", "sqrt" or "none" (default: square root for Adam/AdamW, else linear).
+        max_batch: never set a batch larger than this (default: the training-set size).
+        margin, memory_limit: see :func:`batchlab.batchsize.max_batch_size`.
+        quick, store, suggest_kwargs: passed to :func:`batchlab.batchsize.suggest` in suggest mode.
+
+    Attributes:
+        result: what was measured and set (plain data).
+    """
+
+    MODES = ("memory", "suggest")
+
+    def __init__(self, mode: str = "memory", *, batch_arg_name: str = "batch_size", lr_attr: str | None = None,
+                 scale_lr: bool = True, lr_rule: str | None = None, max_batch: int | None = None,
+                 margin: float = 0.1, memory_limit: int | None = None, quick: bool = True, store: Any = None,
+                 suggest_kwargs: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {', '.join(self.MODES)}, got {mode!r}")
+        from batchlab.train.config import LR_RULES
+
+        if lr_rule is not None and lr_rule not in LR_RULES:
+            raise ValueError(f"lr_rule must be one of {', '.join(LR_RULES)}, got {lr_rule!r}")
+        if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        self.mode, self.batch_arg_name, self.lr_attr = mode, batch_arg_name, lr_attr
+        self.scale_lr, self.lr_rule, self.max_batch = scale_lr, lr_rule, max_batch
+        self.margin, self.memory_limit = margin, memory_limit
+        self.quick, self.store, self.suggest_kwargs = quick, store, dict(suggest_kwargs or {})
+        self.result: dict[str, Any] | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and not lightning_hasattr(pl_module, self.batch_arg_name):
+            raise ValueError(f"BatchSizeTuner: {self.batch_arg_name!r} is not an attribute of the module, its hparams "
+                             "or the DataModule (batch_arg_name names where Lightning reads the batch size)")
+
+    def _lr_attr(self, pl_module: pl.LightningModule) -> str | None:
+        if self.lr_attr is not None:
+            if not lightning_hasattr(pl_module, self.lr_attr):
+                raise ValueError(f"BatchSizeTuner: lr_attr {self.lr_attr!r} is not an attribute of the module, its "
+                                 "hparams or the DataModule")
+            return self.lr_attr
+        return next((a for a in ("lr", "learning_rate") if lightning_hasattr(pl_module, a)), None)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from batchlab.batchsize import max_batch_size, suggest
+        from batchlab.train import default_lr_rule, scale_lr
+
+        task, model, optimizer = task_from_lightning(trainer, pl_module, batch_arg_name=self.batch_arg_name)
+        old_batch = int(lightning_getattr(pl_module, self.batch_arg_name))
+        lr_attr = self._lr_attr(pl_module)
+        old_lr = float(lightning_getattr(pl_module, lr_attr)) if lr_attr else task.lr
+        device = pl_module.device.type if pl_module.device.type in ("cpu", "cuda") else "cpu"
+        if device == "cuda":
+            device = str(pl_module.device)
+        accumulation = int(trainer.accumulate_grad_batches)
+        if self.mode == "memory":
+            model = model.to(pl_module.device)
+            optimizer = _first_optimizer(model.configure_optimizers())
+            r = max_batch_size(task, device=device, model=model, optimizer=optimizer, high=self.max_batch,
+                               margin=self.margin, memory_limit=self.memory_limit)
+            if r.batch_size is None:
+                raise RuntimeError(f"BatchSizeTuner: even a batch of {r.tried[0][0] if r.tried else 2} does not fit "
+                                   f"(tried {r.tried})")
+            batch = r.batch_size
+            rule = self.lr_rule or default_lr_rule(task.optimizer)
+            lr = scale_lr(old_lr, old_batch, batch, rule) if self.scale_lr else old_lr
+            measured: dict[str, Any] = r.to_dict()
+        else:
+            s = suggest(task, device=device, quick=self.quick, store=self.store, progress=False, **self.suggest_kwargs)
+            if s.micro_batch is None or s.lr is None or not math.isfinite(s.lr):
+                raise RuntimeError(f"BatchSizeTuner: batchlab could not recommend a batch size (status {s.status!r}): "
+                                   + "; ".join(s.rationale))
+            batch, lr, accumulation = int(s.micro_batch), float(s.lr), int(s.accumulation)
+            if self.max_batch is not None and batch > self.max_batch:
+                batch = self.max_batch
+            measured = s.to_dict()
+        lightning_setattr(pl_module, self.batch_arg_name, batch)
+        if lr_attr is not None:
+            lightning_setattr(pl_module, lr_attr, lr)
+            trainer.strategy.setup_optimizers(trainer)  # configure_optimizers again, with the new LR
+        if self.mode == "suggest":
+            trainer.accumulate_grad_batches = accumulation
+        self.result = {"mode": self.mode, "batch_size": batch, "old_batch_size": old_batch, "lr": lr if lr_attr else None,
+                       "old_lr": old_lr if lr_attr else None, "accumulation": accumulation, "measured": measured}

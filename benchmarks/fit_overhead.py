@@ -115,7 +115,7 @@ def main() -> None:
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch_size}, "
           f"epochs {args.epochs}, {args.repeats} interleaved repeats")
-    print(f"{"task":<38} {'raw s':>8} {'fit s':>8} {'fit/raw':>8}  {'raw acc':>7} {'fit acc':>7}")
+    print(f"{'task':<38} {'raw s':>8} {'fit s':>8} {'fit/raw':>8}  {'raw acc':>7} {'fit acc':>7}")
     for name in filter(None, args.tasks.split(",")):
         compare(name, get_task(name), raw_loop, args)
     if args.loader_task:

@@ -291,3 +291,21 @@ def test_two_ranks_on_dict_batches_match_one_process(tmp_path):
         for row, srow in zip(out["result"]["history"], single.history, strict=True):
             assert row["batch_loss"] == pytest.approx(srow["batch_loss"], abs=1e-5, nan_ok=True)
             assert row["val_loss"] == pytest.approx(srow["val_loss"], abs=1e-5)
+
+
+def test_network_slimming_on_an_outside_resnet():
+    from batchlab.slim import slim_task
+
+    task = small_task("cifar_resnet", num_workers=0)
+    res = slim_task(task, sparsity=1e-4, prune=0.3, epochs=1, finetune_epochs=0.5, baseline=False, latency_repeats=2)
+    assert res.after["params"] < res.before["params"]
+    assert 0.1 <= res.slim["removed_fraction"] <= 0.35  # residual-tied channels are pruned together or kept
+    assert res.fold_max_diff is not None and res.fold_max_diff < 1e-3
+    assert 0.0 <= res.after["val_acc"] <= 1.0
+
+
+def test_slimming_refuses_a_model_without_tensor_inputs():
+    from batchlab.slim import model_inputs
+
+    with pytest.raises(ValueError, match="task 'hf-style-cls': network slimming needs a model that takes one tensor"):
+        model_inputs(small_task("hf_style"), 2)

@@ -431,12 +431,28 @@ class ModelStats:
         return 2 * self.macs
 
 
+def model_inputs(task: Task, n: int, *, split: str = "train") -> Tensor:
+    """Up to ``n`` model inputs of ``task`` (the first element of its batches), on the CPU.
+
+    Slimming, latency and MAC counting feed the model one tensor: a CNN's images.
+    """
+    try:
+        size = len(task.val_source if split == "val" else task.train_source)
+    except TypeError:
+        size = n
+    x = task.inputs_of(task.sample_batch(min(n, size), split=split))
+    if not isinstance(x, Tensor):
+        raise ValueError(f"task {task.name!r}: network slimming needs a model that takes one tensor (a CNN); its "
+                         f"batches give {type(x).__name__} inputs")
+    return x
+
+
 def model_stats(model: nn.Module, task: Task, *, repeats: int = 30) -> ModelStats:
     """Parameters, MACs, CPU latency (batch 1 and 64) and validation metric of ``model`` on ``task``."""
     model = model.cpu()
-    x = task.val_set.x.cpu()
+    x = model_inputs(task, 64, split="val")
     x64 = x[:64] if x.shape[0] >= 64 else x.repeat((64 + x.shape[0] - 1) // x.shape[0], *([1] * (x.dim() - 1)))[:64]
-    _, acc = evaluate(model, task.val_set.x, task.val_set.y, task)
+    _, acc = evaluate(model, task.val_source, task, device="cpu")
     return ModelStats(
         params=count_params(model), macs=count_macs(model, x[:1]),
         latency_ms_b1=measure_latency(model, x[:1], repeats=repeats),
@@ -543,12 +559,12 @@ def slim_task(
     _check_run(r_sparse, "sparsity training")
     models["sparse"] = model
     before = model_stats(model, task, repeats=latency_repeats)
-    example = task.train_set.x[:2].cpu()
+    example = model_inputs(task, 2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the notes are kept in the result
         res = slim(model, example, prune)
     pruned = res.model
-    _, acc_pruned = evaluate(pruned, task.val_set.x, task.val_set.y, task)
+    _, acc_pruned = evaluate(pruned, task.val_source, task, device="cpu")
     history_ft: list[dict[str, Any]] = []
     if finetune_epochs > 0:
         r_ft = fit(task, base.replace(epochs=finetune_epochs, seed=seed + 10_000), model=pruned)
@@ -590,8 +606,8 @@ def _fold(model: nn.Module, task: Task) -> tuple[nn.Module, float, str]:
     """Fold BN into the preceding layers; check the eval outputs agree on the validation set."""
     model = model.eval()
     folded = fold_bn(model)
-    x = task.val_set.x[:256]
-    diff = float((folded(x) - model(x)).abs().max())
+    x = model_inputs(task, 256, split="val")
+    diff = float((task.logits_of(folded(x)) - task.logits_of(model(x))).abs().max())
     left = len(bn_layers(folded))
     note = f"folded {len(bn_layers(model)) - left} BN layer(s); {left} left" if left else "all BN layers folded"
     return folded, diff, note

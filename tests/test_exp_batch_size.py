@@ -230,7 +230,7 @@ def test_c13_rule():
     assert _verdict(exp, _grid([8, 128, 8]), quick=True) == "inconclusive"
     assert _verdict(exp, _grid([8, 16, 8], peak_j=0), quick=True) == "invalid"  # bands cut at the lowest LR
     s = BatchLRGrid.summarize(_grid([8])["seeds"]["0"], 0.05)
-    assert s["best_b"] == 8 and s["bands"][0] == [0.0125, 0.2]
+    assert s["best_b"] == 8 and s["bands"][0] == [0.003125, 0.05]
     check_figures(exp.plot(_grid([8, 16, 8]), _params(exp, quick=True)))
 
 

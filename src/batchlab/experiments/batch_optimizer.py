@@ -42,7 +42,7 @@ class LBFGSBatch(Experiment):
 
     def params(self, quick: bool) -> dict[str, Any]:
         return {"task": "mnist1d-mlp", "task_kwargs": {"n_samples": 10000}, "batches": [32, 256, 2048, 8000],
-                "epochs": 8 if quick else 20, "sgd_lrs": [0.0125, 0.05, 0.2], "lbfgs_max_iter": 8,
+                "epochs": 5 if quick else 20, "sgd_lrs": [0.05, 0.2] if quick else [0.0125, 0.05, 0.2], "lbfgs_max_iter": 8,
                 "far_worse": 0.10, "competitive": 0.05, "min_sgd_acc": 0.5}
 
     @staticmethod

@@ -64,7 +64,7 @@ class BatchGrowth(Experiment):
     def params(self, quick: bool) -> dict[str, Any]:
         base = {"task": "mnist1d-mlp", "task_kwargs": {"n_samples": 10000}, "batch0": 16, "lr0": 0.1, "k": 5,
                 "milestones": [0.5, 0.75]}
-        return {**base, "epochs": 6 if quick else 12}
+        return {**base, "epochs": 8 if quick else 12}
 
     def configs(self, p: dict[str, Any], seed: int) -> dict[str, TrainConfig]:
         common = {"batch_size": p["batch0"], "lr": p["lr0"], "optimizer": "momentum", "epochs": p["epochs"],

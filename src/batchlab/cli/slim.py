@@ -85,7 +85,7 @@ def cmd_slim(args: argparse.Namespace) -> int:
             atomic_write(out / "result.json", text, exclusive=True)
         except (OutputError, FileExistsError) as e:  # the disk filled up, or another run wrote it meanwhile
             print(text)
-            raise CliError(f"{e}; the full result was printed above instead") from e
+            raise CliError(f"{e}; the full result was printed on stdout instead") from e
         summary["result"] = str(out / "result.json")
         summary["report"] = str(write_slim_report(data, out))
     print(json.dumps(summary, indent=2))

@@ -51,7 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             summary["path"] = str(_write_new(path, result.to_json()))
         except OutputError as e:  # e.g. the disk filled up while training: the result goes to stdout
             print(result.to_json())
-            raise CliError(f"{e}; the full result was printed above instead") from e
+            raise CliError(f"{e}; the full result was printed on stdout instead") from e
     print(json.dumps(summary, indent=2))
     return 0 if result.ok else 1
 

@@ -309,3 +309,28 @@ def test_slimming_refuses_a_model_without_tensor_inputs():
 
     with pytest.raises(ValueError, match="task 'hf-style-cls': network slimming needs a model that takes one tensor"):
         model_inputs(small_task("hf_style"), 2)
+
+
+# --------------------------------------------------------------- the batch-size tools, API and CLI
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_batch_size_tools_on_outside_models(name):
+    from batchlab.batchsize import max_batch_size, noise_scale, throughput
+
+    task = small_task(name, num_workers=0) if name != "char_gpt" else small_task(name)
+    mem = max_batch_size(task, high=32, memory_limit=1 << 30)
+    assert mem.batch_size is not None and 2 <= mem.batch_size <= 32
+    thr = throughput(task, [4, 8], repeats=2, warmup=1)
+    assert thr.status == ["ok", "ok"] and all(t > 0 for t in thr.step_time)
+    ns = noise_scale(task, steps=3, micro_batch=4, accumulation=2)
+    assert ns.status == "ok" and ns.steps == 3 and len(ns.history) == 3
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_batch_size_commands_on_outside_models(name):
+    for args in (["find-max-batch", "--high", "16"], ["throughput", "--batch-sizes", "4,8", "--json"],
+                 ["noise-scale", "--steps", "3", "--micro-batch", "4", "--accumulation", "2", "--quiet"]):
+        p = cli(*args, *task_arg(name), "--threads", "1")
+        assert p.returncode == 0, f"{args[0]}: {p.stderr}"
+        assert "Traceback" not in p.stderr

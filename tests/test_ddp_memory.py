@@ -64,6 +64,7 @@ try:
 except Exception as e:
     out["error"] = f"{type(e).__name__}: {e}"
 print("RESULT " + json.dumps(out), flush=True)
+dist.barrier()
 dist.destroy_process_group()
 '''
 

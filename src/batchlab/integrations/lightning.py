@@ -50,6 +50,7 @@ import torch
 
 try:
     import lightning.pytorch as pl
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr, lightning_setattr
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(
@@ -307,7 +308,7 @@ def _loaders(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Any, A
                 continue
             try:
                 loader = fn()
-            except NotImplementedError:  # a LightningModule or DataModule hook the user did not define
+            except (NotImplementedError, MisconfigurationException):  # a hook the user did not define
                 continue
             if loader is not None:
                 return loader[0] if isinstance(loader, (list, tuple)) and loader else loader

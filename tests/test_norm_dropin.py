@@ -8,7 +8,6 @@ import json
 import math
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -484,11 +483,19 @@ def test_functional_batch_renorm_accepts_tensor_momentum() -> None:
     assert torch.equal(rm, rm2) and torch.allclose(rv, rv2)
 
 
-def test_sync_batchnorm_source_doc_mentions_ddp_reason() -> None:
-    # torch's DDP refuses nn.SyncBatchNorm instances in CPU modules: the reason batchlab's class
-    # extends _BatchNorm instead (if torch lifts that check, this test says it is time to switch)
+def test_torch_ddp_refuses_torch_sync_batchnorm_on_cpu_but_takes_batchlabs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # why batchlab's SyncBatchNorm extends _BatchNorm and not nn.SyncBatchNorm (if torch lifts
+    # this check, this test says it is time to switch)
+    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    src = textwrap.dedent(DDP._passing_sync_batchnorm_handle.__code__.co_consts.__repr__())
-    assert "only work with GPU modules" in src
-    assert not isinstance(N.SyncBatchNorm(2), nn.SyncBatchNorm)
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="SyncBatchNorm layers only work with GPU modules"):
+            DDP(nn.Sequential(nn.Linear(3, 2), nn.SyncBatchNorm(2)))
+        model = DDP(N.convert_sync_batchnorm(nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))))
+        assert isinstance(model.module[1], N.SyncBatchNorm) and not isinstance(model.module[1], nn.SyncBatchNorm)
+        model(torch.randn(4, 3)).sum().backward()
+    finally:
+        dist.destroy_process_group()

@@ -310,11 +310,12 @@ def test_ghost_float32_vectorized_close_to_native() -> None:
     assert_close(b.running_var, a.running_var, 1e-5, 1e-5, "running_var")
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("dims,shape", [(1, (12, 4)), (2, (6, 4, 3, 3)), (3, (4, 4, 2, 3, 2))])
-def test_batch_renorm_with_rmax1_dmax0_is_batchnorm(dims: int, shape: tuple[int, ...]) -> None:
+def test_batch_renorm_with_rmax1_dmax0_is_batchnorm(dims: int, shape: tuple[int, ...], momentum: float | None) -> None:
     cls = {1: N.BatchRenorm1d, 2: N.BatchRenorm2d, 3: N.BatchRenorm3d}[dims]
-    rn = cls(shape[1], rmax=1.0, dmax=0.0).double()
-    ref = TORCH[dims](shape[1]).double()
+    rn = cls(shape[1], rmax=1.0, dmax=0.0, momentum=momentum).double()
+    ref = TORCH[dims](shape[1], momentum=momentum).double()
     with torch.no_grad():
         ref.running_mean.uniform_(-1, 1)
         ref.running_var.uniform_(0.5, 2)

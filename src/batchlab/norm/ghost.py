@@ -177,7 +177,7 @@ def _ghost_traceable(
     """Ghost BN from plain torch operations only, for ``torch.compile``. With ``momentum=None`` the cumulative-average factor ``1 / (k + i + 1)`` stays
     a tensor (reading the counter with ``.item()`` would break the graph)."""
     outs = []
-    k = None if num_batches_tracked is None else num_batches_tracked.detach().clone()
+    k = None if num_batches_tracked is None else num_batches_tracked.detach().double()
     for i, chunk in enumerate(x.split(sizes)):
         if momentum is not None or running_mean is None or running_var is None:
             outs.append(F.batch_norm(chunk, running_mean, running_var, weight, bias, True, 0.0 if momentum is None else momentum, eps))

@@ -249,7 +249,7 @@ class _BatchRenorm(_CheckedBatchNorm):
         factor: float | Tensor = 0.0
         if update:
             self.num_batches_tracked.add_(1)
-            factor = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked
+            factor = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.double()
         return BF.batch_renorm(
             x, self.running_mean, self.running_var, self.weight, self.bias, True, factor, self.eps, rmax, dmax, update
         )

@@ -72,7 +72,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from batchlab.batchsize.state import Snapshot, preserved_state
+from batchlab.batchsize.state import preserved_state
 from batchlab.data.sources import ArraySource, Source, move_to_device
 from batchlab.tasks import Task, get_task
 from batchlab.train import is_oom, make_optimizer

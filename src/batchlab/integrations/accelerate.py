@@ -61,9 +61,10 @@ import torch.nn as nn
 
 from batchlab.batchsize.memory import DEFAULT_MARGIN, fit_line, power_candidates, predict_max_batch, search_max_batch
 from batchlab.batchsize.state import Snapshot, preserved_state
-from batchlab.train import is_oom, scale_lr
+from batchlab.train import default_lr_rule, is_oom, scale_lr
 from batchlab.train.config import LR_RULES
 from batchlab.train.oom import free_memory
+from batchlab.train.optim import optimizer_name
 
 __all__ = ["ExecutableBatch", "evaluation", "executable_batch_size"]
 
@@ -133,9 +134,8 @@ def _plan(micro: int, target: int, can_accumulate: bool) -> tuple[int, int]:
 
 
 def _default_rule(optimizer: torch.optim.Optimizer | None) -> str:
-    if optimizer is not None and isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        return "sqrt"
-    return "linear"
+    """The LR rule for ``optimizer`` (square root for Adam/AdamW, none for L-BFGS, else linear)."""
+    return default_lr_rule(optimizer_name(optimizer) or "sgd") if optimizer is not None else "linear"
 
 
 def _is_eval_oom(e: BaseException, model: nn.Module | None) -> bool:

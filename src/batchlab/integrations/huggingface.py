@@ -52,6 +52,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from batchlab.batchsize.noise import GradientNoiseScale
 from batchlab.data.sources import batch_size_of
+from batchlab.integrations._split import rows, split_sqnorms
 from batchlab.tasks import Task
 
 __all__ = ["GradientNoiseScaleCallback", "TrainerSuggestion", "suggest_for_trainer", "task_from_trainer"]
@@ -68,17 +69,6 @@ def _loss_of(out: Any) -> torch.Tensor | None:
     if loss is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) and out[0].dim() == 0:
         loss = out[0]
     return loss if isinstance(loss, torch.Tensor) else None
-
-
-def _split(value: Any, n: int, lo: int, hi: int) -> Any:
-    """Rows ``lo:hi`` of every tensor in ``value`` whose first dimension is the batch size ``n``."""
-    if isinstance(value, torch.Tensor):
-        return value[lo:hi] if value.dim() > 0 and value.shape[0] == n else value
-    if isinstance(value, Mapping):
-        return {k: _split(v, n, lo, hi) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_split(v, n, lo, hi) for v in value)
-    return value
 
 
 class GradientNoiseScaleCallback(TrainerCallback):
@@ -218,33 +208,21 @@ class GradientNoiseScaleCallback(TrainerCallback):
             n = batch_size_of(inputs)
         except TypeError:
             return
-        h = n // 2
-        if h < 1:
-            return
         args, kwargs = inputs
         # the Trainer's total token count would make each half's loss a share of the whole batch's
         kwargs = {k: v for k, v in kwargs.items() if k != "num_items_in_batch"}
-        grads = []
-        buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+
+        def loss_of_rows(lo: int, hi: int) -> torch.Tensor | None:
+            return _loss_of(model(*rows(args, n, lo, hi), **rows(kwargs, n, lo, hi)))
+
         self._measuring = True
         try:
-            with torch.random.fork_rng(devices=[p.device for p in self._params[:1] if p.device.type == "cuda"]):
-                for lo, hi in ((0, h), (h, 2 * h)):
-                    part_args, part_kwargs = _split(args, n, lo, hi), _split(kwargs, n, lo, hi)
-                    with torch.enable_grad():
-                        loss = _loss_of(model(*part_args, **part_kwargs))
-                        if loss is None:
-                            return  # no loss in the output (labels handled outside the model): nothing to measure
-                        grads.append(torch.autograd.grad(loss, self._params, allow_unused=True))
+            got = split_sqnorms(model, self._params, n, loss_of_rows)
         finally:
             self._measuring = False
-            with torch.no_grad():
-                for k, v in model.named_buffers():
-                    v.copy_(buffers[k])
-        g1, g2 = ([torch.zeros_like(p) if g is None else g for g, p in zip(gs, self._params)] for gs in grads)
-        small = 0.5 * (sum(_sqnorm(a) for a in g1) + sum(_sqnorm(b) for b in g2))
-        big = sum(_sqnorm(0.5 * (a + b)) for a, b in zip(g1, g2))
-        self.tracker.update(small, big, h, 2 * h, step=step)
+        if got is not None:  # None: a batch of one, or no loss in the output (labels handled outside the model)
+            small, big, h = got
+            self.tracker.update(small, big, h, 2 * h, step=step)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if self.tracker.updates == 0 or logs is None or "loss" not in logs:

@@ -60,7 +60,9 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from batchlab.batchsize.noise import GradientNoiseScale
 from batchlab.batchsize.state import preserved_state
+from batchlab.integrations._split import rows, split_sqnorms
 from batchlab.tasks import Task
+from batchlab.train.optim import optimizer_name
 
 __all__ = ["BatchSizeTuner", "GradientNoiseScaleCallback", "default_batch_size", "task_from_lightning"]
 
@@ -80,19 +82,6 @@ def default_batch_size(batch: Any) -> int:
     raise TypeError(
         f"cannot tell the size of a batch of type {type(batch).__name__}; pass batch_size_fn= to GradientNoiseScaleCallback"
     )
-
-
-def _rows(value: Any, n: int, lo: int, hi: int) -> Any:
-    """Rows ``lo:hi`` of every tensor in ``value`` whose first dimension is the batch size ``n``."""
-    if isinstance(value, torch.Tensor):
-        return value[lo:hi] if value.dim() > 0 and value.shape[0] == n else value
-    if isinstance(value, Mapping):
-        return {k: _rows(v, n, lo, hi) for k, v in value.items()}
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(_rows(v, n, lo, hi) for v in value))
-    if isinstance(value, (tuple, list)):
-        return type(value)(_rows(v, n, lo, hi) for v in value)
-    return value
 
 
 def _step_loss(out: Any) -> torch.Tensor:
@@ -224,29 +213,20 @@ class GradientNoiseScaleCallback(pl.Callback):
 
     def _measure_split(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         n = self.batch_size_fn(batch)
-        h = n // 2
-        if h < 1:
+
+        def loss_of_rows(lo: int, hi: int) -> torch.Tensor:
+            return _step_loss(pl_module.training_step(rows(batch, n, lo, hi), batch_idx))
+
+        with _Silenced(pl_module):
+            got = split_sqnorms(pl_module, self._params(pl_module), n, loss_of_rows)
+        if got is None:
             return
-        params = self._params(pl_module)
-        buffers = {k: v.detach().clone() for k, v in pl_module.named_buffers()}
-        devices = sorted({p.device.index for p in params if p.device.type == "cuda" and p.device.index is not None})
-        grads = []
-        try:
-            with torch.random.fork_rng(devices=devices), _Silenced(pl_module), torch.enable_grad():
-                for lo, hi in ((0, h), (h, 2 * h)):
-                    loss = _step_loss(pl_module.training_step(_rows(batch, n, lo, hi), batch_idx))
-                    grads.append(torch.autograd.grad(loss, params, allow_unused=True))
-        finally:
-            with torch.no_grad():
-                for k, v in pl_module.named_buffers():
-                    v.copy_(buffers[k])
-        g1, g2 = ([torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)] for gs in grads)
-        small = 0.5 * (self._sqnorm(g1) + self._sqnorm(g2))
-        big = self._sqnorm(torch._foreach_add(g1, g2)) * 0.25
+        small, big, h = got
         if trainer.world_size > 1:  # every rank measured its own batch: average the two norms
-            both = trainer.strategy.reduce(torch.stack([small, big]).to(pl_module.device), reduce_op="mean")
-            small, big = both[0], both[1]
-        self._record(trainer, pl_module, float(small), float(big), h, 2 * h, "split")
+            both = trainer.strategy.reduce(torch.tensor([small, big], dtype=torch.float64, device=pl_module.device),
+                                           reduce_op="mean")
+            small, big = float(both[0]), float(both[1])
+        self._record(trainer, pl_module, small, big, h, 2 * h, "split")
 
     def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, small: float, big: float, b_small: int,
                 b_big: int, mode: str) -> None:
@@ -284,17 +264,6 @@ def _first_optimizer(configured: Any) -> torch.optim.Optimizer:
     if isinstance(configured, (list, tuple)) and configured:
         return _first_optimizer(configured[0])
     raise TypeError(f"configure_optimizers returned {type(configured).__name__}; BatchSizeTuner needs an optimizer")
-
-
-def _optimizer_name(opt: torch.optim.Optimizer) -> str:
-    if isinstance(opt, torch.optim.AdamW):
-        return "adamw"
-    if isinstance(opt, torch.optim.Adam):
-        return "adam"
-    if isinstance(opt, torch.optim.SGD):
-        group = opt.param_groups[0]
-        return "nesterov" if group.get("nesterov") else ("momentum" if group.get("momentum", 0) else "sgd")
-    return "adamw"
 
 
 def _loaders(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Any, Any]:
@@ -352,7 +321,7 @@ def task_from_lightning(trainer: pl.Trainer, pl_module: pl.LightningModule, *, b
     task = Task.from_torch(
         name=name or type(pl_module).__name__, model=factory, train=train_loader.dataset,
         val=(val_loader if val_loader is not None else train_loader).dataset, forward=_lightning_forward,
-        loss=_lightning_loss, metric="loss", collate_fn=train_loader.collate_fn, optimizer=_optimizer_name(optimizer),
+        loss=_lightning_loss, metric="loss", collate_fn=train_loader.collate_fn, optimizer=optimizer_name(optimizer) or "adamw",
         lr=float(optimizer.param_groups[0]["lr"]), batch_size=max(1, batch),
         epochs=float(trainer.max_epochs) if trainer.max_epochs and trainer.max_epochs > 0 else 1.0,
     )

@@ -9,13 +9,12 @@ import pytest
 import torch
 
 from batchlab.batchsize import Suggestion, suggest
-from batchlab.batchsize import search as search_mod
 from batchlab.cli import main
 from batchlab.store import Store
 from batchlab.train import scale_lr
 from conftest import make_toy_task
 
-FAST = dict(noise_steps=10, noise_micro_batch=4, repeats=1, budget_epochs=1.0, check_fraction=0.5, high=64)
+FAST = dict(budget_epochs=8.0, high=64, objective="epochs")
 
 
 def test_suggest_end_to_end_and_resume(tmp_path, monkeypatch) -> None:
@@ -24,43 +23,50 @@ def test_suggest_end_to_end_and_resume(tmp_path, monkeypatch) -> None:
     assert s.status == "ok" and s.batch_size in (2, 4, 8, 16, 32, 64)
     assert s.accumulation == 1 and s.micro_batch == s.batch_size
     assert s.lr == pytest.approx(scale_lr(task.lr, task.batch_size, s.batch_size, "linear"))
-    assert s.budget_examples == 256 and s.check_examples == 128
-    assert len(s.search["trials"]) >= 6 and all(t["examples"] == 128 for t in s.search["trials"])
-    assert [c["batch_size"] for c in s.candidates] == [2, 4, 8, 16, 32, 64]
+    assert s.budget_examples == 8 * 256 and s.cost_budget == 8 * 256 and s.total_examples <= s.cost_budget
+    assert [c["batch_size"] for c in s.predict.candidates] == [2, 4, 8, 16, 32, 64]
+    assert s.search.trials and all(t["examples"] >= 1 for t in s.search.trials)
     assert math.isfinite(s.b_noise) and s.rationale and s.summary().startswith("toy: batch size")
     again = Suggestion.from_dict(json.loads(s.to_json()))
-    assert again.batch_size == s.batch_size and again.search["path"] == s.search["path"]
+    assert again.batch_size == s.batch_size and again.search.rungs == s.search.rungs
     # rerun: every training run comes from the store
-    calls = []
-    monkeypatch.setattr(search_mod, "fit", lambda *a, **k: calls.append(a) or pytest.fail("trained again"))
+    monkeypatch.setattr("batchlab.batchsize.search.fit", lambda *a, **k: pytest.fail("trained again"))
     monkeypatch.setattr("batchlab.batchsize.noise.fit", lambda *a, **k: pytest.fail("noise run trained again"))
     s2 = suggest(task, store=Store(tmp_path), **FAST)
-    assert calls == [] and s2.batch_size == s.batch_size and s2.search["trials"] == s.search["trials"]
+    assert s2.batch_size == s.batch_size and s2.search.trials == s.search.trials
 
 
-def test_small_batch_with_batchnorm_measures_groupnorm() -> None:
-    task = make_toy_task(n_train=128)
-    s = suggest(task, **{**FAST, "high": 8})
+def test_small_batch_with_batchnorm_measures_the_alternatives_or_says_why_not() -> None:
+    task = make_toy_task(n_train=256)
+    s = suggest(task, **{**FAST, "high": 8, "cost_budget": 40 * 256})
     assert s.batch_size is not None and s.batch_size <= 8
-    assert s.norm_advice is not None and {"group", "precise"} <= set(s.norm_advice["alternatives"])
-    assert all(0 <= v <= 1 for v in s.norm_advice["alternatives"].values())
-    assert any("BatchNorm" in r for r in s.rationale)
+    adv = s.advise.norm_advice
+    assert adv is not None and "small for BatchNorm" in adv["message"]
+    assert {"group"} <= set(adv["alternatives"]) and all(0 <= v["mean"] <= 1 for v in adv["alternatives"].values())
+    # advice is given only when the budget separates an alternative from BatchNorm
+    assert bool(adv["advised"]) == ("consider" in adv["message"])
+    tight = suggest(task, **{**FAST, "high": 8})  # one full run: the check must fit in what is left, or not run
+    assert tight.total_examples <= tight.cost_budget
+    if tight.advise.norm_advice is not None and not tight.advise.norm_advice["alternatives"]:
+        assert "not measured: the cost budget has" in tight.advise.norm_advice["message"]
 
 
 def test_nan_loss_task_is_a_recorded_failure() -> None:
-    task = make_toy_task(n_train=128)
+    task = make_toy_task(n_train=256)
     task.loss = lambda logits, y: torch.nn.functional.cross_entropy(logits, y) * math.nan
     s = suggest(task, **{**FAST, "high": 32})
     assert s.status == "failed" and s.batch_size is None and s.lr is None
-    assert {t["status"] for t in s.search["trials"]} == {"diverged"}
-    assert s.noise["status"] == "diverged"
+    assert {t["status"] for t in s.search.trials} == {"diverged"}
+    assert s.measure.noise["status"] == "diverged"
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"low": 64, "high": 8}, "low must be <= high, got low=64 > high=8"),
      ({"low": 200, "high": 256}, r"low must be <= the training-set size \(128 examples\), got 200"),
-     ({"check_fraction": 0.0}, r"check_fraction must be in \(0, 1\]")],
+     ({"cost_budget": 0}, r"cost_budget must be a positive number of examples, got 0"),
+     ({"seeds": (0,)}, r"seeds must hold at least two distinct seeds"),
+     ({"eta": 1}, r"eta must be an integer >= 2, got 1")],
 )
 def test_suggest_bad_input(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
@@ -82,6 +88,7 @@ TOY = "conftest:make_toy_task"
         (["find-max-batch", "--task", TOY, "--memory-limit", "lots"], "must be a size like 4G"),
         (["noise-scale", "--task", TOY, "--micro-batch", "200", "--accumulation", "4"], "larger than the training set"),
         (["noise-scale", "--task", TOY, "--accumulation", "1"], "--accumulation must be >= 2"),
+        (["suggest", "--task", TOY, "--objective", "epochs", "--time-budget", "3"], "--time-budget needs --objective time"),
     ],
 )
 def test_cli_bad_input_exits_2(argv, needle, capsys) -> None:
@@ -100,72 +107,13 @@ def test_cli_commands(tmp_path, capsys) -> None:
     assert main(["noise-scale", "--task", TOY, "--steps", "5", "--micro-batch", "4", "--quiet"]) == 0
     assert "b_simple" in json.loads(capsys.readouterr().out)
     out = tmp_path / "sg"
-    assert main(["suggest", "--task", TOY, "--out", str(out), "--quick", "--high", "32", "--budget", "1", "--quiet"]) == 0
+    assert main(["suggest", "--task", TOY, "--out", str(out), "--quick", "--high", "32", "--budget", "8", "--quiet",
+                 "--objective", "epochs"]) == 0
     text = capsys.readouterr().out
-    assert "toy: batch size" in text and (out / "index.html").exists() and (out / "batchlab.db").exists()
+    assert text.startswith("toy: batch size") and (out / "index.html").exists() and (out / "batchlab.db").exists()
     page = (out / "index.html").read_text()
-    assert page.count("<img") >= 5 and "Pivot search" in page and "Full-budget confirmation" in page
-    assert "screen&#x27;s candidate" in page or "screen's candidate" in page
-
-
-def test_suggest_confirms_against_the_incumbent_at_the_full_budget() -> None:
-    task = make_toy_task(n_train=256)
-    s = suggest(task, **FAST)
-    c = s.search["confirm"]
-    means = {int(b): v for b, v in s.search["means"].items()}
-    screened = max(b for b, v in means.items() if v >= max(means.values()) - s.search["noise"])
-    assert len(c["candidates"]) == 2 and screened in c["candidates"] and c["incumbent"] == task.batch_size
-    assert c["screened"] == screened
-    other = next(b for b in c["candidates"] if b != screened)
-    # the task's own batch size, unless the screen chose it (then its neighbour)
-    assert other == task.batch_size if screened != task.batch_size else other in (2 * screened, screened // 2)
-    assert s.batch_size == c["batch"] in c["candidates"]
-    assert s.examples_processed["confirm"] == 2 * s.budget_examples  # one seed each, full budget
-    lo, hi = sorted(c["candidates"])
-    m = {int(k): v for k, v in c["metrics"].items()}
-    assert s.batch_size == (lo if m[lo] > m[hi] else hi)  # the better; the larger on a tie
-    assert s.lr == pytest.approx(scale_lr(task.lr, task.batch_size, s.batch_size, "linear"))
-    off = suggest(task, **{**FAST, "confirm": False})
-    assert off.batch_size == off.search["best_batch"] and off.examples_processed["confirm"] == 0
-
-
-def test_challenger_is_the_largest_batch_within_the_noise_of_the_screen_best() -> None:
-    import importlib
-
-    sg = importlib.import_module("batchlab.batchsize.suggest")
-    means = {"8": 0.363, "16": 0.356, "32": 0.332, "4": float("-inf")}
-    assert sg._challenger(means, 0.01) == 16
-    assert sg._challenger(means, 0.001) == 8
-    assert sg._challenger(means, 0.05) == 32
-    assert sg._challenger(means, float("nan")) == 8
-    assert sg._challenger({"8": 0.5, "16": 0.5}, 0.0) == 16  # exact tie: the larger
-
-
-def test_confirm_picks_the_better_full_budget_run(monkeypatch) -> None:
-    """_confirm's rule on recorded metrics: incumbent vs screened, neighbour when they coincide."""
-    from types import SimpleNamespace
-
-    import importlib
-
-    sg = importlib.import_module("batchlab.batchsize.suggest")
-
-    task = make_toy_task(n_train=256)  # batch_size 32
-    search = SimpleNamespace(seeds=[0, 1], rule="linear")
-    sizes = [2, 4, 8, 16, 32, 64]
-
-    def run(metrics: dict[int, float], screened: int) -> tuple[int, list[int]]:
-        store = SimpleNamespace(run_or_load=lambda key, fn, kind: {"status": "ok", "metric": metrics[seen.pop(0)], "examples": 256})
-        seen = sorted({screened, *(b for b in metrics if b != screened)})
-        b, rec, examples, line = sg._confirm(task, search, screened, sizes, 64, False, 256, "cpu", store, {})
-        assert examples == 512 and "confirmed the screen's" in line
-        return b, rec["candidates"]
-
-    assert task.batch_size == 32
-    assert run({8: 0.90, 32: 0.91}, 8) == (32, [8, 32])
-    assert run({8: 0.92, 32: 0.91}, 8) == (8, [8, 32])
-    assert run({8: 0.91, 32: 0.91}, 8) == (32, [8, 32])  # tie: the larger
-    assert run({32: 0.91, 64: 0.93}, 32) == (64, [32, 64])  # screened == incumbent: x2 neighbour
-    assert run({32: 0.90, 64: 0.93}, 64)[1] == [32, 64]
+    assert page.count("<img") >= 2 and "Successive halving" in page and "Candidates: time and quality" in page
+    assert page.index("Recommendation") < page.index("Candidates: time and quality") < page.index("Evidence")
 
 
 def test_throughput_min_over_interleaved_repeats_and_time_bound() -> None:
@@ -211,6 +159,6 @@ def test_a_failed_suggestion_still_writes_its_report(tmp_path) -> None:
     task.loss = lambda logits, y: torch.nn.functional.cross_entropy(logits, y) * float("nan")
     s = suggest(task, **{**FAST, "store": tmp_path})
     assert s.status == "failed" and s.batch_size is None
-    assert s.search["trials"] and all(t["status"] != "ok" for t in s.search["trials"])
+    assert s.search.trials and all(t["status"] != "ok" for t in s.search.trials)
     page = write_suggestion_report(s, tmp_path).read_text()
     assert "diverged" in page

@@ -48,24 +48,12 @@ def key_for(fingerprint: dict[str, Any], config: dict[str, Any], **extra: Any) -
     return run_key(fingerprint, config, **extra)
 
 
-def _fn_name(fn: Callable[..., Any]) -> str:
-    return getattr(fn, "__qualname__", None) or type(fn).__name__
-
-
 def run_trials(task: Any, configs: Sequence[Any], fn: Callable[[Any, Any], dict[str, Any]], store: Any, *,
                kind: str, runner: Any = None, backend: Any = None) -> list[dict[str, Any]]:
-    """``fn(task, config)`` for every config, through the store, in order: with ``runner``
-    (``runner.run([batchlab.runs.Trial], store, kind=)``), a parallel ``backend``
-    (``backend.map_trials``) or in this process."""
-    st = open_store(store)
-    if runner is not None:
-        from batchlab.runs import Trial
+    """``fn(task, config)`` for every config as :class:`batchlab.runs.Trial` objects (one key formula,
+    :func:`batchlab.runs.trial_key`), through the store, in order, by ``runner`` (default: ``backend``,
+    e.g. a Ray backend, else :class:`batchlab.runs.LocalRunner`). A test passes a fake runner."""
+    from batchlab.runs import LocalRunner, Trial
 
-        return list(runner.run([Trial(task, c, fn=fn) for c in configs], st, kind=kind))
-    fp = task.fingerprint()
-    keys = [key_for(fp, c.to_dict(), kind=kind, trial_fn=_fn_name(fn)) for c in configs]
-    if backend is not None:
-        from batchlab.batchsize.search import trial_job
-
-        return list(backend.map_trials(st, [(k, (fn, task, c)) for k, c in zip(keys, configs)], trial_job, kind=kind))
-    return [st.run_or_load(k, lambda c=c: fn(task, c), kind=kind) for k, c in zip(keys, configs)]
+    run = runner if runner is not None else (backend if backend is not None else LocalRunner())
+    return list(run.run([Trial(task, c, fn=fn) for c in configs], store, kind=kind))

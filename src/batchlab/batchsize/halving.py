@@ -92,6 +92,7 @@ def successive_halving(
     seeds: Sequence[Sequence[int]],
     testable: Callable[[int, float], bool] = lambda b, budget: True,
     eta: int = 2,
+    counts: Sequence[int] | None = None,
 ) -> tuple[list[Rung], list[RungTrial], list[int]]:
     """Run the rungs (see the module docstring).
 
@@ -103,6 +104,9 @@ def successive_halving(
         seeds: per rung, the seeds to run.
         testable: ``testable(batch, budget)``: enough steps at this budget to be judged.
         eta: keep ``ceil(tested / eta)`` per rung.
+        counts: the planned candidates per rung (:func:`plan_rungs`); when given, rung k promotes
+            ``counts[k + 1]`` candidates in all, byes included (at least one that ran), so the search
+            stays within its planned cost.
 
     Returns:
         ``(rungs, trials, survivors)``: survivors are the last rung's tested candidates (the final
@@ -126,7 +130,10 @@ def successive_halving(
                                                          for t in ts if t.batch == b]) for b in tested}
         secs = {b: sum(t.seconds for t in ts if t.batch == b) / max(1, sum(1 for t in ts if t.batch == b)) for b in tested}
         ranked = sorted(tested, key=lambda b: (0 if stats[b].ok else 1, objective.sort_key(stats[b].mean), order[b]))
-        keep = ranked[: max(1, math.ceil(len(ranked) / eta))] if not final else ranked
+        n_keep = math.ceil(len(ranked) / eta)
+        if counts is not None and k + 1 < len(counts):
+            n_keep = counts[k + 1] - len(byes)
+        keep = ranked[: max(1, n_keep)] if not final else ranked
         promoted = sorted(keep + byes, key=order.get) if not final else ranked
         rungs.append(Rung(
             k, budget, list(seeds[k]), tested, byes,

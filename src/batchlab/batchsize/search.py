@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from batchlab.batchsize._store import key_for, open_store
+from batchlab.batchsize._store import open_store, run_trials
 from batchlab.batchsize.batches import BatchRange, Split, budget_in_examples, check_positive_int
 from batchlab.tasks import Task, get_task
 from batchlab.train import TrainConfig, default_lr_rule, evaluate, fit, iterate_batches, scale_lr
@@ -247,14 +247,14 @@ def _bn_health_summary(model: nn.Module, task: Task, seed: int, device: Any) -> 
     return {"ok": h.ok, "problems": h.problems[:8], "output_gap": h.output_gap}
 
 
-def fit_trial(task: Task, config: TrainConfig, *, precise: bool = True, health: bool = False) -> dict[str, Any]:
+def fit_trial(task: Task, config: TrainConfig, *, precise: bool = True, health: bool = True) -> dict[str, Any]:
     """Default trial: ``fit``, then score the final model by the task's metric (``val_metric``).
 
     A model with BatchNorm is scored after its running statistics are recomputed over training
     batches (precise BN, Wu & Johnson 2021): after a short run the running averages lag the weights,
     most for the few-step runs of large batches, and would score those runs unfairly. The metric
     with the stale statistics is kept as ``metric_stale``. Errors become status "failed".
-    ``health``: add a :func:`batchlab.norm.bn_health` summary of the final model.
+    ``health``: add a :func:`batchlab.norm.bn_health` summary of the final model (one batch, cheap).
     """
     device = config.device
     task.check(device)
@@ -303,6 +303,7 @@ def pivot_search(
     progress: bool = False,
     kind: str = "batchsize-pivot",
     backend: Any = None,
+    runner: Any = None,
 ) -> PivotResult:
     """Run the pivot search of claim C14 on ``task``.
 
@@ -327,10 +328,12 @@ def pivot_search(
         trial_fn: ``trial_fn(task, config) -> {"status", "metric", "examples", "time"}``
             (default: :func:`fit_trial`); for tests and custom training loops.
         progress: progress bar over trials.
-        backend: run the seeds of each batch size as parallel trials with
-            ``backend.map_trials(store, items, trial_job, kind=...)`` (e.g. ``RayBackend``); None:
-            in this process. Results land in the same store either way.
+        backend: run the seeds of each batch size as parallel trials with ``backend.run(trials,
+            store, kind=...)`` (e.g. ``RayBackend``); None: in this process. Results land in the same
+            store either way.
         kind: the store's label for these trials.
+        runner: a trial runner (``run(trials, store, kind=)``, :mod:`batchlab.runs`); a test passes a
+            fake one. Default: ``backend``, else :class:`batchlab.runs.LocalRunner`.
     """
     task = get_task(task)
     n = task.n_train
@@ -362,7 +365,6 @@ def pivot_search(
         notes.append(f"pivot {pivot} is above the bound {eff_high}; started at {p}")
     st = open_store(store)
     run = trial_fn or fit_trial
-    fp = task.fingerprint()
     trials: list[Trial] = []
     from tqdm.auto import tqdm
 
@@ -379,16 +381,8 @@ def pivot_search(
             )
             for s in seeds
         }
-        keys = {s: key_for(fp, c.to_dict(), kind=kind, trial_fn=getattr(run, "__qualname__", "custom")) for s, c in cfgs.items()}
-        if backend is not None:  # every seed of this batch size at once, as parallel trials
-            got = backend.map_trials(st, [(keys[s], (run, task, cfgs[s])) for s in seeds], trial_job, kind=kind)
-            payloads = dict(zip(seeds, got))
-        for s in seeds:
-            cfg = cfgs[s]
-            if backend is not None:
-                d = payloads[s]
-            else:
-                d = st.run_or_load(keys[s], lambda cfg=cfg: run(task, cfg), kind=kind)
+        got = run_trials(task, [cfgs[s] for s in seeds], run, st, kind=kind, runner=runner, backend=backend)
+        for s, d in zip(seeds, got):
             t = Trial(
                 batch_size=b, seed=s, metric=float(d.get("metric", math.nan)), status=str(d.get("status", "failed")),
                 examples=int(d.get("examples", 0)), time=float(d.get("time", 0.0)), lr=trial_lr,

@@ -53,7 +53,7 @@ from batchlab.batchsize.noise import noise_scale
 from batchlab.batchsize.objective import OBJECTIVES, Objective, SeedStats, se_of_difference
 from batchlab.batchsize.search import PRECISE_BN_BATCH, fit_trial, has_batchnorm
 from batchlab.batchsize.state import preserved_state
-from batchlab.batchsize.throughput import throughput
+from batchlab.batchsize.throughput import ThroughputResult, throughput
 from batchlab.tasks import Task, get_task
 from batchlab.train import TrainConfig, default_lr_rule, evaluate, scale_lr
 
@@ -269,8 +269,13 @@ def measure(task: Task, rng: BatchRange, cost_budget: int, *, device: str, memor
     if len(timed) < len(fits):
         notes.append(f"throughput timed at {', '.join(map(str, timed))} (larger sizes extrapolated: timing them would "
                      f"exceed {SHARE_THROUGHPUT:.0%} of the cost budget)")
-    tp = throughput(task, timed, device=device, warmup=1, repeats=passes - 1, time_limit=5.0 if quick else 15.0,
-                    progress=progress)
+    tcfg = {"batch_sizes": timed, "device": device, "warmup": 1, "repeats": passes - 1,
+            "time_limit": 5.0 if quick else 15.0}
+    # stored like every run: a rerun reads the same speeds, so it ranks and searches the same candidates
+    tp = ThroughputResult(**open_store(store).run_or_load(
+        key_for(task.fingerprint(), tcfg, kind="batchsize-throughput"),
+        lambda: {"status": "ok", "result": throughput(task, progress=progress, **tcfg).to_dict()},
+        kind="batchsize-throughput")["result"])
     # noise scale, measured until stable within SHARE_NOISE of the budget
     n = task.n_train
     micro, acc = max(1, min(16, pow2_floor(n // 8), pow2_floor(micro_max or 16))), 4
@@ -307,8 +312,6 @@ def measure(task: Task, rng: BatchRange, cost_budget: int, *, device: str, memor
 
 # ------------------------------------------------------------------------------------ stage 2
 def _time_per_step(tp: dict[str, Any], batch: int) -> float:
-    from batchlab.batchsize.throughput import ThroughputResult
-
     return ThroughputResult(**tp).time_per_step(batch)
 
 
@@ -428,7 +431,8 @@ def search(task: Task, p: Prediction, m: Measurements, objective: Objective, ava
         return out
 
     rungs, trials, survivors = successive_halving(sorted(selected, key=p.ranked.index), budgets, run, objective,
-                                                  trial_seeds, testable=testable, eta=eta)
+                                                  trial_seeds, testable=testable, eta=eta,
+                                                  counts=[c for c, _ in plan])
     examples = sum(t.examples + int(t.extra.get("precise_bn_examples", 0)) for t in trials)
     unit = "seconds" if time_mode else "examples"
     notes.append(
@@ -487,18 +491,38 @@ def confirm(s: SearchResult, m: Measurements, p: Prediction, objective: Objectiv
 
 
 # ------------------------------------------------------------------------------------ stage 5
-def _critical(task: Task) -> dict[str, Any] | None:
-    """The critical batch over training (issue 16) when ``batchlab.batchsize.critical`` exists."""
-    try:
-        from batchlab.batchsize import critical  # noqa: F401
-    except ImportError:
-        return None
-    return None  # not wired in (see docs/batchsize.md, "Limits")
+def _critical(task: Task, batch: int, budget: int, max_batch: int, device: str, enabled: bool) -> tuple[dict[str, Any] | None, int, str]:
+    """The critical batch over training (issue 16, Merrill et al. 2025) at the recommendation, and a
+    batch-size warmup following it when it is predicted to save steps. Returns (record, examples, line)."""
+    if not enabled:
+        return None, 0, ("critical batch over training: not measured (critical=True / --critical measures it by branching "
+                         "short runs, at extra cost)")
+    from batchlab.batchsize.critical import critical_batch
+    from batchlab.batchsize.schedule import BatchSizeSchedule
+
+    r = critical_batch(task, batch_size=batch, budget_examples=budget, quick=True, device=device)
+    sched = BatchSizeSchedule.from_critical_batch(r, base=batch, max_batch=max_batch)
+    bounds = [e for e, _ in sched.stages] + [budget]
+    steps = bounds[0] / batch + sum((bounds[i + 1] - e) / b for i, (e, b) in enumerate(sched.stages))
+    constant = budget / batch
+    rec = {"points": [{"examples": pt.examples, "critical_batch": pt.critical_batch, "b_simple": pt.b_simple,
+                       "capped": pt.capped} for pt in r.points],
+           "stages": [list(st) for st in sched.stages], "steps_constant": constant, "steps_warmup": steps}
+    pts = ", ".join(f"{pt.critical_batch}{'+' if pt.capped else ''} after {pt.examples} examples" for pt in r.points)
+    line = f"critical batch over training (branching, Merrill et al. 2025): {pts}"
+    if sched.stages and steps < constant:
+        line += (f"; option: a batch-size warmup from {batch} with stages {sched.stages} (BatchSizeSchedule."
+                 f"from_critical_batch) is predicted to take {steps:.0f} instead of {constant:.0f} steps")
+        rec["warmup"] = True
+    else:
+        line += "; a batch-size warmup is not predicted to save steps"
+        rec["warmup"] = False
+    return rec, int(r.examples_processed), line
 
 
 def advise(task: Task, c: Confirmation, s: SearchResult, m: Measurements, objective: Objective, seeds: Sequence[int],
            remaining: float, *, device: str, store: Any, runner: Any, backend: Any, small_batch: int,
-           check_norms: bool) -> Advice:
+           check_norms: bool, critical: bool = False, max_batch: int = 512) -> Advice:
     """Stage 5: LR, split, BN health and the normalization check (see the module docstring)."""
     if c.batch is None:
         return Advice(None, None, 1, None, None, None, [])
@@ -520,7 +544,9 @@ def advise(task: Task, c: Confirmation, s: SearchResult, m: Measurements, object
         norm_advice, examples = _norm_check(task, b, sp, lr, mine, objective, seeds, remaining, device, store, runner,
                                             backend)
         lines.append(norm_advice["message"])
-    return Advice(lr, sp.micro, sp.accumulation, health, norm_advice, _critical(task), lines, examples)
+    crit, crit_examples, line = _critical(task, b, objective.budget_examples, max_batch, device, critical)
+    lines.append(line)
+    return Advice(lr, sp.micro, sp.accumulation, health, norm_advice, crit, lines, examples + crit_examples)
 
 
 def _norm_check(task: Task, b: int, sp: Split, lr: float, bn_trials: list[dict[str, Any]], objective: Objective,
@@ -579,11 +605,12 @@ def suggest(
     budget_examples: int | None = None,
     time_budget: float | None = None,
     cost_budget: int | None = None,
-    max_candidates: int = 8,
+    max_candidates: int = 4,
     eta: int = 2,
     memory_limit: int | None = None,
     small_batch: int = SMALL_BATCH,
     check_norms: bool = True,
+    critical: bool = False,
     store: Any = None,
     quick: bool = False,
     progress: bool = False,
@@ -612,8 +639,12 @@ def suggest(
         memory_limit: bytes a step may use (see :func:`max_batch_size`).
         small_batch: a per-device batch at or below this with BatchNorm triggers the normalization check.
         check_norms: run that check.
+        critical: also measure the critical batch over training at the recommendation (issue 16,
+            :func:`batchlab.batchsize.critical.critical_batch`, quick settings; its cost is reported
+            and not bounded by ``cost_budget``) and offer the batch-size warmup following it when
+            that is predicted to save steps.
         store: a Store, a path or None; every training run is looked up there first.
-        quick: fewer measurements and candidates (half the cost budget, 6 candidates).
+        quick: shorter measurements (fewer timed steps, a looser stability test), at most 4 candidates.
         progress: progress bars.
         backend: a parallel trial backend (``map_trials``), e.g. Ray.
         runner: a trial runner (``run(trials, store, kind=)``, :class:`batchlab.runs.LocalRunner`); a
@@ -655,20 +686,20 @@ def suggest(
     if not isinstance(eta, int) or eta < 2:
         raise ValueError(f"eta must be an integer >= 2, got {eta!r}")
     if quick:
-        max_candidates = min(max_candidates, 6)
+        max_candidates = min(max_candidates, 4)
     with preserved_state():
         return _suggest(task, rng, cap_note, seeds, objective, budget, time_budget, cost_budget, max_candidates, eta,
-                        device, memory_limit, small_batch, check_norms, store, quick, progress, backend, runner,
-                        trial_fn, t_start)
+                        device, memory_limit, small_batch, check_norms, critical, store, quick, progress, backend,
+                        runner, trial_fn, t_start)
 
 
 def _suggest(task: Task, rng: BatchRange, cap_note: str | None, seeds: list[int], kind: str, budget: int,
              time_budget: float | None, cost_budget: int | None, max_candidates: int, eta: int, device: str,
-             memory_limit: int | None, small_batch: int, check_norms: bool, store: Any, quick: bool, progress: bool,
-             backend: Any, runner: Any, trial_fn: Any, t_start: float) -> Suggestion:
+             memory_limit: int | None, small_batch: int, check_norms: bool, critical: bool, store: Any, quick: bool,
+             progress: bool, backend: Any, runner: Any, trial_fn: Any, t_start: float) -> Suggestion:
     st = open_store(store)
     task.check(device)
-    cost = cost_budget if cost_budget is not None else (budget // 2 if quick else budget)
+    cost = cost_budget if cost_budget is not None else budget
     m = measure(task, rng, cost, device=device, memory_limit=memory_limit, quick=quick, store=st, progress=progress,
                 seed=seeds[0])
     if cap_note:
@@ -683,7 +714,7 @@ def _suggest(task: Task, rng: BatchRange, cap_note: str | None, seeds: list[int]
         else:
             budget = max(1, int(time_budget * own / t_own))
             if cost_budget is None:
-                cost = budget // 2 if quick else budget
+                cost = budget
     obj = Objective(kind, budget, time_budget if kind == "time" else None, task.metric_name, task.higher_is_better)
     p = predict(task, rng, m, obj, max_candidates)
     used = sum(m.examples.values())
@@ -693,7 +724,7 @@ def _suggest(task: Task, rng: BatchRange, cap_note: str | None, seeds: list[int]
                trial_fn=trial_fn, eta=eta, precise=precise)
     c = confirm(s, m, p, obj)
     a = advise(task, c, s, m, obj, seeds, cost - used - s.examples, device=device, store=st, runner=runner,
-               backend=backend, small_batch=small_batch, check_norms=check_norms)
+               backend=backend, small_batch=small_batch, check_norms=check_norms, critical=critical, max_batch=rng.high)
     status = "failed" if c.batch is None else ("ok" if c.supported else "not supported")
     if c.batch is None:
         headline = f"{task.name}: no batch size could be recommended ({c.message})"
@@ -703,7 +734,7 @@ def _suggest(task: Task, rng: BatchRange, cap_note: str | None, seeds: list[int]
         warn = "" if c.supported else " - NOT SUPPORTED: no better than a trivial baseline"
         headline = (f"{task.name}: batch size {c.batch}{acc}, learning rate {a.lr:.4g} ({task.optimizer}, "
                     f"{default_lr_rule(task.optimizer)} scaling){tie}{warn}")
-    examples = {**m.examples, "search": s.examples, "norm": a.examples}
+    examples = {**m.examples, "search": s.examples, "advice": a.examples}
     return Suggestion(
         task=task.name, status=status, batch_size=c.batch, micro_batch=a.micro_batch, accumulation=a.accumulation,
         lr=a.lr, optimizer=task.optimizer, rule=default_lr_rule(task.optimizer), headline=headline,

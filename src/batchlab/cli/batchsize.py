@@ -73,6 +73,8 @@ def cmd_suggest(args: argparse.Namespace) -> int:
 
     task = load_task(args)
     _check_range(args, task)
+    if args.time_budget is not None and args.objective != "time":
+        raise CliError(f"--time-budget needs --objective time, got --objective {args.objective}")
     if args.seeds < 2:
         raise CliError(f"--seeds must be >= 2 (the seed-to-seed noise needs two), got {args.seeds}")
     from batchlab.distributed.ray_backend import backend_from_args
@@ -85,7 +87,8 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     try:
         s = suggest(
             task, device=args.device, low=args.low, high=args.high, seeds=tuple(range(args.seeds)),
-            budget_epochs=args.budget, check_fraction=args.check_fraction, memory_limit=args.memory_limit,
+            budget_epochs=args.budget, objective=args.objective, time_budget=args.time_budget,
+            cost_budget=args.cost_budget, memory_limit=args.memory_limit, critical=args.critical,
             store=out, quick=args.quick, progress=not args.quiet, backend=backend,
         )
     except ValueError as e:
@@ -94,7 +97,8 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     index = write_suggestion_report(s, out)
     print(s.summary())
     print(f"report: {index}")
-    print(f"examples processed: {s.total_examples} ({s.budget_examples} per full training run); {s.wall_time:.1f} s")
+    print(f"examples processed: {s.total_examples} (bound {s.cost_budget}; {s.budget_examples} per full training run); "
+          f"{s.wall_time:.1f} s")
     return 0 if s.status == "ok" else 1
 
 
@@ -196,12 +200,19 @@ def register(sub: Any) -> None:
     add_task_args(p)
     _range_args(p)
     p.add_argument("--budget", type=positive_float, default=None, help="full training budget in epochs (default: the task's)")
-    p.add_argument("--check-fraction", type=positive_float, default=0.04,
-                   help="per-trial budget of the screening walk as a fraction of --budget (default 0.04)")
-    p.add_argument("--seeds", type=positive_int, default=2, help="seeds per checked batch (>= 2, default 2)")
+    p.add_argument("--objective", choices=("time", "epochs"), default="time",
+                   help="time: best metric within the time of one full run at the task's batch (default); "
+                        "epochs: best metric after --budget epochs")
+    p.add_argument("--time-budget", type=positive_float, default=None,
+                   help="seconds of one full training run (objective time; default: measured at the task's batch)")
+    p.add_argument("--cost-budget", type=positive_int, default=None,
+                   help="examples suggest may process in all (default: one full training run)")
+    p.add_argument("--seeds", type=positive_int, default=2, help="seeds of the last rung (>= 2, default 2)")
+    p.add_argument("--critical", action="store_true",
+                   help="also measure the critical batch over training and offer a batch-size warmup (extra cost)")
     p.add_argument("--memory-limit", type=memory_size, default=None, help="bytes a step may use, e.g. 4G (CPU default: half the available RAM)")
     p.add_argument("--out", default="batchlab-suggest", help="output folder: index.html, suggestion.json, batchlab.db")
-    p.add_argument("--quick", action="store_true", help="fewer measurements (half the noise steps and check budget)")
+    p.add_argument("--quick", action="store_true", help="shorter measurements, at most 4 candidates")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     from batchlab.distributed.ray_backend import add_backend_args
 

@@ -1,0 +1,262 @@
+"""suggest, second edition: batch arithmetic, the objective, successive halving on known curves, the
+confirmation's verdicts, precise-BN scoring, RNG untouched, a fake runner, and the three outside-style
+models through the API."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from batchlab.batchsize.batches import BatchRange, Split, budget_in_examples, pow2_floor, powers_of_two
+from batchlab.batchsize.halving import RungTrial, plan_rungs, successive_halving
+from batchlab.batchsize.objective import Objective, SeedStats, se_of_difference
+from conftest import make_toy_task
+
+sys.path.insert(0, str(Path(__file__).parent / "byo"))
+
+ACC = Objective("epochs", 1000, None, "accuracy", True)
+LOSS = Objective("epochs", 1000, None, "loss", False)
+
+
+# ----------------------------------------------------------------------------- batch arithmetic
+def test_batch_arithmetic() -> None:
+    assert [pow2_floor(x) for x in (0, 1, 2, 3, 8, 9.9, math.nan)] == [1, 1, 2, 2, 8, 8, 1]
+    assert powers_of_two(3, 40) == [4, 8, 16, 32]
+    r, note = BatchRange(2, 512).capped(100)
+    assert (r.low, r.high) == (2, 100) and "training-set size" in note and r.sizes() == [2, 4, 8, 16, 32, 64]
+    r, note = BatchRange(2, 64).capped(1000, memory_max=16)
+    assert r.high == 16 and "memory maximum" in note
+    assert BatchRange(2, 64).capped(1000, memory_max=16, accumulate=True)[0].high == 64
+    assert Split.of(64, 16) == Split(16, 4) and Split.of(8, 16) == Split(8, 1) and Split.of(64, 24).micro == 16
+    assert budget_in_examples(100, epochs=2.5) == 250 and budget_in_examples(100, examples=7) == 7
+    with pytest.raises(ValueError, match="low must be <= high, got low=8 > high=4"):
+        BatchRange(8, 4)
+    with pytest.raises(ValueError, match="high must be a positive integer, got 0"):
+        BatchRange(1, 0)
+    with pytest.raises(ValueError, match=r"low must be <= the training-set size \(5 examples\), got 8"):
+        BatchRange(8, 16).check_data(5)
+    with pytest.raises(ValueError, match="not both"):
+        budget_in_examples(10, epochs=1, examples=10)
+    with pytest.raises(ValueError, match="not a multiple of the micro-batch 16"):
+        Split.of(40, 16)
+
+
+# ----------------------------------------------------------------------------- objective
+def test_objective_keeps_the_metric_direction() -> None:
+    assert ACC.better(0.9, 0.8) and not ACC.better(0.8, 0.9) and LOSS.better(1.2, 1.5)
+    assert LOSS.best_of({2: 1.5, 8: 1.2, 32: math.nan}) == 8 and ACC.best_of({2: 0.5, 8: 0.7}) == 8
+    assert LOSS.gap(1.2, 1.5) == pytest.approx(0.3) and ACC.gap(0.9, 0.8) == pytest.approx(0.1)
+    assert "lowest validation loss" in LOSS.describe() and "fastest" in LOSS.describe()
+    assert "within 12.5 s" in Objective("time", 10, 12.5, "accuracy", True).describe()
+    with pytest.raises(ValueError, match="objective must be one of time, epochs, got 'speed'"):
+        Objective("speed", 1, None, "accuracy", True)
+    a, b = SeedStats.of([1.0, 3.0]), SeedStats.of([2.0, 2.0])
+    assert a.mean == 2.0 and a.se == pytest.approx(1.0) and se_of_difference(a, b) == pytest.approx(1.0)
+    assert not SeedStats.of([1.0, math.nan]).ok
+
+
+# ----------------------------------------------------------------------------- successive halving
+class Curves:
+    """Known learning curves: metric(batch, examples) with a per-batch asymptote and speed."""
+
+    def __init__(self, final: dict[int, float], rate: dict[int, float], higher: bool = True, noise: float = 0.0):
+        self.final, self.rate, self.higher, self.noise = final, rate, higher, noise
+        self.calls: list[tuple[int, float, int, int]] = []
+
+    def metric(self, b: int, examples: float, seed: int) -> float:
+        done = 1 - math.exp(-examples * self.rate[b])
+        jitter = self.noise * (1 if seed % 2 else -1)
+        return (self.final[b] * done if self.higher else 3 - (3 - self.final[b]) * done) + jitter
+
+    def __call__(self, batches: list[int], budget: float, seeds: list[int], rung: int) -> list[RungTrial]:
+        out = []
+        for b in batches:
+            for s in seeds:
+                self.calls.append((b, budget, s, rung))
+                out.append(RungTrial(batch=b, seed=s, rung=rung, metric=self.metric(b, budget, s), status="ok",
+                                     examples=int(budget), seconds=budget / b))
+        return out
+
+
+def test_plan_rungs_fits_the_budget() -> None:
+    plan = plan_rungs(8, 10_000, eta=2, seeds_last=2, seeds_early=1)
+    assert [c for c, _ in plan] == [8, 4, 2]
+    assert [b / plan[0][1] for _, b in plan] == [1, 2, 4]
+    cost = sum(c * (2 if k == len(plan) - 1 else 1) * b for k, (c, b) in enumerate(plan))
+    assert cost == pytest.approx(10_000)
+    assert plan_rungs(4, 100, per_trial_overhead=50) == []
+
+
+def test_halving_promotes_the_better_half_and_compares_winners_at_the_next_rung() -> None:
+    # batch 64 learns slowly but ends best; 4 learns fast and ends worst
+    final = {4: 0.70, 8: 0.75, 16: 0.80, 32: 0.85, 64: 0.90}
+    rate = {4: 0.02, 8: 0.01, 16: 0.005, 32: 0.003, 64: 0.002}
+    c = Curves(final, rate)
+    plan = plan_rungs(4, 4000)
+    rungs, trials, survivors = successive_halving([8, 16, 32, 64], [b for _, b in plan], c, ACC,
+                                                  [[0]] * (len(plan) - 1) + [[0, 1]])
+    assert len(rungs) == 2 and rungs[0].tested == [8, 16, 32, 64]
+    # the winners of rung 0 are exactly those compared at rung 1, at twice the budget
+    assert rungs[0].promoted == rungs[1].tested and len(rungs[1].tested) == 2
+    assert rungs[1].budget == pytest.approx(2 * rungs[0].budget)
+    top = sorted(rungs[0].tested, key=lambda b: -c.metric(b, rungs[0].budget, 0))[:2]
+    assert sorted(rungs[1].tested) == sorted(top)
+    assert survivors[0] == max(rungs[1].tested, key=lambda b: c.metric(b, rungs[1].budget, 0))
+    assert {t.seed for t in trials if t.rung == 1} == {0, 1}
+
+
+def test_halving_on_a_loss_picks_the_lowest_and_gives_large_batches_a_bye() -> None:
+    final = {4: 2.0, 64: 1.0}
+    c = Curves(final, {4: 0.01, 64: 0.01}, higher=False)
+    rungs, _, survivors = successive_halving(
+        [4, 64], [100, 200, 400], c, LOSS, [[0], [0], [0, 1]], testable=lambda b, budget: budget >= 4 * b,
+    )
+    assert rungs[0].byes == [64] and rungs[0].tested == [4]  # 100 examples = 1.6 steps at 64: not judged
+    assert 64 in rungs[0].promoted and rungs[-1].tested == [4, 64]
+    assert survivors[0] == 64  # the lower loss wins; the loss is never negated
+    assert all(t[0] != 64 or t[1] >= 400 for t in c.calls)
+
+
+# ----------------------------------------------------------------------------- confirm: verdicts
+def _confirm(stats: dict[int, tuple[float, float]], baseline: float, objective: Objective = ACC, eps=None):
+    from types import SimpleNamespace
+
+    from batchlab.batchsize.suggest import SearchResult, confirm
+
+    rung = {"index": 0, "budget": 100.0, "seeds": [0, 1], "tested": list(stats), "byes": [], "promoted": list(stats),
+            "stats": {str(b): {"mean": m, "se": se, "n": 2, "failed": 0, "seconds": 1.0} for b, (m, se) in stats.items()}}
+    s = SearchResult(plan=[], unit="examples", rungs=[rung], trials=[], survivors=list(stats), examples=0, seconds=0.0)
+    m = SimpleNamespace(baseline=baseline, baseline_kind="the majority-class rate")
+    eps = eps or {b: float(b) for b in stats}
+    p = SimpleNamespace(candidates=[{"batch_size": b, "examples_per_sec": e} for b, e in eps.items()])
+    return confirm(s, m, p, objective)
+
+
+def test_not_separable_prefers_the_fastest() -> None:
+    c = _confirm({8: (0.80, 0.02), 32: (0.79, 0.02), 128: (0.70, 0.01)}, baseline=0.1)
+    assert c.tied == [8, 32] and c.batch == 32 and c.best == 8 and not c.separable and c.supported
+    assert "not separable by more than their seed noise" in c.message and "the fastest of them, 32" in c.message
+    c = _confirm({8: (0.80, 0.001), 32: (0.79, 0.001)}, baseline=0.1)
+    assert c.batch == 8 and c.separable and "better than 32 by more than the seed noise" in c.message
+
+
+def test_no_better_than_the_baseline_is_not_supported() -> None:
+    c = _confirm({8: (0.52, 0.01), 32: (0.51, 0.01)}, baseline=0.515)
+    assert not c.supported and "Recommendation not supported" in c.message and "majority-class" in c.message
+    c = _confirm({8: (2.1, 0.05), 32: (2.0, 0.05)}, baseline=4.2, objective=LOSS)
+    assert c.supported and c.best == 32
+
+
+# ----------------------------------------------------------------------------- precise BN scoring
+def test_fit_trial_scores_batchnorm_after_precise_bn() -> None:
+    from batchlab.batchsize.search import fit_trial
+    from batchlab.norm import precise_bn
+    from batchlab.train import TrainConfig, evaluate, fit
+
+    task = make_toy_task(n_train=256)
+    cfg = TrainConfig(batch_size=128, max_examples=512, lr=0.1, seed=3, eval_train=False)
+    d = fit_trial(task, cfg)
+    assert d["status"] == "ok" and "metric_stale" in d and d["precise_bn_examples"] == 256
+    # the same run by hand: the stale metric is fit's, the scored one is after precise BN
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        model = task.make_model()
+    r = fit(task, cfg, model=model)
+    assert d["metric_stale"] == pytest.approx(r.final["val_metric"])
+    x = task.train_set.x
+    perm = torch.randperm(256, generator=torch.Generator().manual_seed(3))  # iterate_batches' first epoch
+    precise_bn(model, [x[perm[i:i + 64]] for i in range(0, 256, 64)], num_batches=4)
+    _, want = evaluate(model, task.val_source, task)
+    assert d["metric"] == pytest.approx(want)
+    assert d["bn_health"] is not None and set(d["bn_health"]) >= {"ok", "problems"}
+    no_bn = fit_trial(task, cfg.replace(norm="layer"))
+    assert "metric_stale" not in no_bn
+
+
+# ----------------------------------------------------------------------------- suggest end to end
+FAST = dict(budget_epochs=8, high=64, seeds=(0, 1), objective="epochs")
+
+
+class FakeRunner:
+    """A runner that trains nothing: known curves, and a record of every trial it was given."""
+
+    def __init__(self) -> None:
+        self.trials: list = []
+
+    def run(self, trials, store=None, *, kind="", progress=False, retry_failed=False):
+        out = []
+        for t in trials:
+            self.trials.append(t)
+            b = t.config.batch_size * t.config.accumulation
+            ex = t.config.max_examples
+            m = 0.9 * (1 - math.exp(-ex / (40.0 * b ** 0.5))) + 0.001 * t.config.seed
+            out.append({"status": "ok", "metric": m, "examples": ex, "time": ex / b * 1e-3, "steps": ex // b})
+        return out
+
+
+def test_suggest_with_a_fake_runner_leaves_the_rng_and_is_bounded(tmp_path) -> None:
+    from batchlab.batchsize import Suggestion, suggest
+
+    task = make_toy_task(n_train=512)
+    runner = FakeRunner()
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    s = suggest(task, runner=runner, store=tmp_path, **FAST)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's RNG is untouched
+    assert runner.trials and {t.config.seed for t in runner.trials} == {0, 1}
+    assert s.status == "ok" and s.batch_size in s.confirm.tied and s.headline.startswith("toy: batch size")
+    assert s.total_examples <= s.cost_budget == 8 * 512  # one full run
+    # every rung's tested batches are the previous rung's promoted ones (byes included)
+    rungs = s.search.rungs
+    for a, b in zip(rungs, rungs[1:]):
+        assert set(b["tested"]) | set(b["byes"]) == set(a["promoted"])
+    again = Suggestion.from_dict(__import__("json").loads(s.to_json()))
+    assert again.batch_size == s.batch_size and again.confirm.tied == s.confirm.tied
+    page = __import__("batchlab.batchsize.report", fromlist=["x"]).write_suggestion_report(s, tmp_path).read_text()
+    assert page.index("Recommendation") < page.index("Candidates: time and quality") < page.index("Evidence: measurements")
+    assert "validation accuracy" in page
+
+
+def test_suggest_builds_a_task_from_torch_and_checks_arguments() -> None:
+    from batchlab.batchsize import suggest
+
+    toy = make_toy_task(n_train=256)
+    with pytest.raises(ValueError, match="give task=, or model=, train= and val="):
+        suggest(model=toy.model_fn)
+    with pytest.raises(ValueError, match="task= was given, so lr, model must not be"):
+        suggest(toy, model=toy.model_fn, lr=0.1)
+    with pytest.raises(ValueError, match="objective must be one of time, epochs, got 'best'"):
+        suggest(toy, objective="best")
+    with pytest.raises(ValueError, match="time_budget needs objective='time'"):
+        suggest(toy, objective="epochs", time_budget=3.0)
+    s = suggest(model=lambda: toy.model_fn(norm="layer"), train=toy.train_set, val=toy.val_set, name="nb",
+                lr=0.1, batch_size=32, epochs=8, high=64, runner=FakeRunner())
+    assert s.task == "nb" and s.objective["kind"] == "time" and s.objective["time_budget"] > 0
+
+
+# ----------------------------------------------------------------------------- the three outside-style models
+@pytest.mark.parametrize(("module", "kwargs"), [
+    ("cifar_resnet", dict(n_train=128, n_val=64, num_workers=0, epochs=8)),
+    ("char_gpt", dict(n_chars=6000, epochs=2, block_size=16)),
+    ("hf_style", dict(n_train=128, n_val=64, epochs=8)),
+])
+def test_suggest_quick_on_outside_style_models(module, kwargs) -> None:
+    import importlib
+
+    from batchlab.batchsize import suggest
+
+    task = importlib.import_module(module).make_task(**kwargs)
+    before = torch.random.get_rng_state()
+    s = suggest(task, quick=True, high=32, objective="epochs")
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert s.status in ("ok", "not supported") and s.batch_size is not None
+    assert s.total_examples <= s.cost_budget
+    assert f"validation {task.metric_name}" in s.confirm.message or task.metric_name in s.confirm.message
+    if task.metric_name == "loss":  # lower is better, never negated
+        assert s.objective["higher_is_better"] is False and all(v > 0 for v in s.confirm.means.values())
+    if module == "cifar_resnet":
+        assert any("metric_stale" in t["extra"] for t in s.search.trials)  # BatchNorm scored after precise BN

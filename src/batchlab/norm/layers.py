@@ -165,8 +165,8 @@ class RenormSchedule:
 
     def limits(self, step: int | Tensor) -> tuple[Any, Any]:
         """``(rmax, dmax)`` at training step ``step`` (0-based): floats for an int step, 0-d
-        float64 tensors for a tensor step (``num_batches_tracked`` itself, so that neither eager
-        mode nor ``torch.compile`` has to read the counter back with ``.item()``)."""
+        float64 tensors for a tensor step (what ``torch.compile`` traces, so that the compiled
+        graph never reads the counter back with ``.item()``)."""
         if isinstance(step, Tensor):
             s: Any = step.to(torch.float64)
             started = (s >= self.warmup_steps).to(torch.float64)
@@ -244,12 +244,15 @@ class _BatchRenorm(_CheckedBatchNorm):
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         if self.running_mean is None or self.num_batches_tracked is None:
             raise ValueError(f"{type(self).__name__} needs its running statistics in training, got running_mean=None")
-        rmax, dmax = self.schedule.limits(self.num_batches_tracked)
+        # the step as a tensor while compiling (no .item(), no graph break); eagerly as a Python
+        # int, which saves the dozen tiny tensor ops of the schedule and the factor per step
+        step: int | Tensor = self.num_batches_tracked.double() if torch.compiler.is_compiling() else int(self.num_batches_tracked.item())
+        rmax, dmax = self.schedule.limits(step)
         update = self.track_running_stats
         factor: float | Tensor = 0.0
         if update:
             self.num_batches_tracked.add_(1)
-            factor = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.double()
+            factor = self.momentum if self.momentum is not None else 1.0 / (step + 1)
         return BF.batch_renorm(
             x, self.running_mean, self.running_var, self.weight, self.bias, True, factor, self.eps, rmax, dmax, update
         )

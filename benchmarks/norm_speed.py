@@ -6,6 +6,7 @@ Usage::
     .venv/bin/python benchmarks/norm_speed.py --quick    # smaller shapes
     .venv/bin/python benchmarks/norm_speed.py --no-sync  # skip the two-rank SyncBatchNorm run
     .venv/bin/python benchmarks/norm_speed.py --channels-last  # image inputs in channels_last
+    .venv/bin/python benchmarks/norm_speed.py --shape 1024,512 --repeats 41  # one shape, more repeats
 
 Each row times ``y = layer(x); y.backward(g)`` for the batchlab layer and for its torch baseline
 on the same input, interleaved (ours, torch, ours, torch, ...) so that load on the machine hits
@@ -48,7 +49,7 @@ def _step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[[], No
 
 def time_pair(
     ours: Callable[[], None], ref: Callable[[], None], repeats: int, warmup: int = 2, min_sample_s: float = 0.02,
-    agree: Callable[[int], int] | None = None,
+    agree: Callable[[int], int] | None = None, clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[float, float, float]:
     """Median seconds per call of ``ours`` and ``ref``, measured interleaved, and the ratio of
     their minimums (less sensitive to other processes on a shared machine).
@@ -56,22 +57,24 @@ def time_pair(
     Each sample times a block of calls lasting at least ``min_sample_s`` (the same count for both),
     so sub-millisecond layers are not measured at the timer's and the scheduler's resolution.
     ``agree`` maps this process's block length to the one all processes use (collective layers
-    must make the same number of calls on every rank)."""
+    must make the same number of calls on every rank). ``clock`` is wall time by default;
+    ``time.process_time`` counts only the CPU time of this process, so time spent waiting for a
+    core on a loaded machine drops out (right for one-process rows with one thread)."""
     for _ in range(warmup):
         ours()
         ref()
-    t0 = time.perf_counter()
+    t0 = clock()
     ref()
-    one = max(time.perf_counter() - t0, 1e-6)
+    one = max(clock() - t0, 1e-6)
     inner = max(1, min(1000, int(min_sample_s / one)))
     if agree is not None:
         inner = agree(inner)
 
     def block(fn: Callable[[], None]) -> float:
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(inner):
             fn()
-        return (time.perf_counter() - t0) / inner
+        return (clock() - t0) / inner
 
     t_ours, t_ref = [], []
     for i in range(repeats):
@@ -90,6 +93,8 @@ def cases(shape: tuple[int, ...]) -> list[tuple[str, nn.Module, nn.Module, float
     ghost = N.GhostBatchNorm1d if spatial <= 1 else N.GhostBatchNorm2d
     vbs = 32 if shape[0] >= 64 else max(2, shape[0] // 4)
     out = [
+        # the noise floor: two instances of the same torch layer (any ratio but 1.00 is noise)
+        ("control: torch BatchNorm vs itself", torch_bn(c), torch_bn(c), 1.05),
         ("BatchNorm", ours_bn(c), torch_bn(c), 1.05),
         ("GroupNorm(8)", N.GroupNorm(c, 8), nn.GroupNorm(8, c), 1.05),
         ("LayerNorm(C,*)", N.LayerNorm(shape[1:]), nn.LayerNorm(shape[1:]), 1.05),
@@ -149,15 +154,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--only", default=None, help="run only layers whose name contains this text (SyncBatchNorm: 'Sync')")
     ap.add_argument("--channels-last", action="store_true", help="4-D inputs in channels_last memory format")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall time (default) or this process's CPU time for the one-process rows (robust to a loaded machine; "
+                         "SyncBatchNorm rows always use wall time, since waiting for the other rank is part of their cost)")
+    ap.add_argument("--shape", action="append", default=None, help="run this shape only, e.g. 1024,512 (repeatable)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    if args.shape:
+        shapes = [tuple(int(v) for v in text.split(",")) for text in args.shape]
     repeats = args.repeats or (5 if args.quick else 9)
     torch.manual_seed(0)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     layout = ", channels_last images" if args.channels_last else ""
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores (load average {load:.1f}), medians of {repeats} interleaved repeats (forward + backward){layout}")
+    clock_note = ", CPU time of this process (SyncBatchNorm rows: wall time)" if args.clock == "cpu" else ", wall time"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores (load average {load:.1f}), medians of {repeats} interleaved repeats (forward + backward){layout}{clock_note}")
     print()
     print("| shape | layer | batchlab ms | torch ms | ratio of medians | ratio of minimums | target |")
     print("|---|---|---:|---:|---:|---:|---:|")
@@ -167,7 +179,8 @@ def main() -> None:
         for name, ours, ref, target in cases(shape):
             if args.only and args.only not in name:
                 continue
-            t_o, t_r, r_min = time_pair(_step(ours, x, g), _step(ref, x, g), repeats)
+            clock = time.process_time if args.clock == "cpu" else time.perf_counter
+            t_o, t_r, r_min = time_pair(_step(ours, x, g), _step(ref, x, g), repeats, clock=clock)
             flag = "" if t_o / t_r <= target else " (over)"
             flag_min = "" if r_min <= target else " (over)"
             print(f"| {tuple(shape)} | {name} | {t_o * 1e3:.2f} | {t_r * 1e3:.2f} | {t_o / t_r:.2f}{flag} | {r_min:.2f}{flag_min} | {target} |", flush=True)

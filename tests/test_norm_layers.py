@@ -436,7 +436,7 @@ def test_ghost_bn_without_affine_and_channels_last(affine: bool) -> None:
     torch.manual_seed(3)
     ghost = N.GhostBatchNorm2d(3, virtual_batch_size=3, affine=affine, momentum=None).double()
     ref = nn.BatchNorm2d(3, affine=affine, momentum=None).double()
-    for layout in (torch.contiguous_format, torch.channels_last):  # slice-writing path and concatenation path
+    for layout in (torch.contiguous_format, torch.channels_last):  # the slice-writing path in both layouts
         x = (torch.randn(8, 3, 4, 4, dtype=torch.float64) * 2 + 1).to(memory_format=layout).requires_grad_()
         xr = x.detach().clone().requires_grad_()
         y, yr = ghost(x), torch.cat([ref(c) for c in xr.split(3)])
@@ -448,3 +448,19 @@ def test_ghost_bn_without_affine_and_channels_last(affine: bool) -> None:
         assert_close(ghost.running_var, ref.running_var, 1e-12, 1e-12, f"ghost affine={affine} {layout} running_var")
     if affine:
         assert_close(ghost.weight.grad, ref.weight.grad, 1e-10, 1e-10, "ghost weight grad")
+
+
+def test_ghost_bn_on_a_strided_input_concatenates_and_matches_the_loop() -> None:
+    torch.manual_seed(4)
+    ghost = N.GhostBatchNorm2d(3, virtual_batch_size=3).double()
+    ref = nn.BatchNorm2d(3).double()
+    x = (torch.randn(8, 3, 4, 8, dtype=torch.float64) * 2 + 1)[..., ::2].requires_grad_()  # neither layout is dense
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    xr = x.detach().clone().requires_grad_()
+    y, yr = ghost(x), torch.cat([ref(c) for c in xr.split(3)])
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    yr.backward(gy)
+    assert_close(y, yr, 1e-12, 1e-12, "ghost strided output")
+    assert_close(x.grad, xr.grad, 1e-10, 1e-10, "ghost strided input grad")
+    assert_close(ghost.running_var, ref.running_var, 1e-12, 1e-12, "ghost strided running_var")

@@ -27,7 +27,8 @@ first real step after tuning, a search past the data set size):
   of ``B`` takes the ``B`` largest (repeating them when ``B`` exceeds the scan). A padding collate
   then pads to the longest length: the worst batch training can meet. The ratio of the largest to
   the mean example is reported (``longest``).
-- **Never past the data set.** Candidates stop at the size of the split measured.
+- **Never past the data set.** Candidates stop at the size of the split measured (under DDP at each
+  rank's share of it: a ``DistributedSampler`` gives a rank no more per epoch).
 - **Evaluation separately** (``mode="eval"``): forward only, in eval mode, without gradients, on
   the validation split; such a batch is usually several times larger, and an evaluation OOM says
   nothing about the training batch.
@@ -173,7 +174,8 @@ class MaxBatchResult:
         mode: "train" (forward, backward, optimizer step) or "eval" (forward without gradients).
         margin: the safety margin: a trial fits within ``(1 - margin) * limit``.
         budget_bytes: that budget in bytes (None on CUDA when it could not be read).
-        n_examples: the size of the split measured (None for a data set without a length).
+        n_examples: the size of the split measured (None for a data set without a length); under DDP
+            each rank's share, ``ceil(size / world_size)``.
         longest: how trial batches were made: ``scanned`` examples sized, the ``max`` and ``mean``
             bytes of one example and their ``ratio`` (1.0 for fixed-size data).
         world_size: ranks that agreed on every trial (1 without ``torch.distributed``).
@@ -471,7 +473,7 @@ def max_batch_size(
         model, optimizer: measure these (default: a fresh ``task.make_model`` and the task's
             optimizer). Their state is bitwise unchanged afterwards, also after an exception.
         low: smallest batch considered (2 by default: BatchNorm cannot train on one sample).
-        high: largest batch considered; always capped at the split's size.
+        high: largest batch considered; always capped at the split's size (per rank under DDP).
         probe_batches: small batches measured for the linear memory fit.
         norm: the model's norm when ``model`` is None (default: the task's).
         mode: "train" (a training step on the training split) or "eval" (forward without
@@ -508,6 +510,9 @@ def max_batch_size(
         n = None
     if n is None and high is None:
         raise ValueError(f"the {split} set of task {task.name!r} has no length: give high= (the largest batch to consider)")
+    agree = RankAgreement(process_group, distributed)
+    if n is not None and agree.enabled:
+        n = math.ceil(n / agree.world_size)  # each rank's share: a DistributedSampler gives a rank no more per epoch
     top = n if n is not None else high
     assert top is not None
     if not isinstance(low, int) or isinstance(low, bool) or not 1 <= low <= top:
@@ -523,7 +528,6 @@ def max_batch_size(
     capped_by = "data" if n is not None and (high is None or high >= n) else "high"
     if dev.type == "cpu" and memory_limit is None:
         memory_limit = default_memory_limit("cpu")
-    agree = RankAgreement(process_group, distributed)
 
     # one snapshot of every RNG around everything: building the model, scanning (augmented) data, the trials
     with preserved_state():

@@ -219,13 +219,22 @@ class GradientNoiseScaleCallback(pl.Callback):
 
         with _Silenced(pl_module):
             got = split_sqnorms(pl_module, self._params(pl_module), n, loss_of_rows)
-        if got is None:
+        if trainer.world_size > 1:
+            # every rank measured its own batch: average the two norms over the ranks that could (every
+            # rank joins the reduction, also one whose batch was too small, so none waits for another)
+            small, big, h = got if got is not None else (0.0, 0.0, 0)
+            ok = 1.0 if got is not None else 0.0
+            t = torch.tensor([small * ok, big * ok, ok, float(h)], dtype=torch.float64, device=pl_module.device)
+            t = trainer.strategy.reduce(t, reduce_op="sum")
+            low = trainer.strategy.reduce(torch.tensor([float(h)], dtype=torch.float64, device=pl_module.device),
+                                          reduce_op="min")
+            if float(t[2]) < trainer.world_size or float(t[3]) != float(low[0]) * trainer.world_size:
+                return  # some rank had no measurement, or the ranks' batches differ in size
+            small, big = float(t[0]) / trainer.world_size, float(t[1]) / trainer.world_size
+        elif got is None:
             return
-        small, big, h = got
-        if trainer.world_size > 1:  # every rank measured its own batch: average the two norms
-            both = trainer.strategy.reduce(torch.tensor([small, big], dtype=torch.float64, device=pl_module.device),
-                                           reduce_op="mean")
-            small, big = float(both[0]), float(both[1])
+        else:
+            small, big, h = got
         self._record(trainer, pl_module, small, big, h, 2 * h, "split")
 
     def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, small: float, big: float, b_small: int,

@@ -148,6 +148,9 @@ def main() -> None:
     ap.add_argument("--cost-runs", type=float, default=3.0,
                     help="suggest's cost budget in full training runs (default 3: within the 10%% of a 9-batch x 4-seed "
                          "grid = 3.6 runs; suggest's own default is 1)")
+    ap.add_argument("--objective", choices=("epochs", "time"), default="epochs",
+                    help="suggest's objective (epochs: the grid's fixed budget; time: within the time of one full run "
+                         "at the task's own batch)")
     ap.add_argument("--max-candidates", type=int, default=None, help="suggest's max_candidates (default: suggest's)")
     ap.add_argument("--grid-only", action="store_true", help="run the grids only (no suggest)")
     ap.add_argument("--grid-store", default=None, help="the grids' results store (default OUT/store.db), to share one")
@@ -184,7 +187,7 @@ def main() -> None:
         if not args.grid_only:
             s_seeds = tuple(args.suggest_seed_offset + i for i in range(2))
             t0 = time.perf_counter()
-            s = suggest(task, seeds=s_seeds, budget_examples=budget, objective="epochs",
+            s = suggest(task, seeds=s_seeds, budget_examples=budget, objective=args.objective,
                         cost_budget=round(args.cost_runs * budget),
                         **({} if args.max_candidates is None else {"max_candidates": args.max_candidates}),
                         store=Store(out / f"suggest-{spec.replace(':', '_')}.db"))
@@ -192,7 +195,7 @@ def main() -> None:
                 "suggested_batch": s.batch_size, "suggested_lr": s.lr, "suggest_seconds": time.perf_counter() - t0,
                 "suggest_examples": s.total_examples, "suggest_breakdown": s.examples_processed,
                 "suggest_status": s.status, "suggest_headline": s.headline, "suggest_seeds": list(s_seeds),
-                "cost_runs": args.cost_runs, "max_candidates": args.max_candidates, "ranked": s.predict.ranked,
+                "cost_runs": args.cost_runs, "objective": args.objective, "max_candidates": args.max_candidates, "ranked": s.predict.ranked,
                 "selected": s.predict.selected, "b_noise": s.b_noise, "halving": s.search.rungs, "confirm": s.confirm.message,
             })
         row["score"] = score(row)

@@ -28,7 +28,7 @@ def test_suggest_end_to_end_and_resume(tmp_path, monkeypatch) -> None:
     assert s.search.trials and all(t["examples"] >= 1 for t in s.search.trials)
     assert math.isfinite(s.b_noise) and s.rationale and s.summary().startswith("toy: batch size")
     again = Suggestion.from_dict(json.loads(s.to_json()))
-    assert again.batch_size == s.batch_size and again.search.rungs == s.search.rungs
+    assert again.batch_size == s.batch_size and json.dumps(again.search.rungs) == json.dumps(s.search.rungs)
     # rerun: every training run comes from the store
     monkeypatch.setattr("batchlab.batchsize.search.fit", lambda *a, **k: pytest.fail("trained again"))
     monkeypatch.setattr("batchlab.batchsize.noise.fit", lambda *a, **k: pytest.fail("noise run trained again"))

@@ -60,7 +60,8 @@ from batchlab.train import TrainConfig, default_lr_rule, evaluate, scale_lr
 SMALL_BATCH = 8  # a per-device batch at or below this with BatchNorm triggers the normalization check
 MIN_STEPS = 4  # a candidate is run at a rung only when the rung gives it at least this many steps
 NOISE_TOLERANCE = 0.2  # B_noise is stable when its last values lie within 20% of their median
-SHARE_THROUGHPUT = 0.10  # at most this fraction of the cost budget for timing steps
+SHARE_MEMORY = 0.05  # at most this fraction of the cost budget for verifying memory with real steps
+SHARE_THROUGHPUT = 0.10  # ... for timing steps
 SHARE_NOISE = 0.15  # ... and for the noise-scale run
 
 
@@ -233,11 +234,15 @@ def _baseline(task: Task, device: str, seed: int) -> tuple[float, str]:
     return best, kind
 
 
-def _memory(task: Task, device: str, memory_limit: int | None, rng: BatchRange) -> tuple[dict[str, Any] | None, int | None, int, str]:
+def _memory(task: Task, device: str, memory_limit: int | None, rng: BatchRange,
+            cap: float) -> tuple[dict[str, Any] | None, int | None, int, str]:
+    """The memory maximum, with real steps only up to what ``cap`` examples afford; above that the
+    memory fit's prediction (``fixed + per_sample x B``) decides."""
     from batchlab.batchsize.memory import max_batch_size
 
+    high = min(rng.high, max(rng.low, pow2_floor(cap / 3)))
     try:
-        mem = max_batch_size(task, device=device, memory_limit=memory_limit, low=rng.low, high=rng.high)
+        mem = max_batch_size(task, device=device, memory_limit=memory_limit, low=rng.low, high=high)
     except (AttributeError, TypeError, NotImplementedError) as e:  # a task the memory probe cannot feed
         return None, None, 0, (f"memory maximum not measured ({type(e).__name__}: {str(e)[:120]}); a trial that runs "
                                "out of memory counts as a failure of its batch")
@@ -245,22 +250,38 @@ def _memory(task: Task, device: str, memory_limit: int | None, rng: BatchRange) 
         raise ValueError(f"not even a batch of low={rng.low} fits in memory ({mem.memory_limit} bytes); lower low or "
                          "raise memory_limit")
     used = int(sum(p[0] for p in mem.probes) + sum(t[0] for t in mem.tried))
+    micro_max: int | None = mem.batch_size
     why = "training-set size" if mem.capped_by == "data" else mem.capped_by
-    return mem.to_dict(), mem.batch_size, used, f"memory: the largest batch whose whole step fits is {mem.batch_size} ({why})"
+    line = f"memory: the largest batch whose whole step fits is {mem.batch_size} ({why})"
+    if mem.capped_by == "high" and high < rng.high:
+        budget_bytes = getattr(mem, "budget_bytes", None) or mem.memory_limit
+        slope = mem.per_sample_bytes
+        if budget_bytes is None or not math.isfinite(slope):
+            micro_max = None
+        else:
+            fits = [b for b in rng.sizes() if mem.fixed_bytes + slope * b <= budget_bytes]
+            micro_max = max([mem.batch_size, *fits])
+        line = (f"memory: steps verified up to batch {mem.batch_size} (larger ones cost more than the measurement's share "
+                f"of the budget); " + ("the memory fit predicts no cap within the range" if micro_max is None or
+                                       micro_max >= rng.high else f"the memory fit predicts a maximum of {micro_max}"))
+        if micro_max is not None and micro_max >= rng.high:
+            micro_max = None
+    return mem.to_dict(), micro_max, used, line
 
 
 def measure(task: Task, rng: BatchRange, cost_budget: int, *, device: str, memory_limit: int | None, quick: bool,
             store: Any, progress: bool, seed: int) -> Measurements:
     """Stage 1 (see the module docstring); every cost is a share of ``cost_budget``."""
     notes: list[str] = []
-    mem, micro_max, mem_examples, line = _memory(task, device, memory_limit, rng)
+    share = 0.5 if quick else 1.0  # quick: half the measurement shares
+    mem, micro_max, mem_examples, line = _memory(task, device, memory_limit, rng, SHARE_MEMORY * share * cost_budget)
     notes.append(line)
     sizes = rng.sizes()
     fits = [b for b in sizes if micro_max is None or b <= micro_max] or [pow2_floor(micro_max or rng.low)]
     # throughput: one warm-up and one or two timed steps per size, the largest sizes dropped (their
     # time is extrapolated) when timing them would cost more than SHARE_THROUGHPUT of the budget
     passes = 2 if quick else 3
-    cap = SHARE_THROUGHPUT * cost_budget
+    cap = SHARE_THROUGHPUT * share * cost_budget
     timed: list[int] = []
     for b in fits:
         if len(timed) >= 2 and (sum(timed) + b) * (passes + 0.25) > cap:
@@ -279,10 +300,10 @@ def measure(task: Task, rng: BatchRange, cost_budget: int, *, device: str, memor
     # noise scale, measured until stable within SHARE_NOISE of the budget
     n = task.n_train
     micro, acc = max(1, min(16, pow2_floor(n // 8), pow2_floor(micro_max or 16))), 4
-    max_steps = int(SHARE_NOISE * cost_budget // (micro * acc))
+    max_steps = int(SHARE_NOISE * share * cost_budget // (micro * acc))
     while max_steps < 30 and micro > 2:
         micro //= 2
-        max_steps = int(SHARE_NOISE * cost_budget // (micro * acc))
+        max_steps = int(SHARE_NOISE * share * cost_budget // (micro * acc))
     max_steps = max(5, min(max_steps, 400))
     ncfg = {"micro_batch": micro, "accumulation": acc, "steps": max_steps, "device": device,
             "until_stable": NOISE_TOLERANCE * (1.5 if quick else 1.0), "window": 8 if quick else 10,
@@ -373,31 +394,36 @@ def search(task: Task, p: Prediction, m: Measurements, objective: Objective, ava
     def testable(b: int, budget: float) -> bool:
         return examples_at(b, budget) >= MIN_STEPS * b
 
-    # plan in examples; in "time" mode a rung's seconds are its examples at the mean candidate speed
-    selected = list(p.selected)
+    # plan in examples; in "time" mode a rung's seconds are its examples at the fastest candidate's speed.
+    # Candidates come from the prediction's order, restricted to batches the last rung can give
+    # MIN_STEPS steps; fewer candidates when the budget cannot hold them.
     notes: list[str] = []
+    pool = [b for b in p.ranked if b in p.selected] + [b for b in p.ranked if b not in p.selected]
+    n = len(p.selected)
     plan: list[tuple[int, float]] = []
-    for _ in range(len(selected)):
+    selected: list[int] = []
+    for _ in range(4 * len(pool) + 4):
+        selected = pool[:n]
         plan = plan_rungs(len(selected), available / 2 if precise else available, eta=eta, seeds_last=len(seeds),
-                          seeds_early=1, per_trial_overhead=PRECISE_BN_BATCH if precise else 0)
+                          seeds_early=1, per_trial_overhead=PRECISE_BN_BATCH / 2 if precise else 0)
         if not plan:
-            if len(selected) <= 2:
+            if n <= 2:
                 break
-            big = max(selected)  # a batch the budget could not give MIN_STEPS steps in a final pair goes first
-            pair = 2 * len(seeds) * (MIN_STEPS * big + (PRECISE_BN_BATCH if precise else 0)) * (2 if precise else 1)
-            worst = big if pair > available else max(selected, key=p.ranked.index)
-            notes.append(f"batch {worst} left out ({'too large' if worst == big and pair > available else 'lowest predicted'}): "
-                         f"the cost budget cannot hold {len(selected)} candidates")
-            selected.remove(worst)
+            n -= 1
             continue
         last = plan[-1][1]
-        ok = [b for b in selected if last >= MIN_STEPS * b]
-        if len(ok) == len(selected) or len(ok) < 2:
+        fit = [b for b in pool if last >= MIN_STEPS * b]
+        if all(b in fit for b in selected):
             break
-        dropped = max(b for b in selected if b not in ok)  # one at a time: fewer candidates, longer rungs
-        notes.append(f"batch {dropped} left out: even the last rung would give it fewer than {MIN_STEPS} steps within "
-                     "the cost budget")
-        selected.remove(dropped)
+        left = [b for b in pool if b not in fit]
+        pool = fit
+        notes.append(f"batches {', '.join(map(str, sorted(left)))} left out: the last rung ({last:.0f} examples per run) "
+                     f"would give them fewer than {MIN_STEPS} steps within the cost budget")
+        if len(pool) < 2:
+            plan = []
+            break
+    if selected and set(selected) != set(p.selected) and plan:
+        notes.append(f"searched {', '.join(map(str, sorted(selected)))} (the best predicted that the cost budget can run)")
     if not plan:
         return SearchResult(plan=[], unit="examples", rungs=[], trials=[], survivors=[], examples=0, seconds=0.0,
                             notes=[f"the cost budget ({available:.0f} examples after the measurements) leaves nothing to "
@@ -644,7 +670,8 @@ def suggest(
             and not bounded by ``cost_budget``) and offer the batch-size warmup following it when
             that is predicted to save steps.
         store: a Store, a path or None; every training run is looked up there first.
-        quick: shorter measurements (fewer timed steps, a looser stability test), at most 4 candidates.
+        quick: half the measurements' shares of the cost budget (fewer timed steps, a looser stability
+            test), at most 4 candidates: more of the budget goes to the search.
         progress: progress bars.
         backend: a parallel trial backend (``map_trials``), e.g. Ray.
         runner: a trial runner (``run(trials, store, kind=)``, :class:`batchlab.runs.LocalRunner`); a

@@ -16,8 +16,8 @@ tries, nothing restored between tries, neither the LR nor the accumulation adjus
 evaluation that shrinks the training batch):
 
 - **Few tries.** Sizes come from the powers of two below the starting batch (and the starting
-  batch itself), largest first: from 128 a batch of 32 is found on the third try, where x0.9 needs
-  thirteen. With ``probe=`` (one training step at a given batch, returning its bytes or None) the
+  batch itself), largest first: from 128 with room for 40, a batch of 32 is found on the third try,
+  where x0.9 needs twelve (to 36). With ``probe=`` (one training step at a given batch, returning its bytes or None) the
   size is *predicted* before the function runs: probes at small batches fit ``memory = fixed +
   per_sample * B`` (the bytes the probe returns, or the CUDA peak), the prediction is checked and
   refined by the pure search of :func:`batchlab.batchsize.search_max_batch` over cheap probe steps,

@@ -240,7 +240,7 @@ def test_suggest_builds_a_task_from_torch_and_checks_arguments() -> None:
 
 # ----------------------------------------------------------------------------- the three outside-style models
 @pytest.mark.parametrize(("module", "kwargs"), [
-    ("cifar_resnet", dict(n_train=128, n_val=64, num_workers=0, epochs=8)),
+    ("cifar_resnet", dict(n_train=128, n_val=64, num_workers=0, epochs=16)),
     ("char_gpt", dict(n_chars=6000, epochs=2, block_size=16)),
     ("hf_style", dict(n_train=128, n_val=64, epochs=8)),
 ])

@@ -63,6 +63,7 @@ NOISE_TOLERANCE = 0.2  # B_noise is stable when its last values lie within 20% o
 SHARE_MEMORY = 0.05  # at most this fraction of the cost budget for verifying memory with real steps
 SHARE_THROUGHPUT = 0.10  # ... for timing steps
 SHARE_NOISE = 0.15  # ... and for the noise-scale run
+NORM_RESERVE = 1 / 3  # of the search budget, kept for the normalization check (BatchNorm, small batches possible)
 
 
 @dataclass
@@ -601,15 +602,19 @@ def _norm_check(task: Task, b: int, sp: Split, lr: float, bn_trials: list[dict[s
         examples += sum(int(d.get("examples", 0)) for d in ds)
         st = SeedStats.of([float(d.get("metric", math.nan)) if d.get("status") == "ok" else math.nan for d in ds])
         out["alternatives"][nm] = {"mean": st.mean, "se": st.se}
-        if st.ok and bn.ok and -objective.gap(bn.mean, st.mean) > se_of_difference(bn, st):
+        gap = objective.gap(bn.mean, st.mean) if st.ok and bn.ok else math.nan  # > 0: BatchNorm is better
+        se = se_of_difference(bn, st) if st.ok and bn.ok else math.nan
+        verdict = "failed" if not st.ok else ("better" if -gap > se else ("worse" if gap > se else "tied"))
+        out["alternatives"][nm]["verdict"] = verdict
+        if verdict == "better":
             better.append(nm)
-    parts = ", ".join(f"{k} {v['mean']:.4g}" for k, v in out["alternatives"].items())
+    parts = ", ".join(f"{k} {v['mean']:.4g} ({v['verdict']})" for k, v in out["alternatives"].items())
     if better:
-        out["message"] = (f"{head}; at {budget} examples per run {', '.join(better)} beat BatchNorm (precise BN) "
-                          f"{bn.mean:.4g} by more than the seed noise ({parts}): consider {better[0]}")
+        out["message"] = (f"{head}; at {budget} examples per run {', '.join(better)} beat BatchNorm with precise BN "
+                          f"({bn.mean:.4g}) by more than the seed noise ({parts}): consider {better[0]}")
     else:
-        out["message"] = (f"{head}; at {budget} examples per run GroupNorm/Ghost BN ({parts}) cannot be told apart from "
-                          f"BatchNorm with precise BN ({bn.mean:.4g}) beyond the seed noise: no normalization advice")
+        out["message"] = (f"{head}; at {budget} examples per run no alternative beats BatchNorm with precise BN "
+                          f"({bn.mean:.4g}) beyond the seed noise ({parts}): no normalization advice")
     out["advised"] = better
     return out, examples
 
@@ -747,8 +752,15 @@ def _suggest(task: Task, rng: BatchRange, cap_note: str | None, seeds: list[int]
     used = sum(m.examples.values())
     bn = has_batchnorm(task.make_model())
     precise = bn and trial_fn is None  # precise BN reads up to as many examples as each run trained on
-    s = search(task, p, m, obj, max(0.0, cost - used), seeds, device=device, store=st, runner=runner, backend=backend,
+    # a BatchNorm model that may end at a small per-device batch: a third of what is left is kept for
+    # measuring the normalization alternatives at the last rung's budget (about what the last rung costs)
+    reserve = NORM_RESERVE if bn and check_norms and min(p.selected) <= small_batch else 0.0
+    left = max(0.0, cost - used)
+    s = search(task, p, m, obj, left * (1 - reserve), seeds, device=device, store=st, runner=runner, backend=backend,
                trial_fn=trial_fn, eta=eta, precise=precise)
+    if reserve:
+        s.notes.append(f"{reserve:.0%} of the search budget was kept for the normalization check a small batch with "
+                       "BatchNorm triggers")
     c = confirm(s, m, p, obj)
     a = advise(task, c, s, m, obj, seeds, cost - used - s.examples, device=device, store=st, runner=runner,
                backend=backend, small_batch=small_batch, check_norms=check_norms, critical=critical, max_batch=rng.high)

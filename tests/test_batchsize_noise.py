@@ -133,3 +133,28 @@ def test_batch_size_schedule() -> None:
         BatchSizeSchedule(32, milestones=(0.7, 0.5))
     assert warmup_factor(0, 4) == 0.25 and warmup_factor(4, 4) == 1.0
     assert goyal_warmup_steps(1024, 10240) == 50 and goyal_warmup_steps(128, 10240) == 0
+
+
+def test_is_stable_rule() -> None:
+    from batchlab.batchsize.noise import is_stable
+
+    assert is_stable([5, 100, 20, 21, 19, 20], window=4, tolerance=0.2)
+    assert not is_stable([20, 21, 19, 30], window=4, tolerance=0.2)  # spread 11/20 > 0.2
+    assert not is_stable([20, 20, math.nan, 20], window=4, tolerance=0.2) and not is_stable([20, 20], 4, 0.2)
+    assert not is_stable([-1.0, -1.0, -1.0], window=3, tolerance=0.5)  # B_simple <= 0 is never stable
+
+
+def test_noise_scale_until_stable_stops_early_and_says_so(toy_task) -> None:
+    from batchlab.batchsize import noise_scale
+    from batchlab.batchsize.noise import is_stable
+
+    fixed = noise_scale(toy_task, micro_batch=4, accumulation=4, steps=60)
+    assert fixed.stable is None and fixed.steps == 60
+    loose = noise_scale(toy_task, micro_batch=4, accumulation=4, steps=60, until_stable=10.0, window=5, min_steps=8)
+    assert loose.stable and loose.stable_at == loose.steps and 8 <= loose.steps < 60
+    values = [h["b_simple"] for h in loose.history]
+    assert is_stable(values, 5, 10.0) and not is_stable(values[:-1], 5, 10.0) or loose.steps == 8
+    strict = noise_scale(toy_task, micro_batch=4, accumulation=4, steps=30, until_stable=1e-9, window=5)
+    assert strict.stable is False and strict.steps == 30
+    with pytest.raises(ValueError, match="until_stable must be None or a positive relative tolerance, got -1"):
+        noise_scale(toy_task, steps=5, micro_batch=4, until_stable=-1)

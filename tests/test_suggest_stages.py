@@ -260,3 +260,17 @@ def test_suggest_quick_on_outside_style_models(module, kwargs) -> None:
         assert s.objective["higher_is_better"] is False and all(v > 0 for v in s.confirm.means.values())
     if module == "cifar_resnet":
         assert any("metric_stale" in t["extra"] for t in s.search.trials)  # BatchNorm scored after precise BN
+
+
+def test_critical_batch_is_reported_and_the_warmup_offered_only_when_it_saves_steps() -> None:
+    from batchlab.batchsize import suggest
+
+    task = make_toy_task(n_train=512)
+    off = suggest(task, runner=FakeRunner(), **FAST)
+    assert off.advise.critical is None and "not measured" in off.advise.lines[-1]
+    s = suggest(task, runner=FakeRunner(), critical=True, **FAST)
+    c = s.advise.critical
+    assert c is not None and c["points"] and s.examples_processed["advice"] > 0
+    assert "critical batch over training" in s.advise.lines[-1]
+    assert c["warmup"] == (c["steps_warmup"] < c["steps_constant"])
+    assert ("option: a batch-size warmup" in s.advise.lines[-1]) == c["warmup"]

@@ -270,8 +270,9 @@ def fit_trial(task: Task, config: TrainConfig, *, precise: bool = True, health: 
     if r.ok and precise and has_batchnorm(model):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            # at most one epoch and PRECISE_BN_EXAMPLES, and no more than the run trained on (at least one batch)
-            use = min(PRECISE_BN_EXAMPLES, max(PRECISE_BN_BATCH, r.examples))
+            # at most one epoch and PRECISE_BN_EXAMPLES, and no more than half of what the run trained on
+            # (at least one batch): forward passes only, a fraction of the run's cost
+            use = min(PRECISE_BN_EXAMPLES, max(PRECISE_BN_BATCH, r.examples // 2))
             out["precise_bn_examples"] = precise_bn_on_task(model, task, seed=config.seed, device=device, examples=use)
             _, m = evaluate(model, task.val_source, task, device=device)
             out["metric_stale"], out["metric"] = out["metric"], float(m)

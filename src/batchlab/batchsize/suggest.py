@@ -63,7 +63,7 @@ NOISE_TOLERANCE = 0.2  # B_noise is stable when its last values lie within 20% o
 SHARE_MEMORY = 0.05  # at most this fraction of the cost budget for verifying memory with real steps
 SHARE_THROUGHPUT = 0.10  # ... for timing steps
 SHARE_NOISE = 0.15  # ... and for the noise-scale run
-NORM_RESERVE = 1 / 3  # of the search budget, kept for the normalization check (BatchNorm, small batches possible)
+NORM_RESERVE = 1 / 4  # of the search budget, kept for the normalization check (BatchNorm, small batches possible)
 
 
 @dataclass
@@ -383,7 +383,7 @@ def search(task: Task, p: Prediction, m: Measurements, objective: Objective, ava
            device: str, store: Any, runner: Any, backend: Any, trial_fn: Any, eta: int = 2,
            precise: bool = False) -> SearchResult:
     """Stage 3: successive halving over ``p.selected`` within ``available`` examples (``precise``:
-    each run is followed by a precise-BN pass over up to as many examples, planned as half the cost)."""
+    each run is followed by a precise-BN pass over up to half as many examples, a third of the cost)."""
     cands = {c["batch_size"]: c for c in p.candidates}
     eps = {b: c["examples_per_sec"] for b, c in cands.items()}
     rule = default_lr_rule(task.optimizer)
@@ -405,8 +405,8 @@ def search(task: Task, p: Prediction, m: Measurements, objective: Objective, ava
     selected: list[int] = []
     for _ in range(4 * len(pool) + 4):
         selected = pool[:n]
-        plan = plan_rungs(len(selected), available / 2 if precise else available, eta=eta, seeds_last=len(seeds),
-                          seeds_early=1, per_trial_overhead=PRECISE_BN_BATCH / 2 if precise else 0)
+        plan = plan_rungs(len(selected), available / 1.5 if precise else available, eta=eta, seeds_last=len(seeds),
+                          seeds_early=1, per_trial_overhead=PRECISE_BN_BATCH / 1.5 if precise else 0)
         if not plan:
             if n <= 2:
                 break
@@ -752,8 +752,8 @@ def _suggest(task: Task, rng: BatchRange, cap_note: str | None, seeds: list[int]
     used = sum(m.examples.values())
     bn = has_batchnorm(task.make_model())
     precise = bn and trial_fn is None  # precise BN reads up to as many examples as each run trained on
-    # a BatchNorm model that may end at a small per-device batch: a third of what is left is kept for
-    # measuring the normalization alternatives at the last rung's budget (about what the last rung costs)
+    # a BatchNorm model that may end at a small per-device batch: a quarter of what is left is kept for
+    # measuring the normalization alternatives at the last rung's budget
     reserve = NORM_RESERVE if bn and check_norms and min(p.selected) <= small_batch else 0.0
     left = max(0.0, cost - used)
     s = search(task, p, m, obj, left * (1 - reserve), seeds, device=device, store=st, runner=runner, backend=backend,

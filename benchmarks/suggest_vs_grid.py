@@ -134,6 +134,19 @@ def markdown(results: list[dict[str, Any]]) -> str:
                     f"{'yes' if sc['target_met'] else 'no'}{'' if sc['suggested_good'] else ' (not good)'}")
         lines.append(f"| {name} | {metric} | {sc['best_batch']} ({gm[str(sc['best_batch'])]:.4g}) | "
                      f"{', '.join(map(str, sc['good_batches']))} | {fg} ({gs[str(fg)]:.1f}) | {sug} | {tail} |")
+    met = [r for r in results if (r.get("score") or score(r)).get("target_met")]
+    lines.append("")
+    lines.append(f"Target met on {len(met)} of {len(results)} tasks "
+                 f"({sum(1 for r in met if r.get('held_out'))} of {sum(1 for r in results if r.get('held_out'))} held out); "
+                 f"a good batch on {sum(1 for r in results if (r.get('score') or score(r)).get('suggested_good'))}.")
+    lines.append("")
+    lines.append("Grid seed-means (B = 2, 4, ..., 512) and, from suggest's last rung, the decision:")
+    lines.append("")
+    for r in results:
+        sc = r.get("score") or score(r)
+        means = " ".join(f"{v:.4g}" for _, v in sorted(sc["grid_means"].items(), key=lambda kv: int(kv[0])))
+        lines.append(f"- {r['task']}{' (held out)' if r.get('held_out') else ''}: {means}. "
+                     f"suggest: {r.get('confirm', '-')}")
     return "\n".join(lines)
 
 

@@ -20,7 +20,9 @@ How :func:`critical_batch` measures it:
    factor, stays within the tolerance of the base branch's (k = 1). The tolerance is a fraction
    of the base branch's loss decrease over the branch: ``loss_k <= loss_1 + tolerance *
    (loss_checkpoint - loss_1)``, i.e. the larger batch makes at least ``1 - tolerance`` of the
-   progress on the same examples. This makes it scale-free (no dependence on the loss's floor)
+   progress on the same examples, with the seed noise as a floor (on a plateau the base branch's
+   progress is itself within the noise: a batch whose loss differs from the base branch's by less
+   than the standard error of the difference of the seed means passes). This makes it scale-free (no dependence on the loss's floor)
    and ties it to McCandlish et al.'s model ``E = E_min (1 + B / B_noise)``: at a fixed number of
    examples the progress at batch B is about ``(1 + B_0/B_noise) / (1 + B/B_noise)`` of that at
    a small B_0, so a tolerance of 0.5 puts the critical batch near B_noise, and the default 0.2
@@ -88,6 +90,7 @@ class CriticalPoint:
     critical_low: int  # smallest per-seed estimate
     critical_high: int  # largest per-seed estimate
     base_loss_std: float  # seed-to-seed std of the base branch (k = 1): the branch noise
+    noise: float  # the tolerance's noise floor for the seed means: base_loss_std * sqrt(2 / seeds)
     b_simple: float  # gradient noise scale at the checkpoint
     ratio: float  # critical_batch / b_simple (NaN when B_simple is not positive)
     capped: bool  # the largest batch tried was within tolerance: the critical batch is at least this
@@ -170,18 +173,21 @@ class CriticalBatchResult:
 
 
 def critical_from_losses(batches: Sequence[int], losses: Sequence[float], start_loss: float,
-                         tolerance: float) -> tuple[int, bool]:
+                         tolerance: float, noise: float = 0.0) -> tuple[int, bool]:
     """The largest batch whose loss, and that of every smaller batch, is within ``tolerance`` of the first's.
 
     The tolerance is a fraction of the base branch's progress: a batch passes when its loss is
-    at most ``losses[0] + tolerance * (start_loss - losses[0])``, i.e. it made at least
-    ``1 - tolerance`` of the base branch's loss decrease on the same examples.
+    at most ``losses[0] + max(tolerance * (start_loss - losses[0]), noise)``, i.e. it made at least
+    ``1 - tolerance`` of the base branch's loss decrease on the same examples, or is within the
+    branch noise of it (on a plateau the base branch's progress is itself within the noise, and a
+    fraction of it would be no tolerance at all).
 
     Args:
         batches: increasing batch sizes; the first is the base batch.
         losses: the loss after the branch at each batch (NaN or inf: fails).
         start_loss: the loss at the branch point (the checkpoint).
         tolerance: in [0, 1).
+        noise: the loss difference that seed noise alone makes (>= 0; 0: none).
 
     Returns:
         ``(critical batch, capped)``; capped is True when every batch passed (the critical batch is
@@ -190,7 +196,7 @@ def critical_from_losses(batches: Sequence[int], losses: Sequence[float], start_
     if len(batches) != len(losses) or not batches:
         raise ValueError(f"batches and losses must be non-empty and of equal length, got {len(batches)} and {len(losses)}")
     base = losses[0]
-    limit = base + tolerance * max(start_loss - base, 0.0)
+    limit = base + max(tolerance * max(start_loss - base, 0.0), noise)
     best = batches[0]
     for b, loss in zip(batches[1:], losses[1:]):
         if not (math.isfinite(loss) and loss <= limit):
@@ -374,7 +380,9 @@ def critical_batch(
     common = dict(optimizer=opt, momentum=momentum, weight_decay=weight_decay, device=device, eval_train=False)
     thresholds = [round(c * budget_examples) for c in checkpoints]
     ckpt = _Checkpointer(thresholds)
-    base_cfg = TrainConfig(batch_size=B, lr=base_lr, max_examples=max(thresholds[-1], B), seed=seed, **common)
+    # every base step at batch B: the run ends at the first multiple of B past the last checkpoint
+    base_cfg = TrainConfig(batch_size=B, lr=base_lr, max_examples=max(math.ceil(thresholds[-1] / B), 1) * B, seed=seed,
+                           **common)
     base_run = fit(task, base_cfg, callbacks=[ckpt])
     if base_run.status != "ok" or len(ckpt.saved) < len(thresholds):
         raise ValueError(f"task {task.name!r}: the base run at batch {B} ended {base_run.status!r} at step "
@@ -404,15 +412,17 @@ def critical_batch(
                 row.append(float(r.final.get("val_loss", math.nan)) if r.status == "ok" else math.inf)
             losses.append(row)
         means = [statistics.fmean(row) for row in losses]
-        crit, capped = critical_from_losses(batches, means, val_loss, tolerance)
-        per_seed = [critical_from_losses(batches, [row[i] for row in losses], val_loss, tolerance)[0]
+        sd = statistics.stdev(losses[0]) if len(losses[0]) > 1 and math.isfinite(sum(losses[0])) else 0.0
+        noise = sd * math.sqrt(2 / len(seed_list))  # standard error of a difference of two seed means
+        crit, capped = critical_from_losses(batches, means, val_loss, tolerance, noise)
+        per_seed = [critical_from_losses(batches, [row[i] for row in losses], val_loss, tolerance, sd * math.sqrt(2))[0]
                     for i in range(len(seed_list))]
         b_simple, used = _b_simple_at(task, model, micro, gns_accumulation, groups, seed, device)
         processed += used
         point = CriticalPoint(
             examples=int(saved["examples"]), step=int(saved["step"]), val_loss=float(val_loss), batches=list(batches),
             losses=losses, mean_losses=means, critical_batch=crit, critical_low=min(per_seed),
-            critical_high=max(per_seed), base_loss_std=statistics.stdev(losses[0]) if len(losses[0]) > 1 else math.nan,
+            critical_high=max(per_seed), base_loss_std=sd if len(losses[0]) > 1 else math.nan, noise=noise,
             b_simple=float(b_simple), ratio=crit / b_simple if b_simple > 0 else math.nan, capped=capped,
         )
         result.points.append(point)

@@ -99,3 +99,20 @@ def test_real_training_small() -> None:
 def test_bad_input(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         pivot_search(TASK, trial_fn=Curve(), budget_examples=100, **kwargs)
+
+
+def test_a_loss_metric_walks_towards_the_lower_loss() -> None:
+    """A task whose metric is a loss (lower is better): the walk compares losses as losses."""
+    import copy
+
+    task = copy.copy(TASK)
+    task.metric_name, task.higher_is_better = "loss", False
+
+    def trial(t, cfg: TrainConfig) -> dict:
+        b = cfg.batch_size * cfg.accumulation
+        loss = 1.0 + 0.1 * abs(math.log2(b) - math.log2(16)) + (0.001 if cfg.seed % 2 else -0.001)
+        return {"status": "ok", "metric": loss, "examples": cfg.max_examples, "time": 0.0}
+
+    r = pivot_search(task, pivot=128, low=2, high=512, trial_fn=trial, budget_examples=1000)
+    assert r.best_batch == 16 and r.higher_is_better is False and r.metric == "loss"
+    assert r.means["16"] == pytest.approx(1.0) and r.means["16"] < r.means["128"]

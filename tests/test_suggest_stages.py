@@ -274,3 +274,16 @@ def test_critical_batch_is_reported_and_the_warmup_offered_only_when_it_saves_st
     assert "critical batch over training" in s.advise.lines[-1]
     assert c["warmup"] == (c["steps_warmup"] < c["steps_constant"])
     assert ("option: a batch-size warmup" in s.advise.lines[-1]) == c["warmup"]
+
+
+def test_throughput_on_dict_batches_leaves_the_rng() -> None:
+    import hf_style
+
+    from batchlab.batchsize import throughput
+
+    task = hf_style.make_task(n_train=64, n_val=32)
+    torch.manual_seed(5)
+    before = torch.random.get_rng_state()
+    r = throughput(task, [4, 16], warmup=1, repeats=1, max_repeats=1)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert r.status == ["ok", "ok"] and all(t > 0 for t in r.step_time) and r.examples_processed == 2 * 20

@@ -351,10 +351,12 @@ def critical_batch(
         factors = [k for k in factors if k * B <= n]
         if len(factors) < 2:
             raise ValueError(f"batch_size {B} x factors leaves only the base batch within the training set ({n} examples)")
-    seed_list = list(range(seeds)) if isinstance(seeds, numbers.Integral) and not isinstance(seeds, bool) else seeds
-    seed_list = _check_int_seq("seeds", seed_list, 0) if not isinstance(seeds, numbers.Integral) else seed_list
-    if not seed_list:
-        raise ValueError(f"seeds must be a positive count or a non-empty sequence of seeds, got {seeds!r}")
+    if isinstance(seeds, numbers.Integral) and not isinstance(seeds, bool):
+        if seeds < 1:
+            raise ValueError(f"seeds must be a positive count or a non-empty sequence of seeds, got {seeds!r}")
+        seed_list = list(range(seeds))
+    else:
+        seed_list = _check_int_seq("seeds", seeds, 0)
     if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not 0 <= tolerance < 1:
         raise ValueError(f"tolerance must be a number in [0, 1) (a fraction of the base branch's loss decrease), "
                          f"got {tolerance!r}")
@@ -397,12 +399,11 @@ def critical_batch(
     batches = [k * B for k in factors]
     for saved in ckpt.saved:
         model, opt_state = saved["model"], saved["optimizer"]
-        base_hp = _base_hparams(base_lr, opt_state)
-        result.hparams = base_hp
+        result.hparams = _base_hparams(base_lr, opt_state)
         val_loss, _ = evaluate(model, task.val_source, task, device=device)
-        losses: list[list[float]] = []
-        for b in batches:
-            hp = scale_hparams(opt, base_hp, B, b, rule)
+        losses = []
+        for b in batches:  # the branches: the checkpoint's model and optimizer state, co-scaled hyperparameters
+            hp = scale_hparams(opt, result.hparams, B, b, rule)
             row = []
             for s in seed_list:
                 cfg = TrainConfig(batch_size=b, lr=hp["lr"], max_examples=int(branch_examples), seed=int(s), **common)
@@ -411,20 +412,9 @@ def critical_batch(
                 processed += r.examples
                 row.append(float(r.final.get("val_loss", math.nan)) if r.status == "ok" else math.inf)
             losses.append(row)
-        means = [statistics.fmean(row) for row in losses]
-        sd = statistics.stdev(losses[0]) if len(losses[0]) > 1 and math.isfinite(sum(losses[0])) else 0.0
-        noise = sd * math.sqrt(2 / len(seed_list))  # standard error of a difference of two seed means
-        crit, capped = critical_from_losses(batches, means, val_loss, tolerance, noise)
-        per_seed = [critical_from_losses(batches, [row[i] for row in losses], val_loss, tolerance, sd * math.sqrt(2))[0]
-                    for i in range(len(seed_list))]
         b_simple, used = _b_simple_at(task, model, micro, gns_accumulation, groups, seed, device)
         processed += used
-        point = CriticalPoint(
-            examples=int(saved["examples"]), step=int(saved["step"]), val_loss=float(val_loss), batches=list(batches),
-            losses=losses, mean_losses=means, critical_batch=crit, critical_low=min(per_seed),
-            critical_high=max(per_seed), base_loss_std=sd if len(losses[0]) > 1 else math.nan, noise=noise,
-            b_simple=float(b_simple), ratio=crit / b_simple if b_simple > 0 else math.nan, capped=capped,
-        )
+        point = _decide(saved, float(val_loss), batches, losses, float(tolerance), float(b_simple))
         result.points.append(point)
         if progress:
             print(f"[critical-batch] {task.name} at {point.examples} examples: critical {crit} "
@@ -432,6 +422,24 @@ def critical_batch(
     result.examples_processed = int(processed)
     result.wall_time = time.perf_counter() - t0
     return result
+
+
+def _decide(saved: dict[str, Any], val_loss: float, batches: list[int], losses: list[list[float]], tolerance: float,
+            b_simple: float) -> CriticalPoint:
+    """One checkpoint's critical batch from its branch losses (seed means and each seed alone)."""
+    means = [statistics.fmean(row) for row in losses]
+    n_seeds = len(losses[0])
+    sd = statistics.stdev(losses[0]) if n_seeds > 1 and math.isfinite(sum(losses[0])) else 0.0
+    noise = sd * math.sqrt(2 / n_seeds)  # standard error of a difference of two seed means
+    crit, capped = critical_from_losses(batches, means, val_loss, tolerance, noise)
+    per_seed = [critical_from_losses(batches, [row[i] for row in losses], val_loss, tolerance, sd * math.sqrt(2))[0]
+                for i in range(n_seeds)]
+    return CriticalPoint(
+        examples=int(saved["examples"]), step=int(saved["step"]), val_loss=val_loss, batches=list(batches),
+        losses=losses, mean_losses=means, critical_batch=crit, critical_low=min(per_seed), critical_high=max(per_seed),
+        base_loss_std=sd if n_seeds > 1 else math.nan, noise=noise, b_simple=b_simple,
+        ratio=crit / b_simple if b_simple > 0 else math.nan, capped=capped,
+    )
 
 
 def _base_hparams(lr: float, state: dict[str, Any]) -> dict[str, Any]:

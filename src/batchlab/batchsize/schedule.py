@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from batchlab.train import SCALE_RULES, TrainConfig, scale_hparams, scale_lr  # noqa: F401  (scale_lr re-exported by the package)
+from batchlab.train import SCALE_RULES, TrainConfig, scale_hparams, scale_lr, set_hparams  # noqa: F401  (scale_lr re-exported by the package)
 from batchlab.train.optim import scheduled_batch
 
 _SMITH_MILESTONES = (0.5, 0.75)
@@ -249,8 +249,6 @@ class BatchSizeSchedule:
     def apply_to(self, optimizer: torch.optim.Optimizer, hparams: Mapping[str, Any]) -> dict[str, Any]:
         """Set ``optimizer``'s lr/betas/eps to ``hparams`` (tuned for ``base``) co-scaled to the
         current batch; returns them."""
-        from batchlab.train import set_hparams
-
         hp = self.hparams_at(self.examples, hparams, optimizer)
         set_hparams(optimizer, hp)
         return hp

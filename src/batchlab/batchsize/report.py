@@ -42,7 +42,7 @@ def candidate_rows(s: dict[str, Any]) -> list[dict[str, Any]]:
             role.append("recommended")
         if b in c["tied"] and b != s["batch_size"]:
             role.append("tied")
-        if b not in s["predict"]["selected"]:
+        if b not in (s["search"].get("searched") or s["predict"]["selected"]):
             role.append("not searched")
         row["role"] = ", ".join(role)
         rows.append(row)

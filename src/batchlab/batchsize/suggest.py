@@ -120,6 +120,7 @@ class SearchResult:
     examples: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    searched: list[int] = field(default_factory=list)  # the batches the rungs started with
 
 
 @dataclass
@@ -427,7 +428,7 @@ def search(task: Task, p: Prediction, m: Measurements, objective: Objective, ava
         notes.append(f"searched {', '.join(map(str, sorted(selected)))} (the best predicted that the cost budget can run)")
     if not plan:
         return SearchResult(plan=[], unit="examples", rungs=[], trials=[], survivors=[], examples=0, seconds=0.0,
-                            notes=[f"the cost budget ({available:.0f} examples after the measurements) leaves nothing to "
+                            searched=[], notes=[f"the cost budget ({available:.0f} examples after the measurements) leaves nothing to "
                                    "search with"])
     if time_mode:  # seconds at the fastest candidate's speed: no candidate can exceed the planned examples
         top_eps = max(eps[b] for b in selected if math.isfinite(eps[b]))
@@ -472,7 +473,8 @@ def search(task: Task, p: Prediction, m: Measurements, objective: Objective, ava
     )
     return SearchResult(plan=[[c, b] for c, b in zip([c for c, _ in plan], budgets)], unit=unit,
                         rungs=[r.to_dict() for r in rungs], trials=[asdict(t) for t in trials], survivors=survivors,
-                        examples=examples, seconds=sum(t.seconds for t in trials), notes=notes)
+                        examples=examples, seconds=sum(t.seconds for t in trials), notes=notes,
+                        searched=sorted(selected))
 
 
 # ------------------------------------------------------------------------------------ stage 4

@@ -192,13 +192,6 @@ def pivot_walk(
     return cur, path, done, noise(), reason
 
 
-def trial_job(args: tuple[TrialFn, Task, TrainConfig]) -> dict[str, Any]:
-    """``(trial_fn, task, config) -> trial_fn(task, config)``: one trial as a picklable job for a
-    parallel backend (e.g. :class:`batchlab.distributed.ray_backend.RayBackend`)."""
-    run, task, config = args
-    return run(task, config)
-
-
 def has_batchnorm(model: nn.Module) -> bool:
     """True when any module is a batch norm with running statistics (torch's or a subclass, as
     batchlab's all are)."""

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from batchlab.batchsize._store import key_for, open_store, run_trials
+from batchlab.batchsize._store import open_store, run_trials, trial_key
 from batchlab.batchsize.batches import BatchRange, Split, budget_in_examples, pow2_floor
 from batchlab.batchsize.halving import RungTrial, plan_rungs, successive_halving
 from batchlab.batchsize.noise import noise_scale
@@ -296,7 +296,7 @@ def measure(task: Task, rng: BatchRange, cost_budget: int, *, device: str, memor
             "time_limit": 5.0 if quick else 15.0}
     # stored like every run: a rerun reads the same speeds, so it ranks and searches the same candidates
     tp = ThroughputResult(**open_store(store).run_or_load(
-        key_for(task.fingerprint(), tcfg, kind="batchsize-throughput"),
+        trial_key(task, tcfg, kind="batchsize-throughput"),
         lambda: {"status": "ok", "result": throughput(task, progress=progress, **tcfg).to_dict()},
         kind="batchsize-throughput")["result"])
     # noise scale, measured until stable within SHARE_NOISE of the budget
@@ -311,7 +311,7 @@ def measure(task: Task, rng: BatchRange, cost_budget: int, *, device: str, memor
             "until_stable": NOISE_TOLERANCE * (1.5 if quick else 1.0), "window": 8 if quick else 10,
             "min_steps": min(max_steps, 10), "seed": seed}
     noise = open_store(store).run_or_load(
-        key_for(task.fingerprint(), ncfg, kind="batchsize-noise-v2"),
+        trial_key(task, ncfg, kind="batchsize-noise-v2"),
         lambda: noise_scale(task, progress=progress, **ncfg), kind="batchsize-noise-v2",
     )
     b_noise = float(noise.get("b_simple", math.nan))

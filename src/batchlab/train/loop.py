@@ -201,8 +201,9 @@ class _StepPlan:
 
 def _plan_steps(cfg: TrainConfig, sampler: _Sampler, total_examples: int | None) -> Iterator[_StepPlan]:
     """The steps of a run, each a pure function of the steps before it: the batch size comes from
-    the budget fraction done so far, so planning ahead (for a prefetching DataLoader) gives exactly
-    the batches that planning step by step would."""
+    the budget fraction done so far (``batch_growth``) or the examples seen so far
+    (``batch_schedule``), so planning ahead (for a prefetching DataLoader) gives exactly the
+    batches that planning step by step would."""
     step = examples = 0
     while True:
         if cfg.max_steps is not None and step >= cfg.max_steps:

@@ -251,3 +251,15 @@ def test_cli_critical_batch(cli, tmp_path):
     assert (tmp_path / "out" / "critical_batch.png").stat().st_size > 1000
     bad = cli("critical-batch", "--task", "digits-mlp", "--factors", "2,4", "--quiet")
     assert bad.returncode == 2 and "factors must be increasing integers starting at 1" in bad.stderr
+
+
+def test_quick_mode_for_suggest(toy_task):
+    """The cheap mode suggest calls: checkpoints at 0 and 25% of the budget, factors 1-8, 2 seeds;
+    explicit arguments win over it."""
+    r = critical_batch(toy_task, batch_size=4, quick=True)
+    budget = round(toy_task.epochs * toy_task.n_train)
+    assert r.budget_examples == budget and [p.examples for p in r.points] == [0, budget // 4]
+    assert r.factors == [1, 2, 4, 8] and r.seeds == [0, 1] and r.branch_examples == 8 * 32
+    assert r.examples_processed == budget // 4 + 2 * 4 * 2 * 256 + 2 * 8 * 4 * 32  # base + branches + B_simple
+    r2 = critical_batch(toy_task, batch_size=4, quick=True, factors=(1, 2), checkpoints=(0.0,), gns_groups=2)
+    assert r2.factors == [1, 2] and len(r2.points) == 1

@@ -51,6 +51,7 @@ def _step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[[], No
 def time_pair(
     ours: Callable[[], None], ref: Callable[[], None], repeats: int, warmup: int = 2, min_sample_s: float = 0.02,
     agree: Callable[[int], int] | None = None, clock: Callable[[], float] = time.perf_counter,
+    align: Callable[[], None] | None = None,
 ) -> tuple[float, float, float]:
     """Median seconds per call of ``ours`` and ``ref``, measured interleaved, and the ratio of
     their minimums (less sensitive to other processes on a shared machine).
@@ -60,7 +61,10 @@ def time_pair(
     ``agree`` maps this process's block length to the one all processes use (collective layers
     must make the same number of calls on every rank). ``clock`` is wall time by default;
     ``time.process_time`` counts only the CPU time of this process, so time spent waiting for a
-    core on a loaded machine drops out (right for one-process rows with one thread)."""
+    core on a loaded machine drops out (right for one-process rows with one thread). ``align``
+    runs before each timed block, untimed: a barrier for collective layers, so that the ranks'
+    drift during the other layer's (unsynchronized) block is not billed to the collective one, as
+    in training, where each step's gradient all-reduce realigns the ranks anyway."""
     for _ in range(warmup):
         ours()
         ref()
@@ -72,6 +76,8 @@ def time_pair(
         inner = agree(inner)
 
     def block(fn: Callable[[], None]) -> float:
+        if align is not None:
+            align()
         t0 = clock()
         for _ in range(inner):
             fn()
@@ -130,7 +136,7 @@ def _sync_worker(rank: int, world: int, init: str, shape: tuple[int, ...], repea
             dist.broadcast(t, src=0)
             return int(t.item())
 
-        sync_t, ref_t, min_ratio = time_pair(_step(N.SyncBatchNorm(c), x, g), _step(bn_cls(c), x, g), repeats, agree=agree)
+        sync_t, ref_t, min_ratio = time_pair(_step(N.SyncBatchNorm(c), x, g), _step(bn_cls(c), x, g), repeats, agree=agree, align=dist.barrier)
         # the communication floor: SyncBatchNorm's two all-reduces (forward 1 + 2C, backward 2C
         # float64 values) and nothing else, against the same BN step
         fwd, bwd = torch.zeros(1 + 2 * c, dtype=torch.float64), torch.zeros(2 * c, dtype=torch.float64)
@@ -139,7 +145,7 @@ def _sync_worker(rank: int, world: int, init: str, shape: tuple[int, ...], repea
             dist.all_reduce(fwd)
             dist.all_reduce(bwd)
 
-        comm_t, ref2_t, _ = time_pair(comm, _step(bn_cls(c), x, g), repeats, agree=agree)
+        comm_t, ref2_t, _ = time_pair(comm, _step(bn_cls(c), x, g), repeats, agree=agree, align=dist.barrier)
         if rank == 0:
             with open(out_file, "w") as f:
                 f.write(f"{sync_t} {ref_t} {min_ratio} {comm_t / ref2_t}")

@@ -753,7 +753,7 @@ def _suggest(task: Task, rng: BatchRange, cap_note: str | None, seeds: list[int]
     p = predict(task, rng, m, obj, max_candidates)
     used = sum(m.examples.values())
     bn = has_batchnorm(task.make_model())
-    precise = bn and trial_fn is None  # precise BN reads up to as many examples as each run trained on
+    precise = bn and trial_fn is None  # each run is scored after a precise-BN pass (search.fit_trial)
     # a BatchNorm model that may end at a small per-device batch: a quarter of what is left is kept for
     # measuring the normalization alternatives at the last rung's budget
     reserve = NORM_RESERVE if bn and check_norms and min(p.selected) <= small_batch else 0.0

@@ -334,3 +334,18 @@ def test_batch_size_commands_on_outside_models(name):
         p = cli(*args, *task_arg(name), "--threads", "1")
         assert p.returncode == 0, f"{args[0]}: {p.stderr}"
         assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_suggest_quick_command_on_outside_models(name, tmp_path):
+    """``suggest --quick`` runs end to end on each outside model and writes its report and JSON; a
+    recommendation the evidence does not support exits 1 but is still written."""
+    extra = [] if name == "char_gpt" else ["--task-arg", "epochs=16"]
+    p = cli("suggest", *task_arg(name), *extra, "--quick", "--threads", "1", "--out", str(tmp_path))
+    assert p.returncode in (0, 1) and "Traceback" not in p.stderr, p.stderr
+    data = json.loads((tmp_path / "suggestion.json").read_text())
+    assert (tmp_path / "index.html").is_file()
+    assert data["task"] == {"cifar_resnet": "cifar-resnet", "char_gpt": "char-gpt", "hf_style": "hf-style-cls"}[name]
+    assert (p.returncode == 0) == (data["status"] == "ok")
+    if data["status"] == "ok":
+        assert data["batch_size"] in (2, 4, 8, 16, 32, 64, 128) and data["lr"] > 0

@@ -429,6 +429,16 @@ def test_convert_sync_batchnorm_leaves_renorm_ghost_and_act_alone_unlike_torchs(
     assert type(N.SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm1d(2))) is N.SyncBatchNorm
 
 
+def test_convert_norm_and_freeze_bn_leave_norm_act_layers_alone() -> None:
+    # replacing a BatchNormAct2d by a GroupNorm or a FrozenBatchNorm would silently drop its activation
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), N.BatchNormAct2d(4), nn.Conv2d(4, 4, 1), N.BatchNorm2d(4))
+    N.convert_norm(model, "group")
+    assert type(model[1]) is N.BatchNormAct2d and type(model[3]) is N.GroupNorm
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), N.BatchNormAct2d(4), nn.Conv2d(4, 4, 1), N.BatchNorm2d(4))
+    N.freeze_bn(model)
+    assert type(model[1]) is N.BatchNormAct2d and type(model[3]) is N.FrozenBatchNorm
+
+
 def test_registered_norm_converts_with_what_its_entry_inherits() -> None:
     made = []
 

@@ -18,6 +18,7 @@ import torch.nn as nn
 from batchlab.norm import _swap
 from batchlab.norm._swap import replace_modules
 from batchlab.norm.layers import FrozenBatchNorm, batchnorm_dims, is_batchnorm
+from batchlab.norm.norm_act import is_norm_act
 from batchlab.norm.registry import INHERITABLE, NormSpec, create_norm, norm_entry
 
 __all__ = ["convert_norm", "freeze_bn", "unfreeze_bn", "replace_modules", "batchnorm_dims"]
@@ -39,6 +40,12 @@ def _inherited_keys(to: NormSpec) -> tuple[str, ...]:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return keys
     return tuple(k for k in keys if k in params)
+
+
+def _plain_norm(m: nn.Module) -> bool:
+    """A batch norm whose output is the norm's: norm+activation layers (``BatchNormAct2d``) are
+    left alone by default, since a replacement without the activation would change the model."""
+    return is_batchnorm(m) and not is_norm_act(m)
 
 
 def _setting(old: nn.Module, key: str) -> tuple[bool, Any]:
@@ -76,14 +83,15 @@ def convert_norm(
     Args:
         model: the module tree (modified in place).
         to: a registered norm name, a class or a partial taking the channel count first.
-        predicate: which modules to replace (default :func:`is_batchnorm`).
+        predicate: which modules to replace (default: every batch norm except norm+activation
+            layers such as ``BatchNormAct2d``, whose activation a replacement would drop).
         copy_state: copy matching parameters and buffers.
         kw: passed to the new layers (e.g. ``num_groups=32``).
 
     Returns:
         ``model`` (a new module when ``model`` itself is replaced).
     """
-    pred = predicate or is_batchnorm
+    pred = predicate or _plain_norm
 
     def make(name: str, old: nn.Module) -> nn.Module:
         num = getattr(old, "num_features", None) or getattr(old, "num_channels", None)
@@ -109,7 +117,8 @@ def convert_norm(
 def freeze_bn(model: nn.Module, eps: float | None = None) -> nn.Module:
     """Freeze every batch-norm layer: statistics and affine fixed, eval-mode normalization,
     also after ``model.train()`` (each layer becomes a :class:`FrozenBatchNorm`, whose weight
-    and bias are buffers and whose forward ignores the mode), in place.
+    and bias are buffers and whose forward ignores the mode), in place. Norm+activation layers
+    (``BatchNormAct2d``) are left as they are: a frozen layer would drop the activation.
 
     Args:
         model: the module tree (modified in place).
@@ -130,7 +139,7 @@ def freeze_bn(model: nn.Module, eps: float | None = None) -> nn.Module:
             )
         return FrozenBatchNorm.from_batchnorm(old, eps)
 
-    return replace_modules(model, is_batchnorm, make)
+    return replace_modules(model, _plain_norm, make)
 
 
 def unfreeze_bn(model: nn.Module, momentum: float | None = 0.1) -> nn.Module:

@@ -21,7 +21,7 @@ from torch import Tensor
 from batchlab.norm import _checks as C
 from batchlab.norm.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, LayerNorm
 
-__all__ = ["ACTIVATIONS", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "GroupNormAct", "LayerNormAct", "make_activation"]
+__all__ = ["ACTIVATIONS", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "GroupNormAct", "LayerNormAct", "is_norm_act", "make_activation"]
 
 # activation names accepted by ``act_layer`` (a class or a callable returning a module works too)
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -76,6 +76,11 @@ class _NormAct:
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.drop(super().forward(x)))  # type: ignore[misc]
+
+
+def is_norm_act(module: nn.Module) -> bool:
+    """Whether ``module`` is a norm + activation layer (its output is not a norm's output)."""
+    return isinstance(module, _NormAct)
 
 
 class _BatchNormAct(_NormAct):

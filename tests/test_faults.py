@@ -627,3 +627,17 @@ def test_genuine_cifar_batches_still_load(tmp_path, protocol):
     (tmp_path / "old").write_bytes(old)
     assert np.array_equal(read_cifar_batch(tmp_path / "old")[0], x)
 
+
+
+def test_norm_converters_refuse_impossible_values():
+    import torch
+
+    from batchlab.norm import from_caffe, split_darknet_bn
+
+    blobs = {"mean": torch.zeros(3), "variance": torch.tensor([1.0, -0.5, 1.0]), "scale_factor": torch.tensor([1.0])}
+    with pytest.raises(ValueError, match=r"caffe_bn: the variance blob must be finite and >= 0 .* got -0.5"):
+        from_caffe(blobs)
+    with pytest.raises(ValueError, match="offset must be an integer >= 0, got -1"):
+        split_darknet_bn(torch.zeros(100), 4, offset=-1)
+    with pytest.raises(ValueError, match="num_features must be an integer >= 1, got 0"):
+        split_darknet_bn(torch.zeros(100), 0)

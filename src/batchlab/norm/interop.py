@@ -88,6 +88,9 @@ def from_caffe(
         frac = float(caffe_bn.get("moving_average_fraction", 0.999))  # type: ignore[arg-type]
     else:
         raise TypeError(f"caffe_bn must be a CaffeBatchNorm or a mapping of blobs, got {type(caffe_bn).__name__}")
+    if bool((var < 0).any()) or not bool(torch.isfinite(var).all()):
+        bad = var[(var < 0) | ~torch.isfinite(var)].reshape(-1)[0].item()
+        raise ValueError(f"caffe_bn: the variance blob must be finite and >= 0 in every channel (a variance), got {bad!r}")
     c = mean.numel()
     bn = _bn_class(dims)(c, eps=layer_eps if eps is None else eps, momentum=1.0 - frac)
     dtype = mean.dtype if isinstance(caffe_bn, CaffeBatchNorm) else torch.float32
@@ -212,6 +215,9 @@ def split_darknet_bn(weights: object, num_features: int, offset: int = 0) -> tup
     Returns:
         ``({"biases", "scales", "rolling_mean", "rolling_variance"}, offset after the block)``.
     """
+    for name, value, low in (("num_features", num_features, 1), ("offset", offset, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     flat = _t(weights, "weights").reshape(-1)
     end = offset + 4 * num_features
     if end > flat.numel():

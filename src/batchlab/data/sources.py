@@ -155,6 +155,12 @@ class LoaderSource(Source):
                 length = None
         self.length = length
         self.seed = 0  # seeds the DataLoader's worker seeds (fit sets it to the run's seed)
+        self._ordered: tuple[tuple[int, int], DataLoader[Any]] | None = None  # the evaluation loader
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_ordered"] = None  # live worker processes do not travel
+        return state
 
     def __len__(self) -> int:
         if self.length is None:
@@ -198,7 +204,18 @@ class LoaderSource(Source):
 
     def ordered(self, batch_size: int, limit: int | None = None) -> Iterator[Any]:
         if self.indexable:
-            yield from super().ordered(batch_size, limit)
+            if self.num_workers == 0:
+                yield from super().ordered(batch_size, limit)
+                return
+            # evaluation repeats the same pass: one loader with persistent workers serves them all
+            # (no worker start-up per evaluation), rebuilt only when the pass changes
+            n = len(self) if limit is None else min(limit, len(self))
+            if self._ordered is None or self._ordered[0] != (batch_size, n):
+                order = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+                loader = self._loader(batch_sampler=order, persistent_workers=True,
+                                      generator=torch.Generator().manual_seed(0))
+                self._ordered = ((batch_size, n), loader)
+            yield from self._ordered[1]
             return
         items: list[Any] = []  # an IterableDataset: one pass in its own order
         for i, example in enumerate(self._examples()):

@@ -115,8 +115,10 @@ class ArraySource(Source):
         return self if self.data.x.device == torch.device(device) else ArraySource(self.data.to(device))
 
     def fetch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = idx.to(self.data.x.device)
-        return self.data.x.index_select(0, idx), self.data.y.index_select(0, idx)
+        x = self.data.x
+        if idx.device != x.device:
+            idx = idx.to(x.device)
+        return x.index_select(0, idx), self.data.y.index_select(0, idx)
 
 
 class _IndexLists:

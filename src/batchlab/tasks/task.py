@@ -291,6 +291,8 @@ class Task:
         """The model's output on ``batch`` (the task's ``forward``, or the default rule)."""
         if self.forward is not None:
             return self.forward(model, batch)
+        if type(batch) is tuple and len(batch) == 2:  # the common (inputs, targets) pair, first
+            return model(batch[0])
         if isinstance(batch, Mapping):
             return model(**batch)
         if isinstance(batch, (tuple, list)):
@@ -334,6 +336,11 @@ class Task:
         """The training loss of one batch (a scalar tensor)."""
         if self.batch_loss is not None:
             return self.batch_loss(out, batch)
+        if type(out) is torch.Tensor and type(batch) is tuple and len(batch) == 2:  # logits and a pair, first
+            y = batch[1]
+            if out.dim() > 2:
+                return self.loss(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+            return self.loss(out, y)
         carried = getattr(out, "loss", None)
         if carried is None and isinstance(out, Mapping):
             carried = out.get("loss")

@@ -193,10 +193,7 @@ class _StepPlan:
     epoch_ended: bool
     frac: float  # budget fraction done before this step
     batch: int = 0  # the planned examples per micro-batch (cfg.batch_size, grown or scheduled)
-
-    @property
-    def examples(self) -> int:
-        return sum(int(i.shape[0]) for i in self.micro)
+    examples: int = 0  # examples in the step (all micro-batches)
 
 
 def _plan_steps(cfg: TrainConfig, sampler: _Sampler, total_examples: int | None) -> Iterator[_StepPlan]:
@@ -231,7 +228,7 @@ def _plan_steps(cfg: TrainConfig, sampler: _Sampler, total_examples: int | None)
                 room -= idx.shape[0]
             if sampler.epoch_ended:
                 break
-        plan = _StepPlan(micro, sampler.epoch, sampler.epoch_ended, frac, b)
+        plan = _StepPlan(micro, sampler.epoch, sampler.epoch_ended, frac, b, sum(int(i.shape[0]) for i in micro))
         step += 1
         examples += plan.examples
         yield plan

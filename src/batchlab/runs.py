@@ -14,7 +14,6 @@ config and whatever else changes the result (``extra``: a model variant, a custo
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -174,8 +173,3 @@ def results(payloads: Sequence[Mapping[str, Any]]) -> list[RunResult]:
         else:
             out.append(RunResult(task="?", config={}, status=p.get("status", "failed"), error=p.get("error")))
     return out
-
-
-def replace_config(trials: Sequence[Trial], **changes: Any) -> list[Trial]:
-    """The same trials with ``config.replace(**changes)`` (e.g. a device override)."""
-    return [dataclasses.replace(t, config=t.config.replace(**changes)) for t in trials]

@@ -281,11 +281,6 @@ class Task:
             idx = torch.arange(n)
         return move_to_device(source.fetch(idx), device)
 
-    @staticmethod
-    def batch_size_of(batch: Any) -> int:
-        """Examples in a batch (the first dimension of its first tensor)."""
-        return batch_size_of(batch)
-
     # ------------------------------------------------------------------ a batch through the model
     def forward_batch(self, model: nn.Module, batch: Any) -> Any:
         """The model's output on ``batch`` (the task's ``forward``, or the default rule)."""

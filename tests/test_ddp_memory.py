@@ -67,6 +67,7 @@ except Exception as e:
 os.write(1, ("RESULT " + json.dumps(out) + "\n").encode())  # one write: the ranks' lines never interleave
 dist.barrier()
 dist.destroy_process_group()
+os._exit(0)  # skip the C++ destructors at interpreter exit, where gloo's threads can abort a finished process
 '''
 
 
@@ -145,6 +146,12 @@ os.write(1, ("RESULT " + json.dumps({
     "world": m["world_size"], "n": m["n_examples"], "tried": [[b, ok] for b, ok, _ in m["tried"]],
     "over": [b for b, ok, used in m["tried"] if used > m["budget_bytes"]], "modes": gns.modes,
     "history": [[p.g2, p.tr_sigma] for p in gns.tracker.history]}) + "\n").encode())
+# Lightning leaves its process group up; tear it down in step on both ranks and skip the C++
+# destructors at interpreter exit, where gloo's threads can abort a finished process
+import torch.distributed as dist
+dist.barrier()
+dist.destroy_process_group()
+os._exit(0)
 """
 
 

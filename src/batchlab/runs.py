@@ -135,32 +135,16 @@ class Runner(Protocol):
 
 
 class LocalRunner:
-    """Trials in this process, one after another, through the store (finished ones are loaded).
-
-    ``on_trial(ran)`` (optional) is called after each trial with whether it ran (False: loaded).
-    """
-
-    def __init__(self, on_trial: Callable[[bool], None] | None = None) -> None:
-        self.on_trial = on_trial
+    """Trials in this process, one after another, through the store (finished ones are loaded, a
+    failing trial is stored with its status and the rest go on)."""
 
     def run(self, trials: Sequence[Trial], store: Any = None, *, kind: str = "", progress: bool = False,
             retry_failed: bool = False) -> list[dict[str, Any]]:
         st = open_store(store)
         if isinstance(st, Store):
-            out = []
-            for trial in trials:
-                ran = st.record(trial.key()) is None
-                out.extend(run_many(st, [(trial.key(), trial)], run_trial, progress=False, kind=kind,
-                                    retry_failed=retry_failed))
-                if self.on_trial is not None:
-                    self.on_trial(ran)
-            return out
-        out = []
-        for trial in trials:
-            out.append(st.run_or_load(trial.key(), lambda t=trial: run_trial(t), kind=kind))
-            if self.on_trial is not None:
-                self.on_trial(True)
-        return out
+            return run_many(st, [(t.key(), t) for t in trials], run_trial, progress=progress, kind=kind,
+                            retry_failed=retry_failed)
+        return [st.run_or_load(t.key(), lambda t=t: run_trial(t), kind=kind) for t in trials]
 
 
 def results(payloads: Sequence[Mapping[str, Any]]) -> list[RunResult]:

@@ -475,23 +475,18 @@ def _fit(
                 step_loss = 0.0
                 for i, (idx, batch) in enumerate(zip(plan.micro, micro)):
                     n_micro = int(idx.shape[0])
-                    weight = n_micro / step_n
-                    if shard is None:
+                    weight = scale = n_micro / step_n
+                    if shard is not None:  # this rank's slice: its share of the global mean's gradient
+                        lo, hi = shard.bounds(n_micro)
+                        scale = weight * (hi - lo) * shard.world_size / n_micro
+                    local = 0.0
+                    if batch is not None:  # None: this rank's slice of the micro-batch is empty
                         with autocast:
                             loss = task.loss_of(task.forward_batch(model, batch), batch)
-                        scaled = loss if weight == 1.0 else loss * weight
+                        scaled = loss if scale == 1.0 else loss * scale
                         (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                        step_loss += loss.item() * weight
-                    else:  # this rank's slice: its gradient share of the global mean, its loss all-reduced
-                        lo, hi = shard.bounds(n_micro)
-                        local = 0.0
-                        if batch is not None:
-                            with autocast:
-                                loss = task.loss_of(task.forward_batch(model, batch), batch)
-                            scaled = loss * (weight * (hi - lo) * shard.world_size / n_micro)
-                            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                            local = loss.item()
-                        step_loss += shard.global_mean(local, hi - lo, n_micro) * weight
+                        local = loss.item()
+                    step_loss += (local if shard is None else shard.global_mean(local, hi - lo, n_micro)) * weight
                     if callbacks:
                         ctx.micro_batch, ctx.micro_batch_size = i, int(idx.shape[0])
                         for cb in callbacks:

@@ -91,9 +91,12 @@ def test_branches_find_the_critical_batch_that_b_simple_predicts(sigma2):
     assert p.mean_losses[-1] > p.val_loss  # lr x 32 overshoots: the loss rises
 
 
-def test_critical_batch_over_training_json_and_plot(tmp_path, toy_task):
+def test_critical_batch_over_training_json_and_plot(tmp_path, toy_task, capsys):
     r = critical_batch(toy_task, batch_size=4, checkpoints=(0.0, 0.5), factors=(1, 2, 4), branch_examples=32,
-                       seeds=2, gns_groups=2, budget_examples=128)
+                       seeds=2, gns_groups=2, budget_examples=128, progress=True)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[critical-batch]")]
+    assert len(lines) == 2 and all("B_simple" in ln for ln in lines)  # one progress line per checkpoint
+    assert f"critical {'>=' if r.points[1].capped else ''}{r.points[1].critical_batch} " in lines[1]
     assert [p.examples for p in r.points] == [0, 64]
     assert r.points[1].step == 16  # 64 examples at batch 4
     assert r.examples_processed > 64 + 2 * 3 * 2 * 32

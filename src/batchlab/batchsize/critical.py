@@ -417,6 +417,7 @@ def critical_batch(
         point = _decide(saved, float(val_loss), batches, losses, float(tolerance), float(b_simple))
         result.points.append(point)
         if progress:
+            crit = f">={point.critical_batch}" if point.capped else str(point.critical_batch)
             print(f"[critical-batch] {task.name} at {point.examples} examples: critical {crit} "
                   f"({point.critical_low}-{point.critical_high}), B_simple {b_simple:.1f}", flush=True)
     result.examples_processed = int(processed)

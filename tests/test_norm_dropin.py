@@ -31,7 +31,7 @@ from tests.helpers.norm import assert_close
         (lambda: N.GhostBatchNorm1d(3), nn.BatchNorm1d),
         (lambda: N.GhostBatchNorm3d(3), nn.BatchNorm3d),
         (lambda: N.BatchNormAct2d(3), nn.BatchNorm2d),
-        (lambda: N.SyncBatchNorm(3), nn.modules.batchnorm._BatchNorm),
+        (lambda: N.SyncBatchNorm(3), nn.SyncBatchNorm),
         (lambda: N.GroupNorm(4, 2), nn.GroupNorm),
         (lambda: N.GroupNormAct(4, 2), nn.GroupNorm),
         (lambda: N.LayerNorm(4), nn.LayerNorm),
@@ -493,19 +493,27 @@ def test_functional_batch_renorm_accepts_tensor_momentum() -> None:
     assert torch.equal(rm, rm2) and torch.allclose(rv, rv2)
 
 
-def test_torch_ddp_refuses_torch_sync_batchnorm_on_cpu_but_takes_batchlabs(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    # why batchlab's SyncBatchNorm extends _BatchNorm and not nn.SyncBatchNorm (if torch lifts
-    # this check, this test says it is time to switch)
+def test_sync_batchnorm_is_torchs_class_and_batchlab_ddp_trains_it_on_cpu(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # batchlab's SyncBatchNorm is an nn.SyncBatchNorm; torch's DDP refuses every nn.SyncBatchNorm
+    # in a CPU module (torch's forward only runs on accelerators), batchlab's DDP only torch's own.
+    # If torch lifts its check, the first raises-block fails: then torch's DDP is enough.
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.nn.parallel import DistributedDataParallel as TorchDDP
 
+    from batchlab.distributed import DistributedDataParallel
+
+    assert issubclass(DistributedDataParallel, TorchDDP)
     assert not dist.is_initialized()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
     try:
+        converted = N.convert_sync_batchnorm(nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)))
+        assert isinstance(converted[1], N.SyncBatchNorm) and isinstance(converted[1], nn.SyncBatchNorm)
         with pytest.raises(ValueError, match="SyncBatchNorm layers only work with GPU modules"):
-            DDP(nn.Sequential(nn.Linear(3, 2), nn.SyncBatchNorm(2)))
-        model = DDP(N.convert_sync_batchnorm(nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))))
-        assert isinstance(model.module[1], N.SyncBatchNorm) and not isinstance(model.module[1], nn.SyncBatchNorm)
+            TorchDDP(converted)
+        with pytest.raises(ValueError, match=r"torch's nn.SyncBatchNorm \(1\) only works with GPU modules.*convert_sync_batchnorm"):
+            DistributedDataParallel(nn.Sequential(nn.Linear(3, 2), nn.SyncBatchNorm(2)))
+        model = DistributedDataParallel(converted)
         model(torch.randn(4, 3)).sum().backward()
+        assert converted[0].weight.grad is not None and int(converted[1].num_batches_tracked) == 1
     finally:
         dist.destroy_process_group()

@@ -6,6 +6,7 @@ the Ray backend lives in :mod:`batchlab.distributed.ray_backend` and imports Ray
 
 from batchlab.distributed.ddp import (
     DistEnv,
+    DistributedDataParallel,
     add_distributed_args,
     dist_env,
     fit_ddp,
@@ -14,4 +15,4 @@ from batchlab.distributed.ddp import (
     sync_batchnorm,
 )
 
-__all__ = ["DistEnv", "add_distributed_args", "dist_env", "fit_ddp", "maybe_run_distributed", "shard_bounds", "sync_batchnorm"]
+__all__ = ["DistEnv", "DistributedDataParallel", "add_distributed_args", "dist_env", "fit_ddp", "maybe_run_distributed", "shard_bounds", "sync_batchnorm"]

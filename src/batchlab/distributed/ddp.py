@@ -17,8 +17,8 @@ How it reuses :func:`batchlab.train.fit` instead of a second training loop:
   average of these gradients over ranks is the gradient of the global mean loss, even when the
   slices differ in size (the short last batch of an epoch). The logged loss is the all-reduced
   global mean, so every rank sees the same value and takes the same divergence decision.
-- **Gradients.** The model is wrapped in ``DistributedDataParallel`` (which broadcasts rank 0's
-  parameters and buffers at construction) but its forward always runs under ``no_sync()``;
+- **Gradients.** The model is wrapped in :class:`DistributedDataParallel` (torch's, taking batchlab's
+  SyncBatchNorm on CPU; it broadcasts rank 0's parameters and buffers at construction) but its forward always runs under ``no_sync()``;
   gradients are all-reduced once per optimizer step in the ``on_before_step`` hook. Reason:
   ``fit`` owns the micro-batch loop and does not tell the model which micro-batch is the last, so
   DDP's automatic per-backward all-reduce would sync every micro-batch with accumulation and would
@@ -27,9 +27,9 @@ How it reuses :func:`batchlab.train.fit` instead of a second training loop:
   price is no overlap of communication with the backward pass (a hook telling callbacks which
   micro-batch is the last would let DDP's overlapped path and a comm hook do the same job).
 - **Gradient clipping** is moved after the all-reduce (``fit`` would clip local gradients).
-- **BatchNorm** layers become synchronized: batchlab's :class:`~batchlab.norm.SyncBatchNorm`, which
-  also runs on CPU (gloo; torch's only runs on accelerators) and uses torch's ``nn.SyncBatchNorm``
-  forward on CUDA. Batch statistics then cover the global batch.
+- **BatchNorm** layers become synchronized: batchlab's :class:`~batchlab.norm.SyncBatchNorm`, an
+  ``nn.SyncBatchNorm`` that also runs on CPU (gloo; torch's only runs on accelerators) and uses
+  torch's forward on CUDA. Batch statistics then cover the global batch.
 - **Noise scale** (McCandlish et al. 2018): per-rank ``|g_r|^2`` (batch ``B/world``) before the
   all-reduce vs ``|mean_r g_r|^2`` (batch ``B``) after, smoothed by separate EMAs
   (:class:`batchlab.batchsize.GradientNoiseScale`); logged as ``b_simple`` in the history.
@@ -115,18 +115,42 @@ def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return lo, lo + base + (1 if rank < extra else 0)
 
 
+class DistributedDataParallel(nn.parallel.DistributedDataParallel):
+    """torch's ``DistributedDataParallel`` that also trains batchlab's ``SyncBatchNorm`` on CPU.
+
+    torch's DDP refuses every ``nn.SyncBatchNorm`` in a CPU module, since torch's forward only
+    runs on accelerators. :class:`batchlab.norm.SyncBatchNorm` is an ``nn.SyncBatchNorm`` whose
+    forward also runs on CPU (gloo), so this class narrows the check to torch's own class (still
+    refused on CPU, with a message saying what to use). Everything else is torch's DDP, same
+    arguments; on accelerators the two behave the same.
+    """
+
+    def _passing_sync_batchnorm_handle(self, module: nn.Module) -> None:
+        from batchlab.norm import SyncBatchNorm
+
+        if self.device_type != "cpu":
+            return super()._passing_sync_batchnorm_handle(module)
+        for name, layer in module.named_modules():
+            if isinstance(layer, nn.SyncBatchNorm) and not isinstance(layer, SyncBatchNorm):
+                self._log_and_throw(
+                    ValueError,
+                    f"torch's nn.SyncBatchNorm ({name or 'the module'}) only works with GPU modules; on CPU convert "
+                    "the model with batchlab.norm.convert_sync_batchnorm, whose SyncBatchNorm also runs on gloo",
+                )
+
+
 def sync_batchnorm(model: nn.Module, device: torch.device, process_group: Any = None) -> tuple[nn.Module, int]:
     """Make every batch norm of ``model`` synchronized across ranks; returns ``(model, n_converted)``.
 
-    Plain BatchNorm layers become batchlab's ``SyncBatchNorm`` (torch's ``nn.SyncBatchNorm``
-    forward on CUDA, gloo on CPU, where DDP refuses torch's class); Batch Renorm, Ghost BN and
+    Plain BatchNorm layers become batchlab's ``SyncBatchNorm`` (an ``nn.SyncBatchNorm`` with
+    torch's forward on CUDA and a gloo one on CPU); Batch Renorm, Ghost BN and
     norm+activation layers are left as they are. Converted in place, like torch's
     ``convert_sync_batchnorm``.
     """
-    from batchlab.norm import SyncBatchNorm, convert_sync_batchnorm
+    from batchlab.norm import convert_sync_batchnorm
 
     def count() -> int:
-        return sum(1 for m in model.modules() if isinstance(m, (nn.SyncBatchNorm, SyncBatchNorm)))
+        return sum(1 for m in model.modules() if isinstance(m, nn.SyncBatchNorm))
 
     before = count()
     model = convert_sync_batchnorm(model, process_group)
@@ -315,7 +339,7 @@ def fit_ddp(
         n_sync = 0
         if sync_bn and world > 1:
             model, n_sync = sync_batchnorm(model, device)
-        ddp = nn.parallel.DistributedDataParallel(
+        ddp = DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None, **_no_forward_buffer_sync(),
         )
         shard = _RankShard(ddp)

@@ -1,16 +1,17 @@
 """Synchronized batch norm over ``torch.distributed`` ranks, on CPU (gloo) and on accelerators.
 
 torch's ``nn.SyncBatchNorm`` only runs on accelerator tensors. batchlab's :class:`SyncBatchNorm`
-extends torch's batch norm (``nn.modules.batchnorm._BatchNorm``, the class every tool checks:
-state dicts, pruning, fusion, precise BN see a batch norm) with torch's ``nn.SyncBatchNorm``
-constructor and attributes. Its forward *is* torch's ``nn.SyncBatchNorm.forward`` on
-CUDA/XPU/HPU tensors (fused kernels) and, on every other device, works with any backend that
-implements ``all_reduce`` (gloo on CPU).
+*is* an ``nn.SyncBatchNorm`` (a subclass: ``isinstance`` checks, state dicts, pruning, fusion,
+precise BN and DDP's own bookkeeping see torch's class) whose forward is torch's on
+CUDA/XPU/HPU tensors (fused kernels) and, on every other device, batchlab's, which works with
+any backend that implements ``all_reduce`` (gloo on CPU).
 
-Why not a subclass of ``nn.SyncBatchNorm`` itself: torch's ``DistributedDataParallel`` refuses
-any ``nn.SyncBatchNorm`` instance in a CPU module ("SyncBatchNorm layers only work with GPU
-modules", ``DistributedDataParallel._passing_sync_batchnorm_handle``), so a subclass could not
-be trained with DDP on CPU, the one thing this class exists for.
+One torch check stands in the way on CPU: ``DistributedDataParallel`` refuses any
+``nn.SyncBatchNorm`` in a CPU module ("SyncBatchNorm layers only work with GPU modules",
+``DistributedDataParallel._passing_sync_batchnorm_handle``), because torch's forward would fail
+there. :class:`batchlab.distributed.DistributedDataParallel` is torch's DDP with that check
+narrowed to torch's own class: wrap a CPU model with it (``fit_ddp`` does). On accelerators
+torch's DDP takes this class as it is.
 
 The CPU path: the forward all-reduces one packed float64
 vector ``[count, sum, sum of squares]`` (per channel), the backward all-reduces ``[sum(dy),
@@ -184,11 +185,11 @@ def sync_batch_norm(
     return _SyncBatchNormFn.apply(x, weight, bias, running_mean, running_var, eps, momentum, process_group)
 
 
-class SyncBatchNorm(_BatchNorm):
+class SyncBatchNorm(nn.SyncBatchNorm):
     """Batch norm synchronized across data-parallel ranks (Peng et al. 2018, MegDet "cross-GPU
-    batch norm"): a torch batch norm with ``nn.SyncBatchNorm``'s constructor, state_dict and
-    ``process_group``, also on CPU (see the module notes for why it extends ``_BatchNorm`` rather
-    than ``nn.SyncBatchNorm``).
+    batch norm"): torch's ``nn.SyncBatchNorm`` (a subclass: constructor, state_dict,
+    ``process_group``), also on CPU. With torch's DDP on a CPU model, use
+    :class:`batchlab.distributed.DistributedDataParallel` (see the module notes).
 
     On CUDA/XPU/HPU tensors the forward is ``nn.SyncBatchNorm.forward`` (fused kernels);
     elsewhere (CPU with gloo) batchlab's, with unequal per-rank batch sizes allowed. Outside a
@@ -216,16 +217,11 @@ class SyncBatchNorm(_BatchNorm):
         bias: bool = True,
     ) -> None:
         C.check_batchnorm_args(num_features, eps, momentum, affine, track_running_stats, bias)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self.process_group = process_group
-
-    # torch's nn.SyncBatchNorm checks, shared rather than copied
-    _check_input_dim = nn.SyncBatchNorm._check_input_dim
-    _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type in _torch_sync_devices():
-            return nn.SyncBatchNorm.forward(self, x)  # type: ignore[arg-type]
+            return super().forward(x)
         self._check_input_dim(x)
         self._check_non_zero_input_channels(x)
         world = _distributed_world(self.process_group) if self.training else 1
@@ -254,7 +250,7 @@ def is_plain_batchnorm(module: nn.Module) -> bool:
     :func:`convert_sync_batchnorm` may replace without changing what the layer computes."""
     return (
         isinstance(module, _BatchNorm)
-        and not isinstance(module, (nn.SyncBatchNorm, SyncBatchNorm))
+        and not isinstance(module, nn.SyncBatchNorm)
         and type(module).forward is _BatchNorm.forward
     )
 

@@ -23,12 +23,15 @@ from tests.helpers.norm import assert_close
 LAYERS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "batch": (lambda: N.BatchNorm2d(4), (8, 4, 3, 3)),
     "batch1d": (lambda: N.BatchNorm1d(4), (8, 4)),
+    "batch-cumulative": (lambda: N.BatchNorm2d(4, momentum=None), (8, 4, 3, 3)),
+    "batch1d-cumulative": (lambda: N.BatchNorm1d(4, momentum=None), (8, 4)),
     "renorm": (lambda: N.BatchRenorm2d(4, warmup_steps=0, rmax_steps=0, dmax_steps=0, rmax=1.5, dmax=0.5), (8, 4, 3, 3)),
     "renorm-cumulative": (lambda: N.BatchRenorm1d(4, momentum=None, warmup_steps=1, rmax_steps=3, dmax_steps=2), (8, 4)),
     "ghost": (lambda: N.GhostBatchNorm2d(4, virtual_batch_size=3), (8, 4, 3, 3)),
     "ghost1d": (lambda: N.GhostBatchNorm1d(4, virtual_batch_size=2), (8, 4)),
     "ghost-cumulative": (lambda: N.GhostBatchNorm2d(4, virtual_batch_size=4, momentum=None), (8, 4, 3, 3)),
     "sync": (lambda: N.SyncBatchNorm(4), (8, 4, 3, 3)),
+    "sync-cumulative": (lambda: N.SyncBatchNorm(4, momentum=None), (8, 4, 3, 3)),
     "caffe": (lambda: N.CaffeBatchNorm(4), (8, 4, 3, 3)),
     "frozen": (lambda: N.FrozenBatchNorm(4), (8, 4, 3, 3)),
     "group": (lambda: N.GroupNorm(4, 2), (8, 4, 3, 3)),
@@ -36,6 +39,7 @@ LAYERS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "rms": (lambda: N.RMSNorm(3), (8, 4, 3, 3)),
     "instance": (lambda: N.InstanceNorm2d(4, affine=True, track_running_stats=True), (8, 4, 3, 3)),
     "batch_act": (lambda: N.BatchNormAct2d(4, act_layer="gelu"), (8, 4, 3, 3)),
+    "batch_act-cumulative": (lambda: N.BatchNormAct2d(4, momentum=None, act_layer="relu"), (8, 4, 3, 3)),
     "group_act": (lambda: N.GroupNormAct(4, 2), (8, 4, 3, 3)),
     "layer_act": (lambda: N.LayerNormAct(3, act_layer="silu"), (8, 4, 3, 3)),
 }
@@ -83,13 +87,25 @@ def test_fullgraph_compile_equals_eager(name: str) -> None:
             assert torch.equal(a, b), f"{name}: {k} {a} != {b}"
 
 
-def test_torch_batchnorm_with_cumulative_average_breaks_fullgraph_too() -> None:
-    # momentum=None reads num_batches_tracked as a Python float in torch's own forward, which
-    # batchlab's BatchNorm*d inherits; batchlab's Renorm and Ghost BN keep it a tensor (above)
+def test_torch_batchnorm_with_cumulative_average_breaks_fullgraph_but_batchlabs_does_not() -> None:
+    # momentum=None: torch's forward reads num_batches_tracked as a Python float (a data-dependent
+    # graph break); batchlab's BatchNorm*d keeps the factor a tensor under compile (the
+    # "*-cumulative" rows above check its values against eager mode)
     torch._dynamo.reset()
-    for layer in (nn.BatchNorm1d(4, momentum=None), N.BatchNorm1d(4, momentum=None)):
-        with pytest.raises(Exception, match="data-dependent"):
-            torch.compile(layer, fullgraph=True, backend="aot_eager")(torch.randn(8, 4))
+    with pytest.raises(Exception, match="data-dependent"):
+        torch.compile(nn.BatchNorm1d(4, momentum=None), fullgraph=True, backend="aot_eager")(torch.randn(8, 4))
+    torch._dynamo.reset()
+    ours = N.BatchNorm1d(4, momentum=None)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    ref = nn.BatchNorm1d(4, momentum=None)
+    for _ in range(3):
+        x = torch.randn(8, 4) * 3 + 1
+        compiled(x), ref(x)
+        compiled(x[:0])  # an empty batch counts but leaves the statistics, as in torch
+        ref(x[:0])
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 6
+    assert_close(ours.running_mean, ref.running_mean, 1e-6, 1e-6, "cumulative running_mean")
+    assert_close(ours.running_var, ref.running_var, 1e-5, 1e-5, "cumulative running_var")
 
 
 @pytest.mark.slow

@@ -95,6 +95,30 @@ class _CheckedBatchNorm:
         C.check_batchnorm_args(num_features, eps, momentum, affine, track_running_stats, bias)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)  # type: ignore[call-arg]
 
+    def forward(self, input: Tensor) -> Tensor:
+        return batch_norm_forward(self, input)  # type: ignore[arg-type]
+
+
+def batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, input: Tensor) -> Tensor:
+    """torch's ``_BatchNorm.forward``, except for the cumulative average (``momentum=None``)
+    under ``torch.compile``: torch's reads ``1 / num_batches_tracked`` as a Python float, a
+    data-dependent graph break; here the factor stays a tensor (the normalization is torch's
+    kernel on batch statistics, the running buffers are updated from ``torch.var_mean``)."""
+    if not (module.momentum is None and module.training and module.track_running_stats
+            and module.num_batches_tracked is not None and torch.compiler.is_compiling()):
+        return _BatchNorm.forward(module, input)
+    module._check_input_dim(input)
+    module.num_batches_tracked.add_(1)
+    out = F.batch_norm(input, None, None, module.weight, module.bias, True, 0.0, module.eps)
+    if input.numel() > 0:  # torch leaves the statistics of an empty batch alone
+        with torch.no_grad():
+            dims = [0, *range(2, input.dim())]
+            var, mean = torch.var_mean(input.detach(), dim=dims, correction=1)
+            factor = 1.0 / module.num_batches_tracked
+            module.running_mean.lerp_(mean.to(module.running_mean.dtype), factor.to(module.running_mean.dtype))
+            module.running_var.lerp_(var.to(module.running_var.dtype), factor.to(module.running_var.dtype))
+    return out
+
 
 _BN_DOC = """Batch normalization (Ioffe & Szegedy 2015, "Batch Normalization: Accelerating Deep
     Network Training by Reducing Internal Covariate Shift"): torch's class, with its arguments

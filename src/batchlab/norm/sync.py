@@ -51,6 +51,7 @@ from torch import Tensor
 from batchlab.norm import _checks as C
 from batchlab.norm import functional as BF
 from batchlab.norm._swap import copy_state, replace_modules
+from batchlab.norm.layers import _CheckedBatchNorm, batch_norm_forward
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm", "convert_sync_batchnorm", "is_plain_batchnorm"]
 
@@ -226,7 +227,7 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         self._check_non_zero_input_channels(x)
         world = _distributed_world(self.process_group) if self.training else 1
         if world <= 1:  # torch's batch norm, its rules for buffers and modes
-            return _BatchNorm.forward(self, x)
+            return batch_norm_forward(self, x)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -251,7 +252,7 @@ def is_plain_batchnorm(module: nn.Module) -> bool:
     return (
         isinstance(module, _BatchNorm)
         and not isinstance(module, nn.SyncBatchNorm)
-        and type(module).forward is _BatchNorm.forward
+        and type(module).forward in (_BatchNorm.forward, _CheckedBatchNorm.forward)
     )
 
 

@@ -17,6 +17,7 @@ from batchlab.data.digits import load_digits
 from batchlab.data.idx import MNIST_FILES, load_mnist
 from batchlab.data.mnist1d import load_mnist1d
 from batchlab.data.sequence import make_sequences
+from batchlab.data.shapes32 import load_shapes32
 from batchlab.data.synthetic import make_gaussian_mixture
 from batchlab.models import CNN1d, CNN2d, MLP, ResNet, SequenceNet
 from batchlab.tasks.registry import register_task
@@ -73,6 +74,26 @@ def digits_cnn(*, seed: int = 0, val_fraction: float = 0.2) -> Task:
         norm="batch",
         description="CNN on 8x8 digits",
         info={"seed": seed, "val_fraction": val_fraction},
+    )
+
+
+@register_task("shapes32-cnn", "3-layer CNN (8/16/32 channels) on Shapes-32, generated 32x32 RGB shapes (n_samples=3000)")
+def shapes32_cnn(*, n_samples: int = 3000, seed: int = 0, val_fraction: float = 0.2) -> Task:
+    """Small CNN on Shapes-32 (10 classes of shapes with random colour, position, clutter and noise)."""
+    train, val = load_shapes32(n_samples, seed, val_fraction=val_fraction)
+    return Task(
+        name="shapes32-cnn",
+        model_fn=functools.partial(CNN2d, 3, 10, (8, 16, 32), input_size=32),
+        train_set=train,
+        val_set=val,
+        num_classes=10,
+        optimizer="momentum",
+        lr=0.05,
+        batch_size=128,
+        epochs=20,
+        norm="batch",
+        description="CNN on generated 32x32 RGB shapes",
+        info={"n_samples": n_samples, "seed": seed, "val_fraction": val_fraction},
     )
 
 

@@ -60,6 +60,19 @@ def test_c17_supported_refuted_inconclusive_invalid():
     assert _c17(DROP, FLAT, second=_c17_task(SAME, FLAT, none32=0.97)) == "supported"
 
 
+def test_c17_per_task_settings_and_their_gpu_scale():
+    e = NormBatch()
+    for quick in (True, False):
+        p = e.params(quick)
+        assert p["tasks"] == ["digits-mlp", "shapes32-cnn"]
+        sp = e.task_params(p, "shapes32-cnn")
+        assert sp["lr32"] == 0.025 and {2, 4, 32} <= set(sp["batches"]) and {"batch", "group", "none"} <= set(sp["norms"])
+        assert e.task_params(p, "digits-mlp")["lr32"] == 0.05
+        g = e.params_for(quick, "cuda")
+        assert e.task_params(g, "shapes32-cnn")["epochs"] == 4 * sp["epochs"]
+        assert e.task_params(g, "digits-mlp")["epochs"] == 4 * p["epochs"]
+
+
 def test_c17_prints_wu_and_he_beside_the_measured_numbers():
     e = NormBatch()
     (v,) = e.decide(_c17_data(DROP, FLAT), e.params(True))
@@ -73,19 +86,20 @@ def test_c17_prints_wu_and_he_beside_the_measured_numbers():
 
 def test_c17_plot_and_smoke(tmp_path):
     e = NormBatch()
-    p = {"tasks": ["digits-mlp", "digits-cnn"], "norms": ["batch", "group", "none"], "batches": [2, 32],
-         "epochs": 0.02, "lr32": 0.05, "seeds": [0]}
+    p = {"tasks": ["digits-mlp", "shapes32-cnn"], "norms": ["batch", "group", "none"], "batches": [2, 32],
+         "epochs": 0.02, "lr32": 0.05, "seeds": [0], "per_task": {"shapes32-cnn": {"epochs": 0.01, "norms": ["batch", "none"]}}}
     ctx = _ctx(tmp_path, e.id)
     data = e.run(ctx, p)
     t = data["tasks"]["digits-mlp"]
     assert set(t["acc"]) == {"batch", "group", "none"} and set(t["acc"]["batch"]) == {"2", "32"}
+    assert set(data["tasks"]["shapes32-cnn"]["acc"]) == {"batch", "none"}  # its own grid from per_task
     assert e.decide(data, p)[0].verdict in ("supported", "refuted", "inconclusive")
     check_figures(e.plot(data, p))
     check_figures(e.plot(_c17_data({2: (0.8, 0.81), 4: (0.9, 0.9), 32: (0.95, 0.96)},
                                    {2: (0.95, 0.95), 4: (0.95, 0.95), 32: (0.95, 0.95)}), e.params(True)))
-    assert ctx.trials_run == 12
+    assert ctx.trials_run == 10
     e.run(ctx, p)  # everything is cached now
-    assert ctx.trials_run == 12
+    assert ctx.trials_run == 10
 
 
 # ---------------------------------------------------------------- C18

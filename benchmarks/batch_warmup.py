@@ -46,13 +46,18 @@ from batchlab.train import Callback, TrainConfig, evaluate, fit  # noqa: E402
 # budget in epochs, checkpoints (fractions of the budget), branch factors, the largest batch allowed,
 # the LR schedule of both arms (the language models decay it by a cosine, as nanoGPT does).
 # "char-gpt-heldout" was fixed (and committed) before any run of it: another corpus, a longer
-# context and a wider model than the development LM.
+# context and a wider model than the development LM. Its first run (with from_critical_batch
+# before lookahead) was then seen, so it became a development task; "char-gpt-heldout2" (3
+# layers, another corpus, 4 epochs) was fixed and committed with lookahead, before any run of it.
 TASKS: dict[str, dict[str, Any]] = {
     "char-gpt": dict(batch=32, lr=None, epochs=6.0, checkpoints=(0.0, 0.05, 0.15, 0.35, 0.6),
                      factors=(1, 2, 4, 8), max_batch=256, schedule="cosine"),
     "char-gpt-heldout": dict(args={"seed": 11, "block_size": 48, "n_embd": 96, "n_chars": 60_000}, batch=32, lr=None,
                              epochs=5.0, checkpoints=(0.0, 0.05, 0.15, 0.35, 0.6), factors=(1, 2, 4, 8),
                              max_batch=256, schedule="cosine"),
+    "char-gpt-heldout2": dict(args={"seed": 23, "n_layer": 3, "n_head": 4, "n_chars": 50_000}, batch=32, lr=None,
+                              epochs=4.0, checkpoints=(0.0, 0.05, 0.15, 0.35, 0.6), factors=(1, 2, 4, 8),
+                              max_batch=256, schedule="cosine"),
     "mnist1d-mlp": dict(args={"n_samples": 20000}, batch=32, lr=None, epochs=3.0, checkpoints=(0.0, 0.05, 0.15, 0.35),
                         factors=(1, 2, 4, 8, 16), max_batch=2048, schedule="constant"),
 }

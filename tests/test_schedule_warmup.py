@@ -52,11 +52,15 @@ def test_schedule_stages_pure_functions_and_config():
 
 def test_from_critical_batch_integer_factors_monotone_capped():
     measured = [(0, 3), (100, 40), (200, 20), (400, 1000)]
-    s = BatchSizeSchedule.from_critical_batch(measured, 8, max_batch=128)
+    s = BatchSizeSchedule.from_critical_batch(measured, 8, max_batch=128, lookahead=False)
     # 3 < 8: stay at base; 40 -> 32; 20 (lower) keeps 32; 1000 -> capped at 128
     assert s.stages == ((100, 32), (400, 128))
-    s4 = BatchSizeSchedule.from_critical_batch(measured, 8, factor=4)
+    s4 = BatchSizeSchedule.from_critical_batch(measured, 8, factor=4, lookahead=False)
     assert s4.stages == ((100, 32), (400, 512))
+    # lookahead (default): 40 at 100 is bounded by the 20 measured later: 16 from 100 on
+    assert BatchSizeSchedule.from_critical_batch(measured, 8, max_batch=128).stages == ((100, 16), (400, 128))
+    assert BatchSizeSchedule.from_critical_batch([(0, 64), (10, 32), (20, 128)], 32).stages == ((20, 128),)
+    assert BatchSizeSchedule.from_critical_batch([(0, 64), (10, 32), (20, 128)], 32, lookahead=False).stages == ((0, 64), (20, 128))
     assert BatchSizeSchedule.from_critical_batch([(0, 4)], 8).stages == ()
     with pytest.raises(ValueError, match="factor must be an integer >= 2, got 1"):
         BatchSizeSchedule.from_critical_batch(measured, 8, factor=1)

@@ -122,13 +122,18 @@ class BatchSizeSchedule:
         max_batch: int | None = None,
         rule: str | None = None,
         use: str = "critical_batch",
+        lookahead: bool = True,
     ) -> BatchSizeSchedule:
         """A batch-size warmup that follows a measured critical batch (Merrill et al. 2025).
 
         At each measurement point the batch becomes the largest ``base * factor ** j`` that is at
-        most the measured critical batch (and ``max_batch``); it never shrinks (a later, lower
-        measurement keeps the batch) and never goes below ``base``. The stage starts at the
-        examples where it was measured: the measurement says a larger batch is safe from there on.
+        most the measured critical batch (and ``max_batch``); it never shrinks and never goes
+        below ``base``. The stage starts at the examples where it was measured. Since a warmup
+        never shrinks, a stage runs for the rest of training: with ``lookahead`` (default) the
+        batch at a point is at most the critical batch measured at *every later* point too (the
+        running minimum from the end), so one high reading followed by lower ones (measurement
+        noise, or a critical batch that falls) does not start a stage that later points say is
+        too large. Without it, a later lower measurement only keeps the batch where it is.
 
         Args:
             measured: a :class:`~batchlab.batchsize.critical.CriticalBatchResult` (its ``points``)
@@ -139,6 +144,7 @@ class BatchSizeSchedule:
             rule: co-scaling rule (see :func:`batchlab.train.scale_hparams`).
             use: which estimate of a point to follow: ``"critical_batch"`` (from the seed-mean
                 losses) or ``"critical_low"`` (the smallest per-seed estimate: more cautious).
+            lookahead: bound each point by the later measurements (see above).
         """
         if not isinstance(factor, numbers.Integral) or isinstance(factor, bool) or factor < 2:
             raise ValueError(f"factor must be an integer >= 2, got {factor!r}")
@@ -156,11 +162,14 @@ class BatchSizeSchedule:
                 if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
                     raise ValueError(f"measured[{i}] must be an (examples, critical batch) pair; got {pair!r}")
                 pairs.append((pair[0], pair[1]))
+        pairs = [(e, c) for e, c in sorted(pairs, key=lambda p: p[0])
+                 if c is not None and isinstance(c, numbers.Real) and math.isfinite(c)]
+        if lookahead:
+            for i in range(len(pairs) - 2, -1, -1):
+                pairs[i] = (pairs[i][0], min(pairs[i][1], pairs[i + 1][1]))
         stages: list[tuple[int, int]] = []
         current = base
-        for examples, crit in sorted(pairs, key=lambda p: p[0]):
-            if crit is None or not (isinstance(crit, numbers.Real) and math.isfinite(crit)):
-                continue
+        for examples, crit in pairs:
             b = base
             while b * factor <= crit and (max_batch is None or b * factor <= max_batch):
                 b *= factor

@@ -61,7 +61,11 @@ def test_from_critical_batch_integer_factors_monotone_capped():
     assert BatchSizeSchedule.from_critical_batch(measured, 8, max_batch=128).stages == ((100, 16), (400, 128))
     assert BatchSizeSchedule.from_critical_batch([(0, 64), (10, 32), (20, 128)], 32).stages == ((20, 128),)
     assert BatchSizeSchedule.from_critical_batch([(0, 64), (10, 32), (20, 128)], 32, lookahead=False).stages == ((0, 64), (20, 128))
-    assert BatchSizeSchedule.from_critical_batch([(0, 4)], 8).stages == ()
+    none = BatchSizeSchedule.from_critical_batch([(0, 4)], 8)
+    assert none.stages == () and none.milestones == ()  # a constant batch, not the default milestones
+    cfg = none.apply(TrainConfig(batch_size=8, lr=0.1, max_examples=1000))
+    assert cfg.batch_size == 8 and cfg.batch_growth == () and cfg.batch_schedule == ()
+    assert [none.batch_at(e) for e in (0, 500, 10**6)] == [8, 8, 8]
     with pytest.raises(ValueError, match="factor must be an integer >= 2, got 1"):
         BatchSizeSchedule.from_critical_batch(measured, 8, factor=1)
     with pytest.raises(ValueError, match=r"measured\[0\] must be an \(examples, critical batch\) pair"):

@@ -179,7 +179,8 @@ class BatchSizeSchedule:
                     stages[-1] = (int(examples), b)
                 else:
                     stages.append((int(examples), b))
-        return cls(base=base, stages=tuple(stages), factor=factor, max_batch=max_batch, rule=rule)
+        # milestones=(): no stages means a constant batch, not the default milestone schedule
+        return cls(base=base, milestones=(), stages=tuple(stages), factor=factor, max_batch=max_batch, rule=rule)
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> BatchSizeSchedule:

@@ -63,16 +63,59 @@ def test_c22_supported_refuted_inconclusive_invalid():
     assert _v(_task(64, 1000), _task(200, 150, reached=few)) == "refuted"
 
 
+def _suggested(batch: int | None, status: str = "ok") -> dict[str, Any]:
+    return {"status": status, "batch_size": batch, "lr": 0.1, "b_noise": 50.0, "tied": [], "examples": 1000,
+            "cost_budget": 2000, "wall_time": 1.0, "headline": "x"}
+
+
+def test_c22_reports_suggest_against_b_crit_without_changing_the_verdict():
+    a, b = _task(64, 70), _task(200, 150)
+    (plain,) = CriticalBatch().decide({"tasks": {"a": a, "b": b}}, P)
+    a["suggest"], b["suggest"] = _suggested(100), _suggested(1024)
+    (v,) = CriticalBatch().decide({"tasks": {"a": a, "b": b}}, P)
+    assert v.verdict == plain.verdict == "supported"  # the verdict rule does not use suggest
+    sa, sb = v.effect["a"]["suggest"], v.effect["b"]["suggest"]
+    assert sa["b_crit"] == pytest.approx(v.effect["a"]["fit"]["b_noise"])
+    assert sa["ratio"] == pytest.approx(100 / sa["b_crit"]) and sa["ratio"] == pytest.approx(100 / 64, rel=0.05)
+    assert sa["within_factor"] is True and sa["batch"] == 100
+    assert sb["ratio"] == pytest.approx(1024 / 200, rel=0.05) and sb["within_factor"] is False
+    assert "Reported, not part of the rule: batchlab suggest" in v.reason and "not within 2x" in v.reason
+    assert "suggest" not in plain.reason and plain.effect["a"]["suggest"] is None
+    # more than 2x below B_crit is not within either; no recommendation is reported as such
+    a["suggest"], b["suggest"] = _suggested(16), _suggested(None, "failed")
+    (v,) = CriticalBatch().decide({"tasks": {"a": a, "b": b}}, P)
+    assert v.effect["a"]["suggest"]["within_factor"] is False and v.effect["a"]["suggest"]["ratio"] == pytest.approx(0.25, rel=0.05)
+    assert v.effect["b"]["suggest"]["within_factor"] is False and math.isnan(v.effect["b"]["suggest"]["ratio"])
+    assert "b: no recommendation (status failed)" in v.reason
+    check_figures(CriticalBatch().plot({"tasks": {"a": a, "b": b}}, P))
+
+
+def test_c22_suggest_runs_on_the_task_as_c22_trains_it():
+    from batchlab.tasks import get_task
+
+    e = CriticalBatch()
+    p = e.params(False)
+    spec = p["tasks"][0]
+    base = get_task(spec["task"], **spec["kwargs"])
+    t = e.suggest_task(base, spec, p)
+    assert t.norm == "none" and t.optimizer == p["optimizer"] and t.batch_size == 128 and t.spec is None
+    assert t.lr == pytest.approx(spec["lr_ref"] * 2) and base.norm == "batch"
+    assert t.fingerprint() != base.fingerprint()
+    assert p["suggest"]["low"] == min(p["batches"]) and p["suggest"]["high"] == max(p["batches"])
+
+
 def test_c22_figure():
     check_figures(CriticalBatch().plot({"tasks": {"a": _task(64, 70), "b": _task(200, 150, reached=[8, 16, 32])}}, P))
 
 
 def test_c22_tiny_real_run(tmp_path: Path):
     e = CriticalBatch()
-    p = {**e.params(True), "batches": [32, 128], "lr_factors": [1.0], "seeds": [0],
+    q = e.params(True)
+    p = {**q, "batches": [32, 128], "lr_factors": [1.0], "seeds": [0],
          "noise": {"micro_batch": 8, "accumulation": 2, "steps": 4, "beta": 0.9},
          "tasks": [{"label": "digits-mlp", "task": "digits-mlp", "kwargs": {}, "target": 2.27, "lr_ref": 0.2,
-                    "max_epochs": 1}]}
+                    "max_epochs": 1}],
+         "suggest": {**q["suggest"], "low": 32, "high": 128, "cost_epochs": 4}}
     ctx = ExperimentContext(e.id, True, [0], "cpu", Store(tmp_path / "b.db"), tmp_path)
     data = e.run(ctx, p)
     t = data["tasks"]["digits-mlp"]
@@ -82,4 +125,11 @@ def test_c22_tiny_real_run(tmp_path: Path):
     assert t["b_simple"]["0"]["status"] == "ok"
     (v,) = e.decide(data, p)
     assert v.verdict == "inconclusive" and not v.valid  # two batch sizes cannot carry the fit
-    assert ctx.trials_run == 3
+    # 2 training runs, B_simple, and suggest on the same task (cheaply): one stored measurement, a power of two
+    # in suggest's range
+    sg = t["suggest"]
+    assert ctx.trials_run == 4 and sg["batch_size"] in (32, 64, 128) and sg["examples"] <= sg["cost_budget"]
+    (v,) = e.decide(data, p)
+    assert v.effect["digits-mlp"]["suggest"]["batch"] == sg["batch_size"] and "batchlab suggest" in v.reason
+    e.run(ctx, p)
+    assert ctx.trials_run == 4  # loaded from the store, not run again

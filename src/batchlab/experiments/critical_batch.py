@@ -10,10 +10,18 @@ with the critical batch ``B_crit = E_min / S_min = B_noise``, and that the simpl
 The fit is linear in the unknowns: ``S = a + c / B`` with ``a = S_min`` and ``c = S_min B_noise``,
 fitted to relative residuals (rows ``[1/S, 1/(B S)]``, target 1), so that B = 8 with thousands of
 steps and B = 1024 with tens weigh alike; R^2 is computed on log S.
+
+C22 is also the ground truth ``batchlab suggest`` is judged by: in the full run (and ``--quick``) the
+experiment runs :func:`batchlab.batchsize.suggest` on each task as C22 trains it (no normalization, the
+same optimizer, the LR C22 centres on at B = 128), with a small cost budget, and reports where its
+recommended batch falls relative to the fitted B_crit (ratio suggested / B_crit, and whether it lies
+within a factor 2). That is a measure reported next to the verdict; the verdict rule (pre-registered)
+does not use it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from typing import Any
@@ -82,7 +90,8 @@ class CriticalBatch(Experiment):
         "EMA 0.95; mean of the second half of its history), mean over seeds. Per task: holds if R^2 >= 0.9 and "
         "B_simple within a factor 2 of B_crit; fails if R^2 < 0.9 or B_simple off by more than a factor 4; "
         "otherwise undecided. Supported if it holds on both tasks, refuted if it fails on both, otherwise "
-        "inconclusive."
+        "inconclusive. (Reported next to the verdict, not part of this rule: batchlab suggest's recommended batch "
+        "on each task, run as C22 trains it, over the fitted B_crit, and whether it lies within a factor 2.)"
     }
     validity = {
         "C22": "Per task, the target must be reached at enough batch sizes for a 2-parameter curve: at least "
@@ -102,9 +111,13 @@ class CriticalBatch(Experiment):
              "lr_ref": 0.1, "max_epochs": 25 if quick else 50},
         ]
         batches = [8, 32, 128, 512] if quick else [8, 16, 32, 64, 128, 256, 512, 1024]
+        # suggest as a user would run it (default "time" objective, two seeds) over C22's batch range, with
+        # a cost budget of a few epochs; its whole result is one cached measurement per task
+        sug = {"low": min(batches), "high": max(batches), "seeds": [0, 1], "objective": "time",
+               "cost_epochs": 5 if quick else 10, "quick": quick}
         return {"tasks": tasks, "batches": batches, "lr_factors": [0.5, 1.0, 2.0], "optimizer": "sgd",
                 "noise": {"micro_batch": 16, "accumulation": 8, "steps": 200, "beta": 0.95},
-                "min_points": 4 if quick else 6, "min_span": 2.0}
+                "min_points": 4 if quick else 6, "min_span": 2.0, "suggest": sug}
 
     def run(self, ctx: ExperimentContext, params: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {"tasks": {}}
@@ -127,6 +140,11 @@ class CriticalBatch(Experiment):
                                                lambda seed=seed, task=task: self._noise(task, params, seed, ctx.device))
                          for seed in ctx.seeds}
                 out["tasks"][spec["label"]] = {"runs": runs, "b_simple": noise, "target": spec["target"]}
+                if params.get("suggest"):
+                    out["tasks"][spec["label"]]["suggest"] = ctx.cached(
+                        "suggest", {"task": spec, **params["suggest"], "optimizer": params["optimizer"],
+                                    "fingerprint": task.fingerprint()},
+                        lambda task=task, spec=spec: self._suggest(task, spec, params, ctx.device))
         return out
 
     @staticmethod
@@ -150,6 +168,41 @@ class CriticalBatch(Experiment):
         tail = [float(v) for v in hist[len(hist) // 2:] if v is not None and math.isfinite(float(v)) and v > 0]
         return {"status": r.status, "b_simple_final": r.b_simple,
                 "b_simple": statistics.fmean(tail) if tail else math.nan, "n_history": len(hist)}
+
+    @staticmethod
+    def suggest_task(task: Any, spec: dict[str, Any], p: dict[str, Any]) -> Any:
+        """``task`` as C22 trains it, for suggest: no normalization, C22's optimizer, and the LR C22's grid
+        centres on at B = 128 (``lr_ref * sqrt(128 / 32)``) as its default at batch 128 (suggest scales it by
+        the optimizer's rule)."""
+        lr128 = spec["lr_ref"] * math.sqrt(128 / 32)
+        return dataclasses.replace(task, norm="none", optimizer=p["optimizer"], lr=lr128, batch_size=128, spec=None,
+                                   info={**task.info, "c22": f"norm none, {p['optimizer']}, lr {lr128:g} at 128"})
+
+    @classmethod
+    def _suggest(cls, task: Any, spec: dict[str, Any], p: dict[str, Any], device: str) -> dict[str, Any]:
+        from batchlab.batchsize.suggest import suggest
+
+        q = p["suggest"]
+        t = cls.suggest_task(task, spec, p)
+        s = suggest(t, device=device, low=q["low"], high=q["high"], seeds=q["seeds"], objective=q["objective"],
+                    cost_budget=int(q["cost_epochs"] * t.n_train), quick=q["quick"], store=None)
+        return {"status": s.status, "batch_size": s.batch_size, "lr": s.lr, "b_noise": s.b_noise,
+                "tied": list(s.confirm.tied), "examples": s.total_examples, "cost_budget": s.cost_budget,
+                "wall_time": s.wall_time, "headline": s.headline}
+
+    @staticmethod
+    def suggest_vs_b_crit(suggested: dict[str, Any] | None, b_crit: float, within: float = 2.0) -> dict[str, Any] | None:
+        """Where suggest's recommended batch falls relative to the fitted B_crit: the ratio suggested / B_crit and
+        whether it lies within a factor ``within`` (a reported measure, not part of the verdict rule)."""
+        if not suggested:
+            return None
+        b = suggested.get("batch_size")
+        ok = b is not None and math.isfinite(b_crit) and b_crit > 0
+        ratio = b / b_crit if ok else math.nan
+        return {"batch": b, "b_crit": b_crit, "ratio": ratio, "within": within,
+                "within_factor": bool(ok and 1 / within <= ratio <= within), "status": suggested.get("status"),
+                "lr": suggested.get("lr"), "suggest_b_noise": suggested.get("b_noise"),
+                "examples": suggested.get("examples"), "wall_time": suggested.get("wall_time")}
 
     @staticmethod
     def steps_per_b(task_data: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -180,6 +233,7 @@ class CriticalBatch(Experiment):
         txt = (f"S_min {f['s_min']:.4g}, B_crit {f['b_noise']:.4g}, E_min {f['e_min']:.4g}, R^2(log S) "
                f"{f['r2_log']:.3f} on {f['n']} B; B_simple {fmt_spread(bsim)} (ratio B_simple/B_crit {ratio:.3g})")
         res["text"] = txt
+        res["suggest"] = self.suggest_vs_b_crit(task_data.get("suggest"), f["b_noise"], self.WITHIN)
         if len(reached) < params["min_points"] or not span >= params["min_span"]:
             res["outcome"] = "invalid"
             res["why"] = (f"the target was reached in every seed at {len(reached)} batch sizes (needs "
@@ -199,6 +253,7 @@ class CriticalBatch(Experiment):
         per = {label: self.judge_task(t, params) for label, t in data["tasks"].items()}
         effect = {label: {k: v for k, v in r.items() if k not in ("text", "steps_per_seed")} for label, r in per.items()}
         nums = "; ".join(f"{label}: {r['outcome']} ({r['why']}): {r['text']}" for label, r in per.items())
+        nums += self.suggest_note(per)
         valid = {label: r for label, r in per.items() if r["outcome"] != "invalid"}
         if not valid:
             return [Verdict.invalid("C22", f"no task reached its target at enough batch sizes. {nums}", effect)]
@@ -208,6 +263,21 @@ class CriticalBatch(Experiment):
         if got == {"fails"}:
             return [Verdict("C22", "refuted", f"{rule}. {nums}", effect)]
         return [Verdict("C22", "inconclusive", f"{rule}. {nums}", effect)]
+
+    @staticmethod
+    def suggest_note(per: dict[str, dict[str, Any]]) -> str:
+        """The sentence reporting suggest against B_crit (empty when suggest did not run)."""
+        parts = []
+        for label, r in per.items():
+            sv = r.get("suggest")
+            if sv is None:
+                continue
+            if sv["batch"] is None:
+                parts.append(f"{label}: no recommendation (status {sv['status']})")
+                continue
+            parts.append(f"{label}: B={sv['batch']} vs B_crit {sv['b_crit']:.4g}, ratio {sv['ratio']:.3g} "
+                         f"({'within' if sv['within_factor'] else 'not within'} {sv['within']:g}x; status {sv['status']})")
+        return f". Reported, not part of the rule: batchlab suggest's batch on {'; '.join(parts)}" if parts else ""
 
     def plot(self, data: dict[str, Any], params: dict[str, Any]) -> list[Any]:
         plt = pyplot()
@@ -233,6 +303,9 @@ class CriticalBatch(Experiment):
                 bsim = r["b_simple"]["mean"]
                 if math.isfinite(bsim):
                     ax.axvline(bsim, color="C3", ls="--", lw=1.2, label=f"B_simple (noise scale) = {bsim:.3g}")
+                if r.get("suggest") and r["suggest"]["batch"]:
+                    ax.axvline(r["suggest"]["batch"], color="C2", ls="-.", lw=1.2,
+                               label=f"batchlab suggest's batch = {r['suggest']['batch']}")
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
                 ax.set_xlabel("batch size B (examples, log2 scale)")

@@ -14,9 +14,8 @@ Reported per task: optimizer steps in all, steps to reach the constant arm's fin
 loss (and accuracy where the task has it), mean and spread over seeds; the critical batch (with
 its per-seed range) beside B_simple at each checkpoint, with their ratio.
 
-    .venv/bin/python benchmarks/batch_warmup.py                  # both tasks, ~10 min on 2 cores
-    .venv/bin/python benchmarks/batch_warmup.py --markdown       # also print the tables as markdown
-    .venv/bin/python benchmarks/batch_warmup.py --tasks char-gpt --seeds 3
+    .venv/bin/python benchmarks/batch_warmup.py --seeds 3 --markdown   # the four tasks, ~15 min, one thread
+    .venv/bin/python benchmarks/batch_warmup.py --tasks char-gpt-heldout2 mnist1d-mlp
 
 Writes OUT/results.json (default benchmarks/out/batch_warmup).
 """

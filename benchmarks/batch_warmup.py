@@ -57,6 +57,11 @@ TASKS: dict[str, dict[str, Any]] = {
     "char-gpt-heldout2": dict(args={"seed": 23, "n_layer": 3, "n_head": 4, "n_chars": 50_000}, batch=32, lr=None,
                               epochs=4.0, checkpoints=(0.0, 0.05, 0.15, 0.35, 0.6), factors=(1, 2, 4, 8),
                               max_batch=256, schedule="cosine"),
+    # fixed before any run, for --base-batch 8 (a base batch well below the measured critical batch,
+    # where a warmup has room to grow: the setting of Merrill et al.)
+    "char-gpt-heldout3": dict(args={"seed": 37, "n_embd": 80, "n_chars": 40_000}, batch=32, lr=None,
+                              epochs=4.0, checkpoints=(0.0, 0.05, 0.15, 0.35, 0.6), factors=(1, 2, 4, 8),
+                              max_batch=256, schedule="cosine"),
     "mnist1d-mlp": dict(args={"n_samples": 20000}, batch=32, lr=None, epochs=3.0, checkpoints=(0.0, 0.05, 0.15, 0.35),
                         factors=(1, 2, 4, 8, 16), max_batch=2048, schedule="constant"),
 }
@@ -224,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tolerance", type=float, default=0.1,
                    help="critical_batch's tolerance (fraction of the base branch's progress; default 0.1: a warmup "
                         "should lose little, and each stage's loss adds up)")
+    p.add_argument("--base-batch", type=int, default=None,
+                   help="override every task's base batch B (its LR is then the task's scaled to B by the "
+                        "optimizer's rule; branch factors 1..16)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "batch_warmup"))
     p.add_argument("--markdown", action="store_true", help="also print the tables as markdown")
     p.add_argument("--threads", type=int, default=1)
@@ -232,7 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    results = [run_task(name, TASKS[name], list(range(args.seeds)), args.quick, args.tolerance) for name in args.tasks]
+    specs = {name: dict(TASKS[name]) for name in args.tasks}
+    if args.base_batch is not None:
+        if args.base_batch < 1:
+            p.error(f"--base-batch must be a positive integer, got {args.base_batch}")
+        for spec in specs.values():
+            spec.update(batch=args.base_batch, lr=None, factors=(1, 2, 4, 8, 16))
+    results = [run_task(name, specs[name], list(range(args.seeds)), args.quick, args.tolerance) for name in args.tasks]
     wall = time.perf_counter() - t0
     doc = {"command": " ".join(["benchmarks/batch_warmup.py", *(argv if argv is not None else sys.argv[1:])]),
            "wall_time": wall, "threads": args.threads, "tolerance": args.tolerance, "results": results,

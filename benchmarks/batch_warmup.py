@@ -60,7 +60,9 @@ TASKS: dict[str, dict[str, Any]] = {
     # fixed before any run, for --base-batch 8 (a base batch well below the measured critical batch,
     # where a warmup has room to grow: the setting of Merrill et al.)
     # fixed before any run, for the tolerance choice: the largest of --tolerance 0.02 / 0.05 that
-    # meets the target on char-gpt and char-gpt-heldout2 (development) is then run on this one
+    # meets the target on char-gpt and char-gpt-heldout2 (development) is then run on this one (none
+    # did); then, fixed before its runs, for longer branches: if --branch-steps 32 (4x the default)
+    # meets the target on char-gpt and char-gpt-heldout2, it is run on this one
     "char-gpt-heldout4": dict(args={"seed": 41, "block_size": 40, "n_head": 4, "n_chars": 45_000}, batch=32, lr=None,
                               epochs=4.0, checkpoints=(0.0, 0.05, 0.15, 0.35, 0.6), factors=(1, 2, 4, 8),
                               max_batch=256, schedule="cosine"),
@@ -121,13 +123,16 @@ def steps_to(rows: list[dict[str, float]], target: float) -> float:
     return math.inf
 
 
-def run_task(name: str, spec: dict[str, Any], seeds: list[int], quick: bool, tolerance: float) -> dict[str, Any]:
+def run_task(name: str, spec: dict[str, Any], seeds: list[int], quick: bool, tolerance: float,
+             branch_steps: int | None = None) -> dict[str, Any]:
     task = load(name, spec.get("args", {}))
     n = task.n_train
     budget = round(spec["epochs"] * n)
     B = spec["batch"]
     t0 = time.perf_counter()
+    branch = None if branch_steps is None else branch_steps * B * max(spec["factors"])
     crit = critical_batch(task, batch_size=B, lr=spec["lr"], budget_examples=budget, checkpoints=spec["checkpoints"],
+                          branch_examples=branch,
                           factors=spec["factors"], seeds=2, tolerance=tolerance, quick=quick, progress=True)
     t_crit = time.perf_counter() - t0
     schedule = BatchSizeSchedule.from_critical_batch(crit, B, max_batch=min(spec["max_batch"], n), rule=crit.rule)
@@ -237,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-batch", type=int, default=None,
                    help="override every task's base batch B (its LR is then the task's scaled to B by the "
                         "optimizer's rule; branch factors 1..16)")
+    p.add_argument("--branch-steps", type=int, default=None,
+                   help="branch length in steps at the largest branch batch (default: critical_batch's, 8)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "batch_warmup"))
     p.add_argument("--markdown", action="store_true", help="also print the tables as markdown")
     p.add_argument("--threads", type=int, default=1)
@@ -251,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--base-batch must be a positive integer, got {args.base_batch}")
         for spec in specs.values():
             spec.update(batch=args.base_batch, lr=None, factors=(1, 2, 4, 8, 16))
-    results = [run_task(name, specs[name], list(range(args.seeds)), args.quick, args.tolerance) for name in args.tasks]
+    if args.branch_steps is not None and args.branch_steps < 1:
+        p.error(f"--branch-steps must be a positive integer, got {args.branch_steps}")
+    results = [run_task(name, specs[name], list(range(args.seeds)), args.quick, args.tolerance, args.branch_steps)
+               for name in args.tasks]
     wall = time.perf_counter() - t0
     doc = {"command": " ".join(["benchmarks/batch_warmup.py", *(argv if argv is not None else sys.argv[1:])]),
            "wall_time": wall, "threads": args.threads, "tolerance": args.tolerance, "results": results,

@@ -155,3 +155,27 @@ def test_channels_last_equals_contiguous_and_keeps_the_layout(name: str) -> None
     assert yb.is_contiguous(memory_format=torch.channels_last) == want_cl or name == "instance", (
         f"{name}: channels_last output {yb.is_contiguous(memory_format=torch.channels_last)}, torch's {want_cl}"
     )
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_batchnorm_scripts_with_torchscript_as_torchs(momentum, dims) -> None:  # type: ignore[no-untyped-def]
+    # batchlab's BatchNorm*d has its own forward (the compile branch for momentum=None); it must stay
+    # scriptable like torch's and compute what torch's computes, buffers included
+    import warnings
+
+    ours = {1: N.BatchNorm1d, 2: N.BatchNorm2d, 3: N.BatchNorm3d}[dims](3, momentum=momentum)
+    ref = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims](3, momentum=momentum)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(ours)
+    g = torch.Generator().manual_seed(0)
+    shape = (6, 3) + ((2,) * dims if dims > 1 else ())
+    for step in range(3):
+        x = torch.randn(shape, generator=g) * (step + 1) + step
+        assert_close(scripted(x), ref(x), 1e-6, 1e-6, f"train step {step}")
+    assert int(scripted.num_batches_tracked) == int(ref.num_batches_tracked) == 3
+    assert_close(scripted.running_var, ref.running_var, 1e-6, 1e-6, "running_var")
+    scripted.eval(), ref.eval()
+    x = torch.randn(shape, generator=g)
+    assert_close(scripted(x), ref(x), 1e-6, 1e-6, "eval")

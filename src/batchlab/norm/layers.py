@@ -96,28 +96,41 @@ class _CheckedBatchNorm:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)  # type: ignore[call-arg]
 
     def forward(self, input: Tensor) -> Tensor:
-        return batch_norm_forward(self, input)  # type: ignore[arg-type]
+        """torch's ``_BatchNorm.forward`` (written out: TorchScript cannot call ``super()``), with
+        one branch added: the cumulative average (``momentum=None``) under ``torch.compile``.
+        torch's reads ``1 / num_batches_tracked`` as a Python float there, a data-dependent graph
+        break; :meth:`_cumulative_compiled` keeps the factor a tensor."""
+        self._check_input_dim(input)  # type: ignore[attr-defined]
+        factor = 0.0 if self.momentum is None else self.momentum  # type: ignore[attr-defined]
+        if self.training and self.track_running_stats:  # type: ignore[attr-defined]
+            if self.num_batches_tracked is not None:  # type: ignore[attr-defined]
+                self.num_batches_tracked.add_(1)  # type: ignore[attr-defined]
+                if self.momentum is None:  # type: ignore[attr-defined]
+                    if not torch.jit.is_scripting() and torch.compiler.is_compiling():
+                        return self._cumulative_compiled(input)
+                    factor = 1.0 / float(self.num_batches_tracked)  # type: ignore[attr-defined]
+                else:
+                    factor = self.momentum  # type: ignore[attr-defined]
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)  # type: ignore[attr-defined]
+        track = not self.training or self.track_running_stats  # type: ignore[attr-defined]
+        return F.batch_norm(input, self.running_mean if track else None, self.running_var if track else None,  # type: ignore[attr-defined]
+                            self.weight, self.bias, bn_training, factor, self.eps)  # type: ignore[attr-defined]
 
-
-def batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, input: Tensor) -> Tensor:
-    """torch's ``_BatchNorm.forward``, except for the cumulative average (``momentum=None``)
-    under ``torch.compile``: torch's reads ``1 / num_batches_tracked`` as a Python float, a
-    data-dependent graph break; here the factor stays a tensor (the normalization is torch's
-    kernel on batch statistics, the running buffers are updated from ``torch.var_mean``)."""
-    if not (module.momentum is None and module.training and module.track_running_stats
-            and module.num_batches_tracked is not None and torch.compiler.is_compiling()):
-        return _BatchNorm.forward(module, input)
-    module._check_input_dim(input)
-    module.num_batches_tracked.add_(1)
-    out = F.batch_norm(input, None, None, module.weight, module.bias, True, 0.0, module.eps)
-    if input.numel() > 0:  # torch leaves the statistics of an empty batch alone
-        with torch.no_grad():
-            dims = [0, *range(2, input.dim())]
-            var, mean = torch.var_mean(input.detach(), dim=dims, correction=1)
-            factor = 1.0 / module.num_batches_tracked
-            module.running_mean.lerp_(mean.to(module.running_mean.dtype), factor.to(module.running_mean.dtype))
-            module.running_var.lerp_(var.to(module.running_var.dtype), factor.to(module.running_var.dtype))
-    return out
+    @torch.jit.unused
+    def _cumulative_compiled(self, input: Tensor) -> Tensor:
+        """Training step with the cumulative average under ``torch.compile`` (the counter is
+        already incremented): torch's kernel on batch statistics, then the running buffers
+        updated from ``torch.var_mean`` with the factor ``1 / num_batches_tracked`` as a tensor."""
+        out = F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)  # type: ignore[attr-defined]
+        if input.numel() > 0:  # torch leaves the statistics of an empty batch alone
+            with torch.no_grad():
+                dims = [0, *range(2, input.dim())]
+                var, mean = torch.var_mean(input.detach(), dim=dims, correction=1)
+                rm, rv = self.running_mean, self.running_var  # type: ignore[attr-defined]
+                factor = (1.0 / self.num_batches_tracked).to(rm.dtype)  # type: ignore[attr-defined]
+                rm.lerp_(mean.to(rm.dtype), factor)
+                rv.lerp_(var.to(rv.dtype), factor)
+        return out
 
 
 _BN_DOC = """Batch normalization (Ioffe & Szegedy 2015, "Batch Normalization: Accelerating Deep

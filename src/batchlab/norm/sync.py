@@ -51,7 +51,7 @@ from torch import Tensor
 from batchlab.norm import _checks as C
 from batchlab.norm import functional as BF
 from batchlab.norm._swap import copy_state, replace_modules
-from batchlab.norm.layers import _CheckedBatchNorm, batch_norm_forward
+from batchlab.norm.layers import _CheckedBatchNorm
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm", "convert_sync_batchnorm", "is_plain_batchnorm"]
 
@@ -220,14 +220,16 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         C.check_batchnorm_args(num_features, eps, momentum, affine, track_running_stats, bias)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype, bias=bias)
 
+    _cumulative_compiled = _CheckedBatchNorm._cumulative_compiled  # for the one-rank path's forward
+
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type in _torch_sync_devices():
             return super().forward(x)
         self._check_input_dim(x)
         self._check_non_zero_input_channels(x)
         world = _distributed_world(self.process_group) if self.training else 1
-        if world <= 1:  # torch's batch norm, its rules for buffers and modes
-            return batch_norm_forward(self, x)
+        if world <= 1:  # torch's batch norm (batchlab's forward of it, which compiles with momentum=None)
+            return _CheckedBatchNorm.forward(self, x)  # type: ignore[arg-type]
         factor = 0.0 if self.momentum is None else self.momentum
         if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)

@@ -41,15 +41,19 @@ def _worker(rank: int, world: int, init: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        for name, shape, n0, momentum, affine in CASES:
+        for (name, shape, n0, momentum, affine), compiled in [(c, False) for c in CASES] + [(c, True) for c in CASES]:
             layer = N.SyncBatchNorm(shape[1], momentum=momentum, affine=affine).double()
             _init_layer(layer)
+            # the synchronized path under torch.compile(fullgraph=True): a graph break raises
+            run = torch.compile(layer, fullgraph=True, backend="aot_eager") if compiled else layer
+            if compiled:
+                name = f"{name}_compiled"
             results = {}
             for step in range(STEPS):
                 x, gy = _data(shape, step)
                 lo, hi = (0, n0) if rank == 0 else (n0, shape[0])
                 xl = x[lo:hi].clone().requires_grad_()
-                y = layer(xl)
+                y = run(xl)
                 y.backward(gy[lo:hi])
                 results[f"y{step}"] = y.detach()
                 results[f"dx{step}"] = xl.grad
@@ -80,11 +84,13 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-10) -> N
     assert a.shape == b.shape and diff <= tol * max(1.0, b.abs().max().item() if b.numel() else 1.0), f"{what}: max abs diff {diff:.3e} (shapes {tuple(a.shape)} vs {tuple(b.shape)})"
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_sync_bn_two_gloo_ranks_equal_one_bn_over_concatenated_batch(sync_results: Path, case: tuple) -> None:
+def test_sync_bn_two_gloo_ranks_equal_one_bn_over_concatenated_batch(sync_results: Path, case: tuple, compiled: bool) -> None:
     name, shape, n0, momentum, affine = case
-    r0 = torch.load(sync_results / f"{name}_r0.pt")
-    r1 = torch.load(sync_results / f"{name}_r1.pt")
+    suffix = "_compiled" if compiled else ""
+    r0 = torch.load(sync_results / f"{name}{suffix}_r0.pt")
+    r1 = torch.load(sync_results / f"{name}{suffix}_r1.pt")
     ref = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(shape[1], momentum=momentum, affine=affine).double()
     _init_layer(ref)
     for step in range(STEPS):

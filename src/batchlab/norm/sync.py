@@ -96,27 +96,38 @@ class _SyncBatchNormFn(torch.autograd.Function):
         running_mean: Tensor | None,
         running_var: Tensor | None,
         eps: float,
-        momentum: float,
+        momentum: float | Tensor,
         process_group: Any,
     ) -> Tensor:
         c = x.shape[1]
         n_local = x.numel() // c if c else 0
         if n_local > 0:
-            mean_l, var_l = torch.batch_norm_update_stats(x, None, None, 0.0)
+            if torch.compiler.is_compiling():  # batch_norm_update_stats has no fake-tensor kernel
+                var_l, mean_l = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
+            else:
+                mean_l, var_l = torch.batch_norm_update_stats(x, None, None, 0.0)
             # [n * mean, n * E[x^2], n] in float64
             packed = torch.cat([mean_l, torch.addcmul(var_l, mean_l, mean_l), mean_l.new_ones(1)]).double().mul_(n_local)
         else:
             packed = torch.zeros(2 * c + 1, dtype=torch.float64, device=x.device)
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=process_group)
-        count = int(round(packed[-1].item()))
-        if count <= 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()} (global count {count})")
+        if torch.compiler.is_compiling():
+            # the global count stays a tensor: a Python number read from it is a data-dependent
+            # branch that torch.compile(fullgraph=True) refuses (no check of count > 1 here)
+            count: Any = packed[-1]
+            unbias: Any = count / (count - 1)
+        else:
+            count = int(round(packed[-1].item()))
+            if count <= 1:
+                raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()} (global count {count})")
+            unbias = count / (count - 1)
         moments = packed[: 2 * c].view(2, c).div_(count)  # mean, E[x^2]
         mean64 = moments[0]
         moments[1].addcmul_(mean64, mean64, value=-1.0).clamp_(min=0.0)  # now the biased variance
         if running_mean is not None and running_var is not None:
-            running_mean.mul_(1 - momentum).add_(mean64.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1 - momentum).add_(moments[1].to(running_var.dtype), alpha=momentum * count / (count - 1))
+            # momentum may be a tensor (the cumulative average under torch.compile)
+            running_mean.mul_(1 - momentum).add_((mean64 * momentum).to(running_mean.dtype))
+            running_var.mul_(1 - momentum).add_((moments[1] * (momentum * unbias)).to(running_var.dtype))
         mean, var = moments.to(x.dtype).unbind(0)
         y = _normalize(x, mean, var, weight, bias, eps)  # one pass with the global statistics
         ctx.save_for_backward(x, weight, mean, var)
@@ -230,11 +241,12 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         world = _distributed_world(self.process_group) if self.training else 1
         if world <= 1:  # torch's batch norm (batchlab's forward of it, which compiles with momentum=None)
             return _CheckedBatchNorm.forward(self, x)  # type: ignore[arg-type]
-        factor = 0.0 if self.momentum is None else self.momentum
+        factor: Any = 0.0 if self.momentum is None else self.momentum
         if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
+            if self.momentum is None:  # a tensor under compile (a Python float is a graph break there)
+                n = self.num_batches_tracked
+                factor = 1.0 / n if torch.compiler.is_compiling() else 1.0 / float(n)
         track = self.track_running_stats
         return _SyncBatchNormFn.apply(
             x, self.weight, self.bias, self.running_mean if track else None, self.running_var if track else None,

@@ -493,27 +493,42 @@ def test_functional_batch_renorm_accepts_tensor_momentum() -> None:
     assert torch.equal(rm, rm2) and torch.allclose(rv, rv2)
 
 
+_SYNC_DDP = r"""
+import faulthandler, gc, sys
+faulthandler.dump_traceback_later(90, exit=True)  # a hang prints every thread's stack and fails
+import pytest, torch, torch.nn as nn, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as TorchDDP
+import batchlab.norm as N
+from batchlab.distributed import DistributedDataParallel
+
+assert issubclass(DistributedDataParallel, TorchDDP)
+# refused before any distributed work: no process group exists yet
+with pytest.raises(ValueError, match=r"torch's nn.SyncBatchNorm \(1\) only works with GPU modules.*convert_sync_batchnorm"):
+    DistributedDataParallel(nn.Sequential(nn.Linear(3, 2), nn.SyncBatchNorm(2)))
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+try:
+    converted = N.convert_sync_batchnorm(nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)))
+    assert isinstance(converted[1], N.SyncBatchNorm) and isinstance(converted[1], nn.SyncBatchNorm)
+    with pytest.raises(ValueError, match="SyncBatchNorm layers only work with GPU modules"):
+        TorchDDP(converted)
+    gc.collect()  # torch raised after building its reducer: free it while the group is alive
+    model = DistributedDataParallel(converted)
+    model(torch.randn(4, 3)).sum().backward()
+    assert converted[0].weight.grad is not None and int(converted[1].num_batches_tracked) == 1
+    del model
+    gc.collect()
+finally:
+    dist.destroy_process_group()
+print("ok", flush=True)
+"""
+
+
 def test_sync_batchnorm_is_torchs_class_and_batchlab_ddp_trains_it_on_cpu(tmp_path) -> None:  # type: ignore[no-untyped-def]
     # batchlab's SyncBatchNorm is an nn.SyncBatchNorm; torch's DDP refuses every nn.SyncBatchNorm
     # in a CPU module (torch's forward only runs on accelerators), batchlab's DDP only torch's own.
     # If torch lifts its check, the first raises-block fails: then torch's DDP is enough.
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as TorchDDP
-
-    from batchlab.distributed import DistributedDataParallel
-
-    assert issubclass(DistributedDataParallel, TorchDDP)
-    assert not dist.is_initialized()
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
-    try:
-        converted = N.convert_sync_batchnorm(nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)))
-        assert isinstance(converted[1], N.SyncBatchNorm) and isinstance(converted[1], nn.SyncBatchNorm)
-        with pytest.raises(ValueError, match="SyncBatchNorm layers only work with GPU modules"):
-            TorchDDP(converted)
-        with pytest.raises(ValueError, match=r"torch's nn.SyncBatchNorm \(1\) only works with GPU modules.*convert_sync_batchnorm"):
-            DistributedDataParallel(nn.Sequential(nn.Linear(3, 2), nn.SyncBatchNorm(2)))
-        model = DistributedDataParallel(converted)
-        model(torch.randn(4, 3)).sum().backward()
-        assert converted[0].weight.grad is not None and int(converted[1].num_batches_tracked) == 1
-    finally:
-        dist.destroy_process_group()
+    # A process group lives in its own interpreter, as in every other distributed test: one left
+    # behind in pytest's process (or a gloo call that never returns) must not stall the suite.
+    proc = subprocess.run([sys.executable, "-c", _SYNC_DDP, str(tmp_path / "rdv")],
+                          capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (proc.stdout + proc.stderr)[-4000:]

@@ -125,18 +125,29 @@ class DistributedDataParallel(nn.parallel.DistributedDataParallel):
     arguments; on accelerators the two behave the same.
     """
 
-    def _passing_sync_batchnorm_handle(self, module: nn.Module) -> None:
-        from batchlab.norm import SyncBatchNorm
+    def __init__(self, module: nn.Module, *args: Any, **kwargs: Any) -> None:
+        # Refused before torch builds its reducer (torch checks after, leaving a half-built DDP
+        # that holds the process group until the garbage collector finds it).
+        devices = {p.device.type for p in module.parameters()}
+        if devices == {"cpu"}:
+            _refuse_torch_sync_batchnorm(module)
+        super().__init__(module, *args, **kwargs)
 
+    def _passing_sync_batchnorm_handle(self, module: nn.Module) -> None:
         if self.device_type != "cpu":
             return super()._passing_sync_batchnorm_handle(module)
-        for name, layer in module.named_modules():
-            if isinstance(layer, nn.SyncBatchNorm) and not isinstance(layer, SyncBatchNorm):
-                self._log_and_throw(
-                    ValueError,
-                    f"torch's nn.SyncBatchNorm ({name or 'the module'}) only works with GPU modules; on CPU convert "
-                    "the model with batchlab.norm.convert_sync_batchnorm, whose SyncBatchNorm also runs on gloo",
-                )
+        _refuse_torch_sync_batchnorm(module)
+
+
+def _refuse_torch_sync_batchnorm(module: nn.Module) -> None:
+    from batchlab.norm import SyncBatchNorm
+
+    for name, layer in module.named_modules():
+        if isinstance(layer, nn.SyncBatchNorm) and not isinstance(layer, SyncBatchNorm):
+            raise ValueError(
+                f"torch's nn.SyncBatchNorm ({name or 'the module'}) only works with GPU modules; on CPU convert "
+                "the model with batchlab.norm.convert_sync_batchnorm, whose SyncBatchNorm also runs on gloo"
+            )
 
 
 def sync_batchnorm(model: nn.Module, device: torch.device, process_group: Any = None) -> tuple[nn.Module, int]:

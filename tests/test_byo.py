@@ -157,6 +157,39 @@ def test_an_iterable_dataset_trains_by_steps_and_epochs_need_a_length():
         fit(task, TrainConfig(batch_size=16, epochs=1))
 
 
+def test_suggest_on_a_stream_without_length_says_what_it_needs():
+    from batchlab.batchsize import suggest
+
+    task = Task.from_torch(name="stream", model=lambda: nn.Linear(4, 2), train=_Stream(), val=_Stream(), lr=0.1)
+    with pytest.raises(TaskError, match=r"task 'stream': suggest needs the size of the training set .* _Stream has no "
+                                        r"__len__; give the IterableDataset a __len__"):
+        suggest(task, quick=True, budget_examples=400)
+
+
+def test_cli_critical_batch_on_a_stream_takes_its_budget_in_examples(tmp_path):
+    (tmp_path / "streamtask.py").write_text(
+        "import torch, torch.nn as nn\n"
+        "from batchlab import Task\n"
+        "class S(torch.utils.data.IterableDataset):\n"
+        "    def __iter__(self):\n"
+        "        g = torch.Generator().manual_seed(0)\n"
+        "        for _ in range(400):\n"
+        "            x = torch.randn(4, generator=g)\n"
+        "            yield x, int(x.sum() > 0)\n"
+        "def make_task():\n"
+        "    return Task.from_torch(name='stream', model=lambda: nn.Linear(4, 2), train=S(), val=S(), lr=0.1, batch_size=8)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    base = [sys.executable, "-m", "batchlab.cli", "critical-batch", "--task", "streamtask:make_task", "--quick",
+            "--threads", "1", "--quiet"]
+    p = subprocess.run(base, capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 2 and "has no length, so a budget in epochs means nothing: give --budget-examples N" in p.stderr, p.stderr
+    p = subprocess.run(base + ["--budget-examples", "400", "--factors", "1,2"], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert p.returncode == 0, p.stderr
+    assert "warmup schedule (examples seen, batch) from B=8" in p.stdout
+
+
 # --------------------------------------------------------------------------- bad user tasks
 
 
@@ -182,6 +215,10 @@ def _factory_raises():
     (dict(train=_Pairs(label=7)), r"task 'bad': labels must be in 0..1 \(the model has 2 outputs\), found 7..7"),
     (dict(train=_Pairs(label=0.5)), r"task 'bad': targets must be integer class indices .* got dtype torch.float"),
     (dict(train=_Pairs(n=0)), r"task 'bad': the training set is empty"),
+    # (N, 1, C) logits against (N,) labels: accuracy would broadcast to N x N and exceed 1
+    (dict(model=lambda: nn.Sequential(nn.Linear(4, 2), nn.Unflatten(1, (1, 2)))),
+     r"task 'bad': the model's logits have shape \(4, 1, 2\) \(classes last\), so the default loss and accuracy "
+     r"need targets of shape \(4, 1\), got \(4,\)"),
     (dict(val=_Pairs(dim=3)), r"task 'bad': the model rejected a validation batch \(\[tensor\(4, 3\) float32, tensor\(4,\) int64\]\): RuntimeError"),
 ])
 def test_bad_user_tasks_fail_before_training_naming_task_and_problem(kw, message):
@@ -349,3 +386,11 @@ def test_suggest_quick_command_on_outside_models(name, tmp_path):
     assert (p.returncode == 0) == (data["status"] == "ok")
     if data["status"] == "ok":
         assert data["batch_size"] in (2, 4, 8, 16, 32, 64, 128) and data["lr"] > 0
+
+
+def test_accuracy_refuses_targets_that_would_broadcast():
+    from batchlab.tasks.task import accuracy
+
+    assert accuracy(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([1, 1])) == 0.5
+    with pytest.raises(ValueError, match=r"accuracy: logits of shape \(2, 1, 2\) need targets of shape \(2, 1\).*got \(2,\)"):
+        accuracy(torch.zeros(2, 1, 2), torch.tensor([1, 1]))

@@ -54,7 +54,7 @@ from batchlab.batchsize.objective import OBJECTIVES, Objective, SeedStats, se_of
 from batchlab.batchsize.search import PRECISE_BN_BATCH, fit_trial, has_batchnorm
 from batchlab.batchsize.state import preserved_state
 from batchlab.batchsize.throughput import ThroughputResult, throughput
-from batchlab.tasks import Task, get_task
+from batchlab.tasks import Task, TaskError, get_task
 from batchlab.train import TrainConfig, default_lr_rule, evaluate, scale_lr
 
 SMALL_BATCH = 8  # a per-device batch at or below this with BatchNorm triggers the normalization check
@@ -701,7 +701,12 @@ def suggest(
                                       if v is not None]
         raise ValueError(f"task= was given, so {', '.join(extra)} must not be (they build a task when task is None)")
     task = get_task(task)
-    n = task.n_train
+    try:
+        n = task.n_train
+    except TaskError as e:
+        raise TaskError(f"task {task.name!r}: suggest needs the size of the training set (it caps the candidate batches "
+                        f"at it and states budgets in epochs), but {type(task.train_set).__name__} has no __len__; give "
+                        "the IterableDataset a __len__ (the examples one pass yields)") from e
     rng = BatchRange(low, high)
     rng.check_data(n)
     rng, cap_note = rng.capped(n)

@@ -168,8 +168,14 @@ def cmd_critical_batch(args: argparse.Namespace) -> int:
 
     task = load_task(args)
     out = prepare_out(args.out) if args.out else None
-    n = len(task.train_set)
-    budget = None if args.budget is None else max(1, round(args.budget * n))
+    n = train_size(task)  # None for an IterableDataset without a length: the budget must come in examples
+    if args.budget is not None and args.budget_examples is not None:
+        raise CliError(f"give --budget (epochs) or --budget-examples, not both; got --budget {args.budget} and "
+                       f"--budget-examples {args.budget_examples}")
+    if n is None and args.budget_examples is None:
+        raise CliError(f"the training set of task {task.name!r} has no length, so a budget in epochs means nothing: "
+                       "give --budget-examples N")
+    budget = args.budget_examples if args.budget is None else max(1, round(args.budget * n))
     try:
         r = critical_batch(
             task, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, rule=args.rule,
@@ -179,7 +185,7 @@ def cmd_critical_batch(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise CliError(str(e)) from e
-    schedule = BatchSizeSchedule.from_critical_batch(r, r.batch_size, rule=r.rule, max_batch=n)
+    schedule = BatchSizeSchedule.from_critical_batch(r, r.batch_size, rule=r.rule, max_batch=n)  # n None: no cap
     print(r.table())
     print(f"warmup schedule (examples seen, batch) from B={r.batch_size}: {list(schedule.stages) or 'constant'}"
           f" ({r.rule} co-scaling)")
@@ -262,6 +268,8 @@ def register(sub: Any) -> None:
                    help="co-scaling rule of the branches (default: linear for SGD, adam-halflife for Adam)")
     p.add_argument("--budget", type=positive_float, default=None,
                    help="training budget in epochs the checkpoints are fractions of (default: the task's)")
+    p.add_argument("--budget-examples", type=positive_int, default=None,
+                   help="the same budget in training examples (needed for a training set without a length)")
     p.add_argument("--checkpoints", type=float_list, default=None,
                    help="fractions of the budget, e.g. 0,0.1,0.25,0.5 (the default; --quick: 0,0.25)")
     p.add_argument("--factors", type=int_list, default=None, help="branch batches as multiples of B (default 1,2,4,8,16)")

@@ -48,8 +48,18 @@ class TaskError(ValueError):
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
-    """Fraction of rows whose arg-max equals the label."""
-    return float((logits.argmax(dim=-1) == y).float().mean())
+    """Fraction of rows whose arg-max equals the label (``logits.shape[:-1]`` must equal ``y.shape``)."""
+    pred = logits.argmax(dim=-1)
+    if pred.shape != y.shape:
+        raise ValueError(f"accuracy: logits of shape {tuple(logits.shape)} need targets of shape {tuple(pred.shape)} "
+                         f"(the logits' shape without the class dimension), got {tuple(y.shape)}")
+    return float((pred == y).float().mean())
+
+
+def _shape_mismatch(name: str, logits: torch.Tensor, y: torch.Tensor) -> str:
+    return (f"task {name!r}: the model's logits have shape {tuple(logits.shape)} (classes last), so the default loss "
+            f"and accuracy need targets of shape {tuple(logits.shape[:-1])}, got {tuple(y.shape)}; fix the model's "
+            "output shape, or give loss= and metric=")
 
 
 @dataclass
@@ -358,6 +368,8 @@ class Task:
         logits, y = self.logits_of(out), self.targets_of(batch)
         if self.metric is accuracy:
             pred = logits.argmax(dim=-1)
+            if pred.shape != y.shape:  # broadcasting would compare every row with every label
+                raise TaskError(_shape_mismatch(self.name, logits, y))
             keep = y != -100
             return float(((pred == y) & keep).sum()), float(keep.sum())
         return float(self.metric(logits, y)) * n, float(n)
@@ -458,6 +470,8 @@ class Task:
         if y.is_floating_point():
             raise TaskError(f"task {self.name!r}: targets must be integer class indices for the default loss and "
                             f"accuracy, got dtype {y.dtype}; or give loss= and metric=")
+        if tuple(logits.shape[:-1]) != tuple(y.shape):
+            raise TaskError(_shape_mismatch(self.name, logits, y))
         classes = logits.shape[-1]
         keep = y[y != -100]
         if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= classes):

@@ -394,3 +394,12 @@ def test_accuracy_refuses_targets_that_would_broadcast():
     assert accuracy(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([1, 1])) == 0.5
     with pytest.raises(ValueError, match=r"accuracy: logits of shape \(2, 1, 2\) need targets of shape \(2, 1\).*got \(2,\)"):
         accuracy(torch.zeros(2, 1, 2), torch.tensor([1, 1]))
+
+
+def test_a_norm_swap_on_a_model_without_batchnorm_is_an_error_not_a_no_op():
+    task = Task.from_torch(name="ln", model=lambda: nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2)),
+                           train=_Pairs(), val=_Pairs())
+    with pytest.raises(TaskError, match=r"task 'ln': norm 'group' replaces the model's BatchNorm layers, but Sequential "
+                                        r"has none \(LayerNorm x 1\); a user model keeps its own normalization"):
+        fit(task, TrainConfig(batch_size=8, max_steps=2, norm="group"))
+    assert fit(task, TrainConfig(batch_size=8, max_steps=2)).status == "ok"  # no --norm: the model as written

@@ -378,6 +378,23 @@ def test_frozen_bn_eps_policy_and_unfreeze_round_trip() -> None:
     assert type(model[1]) is N.BatchNorm1d and model[1].eps == 1e-2 and model[1].weight.requires_grad
 
 
+def test_unfreeze_gives_back_affine_false_and_frozen_parameters() -> None:
+    # freeze then unfreeze is the identity on what the layer was: no affine appears, and a
+    # weight the user froze (requires_grad=False) stays frozen
+    model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6, affine=False), nn.Conv2d(1, 4, 1), nn.BatchNorm2d(4))
+    model[0](torch.randn(8, 5))
+    model[3].weight.requires_grad_(False)
+    N.freeze_bn(model)
+    assert "affine=False" in repr(model[1]) and "affine=False" not in repr(model[3])
+    x = torch.randn(3, 6)
+    frozen_out = model[1](x)
+    N.unfreeze_bn(model)
+    assert not model[1].affine and model[1].weight is None and model[1].bias is None
+    assert [n for n, _ in model[1].named_parameters()] == []
+    assert_close(model[1].eval()(x), frozen_out, 1e-6, 1e-6, "same statistics after the round trip")
+    assert model[3].affine and not model[3].weight.requires_grad and model[3].bias.requires_grad
+
+
 @pytest.mark.parametrize("act", ["relu", "gelu", nn.SiLU, "identity"])
 def test_norm_act_layers_equal_norm_then_activation(act) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)

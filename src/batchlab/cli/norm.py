@@ -42,6 +42,9 @@ def cmd_bn_health(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CliError(f"--norm {args.norm!r}: {e}") from e
     if not any(is_batchnorm(m) for m in model.modules()):
+        if not task.model_kwargs:  # a user model: --norm only swaps BatchNorm layers it does not have
+            raise CliError(f"--task {args.task!r}: the model has no BatchNorm layer, so there is nothing for "
+                           "bn-health to check")
         norm = f"--norm {args.norm!r}" if args.norm else f"its default norm {getattr(task, 'norm', None)!r}"
         raise CliError(f"--task {args.task!r}: the model (with {norm}) has no BatchNorm layer, so there is nothing for "
                        "bn-health to check; try --norm batch")

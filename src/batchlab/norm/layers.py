@@ -475,10 +475,16 @@ class FrozenBatchNorm(nn.Module):
         num_features: channels C.
         eps: added to the variance; a finite number >= 0.
         dims: spatial dimensions of the layer :meth:`unfreeze` returns (1, 2 or 3).
+        affine: whether the layer :meth:`unfreeze` returns has a weight and bias (the frozen
+            layer always applies its weight and bias buffers, ones and zeros without affine).
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, device: Any = None, dtype: torch.dtype | None = None, *, dims: int = 2) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-5, device: Any = None, dtype: torch.dtype | None = None, *,
+                 dims: int = 2, affine: bool = True) -> None:
         super().__init__()
+        self.affine = bool(affine)
+        # requires_grad of the source layer's weight and bias, restored by unfreeze
+        self.affine_requires_grad = (True, True)
         C.check_positive_int("num_features", num_features)
         C.check_eps(eps)
         if dims not in _BN_BY_DIMS:
@@ -504,7 +510,10 @@ class FrozenBatchNorm(nn.Module):
         if getattr(bn, "running_mean", None) is None:
             raise ValueError(f"can only freeze a batch norm with running statistics, got {type(bn).__name__} without them")
         rm = bn.running_mean
-        out = cls(bn.num_features, bn.eps if eps is None else eps, device=rm.device, dtype=rm.dtype, dims=batchnorm_dims(bn))
+        w, b = getattr(bn, "weight", None), getattr(bn, "bias", None)
+        out = cls(bn.num_features, bn.eps if eps is None else eps, device=rm.device, dtype=rm.dtype, dims=batchnorm_dims(bn),
+                  affine=w is not None)
+        out.affine_requires_grad = (bool(getattr(w, "requires_grad", True)), bool(getattr(b, "requires_grad", True)))
         with torch.no_grad():
             out.running_mean.copy_(rm)
             out.running_var.copy_(bn.running_var)
@@ -518,14 +527,22 @@ class FrozenBatchNorm(nn.Module):
 
     def unfreeze(self, momentum: float | None = 0.1) -> _BatchNorm:
         """A trainable :class:`BatchNorm1d`/`2d`/`3d` (by ``dims``) with this layer's eps,
-        statistics, counter and affine (as parameters), in this layer's train/eval mode."""
+        statistics and counter, and, when the frozen layer came from an affine one, its weight
+        and bias as parameters with their ``requires_grad``; in this layer's train/eval mode."""
         ref = self.running_mean
-        bn = _BN_BY_DIMS[self.dims](self.num_features, self.eps, momentum, device=ref.device, dtype=ref.dtype)
-        bn.load_state_dict(self.state_dict())
+        bn = _BN_BY_DIMS[self.dims](self.num_features, self.eps, momentum, affine=self.affine, device=ref.device,
+                                    dtype=ref.dtype)
+        state = self.state_dict()
+        if not self.affine:
+            del state["weight"], state["bias"]
+        bn.load_state_dict(state)
+        if self.affine:
+            bn.weight.requires_grad_(self.affine_requires_grad[0])
+            bn.bias.requires_grad_(self.affine_requires_grad[1])
         return bn.train(self.training)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}"
+        return f"{self.num_features}, eps={self.eps}" + ("" if self.affine else ", affine=False")
 
     def forward(self, x: Tensor) -> Tensor:
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)

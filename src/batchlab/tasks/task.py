@@ -56,6 +56,16 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((pred == y).float().mean())
 
 
+def _norm_layers(model: nn.Module) -> str:
+    """What normalization a model has, e.g. "LayerNorm x 5" or "no normalization layer"."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        kind = type(m).__name__
+        if "Norm" in kind:
+            counts[kind] = counts.get(kind, 0) + 1
+    return ", ".join(f"{k} x {v}" for k, v in counts.items()) or "no normalization layer"
+
+
 def _shape_mismatch(name: str, logits: torch.Tensor, y: torch.Tensor) -> str:
     return (f"task {name!r}: the model's logits have shape {tuple(logits.shape)} (classes last), so the default loss "
             f"and accuracy need targets of shape {tuple(logits.shape[:-1])}, got {tuple(y.shape)}; fix the model's "
@@ -245,10 +255,14 @@ class Task:
         if not isinstance(model, nn.Module):
             raise TaskError(f"task {self.name!r}: the model factory returned {type(model).__name__}, expected an nn.Module")
         if norm is not None:
-            from batchlab.norm import convert_norm, known_norms
+            from batchlab.norm import convert_norm, is_batchnorm, known_norms
 
             if isinstance(norm, str) and norm not in known_norms():
                 raise TaskError(f"task {self.name!r}: norm {norm!r} is unknown; known: {', '.join(known_norms())}")
+            if not any(is_batchnorm(m) for m in model.modules()):
+                raise TaskError(f"task {self.name!r}: norm {norm!r} replaces the model's BatchNorm layers, but "
+                                f"{type(model).__name__} has none ({_norm_layers(model)}); a user model keeps its "
+                                "own normalization")
             try:
                 model = convert_norm(model, norm)
             except (ValueError, TypeError) as e:

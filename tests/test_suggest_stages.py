@@ -147,6 +147,7 @@ def test_not_separable_prefers_the_fastest() -> None:
 def test_no_better_than_the_baseline_is_not_supported() -> None:
     c = _confirm({8: (0.52, 0.01), 32: (0.51, 0.01)}, baseline=0.515)
     assert not c.supported and "Recommendation not supported" in c.message and "majority-class" in c.message
+    assert "a larger --cost-budget (cost_budget=) lengthens them" in c.message, "says what the user can change"
     c = _confirm({8: (2.1, 0.05), 32: (2.0, 0.05)}, baseline=4.2, objective=LOSS)
     assert c.supported and c.best == 32
 

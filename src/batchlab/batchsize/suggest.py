@@ -320,7 +320,9 @@ def measure(task: Task, rng: BatchRange, cost_budget: int, *, device: str, memor
                else f"not yet stable after {noise.get('steps')} steps (the cost cap); it only orders the candidates")
         notes.append(f"gradient noise scale B_simple ~ {b_noise:.0f} at {micro} x {acc} (McCandlish et al. 2018), {how}")
     else:
-        notes.append(f"the gradient noise scale could not be measured (status {noise.get('status')!r}); candidates "
+        why = (f"the estimate came out {b_noise:.3g} after {noise.get('steps')} steps, not a usable positive number"
+               if noise.get("status") == "ok" else f"status {noise.get('status')!r}")
+        notes.append(f"the gradient noise scale could not be measured ({why}); candidates "
                      "are ordered by their distance from the task's own batch")
     baseline, kind = _baseline(task, device, seed)
     notes.append(f"trivial baseline: {kind}")
@@ -466,8 +468,10 @@ def search(task: Task, p: Prediction, m: Measurements, objective: Objective, ava
     notes.append(
         f"successive halving over {', '.join(map(str, sorted(selected)))}: "
         + "; ".join(f"rung {r.index} ({r.budget:.3g} {unit} per run, seeds {r.seeds}): "
-                    + ", ".join(f"{b} {r.stats[str(b)]['mean']:.4g}" for b in r.tested)
-                    + (f" (waiting: {', '.join(map(str, r.byes))})" if r.byes else "")
+                    + (", ".join(f"{b} {r.stats[str(b)]['mean']:.4g}" for b in r.tested) if r.tested
+                       else "none run")
+                    + (f" ({', '.join(map(str, r.byes))} {'go' if len(r.byes) > 1 else 'goes'} on to the next rung "
+                       "untested: too few steps at this budget)" if r.byes else "")
                     for r in rungs)
         + (" (BatchNorm models scored after precise BN)" if any("metric_stale" in t.extra for t in trials) else "")
     )
@@ -515,7 +519,9 @@ def confirm(s: SearchResult, m: Measurements, p: Prediction, objective: Objectiv
     msg += "; " + ", ".join(f"batch {b}: {objective.metric} {stats[b].mean:.4g} +- {stats[b].se:.2g}" for b in ok)
     if not supported:
         msg += (f". Recommendation not supported: the best validation {objective.metric} {stats[best].mean:.4g} does not "
-                f"beat the trivial baseline, {m.baseline_kind}, by more than its seed noise")
+                f"beat the trivial baseline, {m.baseline_kind}, by more than its seed noise. The last rung's runs "
+                f"({last['budget']:.3g}{unit} each, cut to fit the cost bound) may be too short to learn; a larger "
+                "--cost-budget (cost_budget=) lengthens them")
     return Confirmation(pick, best, sorted(tied), separable, supported, means, ses, last["budget"], msg)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import Dataset, IterableDataset
 
 BYO = Path(__file__).resolve().parent / "byo"
@@ -403,3 +404,36 @@ def test_a_norm_swap_on_a_model_without_batchnorm_is_an_error_not_a_no_op():
                                         r"has none \(LayerNorm x 1\); a user model keeps its own normalization"):
         fit(task, TrainConfig(batch_size=8, max_steps=2, norm="group"))
     assert fit(task, TrainConfig(batch_size=8, max_steps=2)).status == "ok"  # no --norm: the model as written
+
+
+class _DictRegression(Dataset):
+    def __init__(self, n: int) -> None:
+        g = torch.Generator().manual_seed(n)
+        self.x = torch.randn(n, 4, generator=g)
+        self.y = self.x[:, 0].clone()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return {"x": self.x[i], "y": self.y[i]}
+
+
+class _DictLossModel(nn.Module):
+    """Returns a plain dict carrying its own loss, with float targets (a regression)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, x, y):
+        p = self.lin(x).squeeze(-1)
+        return {"loss": F.mse_loss(p, y), "logits": p}
+
+
+def test_a_plain_dict_carrying_its_loss_is_used_as_documented():
+    # the check must see out["loss"] as it sees out.loss, not demand integer class labels
+    task = Task.from_torch("reg", model=_DictLossModel, train=_DictRegression(128), val=_DictRegression(32),
+                           metric="loss", optimizer="sgd", lr=0.1, batch_size=16)
+    r = fit(task, TrainConfig(batch_size=16, lr=0.1, epochs=2))
+    assert r.status == "ok" and r.final["val_loss"] < 0.2

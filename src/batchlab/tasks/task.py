@@ -436,7 +436,10 @@ class Task:
             except Exception as e:  # noqa: BLE001
                 raise TaskError(f"task {name!r}: the model rejected a {split} batch ({describe_batch(batch)}): "
                                 f"{type(e).__name__}: {e}") from e
-            default_loss = self.batch_loss is None and self.loss is F.cross_entropy and getattr(out, "loss", None) is None
+            carried = getattr(out, "loss", None)
+            if carried is None and isinstance(out, Mapping):
+                carried = out.get("loss")
+            default_loss = self.batch_loss is None and self.loss is F.cross_entropy and carried is None
             default_metric = self.batch_metric is None and self.metric is accuracy and self.metric_name == "accuracy"
             if default_loss or default_metric:
                 self._check_targets(out, batch)

@@ -229,3 +229,43 @@ def test_arguments_and_batch_size() -> None:
     assert default_batch_size({"x": torch.zeros(5, 1)}) == 5
     with pytest.raises(TypeError, match="batch_size_fn"):
         default_batch_size("text")
+
+
+def test_tuner_counts_accumulation_in_the_batch_the_lr_goes_with(tmp_path: Path, monkeypatch) -> None:
+    import batchlab.batchsize as bs
+
+    # the module's LR was set for loader batch x accumulation examples per step: the task says so
+    seen_batch = []
+
+    def fake_suggest(task, **kw):
+        seen_batch.append(task.batch_size)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(bs, "suggest", fake_suggest)
+    with pytest.raises(RuntimeError, match="stop here"):
+        _tune(tmp_path, BatchSizeTuner("suggest"), n=64, accumulate_grad_batches=4)
+    assert seen_batch == [16]  # TinyDM's batch 4 x 4
+    # memory mode: with accumulation 2 a loader batch may take at most half the training set
+    free = BatchSizeTuner(memory_limit=2**40)
+    _tune(tmp_path, free, n=100, accumulate_grad_batches=2)
+    assert free.result["batch_size"] == 50 and free.result["accumulation"] == 2
+
+
+def test_tuner_suggest_mode_capped_by_max_batch_keeps_the_step_and_rescales_the_lr(tmp_path: Path, monkeypatch) -> None:
+    import batchlab.batchsize as bs
+
+    class FakeSuggestion:
+        status, batch_size, micro_batch, accumulation, lr, rule, rationale = "ok", 64, 64, 1, 0.8, "linear", []
+
+        def to_dict(self):
+            return {"batch_size": 64}
+
+    monkeypatch.setattr(bs, "suggest", lambda *a, **k: FakeSuggestion())
+    tuner = BatchSizeTuner("suggest", max_batch=16)
+    module, dm, seen, _, trainer = _tune(tmp_path, tuner, n=256, steps=1)
+    r = tuner.result
+    assert r["batch_size"] == 16 == dm.batch_size and r["accumulation"] == 4 == trainer.accumulate_grad_batches
+    assert r["lr"] == pytest.approx(0.8) == module.lr  # 16 x 4 = the recommended 64 examples per step
+    tuner = BatchSizeTuner("suggest", max_batch=24)  # 64 / 24 -> 3 micro-batches of 24 = 72 examples
+    module, dm, seen, _, trainer = _tune(tmp_path, tuner, n=256, steps=1)
+    assert tuner.result["accumulation"] == 3 and tuner.result["lr"] == pytest.approx(0.8 * 72 / 64)

@@ -61,7 +61,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 from batchlab.batchsize.noise import GradientNoiseScale
 from batchlab.batchsize.state import preserved_state
 from batchlab.integrations._split import rows, split_sqnorms
-from batchlab.tasks import Task
+from batchlab.tasks import Task, TaskError
 from batchlab.train.optim import optimizer_name
 
 __all__ = ["BatchSizeTuner", "GradientNoiseScaleCallback", "default_batch_size", "task_from_lightning"]
@@ -327,6 +327,9 @@ def task_from_lightning(trainer: pl.Trainer, pl_module: pl.LightningModule, *, b
     model = factory()
     optimizer = _first_optimizer(model.configure_optimizers())
     batch = int(lightning_getattr(pl_module, batch_arg_name)) if lightning_hasattr(pl_module, batch_arg_name) else 32
+    # the optimizer's LR goes with the examples per optimizer step: the loader's batch times the
+    # Trainer's gradient accumulation (as the Hugging Face integration counts it)
+    batch *= max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
     task = Task.from_torch(
         name=name or type(pl_module).__name__, model=factory, train=train_loader.dataset,
         val=(val_loader if val_loader is not None else train_loader).dataset, forward=_lightning_forward,
@@ -395,6 +398,7 @@ class BatchSizeTuner(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from batchlab.batchsize import max_batch_size, suggest
         from batchlab.train import default_lr_rule, scale_lr
+        from batchlab.train.config import LR_RULES
 
         task, model, optimizer = task_from_lightning(trainer, pl_module, batch_arg_name=self.batch_arg_name)
         old_batch = int(lightning_getattr(pl_module, self.batch_arg_name))
@@ -407,7 +411,15 @@ class BatchSizeTuner(pl.Callback):
         if self.mode == "memory":
             model = model.to(pl_module.device)
             optimizer = _first_optimizer(model.configure_optimizers())
-            r = max_batch_size(task, device=device, model=model, optimizer=optimizer, high=self.max_batch,
+            high = self.max_batch
+            if accumulation > 1:  # one optimizer step takes `accumulation` loader batches: leave room for them
+                try:
+                    n = task.n_train
+                except TaskError:
+                    n = None
+                if n is not None:
+                    high = min(high or n, max(1, n // accumulation))
+            r = max_batch_size(task, device=device, model=model, optimizer=optimizer, high=high,
                                margin=self.margin, memory_limit=self.memory_limit)
             if r.batch_size is None:
                 raise RuntimeError(f"BatchSizeTuner: even a batch of {r.tried[0][0] if r.tried else 2} does not fit "
@@ -423,7 +435,12 @@ class BatchSizeTuner(pl.Callback):
                                    + "; ".join(s.rationale))
             batch, lr, accumulation = int(s.micro_batch), float(s.lr), int(s.accumulation)
             if self.max_batch is not None and batch > self.max_batch:
+                # a smaller loader batch, more accumulation: the step's examples (and so the LR) as
+                # close to the recommendation as whole micro-batches allow, the LR rescaled to them
+                step = batch * accumulation
                 batch = self.max_batch
+                accumulation = max(1, round(step / batch))
+                lr = scale_lr(lr, step, batch * accumulation, s.rule if s.rule in LR_RULES else default_lr_rule(task.optimizer))
             measured = s.to_dict()
         lightning_setattr(pl_module, self.batch_arg_name, batch)
         if lr_attr is not None:

@@ -210,3 +210,18 @@ def test_fit_refuses_a_schedule_batch_larger_than_the_data(toy_task):
     with pytest.raises(ValueError, match="rule 'adam-sde' is for Adam"):
         fit(toy_task, TrainConfig(batch_size=8, batch_schedule=((16, 16),), batch_scale_rule="adam-sde", max_examples=64))
     assert math.isfinite(fit(toy_task, TrainConfig(batch_size=8, batch_schedule=((16, 16),), max_examples=64)).final["val_loss"])
+
+
+def test_milestone_schedule_in_a_users_loop_asks_for_the_budget_by_name() -> None:
+    from batchlab.batchsize import BatchSizeSchedule
+
+    s = BatchSizeSchedule(base=32, milestones=(0.5,))
+    with pytest.raises(ValueError, match=r"BatchSizeSchedule.batch: this schedule's milestones \[0.5\] are fractions "
+                                         r"of a training budget .* batch_at\(examples, total_examples\)"):
+        s.batch
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match=r"BatchSizeSchedule.apply_to: .* apply_to\(\.\.\., total_examples=N\)"):
+        s.apply_to(opt, {"lr": 0.1})
+    s.step(600)
+    hp = s.apply_to(opt, {"lr": 0.1}, total_examples=1000)  # past the milestone: batch 64, LR x 2 (linear)
+    assert s.batch_at(600, 1000) == 64 and hp["lr"] == pytest.approx(0.2) == opt.param_groups[0]["lr"]

@@ -245,9 +245,18 @@ class BatchSizeSchedule:
                               batch_schedule=())
 
     # ------------------------------------------------------------------ a user's own loop
+    def _needs_budget(self, where: str) -> ValueError:
+        return ValueError(f"{where}: this schedule's milestones {list(self.milestones)} are fractions of a training "
+                          "budget it does not know; in your own loop call batch_at(examples, total_examples) and "
+                          "hparams_at(..., total_examples), pass apply_to(..., total_examples=N), or build a stage "
+                          "schedule (BatchSizeSchedule(base, stages=[(examples, batch), ...]))")
+
     @property
     def batch(self) -> int:
-        """The batch of the next step, at the current position (stage schedules)."""
+        """The batch of the next step, at the current position (stage schedules; a milestone
+        schedule needs the budget: :meth:`batch_at`)."""
+        if not self.stages and self.milestones:
+            raise self._needs_budget("BatchSizeSchedule.batch")
         return self.batch_at(self.examples)
 
     def step(self, examples: int) -> None:
@@ -256,10 +265,14 @@ class BatchSizeSchedule:
             raise ValueError(f"examples must be an integer >= 0, got {examples!r}")
         self.examples += int(examples)
 
-    def apply_to(self, optimizer: torch.optim.Optimizer, hparams: Mapping[str, Any]) -> dict[str, Any]:
+    def apply_to(self, optimizer: torch.optim.Optimizer, hparams: Mapping[str, Any],
+                 total_examples: int | None = None) -> dict[str, Any]:
         """Set ``optimizer``'s lr/betas/eps to ``hparams`` (tuned for ``base``) co-scaled to the
-        current batch; returns them."""
-        hp = self.hparams_at(self.examples, hparams, optimizer)
+        current batch; returns them. ``total_examples``: the budget a milestone schedule's
+        fractions refer to (stage schedules ignore it)."""
+        if not self.stages and self.milestones and total_examples is None:
+            raise self._needs_budget("BatchSizeSchedule.apply_to")
+        hp = self.hparams_at(self.examples, hparams, optimizer, total_examples)
         set_hparams(optimizer, hp)
         return hp
 

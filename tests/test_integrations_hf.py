@@ -166,3 +166,49 @@ def test_errors(tmp_path) -> None:
         task_from_trainer(trainer)
     with pytest.raises(ValueError, match="beta must be in"):
         GradientNoiseScaleCallback(beta=1.5)
+
+
+class _TupleRegressor(torch.nn.Module):
+    """A custom Trainer model in the return_dict=False style: (loss, predictions), float labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(6, 1)
+
+    def forward(self, features, labels=None):
+        pred = self.net(features).squeeze(-1)
+        return (pred,) if labels is None else (torch.nn.functional.mse_loss(pred, labels), pred)
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 6, generator=g)
+        self.y = self.x[:, 0] * 2
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"features": self.x[i], "labels": self.y[i]}
+
+
+@pytest.mark.parametrize("dict_output", [False, True], ids=["tuple", "dict"])
+def test_task_from_trainer_takes_the_loss_as_the_trainer_does(tmp_path, dict_output) -> None:
+    # Trainer.compute_loss reads out["loss"] or out[0]: so must the task, with float labels
+    class Model(_TupleRegressor):
+        def forward(self, features, labels=None):
+            out = super().forward(features, labels)
+            return {"loss": out[0], "logits": out[1]} if dict_output and labels is not None else out
+
+    args = TrainingArguments(str(tmp_path / "out"), per_device_train_batch_size=16, num_train_epochs=2,
+                             learning_rate=0.05, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
+                             optim="sgd")
+    trainer = Trainer(model_init=Model, args=args, train_dataset=_Rows(128, 0), eval_dataset=_Rows(32, 1))
+    task = task_from_trainer(trainer)
+    task.check()
+    model = task.make_model()
+    batch = task.sample_batch(8)
+    out = task.forward_batch(model, batch)
+    expected = out["loss"] if dict_output else out[0]
+    assert torch.equal(task.loss_of(out, batch), expected)

@@ -275,6 +275,16 @@ class _ColumnCollator:
         return self.collator(features)
 
 
+def _trainer_loss(out: Any, batch: Any) -> torch.Tensor:
+    """The loss as ``Trainer.compute_loss`` reads it: ``out.loss``, ``out["loss"]`` or, for a
+    tuple, its first element."""
+    loss = _loss_of(out)
+    if loss is None:
+        raise ValueError(f"the model returned no loss ({type(out).__name__}); a Trainer's model computes its loss "
+                         "when the batch has labels (or give the Trainer a compute_loss and batchlab a task of its own)")
+    return loss
+
+
 def task_from_trainer(trainer: Any, *, model_init: Any = None, name: str | None = None, metric: Any = "loss",
                       higher_is_better: bool | None = None) -> Task:
     """A :class:`batchlab.Task` from a ``transformers.Trainer``: a fresh model from the Trainer's
@@ -303,7 +313,8 @@ def task_from_trainer(trainer: Any, *, model_init: Any = None, name: str | None 
         else max(args.max_steps * batch / max(n, 1), 1e-6)
     return Task.from_torch(
         name=name or f"hf-{type(model).__name__}", model=factory, train=trainer.train_dataset, val=val,
-        collate_fn=_ColumnCollator(trainer.data_collator, keep), metric=metric, higher_is_better=higher_is_better,
+        collate_fn=_ColumnCollator(trainer.data_collator, keep), loss=_trainer_loss, metric=metric,
+        higher_is_better=higher_is_better,
         optimizer=_OPTIMIZERS.get(optim, "adamw"), lr=float(args.learning_rate), batch_size=batch, epochs=epochs,
         num_workers=int(getattr(args, "dataloader_num_workers", 0) or 0),
     )

@@ -431,7 +431,7 @@ def search(task: Task, p: Prediction, m: Measurements, objective: Objective, ava
     if not plan:
         return SearchResult(plan=[], unit="examples", rungs=[], trials=[], survivors=[], examples=0, seconds=0.0,
                             searched=[], notes=[f"the cost budget ({available:.0f} examples after the measurements) leaves nothing to "
-                                   "search with"])
+                                   "search with; give a larger cost budget (--cost-budget, cost_budget=, in examples)"])
     if time_mode:  # seconds at the fastest candidate's speed: no candidate can exceed the planned examples
         top_eps = max(eps[b] for b in selected if math.isfinite(eps[b]))
         budgets = [ex / top_eps for _, ex in plan]

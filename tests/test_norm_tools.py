@@ -155,7 +155,8 @@ def test_fold_bn_matches_eval_outputs(make, shape, folded: int, method: str) -> 
     _train_stats(model, shape)
     pairs, how = N.find_foldable_pairs(model)
     assert how == method and len(pairs) == folded, f"pairs {pairs} via {how}"
-    fused = N.fold_bn(model)
+    example = (torch.randn(shape) * 2 + 1).abs() if how == "sequential" else None
+    fused = N.fold_bn(model, example_input=example)
     n_bn = sum(N.is_batchnorm(m) for m in model.modules())
     n_left = sum(N.is_batchnorm(m) for m in fused.modules())
     assert n_bn - n_left == folded, f"{n_bn - n_left} folded, expected {folded}"
@@ -166,6 +167,42 @@ def test_fold_bn_matches_eval_outputs(make, shape, folded: int, method: str) -> 
         d = max_diff(fused(x), model(x))
     assert d < 1e-5, f"folded model differs by {d:.2e}"
     assert all(N.is_batchnorm(m) for m in (model.get_submodule(b) for _, b in pairs)), "the original must be left untouched"
+
+
+class _Taps(nn.Module):
+    """Untraceable (a shape-dependent pad) and the first conv's output is also a feature tap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                      nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 2:
+            x = F.pad(x, (0, 1, 0, 1))
+        taps = []
+        for layer in self.features:
+            x = layer(x)
+            if layer is self.features[0]:
+                taps.append(x)
+        return x.mean(dim=(2, 3)) + taps[0].mean(dim=(2, 3))
+
+
+def test_fold_bn_on_an_untraceable_model_checks_each_fold_or_refuses() -> None:
+    torch.manual_seed(0)
+    model = _Taps()
+    _train_stats(model, (4, 3, 6, 6))
+    assert N.find_foldable_pairs(model)[1] == "sequential"
+    with pytest.raises(ValueError, match=r"fold_bn: torch.fx cannot trace _Taps, .* outputs of features.0, features.3 .* "
+                                         r"give example_input="):
+        N.fold_bn(model)
+    x = torch.randn(4, 3, 7, 7)
+    fused = N.fold_bn(model, example_input=x)
+    # the tapped conv keeps its BN (folding it would change the tap), the other pair folds
+    assert isinstance(fused.features[1], nn.BatchNorm2d) and isinstance(fused.features[4], nn.Identity)
+    with torch.no_grad():
+        y = torch.randn(2, 3, 5, 5)
+        assert max_diff(fused(y), model(y)) < 1e-5
 
 
 def test_fold_bn_refuses_training_mode_and_leaves_unfoldable_layers() -> None:

@@ -605,8 +605,8 @@ def _check_run(r: Any, what: str) -> None:
 def _fold(model: nn.Module, task: Task) -> tuple[nn.Module, float, str]:
     """Fold BN into the preceding layers; check the eval outputs agree on the validation set."""
     model = model.eval()
-    folded = fold_bn(model)
     x = model_inputs(task, 256, split="val")
+    folded = fold_bn(model, example_input=x)
     diff = float((task.logits_of(folded(x)) - task.logits_of(model(x))).abs().max())
     left = len(bn_layers(folded))
     note = f"folded {len(bn_layers(model)) - left} BN layer(s); {left} left" if left else "all BN layers folded"

@@ -90,24 +90,80 @@ def _fold_into(layer: nn.Module, scale: Tensor, shift: Tensor) -> None:
         layer.bias.copy_(new_b.to(layer.bias.dtype))
 
 
-def fold_bn(model: nn.Module) -> nn.Module:
+def _tensors(out: object) -> list[Tensor]:
+    """Every tensor in a model output (a tensor, a tuple/list, a dict or an object with fields)."""
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _tensors(o)]
+    fields = getattr(out, "__dict__", None)
+    return [t for o in fields.values() for t in _tensors(o)] if isinstance(fields, dict) else []
+
+
+def _same_outputs(a: object, b: object) -> bool:
+    ta, tb = _tensors(a), _tensors(b)
+    if len(ta) != len(tb):
+        return False
+    for x, y in zip(ta, tb):
+        if x.shape != y.shape:
+            return False
+        if not x.numel():
+            continue
+        if x.is_floating_point():
+            x, y = x.double(), y.double()
+            if float((x - y).abs().max()) > 1e-4 * (1.0 + float(y.abs().max())):
+                return False
+        elif not torch.equal(x, y):
+            return False
+    return True
+
+
+def _run(model: nn.Module, example_input: object) -> object:
+    if isinstance(example_input, tuple):
+        return model(*example_input)
+    if isinstance(example_input, dict):
+        return model(**example_input)
+    return model(example_input)
+
+
+def _fold_pair(new: nn.Module, layer_name: str, bn_name: str) -> bool:
+    bn = new.get_submodule(bn_name)
+    ss = bn_scale_shift(bn)
+    if ss is None:
+        return False
+    layer = new.get_submodule(layer_name)
+    scale, shift = (t.to(layer.weight.device) for t in ss)
+    _fold_into(layer, scale, shift)
+    _set_submodule(new, bn_name, getattr(bn, "act", None) or nn.Identity())  # a norm+act layer leaves its activation
+    return True
+
+
+def fold_bn(model: nn.Module, example_input: object = None) -> nn.Module:
     """A copy of ``model`` in which every batch norm that directly follows a Conv1d/2d/3d or
     Linear (and is the only consumer of its output) is folded into it and replaced by
     ``nn.Identity`` (by its activation, for a norm+activation layer such as ``BatchNormAct2d``). Eval outputs agree with the original within float rounding.
 
-    Pairs are found by tracing with torch.fx; models that cannot be traced fall back to
-    adjacency inside ``nn.Sequential`` containers. Layers that normalize with batch statistics
-    in eval mode (no running statistics) are left as they are.
+    Pairs are found by tracing with torch.fx, which sees every use of a layer's output. A model
+    fx cannot trace (data- or shape-dependent control flow) only offers adjacency inside
+    ``nn.Sequential`` containers, which cannot see a convolution's output also used elsewhere
+    (a feature tap, a layer called twice): there each candidate pair is folded only if the
+    model's outputs on ``example_input`` stay the same, and without ``example_input`` fold_bn
+    refuses rather than guess. Layers that normalize with batch statistics in eval mode (no
+    running statistics) are left as they are.
 
     Args:
         model: the network, in eval mode (``model.eval()``); it is not modified.
+        example_input: an input for the model (a tensor, a tuple of positional arguments or a
+            dict of keyword arguments), needed only when fx cannot trace it.
 
     Returns:
         The folded copy, in eval mode.
 
     Raises:
         ValueError: the model is in training mode (folding uses running statistics, so it is
-            only valid for inference).
+            only valid for inference), or fx cannot trace it and no ``example_input`` was given.
     """
     if model.training:
         raise ValueError("fold_bn needs a model in eval mode (folding uses running statistics); call model.eval() first, got model.training=True")
@@ -115,14 +171,21 @@ def fold_bn(model: nn.Module) -> nn.Module:
     if training_bns:
         raise ValueError(f"fold_bn needs every batch norm in eval mode; call model.eval() first, got training layers {training_bns[:5]}")
     new = copy.deepcopy(model)
-    pairs, _ = find_foldable_pairs(new)
-    for layer_name, bn_name in pairs:
-        bn = new.get_submodule(bn_name)
-        ss = bn_scale_shift(bn)
-        if ss is None:
-            continue
-        layer = new.get_submodule(layer_name)
-        scale, shift = (t.to(layer.weight.device) for t in ss)
-        _fold_into(layer, scale, shift)
-        _set_submodule(new, bn_name, getattr(bn, "act", None) or nn.Identity())  # a norm+act layer leaves its activation
+    pairs, method = find_foldable_pairs(new)
+    if method == "fx" or not pairs:
+        for layer_name, bn_name in pairs:
+            _fold_pair(new, layer_name, bn_name)
+        return new.eval()
+    if example_input is None:
+        raise ValueError(
+            f"fold_bn: torch.fx cannot trace {type(model).__name__}, so it cannot tell whether the outputs of "
+            f"{', '.join(a for a, _ in pairs)} are used anywhere but by their batch norms; give example_input= "
+            "(an input for the model) and each fold is kept only if the outputs stay the same"
+        )
+    with torch.no_grad():
+        reference = _run(model, example_input)
+        for layer_name, bn_name in pairs:
+            trial = copy.deepcopy(new)
+            if _fold_pair(trial, layer_name, bn_name) and _same_outputs(_run(trial.eval(), example_input), reference):
+                new = trial
     return new.eval()

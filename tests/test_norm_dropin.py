@@ -549,3 +549,20 @@ def test_sync_batchnorm_is_torchs_class_and_batchlab_ddp_trains_it_on_cpu(tmp_pa
     proc = subprocess.run([sys.executable, "-c", _SYNC_DDP, str(tmp_path / "rdv")],
                           capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (proc.stdout + proc.stderr)[-4000:]
+
+
+def test_frozen_bn_loads_checkpoints_torchs_batchnorm_loads() -> None:
+    # no counter in the checkpoint (a plain dict): kept, as torch's BN does
+    src = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    src[1].running_mean.uniform_(-1, 1)
+    plain = {k: v for k, v in src.state_dict().items() if not k.endswith("num_batches_tracked")}
+    frozen = N.freeze_bn(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
+    frozen[1].num_batches_tracked.fill_(7)
+    assert not frozen.load_state_dict(plain).missing_keys
+    assert torch.equal(frozen[1].running_mean, src[1].running_mean) and int(frozen[1].num_batches_tracked) == 7
+    # affine=False both ways: no weight or bias in either state dict
+    torch_plain = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, affine=False))
+    frozen = N.freeze_bn(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, affine=False)))
+    frozen.load_state_dict(torch_plain.state_dict())
+    torch_plain.load_state_dict(frozen.state_dict())
+    assert "1.weight" not in frozen.state_dict()

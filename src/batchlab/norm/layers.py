@@ -493,11 +493,21 @@ class FrozenBatchNorm(nn.Module):
         self.num_features = num_features
         self.eps = eps
         self.dims = dims
-        self.register_buffer("weight", torch.ones(num_features, **fk))
-        self.register_buffer("bias", torch.zeros(num_features, **fk))
+        # without affine the weight and bias are not part of the state dict, as for a BatchNorm
+        # with affine=False, so checkpoints load both ways
+        self.register_buffer("weight", torch.ones(num_features, **fk), persistent=self.affine)
+        self.register_buffer("bias", torch.zeros(num_features, **fk), persistent=self.affine)
         self.register_buffer("running_mean", torch.zeros(num_features, **fk))
         self.register_buffer("running_var", torch.ones(num_features, **fk))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # a checkpoint without the counter (older torch, a plain dict) keeps this layer's, as
+        # torch's BatchNorm and torchvision's FrozenBatchNorm2d load it
+        key = prefix + "num_batches_tracked"
+        if key not in state_dict:
+            state_dict[key] = self.num_batches_tracked.clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
     def from_batchnorm(cls, bn: nn.Module, eps: float | None = None) -> "FrozenBatchNorm":
@@ -532,10 +542,7 @@ class FrozenBatchNorm(nn.Module):
         ref = self.running_mean
         bn = _BN_BY_DIMS[self.dims](self.num_features, self.eps, momentum, affine=self.affine, device=ref.device,
                                     dtype=ref.dtype)
-        state = self.state_dict()
-        if not self.affine:
-            del state["weight"], state["bias"]
-        bn.load_state_dict(state)
+        bn.load_state_dict(self.state_dict())
         if self.affine:
             bn.weight.requires_grad_(self.affine_requires_grad[0])
             bn.bias.requires_grad_(self.affine_requires_grad[1])

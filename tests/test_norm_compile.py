@@ -179,3 +179,20 @@ def test_batchnorm_scripts_with_torchscript_as_torchs(momentum, dims) -> None:  
     scripted.eval(), ref.eval()
     x = torch.randn(shape, generator=g)
     assert_close(scripted(x), ref(x), 1e-6, 1e-6, "eval")
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("tracked", [False, True])
+def test_instance_norm_scripts_like_torchs(dims: int, tracked: bool) -> None:
+    # torch's InstanceNorm*d scripts, so a model converted to batchlab's must too
+    kw = {"affine": tracked, "track_running_stats": tracked}
+    torch.manual_seed(0)
+    ours = torch.jit.script(getattr(N, f"InstanceNorm{dims}d")(3, **kw))
+    ref = getattr(nn, f"InstanceNorm{dims}d")(3, **kw)
+    x = torch.randn((2, 3) + (4,) * dims)
+    for training in (True, True, False):
+        ours.train(training)
+        ref.train(training)
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+        if tracked:
+            torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-6, atol=1e-6)

@@ -41,6 +41,7 @@ def reduce_dims(x: Tensor) -> tuple[int, ...]:
     return (0, *range(2, x.dim()))
 
 
+@torch.jit.unused  # try/except does not script; scripted callers use var_mean (instance_norm)
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance over every dimension but 1, without gradient.
 
@@ -327,12 +328,17 @@ def instance_norm(
         # channels_last: torch's instance norm (a batch norm over N*C channels) is the fast one
         # here (group norm with C groups is 2x slower); same numbers and buffer updates
         return F.instance_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
-    spatial = math.prod(x.shape[2:])
+    spatial = 1
+    for d in x.shape[2:]:  # not math.prod: TorchScript has no builtin for it
+        spatial *= d
     if spatial <= 1:
         raise ValueError(f"Expected more than 1 spatial element when training, got input size {x.size()}")
     if running_mean is not None and running_var is not None:
         n, c = x.shape[0], x.shape[1]
-        mean, var = batch_stats(x.reshape(1, n * c, -1))  # per instance, biased
+        if torch.jit.is_scripting():
+            var, mean = torch.var_mean(x.detach().reshape(1, n * c, -1), dim=[0, 2], correction=0)
+        else:
+            mean, var = batch_stats(x.reshape(1, n * c, -1))  # per instance, biased
         with torch.no_grad():
             var = var * (spatial / (spatial - 1))
             running_mean.mul_(1 - momentum).add_(mean.view(n, c).mean(0).to(running_mean.dtype), alpha=momentum)

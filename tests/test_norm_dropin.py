@@ -566,3 +566,29 @@ def test_frozen_bn_loads_checkpoints_torchs_batchnorm_loads() -> None:
     frozen.load_state_dict(torch_plain.state_dict())
     torch_plain.load_state_dict(frozen.state_dict())
     assert "1.weight" not in frozen.state_dict()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ghost_and_renorm_take_reduced_precision_on_cpu_as_torchs_bn(dtype) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 3, 3)
+    # a few units in the last place of each format (bfloat16 keeps 8 bits of mantissa, half 11):
+    # the two sides round in a different order
+    tol = {"rtol": 0.02, "atol": 0.05 if dtype == torch.bfloat16 else 0.02}
+    # a half / bfloat16 Ghost BN (native kernels) against torch's BN on each virtual batch
+    ghost = N.GhostBatchNorm2d(4, 3, impl="native").to(dtype)
+    ref = nn.BatchNorm2d(4).to(dtype)
+    y = ghost(x.to(dtype))
+    expected = torch.cat([ref(x[:3].to(dtype)), ref(x[3:].to(dtype))])
+    torch.testing.assert_close(y.float(), expected.float(), **tol)
+    torch.testing.assert_close(ghost.running_var.float(), ref.running_var.float(), **tol)
+    y.float().sum().backward()
+    # a float32 Batch Renorm fed reduced precision (autocast style), as torch's BN accepts it
+    renorm, bn = N.BatchRenorm2d(4), nn.BatchNorm2d(4)  # r = 1, d = 0 at the start: a batch norm
+    xr, xb = x.to(dtype).requires_grad_(), x.to(dtype).requires_grad_()
+    out, out_ref = renorm(xr), bn(xb)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), out_ref.float(), **tol)
+    out.float().square().sum().backward()
+    out_ref.float().square().sum().backward()
+    torch.testing.assert_close(xr.grad.float(), xb.grad.float(), **tol)

@@ -244,6 +244,10 @@ def batch_norm_given_stats(
     """
     if torch.compiler.is_compiling():
         return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+    if weight is not None and mean.dtype != weight.dtype:
+        # a reduced-precision input with float32 parameters (autocast, a float model fed bf16):
+        # torch's kernels take that mix only with the statistics in the parameters' dtype
+        mean, var = mean.to(weight.dtype), var.to(weight.dtype)
     return _NormGivenStats.apply(x, weight, bias, mean, var, eps)
 
 

@@ -271,15 +271,28 @@ class _GhostNativeFn(torch.autograd.Function):
         aten = torch.ops.aten
         c = x.shape[1]
         y = torch.empty_like(x)
-        save_mean = torch.empty(len(sizes), c, dtype=torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype, device=x.device)
-        save_invstd = torch.empty_like(save_mean)
         start = 0
-        for i, (size, m) in enumerate(zip(sizes, moms)):
-            aten.native_batch_norm.out(
-                x.narrow(0, start, size), weight, bias, running_mean, running_var, True, m, eps,
-                out=y.narrow(0, start, size), save_mean=save_mean[i], save_invstd=save_invstd[i],
-            )
-            start += size
+        if x.dtype in (torch.float16, torch.bfloat16):
+            # the dtype of the saved statistics depends on the device and the parameters' dtype:
+            # let torch allocate them (one copy of the output per virtual batch)
+            means, invstds = [], []
+            for size, m in zip(sizes, moms):
+                out, sm, si = aten.native_batch_norm(x.narrow(0, start, size), weight, bias, running_mean, running_var,
+                                                     True, m, eps)
+                y.narrow(0, start, size).copy_(out)
+                means.append(sm)
+                invstds.append(si)
+                start += size
+            save_mean, save_invstd = torch.stack(means), torch.stack(invstds)
+        else:
+            save_mean = torch.empty(len(sizes), c, dtype=x.dtype, device=x.device)
+            save_invstd = torch.empty_like(save_mean)
+            for i, (size, m) in enumerate(zip(sizes, moms)):
+                aten.native_batch_norm.out(
+                    x.narrow(0, start, size), weight, bias, running_mean, running_var, True, m, eps,
+                    out=y.narrow(0, start, size), save_mean=save_mean[i], save_invstd=save_invstd[i],
+                )
+                start += size
         ctx.save_for_backward(x, weight, bias, save_mean, save_invstd)
         ctx.sizes, ctx.eps, ctx.has_bias = sizes, eps, bias is not None
         return y

@@ -592,3 +592,20 @@ def test_ghost_and_renorm_take_reduced_precision_on_cpu_as_torchs_bn(dtype) -> N
     out.float().square().sum().backward()
     out_ref.float().square().sum().backward()
     torch.testing.assert_close(xr.grad.float(), xb.grad.float(), **tol)
+
+
+def test_convert_norm_refuses_what_would_change_the_model_silently() -> None:
+    # Batch Renorm always keeps running statistics: a BN without them would change in eval mode
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False))
+    with pytest.raises(ValueError, match=r"cannot convert 1 \(BatchNorm2d with track_running_stats=False.*to 'renorm'"):
+        N.convert_norm(model, "renorm")
+    N.convert_norm(model, "ghost")  # keeps batch statistics in eval mode, like the original
+    assert model[1].track_running_stats is False
+    # a BatchNorm1d on (N, C) turned into instance norm: refused at the first forward, not misread
+    mlp = N.convert_norm(nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6)), "instance")
+    with pytest.raises(ValueError, match=r"replaced a BatchNorm1d got a 2-D input: that is \(N, C\)"):
+        mlp(torch.randn(6, 3))
+    conv = N.convert_norm(nn.Sequential(nn.Conv1d(3, 6, 3), nn.BatchNorm1d(6)), "instance")
+    x = torch.randn(4, 3, 10)
+    torch.testing.assert_close(conv(x), nn.functional.instance_norm(conv[0](x), eps=1e-5))
+    assert torch.jit.script(conv)(x).shape == (4, 6, 8)

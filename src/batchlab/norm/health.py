@@ -155,7 +155,8 @@ def bn_health(model: nn.Module, batch: Any, thresholds: HealthThresholds | None 
     if forward is None:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         if not isinstance(x, Tensor):
-            raise TypeError(f"batch must be a tensor or an (x, y) tuple/list, got {type(batch).__name__}")
+            raise TypeError(f"batch must be a tensor or an (x, y) tuple/list, got {type(batch).__name__}; for other "
+                            "batches give forward=lambda model, batch: model(**batch) or similar")
         param = next(model.parameters(), None)
         if param is not None:
             x = x.to(param.device)

@@ -57,7 +57,8 @@ def _inputs(batch: Any) -> Any:
         return batch
     if isinstance(batch, (tuple, list)) and batch:
         return batch[0]
-    raise TypeError(f"loader must yield tensors or (x, y) tuples/lists, got {type(batch).__name__}")
+    raise TypeError(f"loader must yield tensors or (x, y) tuples/lists, got {type(batch).__name__}; for other batches "
+                    "(a dict, a model taking keyword arguments) give forward=lambda model, batch: model(**batch) or similar")
 
 
 @torch.no_grad()

@@ -487,3 +487,16 @@ def test_norm_imports_nothing_else_from_batchlab() -> None:
                 # the standard library, torch, numpy and batchlab.norm itself: nothing else
                 assert top in sys.stdlib_module_names or top in {"torch", "numpy"} or mod.startswith("batchlab.norm"), f"{path.name} imports {mod}"
                 assert top != "numpy" or path.name == "reference.py", f"{path.name} imports numpy"
+
+
+def test_bn_health_does_not_call_a_zero_initialized_residual_bn_dead() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.BatchNorm2d(4))
+    nn.init.zeros_(model[4].weight)  # torchvision's zero_init_residual
+    with torch.no_grad():
+        model[1].weight[1] = 0.0  # one channel at 0 in an otherwise live layer: dead
+    rep = N.bn_health(model, torch.randn(8, 3, 6, 6))
+    by_name = {lh.name: lh for lh in rep.layers}
+    assert by_name["4"].dead_channels == [] and not any("dead" in p for p in by_name["4"].problems)
+    assert by_name["1"].dead_channels == [1]

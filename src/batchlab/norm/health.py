@@ -3,7 +3,8 @@
 What is measured per layer (thresholds in :class:`HealthThresholds`):
 
 * dead channels: ``|gamma| <= dead_gamma`` (1e-3). Such a channel outputs ``beta`` whatever its
-  input (Network Slimming prunes them on purpose; unplanned they waste capacity).
+  input (Network Slimming prunes them on purpose; unplanned they waste capacity). A layer whose
+  gammas are all exactly 0 is taken as zero-initialized (a residual block's last BN), not dead.
 * collapsed running variance: ``running_var <= collapsed_var`` (1e-6). In eval the channel is
   divided by about ``sqrt(eps)``, which amplifies any deviation from the running mean.
 * non-finite buffers/parameters: NaN or infinity in any of them (e.g. after an fp16 overflow).
@@ -209,6 +210,11 @@ def bn_health(model: nn.Module, batch: Any, thresholds: HealthThresholds | None 
             mean, var, w, b = _eval_stats(m)
             c = int(getattr(m, "num_features", mean.numel() if mean is not None else 0))
             dead = [] if w is None else torch.nonzero(w.detach().abs() <= th.dead_gamma).flatten().tolist()
+            # every gamma exactly 0 is a deliberate zero init (the last BN of a residual block, as in
+            # torchvision's zero_init_residual), not channels that died in training
+            zero_init = w is not None and w.numel() > 0 and bool((w.detach() == 0).all())
+            if zero_init:
+                dead = []
             collapsed = [] if var is None else torch.nonzero(var <= th.collapsed_var).flatten().tolist()
             nonfinite = [k.rpartition(".")[2] for k, v in state.items() if k.startswith(f"{name}.") and k.count(".") == name.count(".") + 1 and v.is_floating_point() and not torch.isfinite(v).all()]
             if name == "":

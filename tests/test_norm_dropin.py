@@ -609,3 +609,34 @@ def test_convert_norm_refuses_what_would_change_the_model_silently() -> None:
     x = torch.randn(4, 3, 10)
     torch.testing.assert_close(conv(x), nn.functional.instance_norm(conv[0](x), eps=1e-5))
     assert torch.jit.script(conv)(x).shape == (4, 6, 8)
+
+
+def test_convert_norm_swaps_a_transformers_layer_norms_for_rms_norms() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ln1, self.fc, self.ln2 = nn.LayerNorm(8), nn.Linear(8, 8), nn.LayerNorm(8, elementwise_affine=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.ln2(self.fc(self.ln1(x)))
+
+    torch.manual_seed(0)
+    block = Block()
+    with torch.no_grad():
+        block.ln1.weight.uniform_(0.5, 2.0)
+    gamma = block.ln1.weight.detach().clone()
+    x = torch.randn(2, 5, 8)
+    is_ln = lambda m: isinstance(m, nn.LayerNorm)  # noqa: E731
+    N.convert_norm(block, "rms", predicate=is_ln)
+    assert isinstance(block.ln1, N.RMSNorm) and torch.equal(block.ln1.weight, gamma) and block.ln2.weight is None
+    h = nn.functional.rms_norm(x, (8,), gamma)
+    torch.testing.assert_close(block(x), nn.functional.rms_norm(block.fc(h), (8,)))
+    with pytest.raises(ValueError, match=r"cannot convert ln1 \(LayerNorm\) to 'group': it normalizes the last dimension"):
+        N.convert_norm(Block(), "group", predicate=is_ln)
+
+    class LayerNorm2d(nn.LayerNorm):  # ConvNeXt's channels-first LayerNorm
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    with pytest.raises(ValueError, match=r"LayerNorm2d\): it has its own forward"):
+        N.convert_norm(nn.Sequential(LayerNorm2d(4)), "rms", predicate=is_ln)

@@ -104,6 +104,8 @@ def convert_norm(
     pred = predicate or _plain_norm
 
     def make(name: str, old: nn.Module) -> nn.Module:
+        if isinstance(old, (nn.LayerNorm, nn.RMSNorm)):
+            return _from_last_dim_norm(name, old)
         num = getattr(old, "num_features", None) or getattr(old, "num_channels", None)
         if num is None:
             raise ValueError(f"cannot convert {name or 'model'} ({type(old).__name__}): no num_features attribute")
@@ -130,6 +132,32 @@ def convert_norm(
             _swap.copy_state(old, new)
         new.train(old.training)
         return new
+
+    def _from_last_dim_norm(name: str, old: nn.Module) -> nn.Module:
+        # a LayerNorm / RMSNorm over the last dimension (a transformer's): only a norm of the
+        # same dimension can replace it ("layer", "rms")
+        where = f"{name or 'model'} ({type(old).__name__})"
+        for base in (nn.LayerNorm, nn.RMSNorm):
+            if isinstance(old, base) and type(old).forward is not base.forward:
+                raise ValueError(f"cannot convert {where}: it has its own forward (e.g. a channels-first LayerNorm2d "
+                                 "that permutes), which a replacement would drop")
+        shape = tuple(old.normalized_shape)
+        if len(shape) != 1:
+            raise ValueError(f"cannot convert {where}: it normalizes over {shape}, more than the last dimension")
+        args = dict(kw)
+        args.setdefault("affine", bool(old.elementwise_affine))
+        if "eps" in _inherited_keys(to) and getattr(old, "eps", None) is not None:
+            args.setdefault("eps", old.eps)
+        new = create_norm(to, shape[0], dims=0, **args)
+        if not isinstance(new, (nn.LayerNorm, nn.RMSNorm)):
+            raise ValueError(f"cannot convert {where} to {to!r}: it normalizes the last dimension of its input, "
+                             f"which only 'layer' and 'rms' do (got {type(new).__name__})")
+        ref = next(iter(list(old.parameters()) + list(old.buffers())), None)
+        if ref is not None:
+            new = new.to(device=ref.device, dtype=ref.dtype)
+        if copy_state:
+            _swap.copy_state(old, new)
+        return new.train(old.training)
 
     return replace_modules(model, pred, make)
 

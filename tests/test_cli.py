@@ -96,3 +96,33 @@ def test_bn_health_reports_every_bn_layer(cli):
 def test_bn_health_bad_checkpoint_exits_2(cli, tmp_path: Path):
     r = cli("bn-health", "--task", "digits-mlp", "--checkpoint", str(tmp_path / "missing.pt"))
     assert r.returncode == 2 and "--checkpoint" in r.stderr and "is not a file" in r.stderr
+
+
+def test_out_folders_are_never_taken_over_by_another_command_or_settings(tmp_path) -> None:
+    import argparse
+
+    from batchlab.cli.common import CliError, claim_out
+
+    def ns(command: str, **kw) -> argparse.Namespace:
+        return argparse.Namespace(**{"command": command, "quiet": True, "threads": 1, "out": str(tmp_path), **kw})
+
+    claim_out(tmp_path, ns("suggest", task="digits-mlp", seeds=2))
+    claim_out(tmp_path, ns("suggest", task="digits-mlp", seeds=2, threads=2))  # a rerun resumes; threads don't count
+    with pytest.raises(CliError, match=r"with other settings \(task='digits-mlp' \(now 'mnist1d-mlp'\)\); results are "
+                                       r"never overwritten"):
+        claim_out(tmp_path, ns("suggest", task="mnist1d-mlp", seeds=2))
+    with pytest.raises(CliError, match=r"holds the results of `batchlab suggest`; results are never overwritten"):
+        claim_out(tmp_path, ns("reproduce", quick=True, seeds=None, device="cpu"), keys=("quick", "seeds", "device"))
+    # a folder from before the owner file: its results say whose it is
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "suggestion.json").write_text("{}")
+    r = run_cli("report", str(tmp_path), "--out", str(legacy))
+    assert r.returncode == 2 and "holds the results of `batchlab suggest`" in r.stderr, r.stderr
+    assert (legacy / "suggestion.json").read_text() == "{}"
+    done = tmp_path / "cb"
+    done.mkdir()
+    (done / "critical_batch.json").write_text('{"measured": "earlier"}')
+    r = run_cli("critical-batch", "--task", "digits-mlp", "--quick", "--out", str(done))
+    assert r.returncode == 2 and "already holds critical_batch.json; it is never overwritten" in r.stderr, r.stderr
+    assert (done / "critical_batch.json").read_text() == '{"measured": "earlier"}'

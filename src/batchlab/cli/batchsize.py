@@ -12,6 +12,7 @@ from typing import Any
 from batchlab.argtypes import device
 from batchlab.cli.common import (
     CliError,
+    claim_out,
     train_size,
     add_task_args,
     add_threads_arg,
@@ -84,6 +85,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     except (ValueError, ImportError) as e:
         raise CliError(str(e)) from e
     out = prepare_out(args.out)
+    claim_out(out, args)
     try:
         s = suggest(
             task, device=args.device, low=args.low, high=args.high, seeds=tuple(range(args.seeds)),
@@ -168,6 +170,10 @@ def cmd_critical_batch(args: argparse.Namespace) -> int:
 
     task = load_task(args)
     out = prepare_out(args.out) if args.out else None
+    if out is not None:
+        if (out / "critical_batch.json").exists():
+            raise CliError(f"--out {out} already holds critical_batch.json; it is never overwritten: choose another folder")
+        claim_out(out, args)
     n = train_size(task)  # None for an IterableDataset without a length: the budget must come in examples
     if args.budget is not None and args.budget_examples is not None:
         raise CliError(f"give --budget (epochs) or --budget-examples, not both; got --budget {args.budget} and "

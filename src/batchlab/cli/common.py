@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from batchlab.argtypes import device, nonneg_float, positive_float, positive_int
@@ -101,6 +102,60 @@ def prepare_out(path: str | os.PathLike[str], flag: str = "--out") -> Path:
         return probe_dir(path, flag)
     except OutputError as e:
         raise CliError(str(e)) from e
+
+
+#: what each command leaves in its --out folder, for folders written before the owner file existed
+_RESULT_FILES = (("suggestion.json", "suggest"), ("critical_batch.json", "critical-batch"), ("verdicts.md", "reproduce"),
+                 ("index.html", "report"))
+_OWNER_FILE = ".batchlab-command.json"
+#: settings that do not change what a command computes
+_NOT_IDENTITY = {"func", "command", "quiet", "threads", "out", "markdown", "markdown_block", "list", "backend",
+                 "address", "cpus_per_trial", "gpus_per_trial"}
+
+
+def claim_out(out: Path, args: argparse.Namespace, keys: Sequence[str] | None = None) -> None:
+    """Refuse an ``--out`` folder that holds another command's results, or this command's for
+    other settings (results are never overwritten), and mark the folder as this run's.
+
+    ``keys``: the arguments that make a run's results what they are (None: every argument but
+    those that only change how it runs); a rerun with the same ones resumes or refreshes.
+    """
+    from batchlab.fileio import atomic_write
+
+    names = sorted(k for k in vars(args) if k not in _NOT_IDENTITY) if keys is None else list(keys)
+    mine = {"command": args.command, "settings": {k: _plain(getattr(args, k, None)) for k in names}}
+    owner_path = out / _OWNER_FILE
+    owner: dict[str, Any] | None = None
+    if owner_path.is_file():
+        try:
+            owner = json.loads(owner_path.read_text())
+        except (OSError, ValueError):
+            owner = None  # a torn owner file: infer from the results, as for an older folder
+    if owner is None:
+        legacy = "reproduce" if any(out.glob("*/outcome.json")) else None
+        legacy = legacy or next((cmd for f, cmd in _RESULT_FILES if (out / f).exists()), None)
+        owner = None if legacy is None else {"command": legacy, "settings": None}
+    if owner is not None:
+        if owner.get("command") != args.command:
+            raise CliError(f"--out {out} holds the results of `batchlab {owner.get('command')}`; results are never "
+                           "overwritten: choose another folder")
+        theirs = owner.get("settings")
+        if theirs is not None and theirs != mine["settings"]:
+            diff = ", ".join(f"{k}={theirs.get(k)!r} (now {mine['settings'].get(k)!r})" for k in sorted(set(theirs) | set(mine["settings"]))
+                             if theirs.get(k) != mine["settings"].get(k))
+            raise CliError(f"--out {out} holds the results of `batchlab {args.command}` with other settings ({diff}); "
+                           "results are never overwritten: choose another folder, or rerun with the same settings "
+                           "to resume")
+    atomic_write(owner_path, json.dumps(mine, indent=1, sort_keys=True))
+
+
+def _plain(v: Any) -> Any:
+    """A JSON-able form of an argument value (tuples as lists, other objects as text)."""
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from batchlab.argtypes import device
-from batchlab.cli.common import CliError, positive_int, prepare_out
+from batchlab.cli.common import CliError, claim_out, positive_int, prepare_out
 
 
 def register(sub: Any) -> None:
@@ -56,7 +56,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
         if not has_block(args.markdown, args.markdown_block):
             raise CliError(f"--markdown {args.markdown!r} has no <!-- reproduce:{args.markdown_block}:begin/end --> block")
-    prepare_out(args.out)
+    # a folder gathers claims run with one configuration (--only may add claims to it)
+    claim_out(prepare_out(args.out), args, keys=("quick", "seeds", "device"))
     from batchlab.distributed.ray_backend import backend_from_args
 
     try:

@@ -10,6 +10,7 @@ from typing import Any
 
 from batchlab.cli.common import (
     CliError,
+    claim_out,
     add_task_args,
     add_threads_arg,
     add_train_args,
@@ -100,6 +101,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             out = prepare_out(path / "report", "the report folder")
         except CliError as e:
             raise CliError(f"{e}; write the report elsewhere with --out") from e
+    claim_out(out, args, keys=())  # a report is rebuilt from its folder; another command's results are not
     try:
         index = report_from_dir(path, out_dir=out)
     except ValueError as e:

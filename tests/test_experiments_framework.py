@@ -176,7 +176,7 @@ def test_reproduce_report_shows_rule_before_numbers_and_renders(tmp_path: Path):
     from batchlab.experiments.runner import reproduce
     from tests.test_report import CHROMIUM, render_probe
 
-    outcomes = reproduce(only=["C04"], quick=True, seeds=1, out=tmp_path, progress=False)
+    outcomes = reproduce(only=["C04"], quick=True, seeds=2, out=tmp_path, progress=False)
     assert [o.status for o in outcomes] == ["ok"]
     page = (tmp_path / "index.html").read_text()
     for text in ("Features on very different scales", "seed 002", "Decision rule", "Verdict: supported",
@@ -184,13 +184,13 @@ def test_reproduce_report_shows_rule_before_numbers_and_renders(tmp_path: Path):
         assert text in page, text
     assert page.index("Decision rule") < page.index("Validity check") < page.index("The numbers behind the verdict")
     md = (tmp_path / "verdicts.md").read_text()  # the run's table, generated
-    assert "| C04 | `feature_scale` | **supported** | passed |" in md and "--quick configuration, 1 seeds" in md
+    assert "| C04 | `feature_scale` | **supported** | passed |" in md and "--quick configuration, 2 seeds" in md
     # the command line regenerates a marked block of a document from the same run (every trial loads from the store)
     from batchlab.cli import main
 
     doc = tmp_path / "doc.md"
     doc.write_text("# doc\n<!-- reproduce:quick:begin -->\nstale\n<!-- reproduce:quick:end -->\n")
-    assert main(["reproduce", "--only", "C04", "--quick", "--seeds", "1", "--out", str(tmp_path), "--quiet",
+    assert main(["reproduce", "--only", "C04", "--quick", "--seeds", "2", "--out", str(tmp_path), "--quiet",
                  "--markdown", str(doc), "--markdown-block", "quick"]) == 0
     assert "stale" not in doc.read_text() and "| C04 | `feature_scale` | **supported** |" in doc.read_text()
     assert main(["reproduce", "--only", "C04", "--out", str(tmp_path), "--markdown", str(doc),

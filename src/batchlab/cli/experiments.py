@@ -49,6 +49,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from e
     if args.device != "cpu" and not args.device.startswith("cuda"):
         raise CliError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if args.seeds is not None and args.seeds < 2:
+        raise CliError(f"--seeds must be an integer >= 2 (the verdicts weigh effects against the seed-to-seed "
+                       f"spread), got {args.seeds}")
     if args.markdown_block is not None and args.markdown is None:
         raise CliError("--markdown-block needs --markdown FILE")
     if args.markdown_block is not None:

@@ -7,13 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from batchlab.cli.common import CliError, add_task_args, load_task, nonneg_float, positive_int, train_size
+from batchlab.cli.common import CliError, add_task_args, add_threads_arg, load_task, nonneg_float, positive_int, train_size
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("bn-health", help="check a model's BatchNorm layers: dead channels, collapsed or non-finite "
                                          "statistics, train/eval gap, saturation")
     add_task_args(p)
+    add_threads_arg(p)
     p.add_argument("--checkpoint", help="state_dict file (torch.save) to load into the task's model")
     p.add_argument("--epochs", type=nonneg_float, default=1.0,
                    help="train this many epochs first when no checkpoint is given (0: the fresh model)")

@@ -133,8 +133,9 @@ def reproduce(
         backend: where ``ctx.fit_many`` trials run (e.g. ``RayBackend``); None: in this process.
     """
     n_seeds = seeds if seeds is not None else (DEFAULT_SEEDS_QUICK if quick else DEFAULT_SEEDS_FULL)
-    if not isinstance(n_seeds, int) or n_seeds < 1:
-        raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
+    if not isinstance(n_seeds, int) or isinstance(n_seeds, bool) or n_seeds < 2:
+        raise ValueError(f"seeds must be an integer >= 2 (the verdicts weigh effects against the seed-to-seed "
+                         f"spread), got {seeds!r}")
     if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     chosen = select(only)

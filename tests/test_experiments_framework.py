@@ -60,6 +60,8 @@ def test_rerun_loads_every_trial_from_the_store(tmp_path: Path):
     again = run_experiment(_Tiny, quick=True, seeds=[0, 1], device="cpu", store=store, out=tmp_path, progress=False)
     assert again.trials_run == 0 and again.trials_loaded == 2
     assert again.verdicts == first.verdicts
+    # the rerun's record keeps what computing the trials took, not the seconds of loading them
+    assert first.compute_time == first.wall_time and again.compute_time == first.compute_time
     saved = json.loads((tmp_path / "tiny" / "outcome.json").read_text())
     assert saved["rules"]["C98"].startswith("supported if") and saved["figures"] == ["tiny/figure1.png"]
     assert (tmp_path / "tiny" / "figure1.png").stat().st_size > 1000

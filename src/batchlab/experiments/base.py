@@ -331,6 +331,9 @@ class Outcome:
     rules: dict[str, str] = field(default_factory=dict)
     validity: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    #: seconds spent computing the trials behind the verdicts: this run's wall time, or, when a
+    #: rerun loads every trial from the store, the computing run's (so a rerun does not erase it)
+    compute_time: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

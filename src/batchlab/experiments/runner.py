@@ -91,10 +91,19 @@ def run_experiment(
         if claim not in got:
             reason = "the experiment failed before a verdict was computed" if status == "failed" else "no verdict returned"
             verdicts.append(Verdict(claim, "inconclusive", reason))
+    wall = time.perf_counter() - t0
+    compute = wall
+    if ctx.trials_run == 0 and (folder / "outcome.json").is_file():
+        try:
+            earlier = json.loads((folder / "outcome.json").read_text())
+        except (OSError, ValueError):
+            earlier = {}
+        if earlier.get("quick") == quick and earlier.get("seeds") == seeds:
+            compute = float(earlier.get("compute_time") or earlier.get("wall_time") or wall)
     outcome = Outcome(
         id=exp.id, claims=list(exp.claims), title=exp.title, status=status,
-        verdicts=[v.__dict__ for v in verdicts], params=params, figures=figures,
-        wall_time=time.perf_counter() - t0, trials_run=ctx.trials_run, trials_loaded=ctx.trials_loaded,
+        verdicts=[v.__dict__ for v in verdicts], params=params, figures=figures, compute_time=compute,
+        wall_time=wall, trials_run=ctx.trials_run, trials_loaded=ctx.trials_loaded,
         quick=quick, seeds=seeds, command=rerun_command(exp_cls, quick, out), seed_doc=exp.seed_doc,
         statements=dict(exp.statements), rules=dict(exp.rules), validity=dict(exp.validity), error=error,
     )
@@ -162,7 +171,7 @@ def summary_table(outcomes: Sequence[Outcome]) -> str:
     rows = [("claim", "verdict", "experiment", "time"), ("-----", "-------", "----------", "----")]
     for o in outcomes:
         for v in o.verdicts:
-            rows.append((v["claim"], v["verdict"] + ("" if o.status == "ok" else " (failed)"), o.id, f"{o.wall_time:.0f}s"))
+            rows.append((v["claim"], v["verdict"] + ("" if o.status == "ok" else " (failed)"), o.id, f"{o.compute_time if o.compute_time is not None else o.wall_time:.0f}s"))
     rows[2:] = sorted(rows[2:])
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

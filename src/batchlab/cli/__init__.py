@@ -54,6 +54,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"batchlab {args.command}: error: {message}\n")
         return 2
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted; finished trials are kept in the results store\n")
+        if args.command in _RESUMABLE:
+            sys.stderr.write("interrupted; finished trials are kept in the results store: the same command resumes\n")
+        else:
+            sys.stderr.write("interrupted; no result was written\n")
         return 130
+
+
+#: commands whose trials go to a results store in --out, so a rerun resumes
+_RESUMABLE = ("suggest", "reproduce")
 

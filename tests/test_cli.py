@@ -126,3 +126,8 @@ def test_out_folders_are_never_taken_over_by_another_command_or_settings(tmp_pat
     r = run_cli("critical-batch", "--task", "digits-mlp", "--quick", "--out", str(done))
     assert r.returncode == 2 and "already holds critical_batch.json; it is never overwritten" in r.stderr, r.stderr
     assert (done / "critical_batch.json").read_text() == '{"measured": "earlier"}'
+
+
+def test_an_unknown_option_is_named_by_the_command_and_not_taken_as_an_abbreviation() -> None:
+    r = run_cli("critical-batch", "--task", "digits-mlp", "--seed", "1")  # --seed is not --seeds
+    assert r.returncode == 2 and r.stderr.strip() == "batchlab critical-batch: error: unrecognized arguments: --seed 1"

@@ -54,6 +54,7 @@ from batchlab.batchsize.noise import GradientNoiseScale
 from batchlab.data.sources import batch_size_of
 from batchlab.integrations._split import rows, split_sqnorms
 from batchlab.tasks import Task
+from batchlab.tasks.task import carried_loss
 
 __all__ = ["GradientNoiseScaleCallback", "TrainerSuggestion", "suggest_for_trainer", "task_from_trainer"]
 
@@ -63,9 +64,7 @@ def _sqnorm(t: torch.Tensor) -> float:
 
 
 def _loss_of(out: Any) -> torch.Tensor | None:
-    loss = getattr(out, "loss", None)
-    if loss is None and isinstance(out, Mapping):
-        loss = out.get("loss")
+    loss = carried_loss(out)
     if loss is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) and out[0].dim() == 0:
         loss = out[0]
     return loss if isinstance(loss, torch.Tensor) else None

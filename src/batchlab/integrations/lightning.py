@@ -398,7 +398,6 @@ class BatchSizeTuner(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from batchlab.batchsize import max_batch_size, suggest
         from batchlab.train import default_lr_rule, scale_lr
-        from batchlab.train.config import LR_RULES
 
         task, model, optimizer = task_from_lightning(trainer, pl_module, batch_arg_name=self.batch_arg_name)
         old_batch = int(lightning_getattr(pl_module, self.batch_arg_name))
@@ -440,7 +439,7 @@ class BatchSizeTuner(pl.Callback):
                 step = batch * accumulation
                 batch = self.max_batch
                 accumulation = max(1, round(step / batch))
-                lr = scale_lr(lr, step, batch * accumulation, s.rule if s.rule in LR_RULES else default_lr_rule(task.optimizer))
+                lr = scale_lr(lr, step, batch * accumulation, s.rule)
             measured = s.to_dict()
         lightning_setattr(pl_module, self.batch_arg_name, batch)
         if lr_attr is not None:

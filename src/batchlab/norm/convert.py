@@ -104,8 +104,17 @@ def convert_norm(
     pred = predicate or _plain_norm
 
     def make(name: str, old: nn.Module) -> nn.Module:
-        if isinstance(old, (nn.LayerNorm, nn.RMSNorm)):
-            return _from_last_dim_norm(name, old)
+        last_dim = isinstance(old, (nn.LayerNorm, nn.RMSNorm))
+        new = _for_last_dim_norm(name, old) if last_dim else _for_batch_norm(name, old)
+        ref = next(iter(list(old.parameters()) + list(old.buffers())), None)
+        if ref is not None:
+            new = new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+        if copy_state:
+            _swap.copy_state(old, new)
+        new.train(old.training)
+        return new
+
+    def _for_batch_norm(name: str, old: nn.Module) -> nn.Module:
         num = getattr(old, "num_features", None) or getattr(old, "num_channels", None)
         if num is None:
             raise ValueError(f"cannot convert {name or 'model'} ({type(old).__name__}): no num_features attribute")
@@ -125,15 +134,9 @@ def convert_norm(
             # a BatchNorm1d also takes (N, C), which InstanceNorm1d would read as one unbatched
             # (C, L) sample: refuse 2-D inputs instead of normalizing across the batch
             new.register_forward_pre_hook(_refuse_batch_as_positions)
-        ref = next(iter(list(old.parameters()) + list(old.buffers())), None)
-        if ref is not None:
-            new = new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
-        if copy_state:
-            _swap.copy_state(old, new)
-        new.train(old.training)
         return new
 
-    def _from_last_dim_norm(name: str, old: nn.Module) -> nn.Module:
+    def _for_last_dim_norm(name: str, old: nn.Module) -> nn.Module:
         # a LayerNorm / RMSNorm over the last dimension (a transformer's): only a norm of the
         # same dimension can replace it ("layer", "rms")
         where = f"{name or 'model'} ({type(old).__name__})"
@@ -152,12 +155,7 @@ def convert_norm(
         if not isinstance(new, (nn.LayerNorm, nn.RMSNorm)):
             raise ValueError(f"cannot convert {where} to {to!r}: it normalizes the last dimension of its input, "
                              f"which only 'layer' and 'rms' do (got {type(new).__name__})")
-        ref = next(iter(list(old.parameters()) + list(old.buffers())), None)
-        if ref is not None:
-            new = new.to(device=ref.device, dtype=ref.dtype)
-        if copy_state:
-            _swap.copy_state(old, new)
-        return new.train(old.training)
+        return new
 
     return replace_modules(model, pred, make)
 

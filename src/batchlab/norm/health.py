@@ -209,12 +209,12 @@ def bn_health(model: nn.Module, batch: Any, thresholds: HealthThresholds | None 
             problems: list[str] = []
             mean, var, w, b = _eval_stats(m)
             c = int(getattr(m, "num_features", mean.numel() if mean is not None else 0))
-            dead = [] if w is None else torch.nonzero(w.detach().abs() <= th.dead_gamma).flatten().tolist()
             # every gamma exactly 0 is a deliberate zero init (the last BN of a residual block, as in
             # torchvision's zero_init_residual), not channels that died in training
-            zero_init = w is not None and w.numel() > 0 and bool((w.detach() == 0).all())
-            if zero_init:
+            if w is None or bool((w.detach() == 0).all()):
                 dead = []
+            else:
+                dead = torch.nonzero(w.detach().abs() <= th.dead_gamma).flatten().tolist()
             collapsed = [] if var is None else torch.nonzero(var <= th.collapsed_var).flatten().tolist()
             nonfinite = [k.rpartition(".")[2] for k, v in state.items() if k.startswith(f"{name}.") and k.count(".") == name.count(".") + 1 and v.is_floating_point() and not torch.isfinite(v).all()]
             if name == "":

@@ -56,6 +56,14 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((pred == y).float().mean())
 
 
+def carried_loss(out: Any) -> Any:
+    """The loss a model output carries, ``out.loss`` or ``out["loss"]`` (None when it has neither)."""
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, Mapping):
+        loss = out.get("loss")
+    return loss
+
+
 def _norm_layers(model: nn.Module) -> str:
     """What normalization a model has, e.g. "LayerNorm x 5" or "no normalization layer"."""
     counts: dict[str, int] = {}
@@ -360,9 +368,7 @@ class Task:
             if out.dim() > 2:
                 return self.loss(out.reshape(-1, out.shape[-1]), y.reshape(-1))
             return self.loss(out, y)
-        carried = getattr(out, "loss", None)
-        if carried is None and isinstance(out, Mapping):
-            carried = out.get("loss")
+        carried = carried_loss(out)
         if isinstance(carried, torch.Tensor):
             return carried
         logits, y = self.logits_of(out), self.targets_of(batch)
@@ -436,10 +442,7 @@ class Task:
             except Exception as e:  # noqa: BLE001
                 raise TaskError(f"task {name!r}: the model rejected a {split} batch ({describe_batch(batch)}): "
                                 f"{type(e).__name__}: {e}") from e
-            carried = getattr(out, "loss", None)
-            if carried is None and isinstance(out, Mapping):
-                carried = out.get("loss")
-            default_loss = self.batch_loss is None and self.loss is F.cross_entropy and carried is None
+            default_loss = self.batch_loss is None and self.loss is F.cross_entropy and carried_loss(out) is None
             default_metric = self.batch_metric is None and self.metric is accuracy and self.metric_name == "accuracy"
             if default_loss or default_metric:
                 self._check_targets(out, batch)

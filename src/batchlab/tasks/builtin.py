@@ -97,6 +97,27 @@ def shapes32_cnn(*, n_samples: int = 3000, seed: int = 0, val_fraction: float = 
     )
 
 
+@register_task("shapes32-vgg", "VGG-style CNN, 5 blocks (8/16/32/64/64 channels) pooling to 1x1, on Shapes-32 (n_samples=3000)")
+def shapes32_vgg(*, n_samples: int = 3000, seed: int = 0, val_fraction: float = 0.2) -> Task:
+    """Shapes-32 with a VGG-style CNN for CIFAR-sized images: five conv blocks, each pooling by 2, down to 1x1,
+    so the last two norms see 4x4 and 2x2 maps of image-level features (shapes32-cnn's last norm sees 8x8)."""
+    train, val = load_shapes32(n_samples, seed, val_fraction=val_fraction)
+    return Task(
+        name="shapes32-vgg",
+        model_fn=functools.partial(CNN2d, 3, 10, (8, 16, 32, 64, 64), input_size=32),
+        train_set=train,
+        val_set=val,
+        num_classes=10,
+        optimizer="momentum",
+        lr=0.05,
+        batch_size=128,
+        epochs=20,
+        norm="batch",
+        description="VGG-style CNN (to 1x1) on generated 32x32 RGB shapes",
+        info={"n_samples": n_samples, "seed": seed, "val_fraction": val_fraction},
+    )
+
+
 @register_task("mnist1d-mlp", "MLP 40-100-100-100-10 on MNIST-1D (generated, n_samples=4000)")
 def mnist1d_mlp(*, n_samples: int = 4000, seed: int = 0, hidden: Sequence[int] = (100, 100, 100)) -> Task:
     """MLP on MNIST-1D."""

@@ -64,12 +64,14 @@ def test_c17_per_task_settings_and_their_gpu_scale():
     e = NormBatch()
     for quick in (True, False):
         p = e.params(quick)
-        assert p["tasks"] == ["digits-mlp", "shapes32-cnn"]
+        assert p["tasks"] == ["digits-mlp", "shapes32-cnn", "shapes32-vgg"]
         sp = e.task_params(p, "shapes32-cnn")
         assert sp["lr32"] == 0.025 and {2, 4, 32} <= set(sp["batches"]) and {"batch", "group", "none"} <= set(sp["norms"])
+        assert e.task_params(p, "shapes32-vgg") == sp  # the two CNNs differ in depth only
         assert e.task_params(p, "digits-mlp")["lr32"] == 0.05
         g = e.params_for(quick, "cuda")
         assert e.task_params(g, "shapes32-cnn")["epochs"] == 4 * sp["epochs"]
+        assert e.task_params(g, "shapes32-vgg")["epochs"] == 4 * sp["epochs"]
         assert e.task_params(g, "digits-mlp")["epochs"] == 4 * p["epochs"]
 
 

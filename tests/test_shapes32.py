@@ -1,4 +1,4 @@
-"""Shapes-32 (generated 32x32 RGB shapes) and the shapes32-cnn task."""
+"""Shapes-32 (generated 32x32 RGB shapes) and the shapes32-cnn and shapes32-vgg tasks."""
 
 from __future__ import annotations
 
@@ -76,3 +76,20 @@ def test_a_short_run_learns_above_chance():
     task = get_task("shapes32-cnn", n_samples=1000)
     r = fit(task, TrainConfig(batch_size=32, lr=0.025, optimizer="momentum", epochs=3, seed=0, eval_train=False))
     assert r.ok and r.metric("val_acc") > 0.3  # chance is 0.1
+
+
+def test_vgg_task_pools_to_one_by_one_with_five_norms():
+    task = get_task("shapes32-vgg", n_samples=200)
+    task.check()
+    assert task.name == "shapes32-vgg" and len(task.train_set) == 160
+    assert torch.equal(task.train_set.x, get_task("shapes32-cnn", n_samples=200).train_set.x)  # the same images
+    model = task.make_model()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert [m.num_features for m in bns] == [8, 16, 32, 64, 64]
+    sizes = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: sizes.append(tuple(out.shape[2:]))) for m in bns]
+    assert model(task.train_set.x[:2]).shape == (2, 10)
+    for h in hooks:
+        h.remove()
+    assert sizes == [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2)]  # the last norms see 4x4 and 2x2 maps
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in task.make_model(norm="group").modules())

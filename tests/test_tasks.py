@@ -25,6 +25,8 @@ GENERATED = {
     "mnist1d-cnn": {"n_samples": 200},
     "synthetic-mlp": {"n_samples": 300},
     "sequence-cls": {"n_samples": 300},
+    "shapes32-cnn": {"n_samples": 200},
+    "shapes32-vgg": {"n_samples": 200},
 }
 
 

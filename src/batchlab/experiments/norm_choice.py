@@ -1,7 +1,7 @@
 """C17, C18, C20: which normalization, and how its statistics are gathered.
 
 - C17 (``norm_batch``): BN, GN, LN, IN and no norm across per-device batch 2..128, on a BatchNorm1d MLP
-  (digits-mlp) and a CNN on generated 32x32 RGB images (shapes32-cnn, ``batchlab.data.shapes32``). The
+  (digits-mlp) and two CNNs on generated 32x32 RGB images (shapes32-cnn and shapes32-vgg, ``batchlab.data.shapes32``). The
   CNN task replaced digits-cnn (8x8 grey digits), where even no normalization reached ~97% at batch 2,
   so that task could not show BN degrading (its validity check failed). Shapes-32's per-image colour and
   brightness jitter was meant to make a batch of 2 images' channel statistics far from the data set's,
@@ -11,6 +11,10 @@
   counts; the rule and thresholds are unchanged from the digits-cnn edition. The per-task LR lr32 and
   epochs of shapes32-cnn were chosen from BN and GN runs at B=32 only (lr32 0.05 left them at 64% /
   48% after 4 epochs; 0.025 gave 92% / 94% after 8), never from a small-batch run.
+  shapes32-vgg (added 2026-12-01, pre-registered in docs/reproduce.md before any small-batch run of it): a
+  VGG-style net pooling to 1x1, whose last norms see 4x4 and 2x2 maps of image-level features, the statistics a
+  batch of 2 images estimates badly; lr32 from BN and GN at B=32, 8 epochs, seed 0: 0.025 and 0.05 tied
+  exactly (1115 of 1200 validation answers right), so shapes32-cnn's 0.025 was kept.
 - C18 (``bn_eval_stats``): evaluating a BN net with EMA running statistics, precise (population)
   statistics and the batch's own statistics, across the EMA momentum.
 - C20 (``seq_norm``): BN vs LN on padded variable-length sequences, and what padding does to BN's
@@ -62,10 +66,11 @@ class NormBatch(Experiment):
         "on the batch size (Wu & He)."
     }
     rules = {
-        "C17": "Two tasks: digits-mlp (MLP 64-100-100-100-10, norm after each hidden Linear: BatchNorm1d statistics "
+        "C17": "Three tasks: digits-mlp (MLP 64-100-100-100-10, norm after each hidden Linear: BatchNorm1d statistics "
         "over B examples) and shapes32-cnn (generated 32x32 RGB shapes, 10 classes, random colour, position, "
         "clutter and noise; 3 conv blocks of 8/16/32 channels, norm after each conv: BN statistics over B x H x W "
-        "positions). Every norm trained for the same number of epochs at each batch B with momentum SGD and the "
+        "positions) and shapes32-vgg (the same images; 5 conv blocks of 8/16/32/64/64 channels pooling to 1x1, so "
+        "the last norms see 4x4 and 2x2 maps). Every norm trained for the same number of epochs at each batch B with momentum SGD and the "
         "linear LR rule lr = lr32 * B / 32 (Goyal et al.; Wu & He use the same rule; lr32 and epochs per task, "
         "see the parameters), final val accuracy. Per task: "
         "BN drop = acc(BN, B=32) - mean(acc(BN, B=2), acc(BN, B=4)) per seed; GN range = max - min over B in "
@@ -91,15 +96,18 @@ class NormBatch(Experiment):
                  "at_32": {"LN": 25.3, "IN": 28.4}}
 
     def params(self, quick: bool) -> dict[str, Any]:
-        # shapes32-cnn: lr32 and epochs from BN/GN runs at B=32 only (module docstring); a smaller grid than
+        # shapes32-cnn / -vgg: lr32 and epochs from BN/GN runs at B=32 only (module docstring); a smaller grid than
         # digits-mlp's, since one 32x32 RGB run at B=2 costs about 20 digits-mlp runs
         if quick:
-            return {"tasks": ["digits-mlp", "shapes32-cnn"], "norms": ["batch", "group", "none"], "batches": [2, 4, 32],
-                    "epochs": 3, "lr32": 0.05, "per_task": {"shapes32-cnn": {"epochs": 4, "lr32": 0.025}}}
-        return {"tasks": ["digits-mlp", "shapes32-cnn"], "norms": ["batch", "group", "layer", "instance", "none"],
+            image = {"epochs": 4, "lr32": 0.025}
+            return {"tasks": ["digits-mlp", "shapes32-cnn", "shapes32-vgg"], "norms": ["batch", "group", "none"],
+                    "batches": [2, 4, 32], "epochs": 3, "lr32": 0.05,
+                    "per_task": {"shapes32-cnn": image, "shapes32-vgg": dict(image)}}
+        image = {"epochs": 8, "lr32": 0.025, "norms": ["batch", "group", "none"], "batches": [2, 4, 8, 32, 128]}
+        return {"tasks": ["digits-mlp", "shapes32-cnn", "shapes32-vgg"],
+                "norms": ["batch", "group", "layer", "instance", "none"],
                 "batches": [2, 4, 8, 16, 32, 64, 128], "epochs": 4, "lr32": 0.05,
-                "per_task": {"shapes32-cnn": {"epochs": 8, "lr32": 0.025, "norms": ["batch", "group", "none"],
-                                              "batches": [2, 4, 8, 32, 128]}}}
+                "per_task": {"shapes32-cnn": image, "shapes32-vgg": dict(image)}}
 
     @staticmethod
     def task_params(params: dict[str, Any], name: str) -> dict[str, Any]:

@@ -23,6 +23,11 @@ def test_help_lists_the_commands():
         assert cmd in r.stdout
 
 
+def test_python_dash_m_batchlab_is_the_command():
+    r = subprocess.run([sys.executable, "-m", "batchlab", "tasks"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "shapes32-vgg" in r.stdout
+
+
 def test_tasks_lists_builtins(capsys):
     assert main(["tasks"]) == 0
     out = capsys.readouterr().out

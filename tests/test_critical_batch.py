@@ -23,6 +23,7 @@ import torch
 
 from batchlab import Task
 from batchlab.batchsize.critical import CriticalBatchResult, critical_batch, critical_from_losses
+from batchlab.batchsize.schedule import BatchSizeSchedule
 from batchlab.data.arrays import ArrayDataset
 from batchlab.train import TrainConfig, fit, make_optimizer, optimizer_hparams, scale_hparams, scale_lr, set_hparams
 
@@ -252,6 +253,12 @@ def test_cli_critical_batch(cli, tmp_path):
     # 2% of 2 epochs of 1438 examples is 57.5: the first checkpoint past it, in steps of 8
     assert [p["examples"] for p in data["points"]] == [0, 64]
     assert (tmp_path / "out" / "critical_batch.png").stat().st_size > 1000
+    # the saved JSON loads back (its extra "schedule" entry ignored) and gives the schedule the command printed
+    back = CriticalBatchResult.from_dict(data)
+    assert [p.examples for p in back.points] == [0, 64]
+    for measured in (back, data):
+        sched = BatchSizeSchedule.from_critical_batch(measured, 8, rule=data["rule"], max_batch=1438)
+        assert [list(p) for p in sched.stages] == data["schedule"]["stages"]
     bad = cli("critical-batch", "--task", "digits-mlp", "--factors", "2,4", "--quiet")
     assert bad.returncode == 2 and "factors must be increasing integers starting at 1" in bad.stderr
 
@@ -266,3 +273,11 @@ def test_quick_mode_for_suggest(toy_task):
     assert r.examples_processed == budget // 4 + 2 * 4 * 2 * 256 + 2 * 8 * 4 * 32  # base + branches + B_simple
     r2 = critical_batch(toy_task, batch_size=4, quick=True, factors=(1, 2), checkpoints=(0.0,), gns_groups=2)
     assert r2.factors == [1, 2] and len(r2.points) == 1
+
+
+def test_factors_past_the_training_set_are_dropped_with_a_note(toy_task):
+    r = critical_batch(toy_task, batch_size=64, factors=[1, 2, 8], checkpoints=[0.0], seeds=1, budget_examples=128,
+                       branch_examples=128, gns_groups=2)
+    assert r.factors == [1, 2]
+    assert len(r.notes) == 1 and "factors 8 left out" in r.notes[0] and "256 examples" in r.notes[0]
+    assert CriticalBatchResult.from_dict(r.to_dict()).notes == r.notes

@@ -87,6 +87,30 @@ def test_fullgraph_compile_equals_eager(name: str) -> None:
             assert torch.equal(a, b), f"{name}: {k} {a} != {b}"
 
 
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_ghost_batchnorm_compiles_fullgraph_across_batch_sizes_and_a_partial_last_batch(dynamic) -> None:  # type: ignore[no-untyped-def]
+    from batchlab.norm import GhostBatchNorm2d
+
+    torch.manual_seed(0)
+    eager = GhostBatchNorm2d(4, virtual_batch_size=8).train()
+    ours = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    for n in (16, 24, 20):  # a new batch size recompiles with a symbolic size; 20 = 8 + 8 + 4
+        x = torch.randn(n, 4, 3, 3)
+        assert_close(compiled(x), eager(x), 1e-5, 1e-5, f"batch {n}")
+    assert torch.equal(ours.num_batches_tracked, eager.num_batches_tracked)
+
+
+def test_ghost_batchnorm_refuses_torchscript_with_the_way_out() -> None:
+    from batchlab.norm import GhostBatchNorm2d
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), GhostBatchNorm2d(4, 2))
+    for _ in range(2):  # the same clear error again, not TorchScript's "Can't redefine method"
+        with pytest.raises(RuntimeError, match="torch.compile or torch.export"):
+            torch.jit.script(model)
+
+
 def test_torch_batchnorm_with_cumulative_average_breaks_fullgraph_but_batchlabs_does_not() -> None:
     # momentum=None: torch's forward reads num_batches_tracked as a Python float (a data-dependent
     # graph break); batchlab's BatchNorm*d keeps the factor a tensor under compile (the

@@ -235,6 +235,41 @@ def test_fold_bn_with_frozen_and_caffe_layers() -> None:
     assert max_diff(fused(x), model(x)) < 1e-5
 
 
+@pytest.mark.parametrize("param", ["weight_norm", "spectral_norm"])
+def test_fold_bn_bakes_a_parametrized_weight_and_leaves_the_original_working(param: str) -> None:
+    torch.manual_seed(0)
+    wrap = getattr(nn.utils.parametrizations, param)
+    model = nn.Sequential(wrap(nn.Conv2d(3, 8, 3)), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          wrap(nn.Linear(8 * 4 * 4, 5)), nn.BatchNorm1d(5))
+    for _ in range(3):
+        model(torch.randn(16, 3, 6, 6))
+    model.eval()
+    x = torch.randn(4, 3, 6, 6)
+    ref = model(x).detach()
+    fused = N.fold_bn(model)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused.modules())
+    assert type(fused[0]) is nn.Conv2d and type(fused[4]) is nn.Linear  # plain layers, weight baked in
+    assert max_diff(fused(x), ref) < 1e-5  # the parametrization's weight, not its raw parameter, was folded
+    assert nn.utils.parametrize.is_parametrized(model[0], "weight") and max_diff(model(x), ref) == 0  # original intact
+
+
+def test_fold_bn_refuses_the_deprecated_weight_norm_clearly() -> None:
+    with pytest.warns(FutureWarning):
+        conv = nn.utils.weight_norm(nn.Conv2d(3, 4, 3))
+    with pytest.raises(ValueError, match="parametrizations.weight_norm"):
+        N.fold_bn(nn.Sequential(conv, nn.BatchNorm2d(4)).eval())
+
+
+def test_frozen_layers_keep_the_models_mode_so_fold_bn_takes_them() -> None:
+    model = _cnn(N.BatchNorm2d)
+    model(torch.randn(8, 3, 5, 5))
+    frozen = N.freeze_bn(model.eval())
+    assert not any(m.training for m in frozen.modules())
+    x = torch.randn(4, 3, 5, 5)
+    assert max_diff(N.fold_bn(frozen)(x), model(x)) < 1e-5
+    assert all(m.training for m in N.unfreeze_bn(N.freeze_bn(_cnn(N.BatchNorm2d).train())).modules())
+
+
 # ----------------------------------------------------------------------------- freeze_bn / convert_norm
 
 

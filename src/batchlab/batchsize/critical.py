@@ -49,7 +49,7 @@ import numbers
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -113,6 +113,7 @@ class CriticalBatchResult:
     points: list[CriticalPoint] = field(default_factory=list)
     examples_processed: int = 0  # every example through a forward/backward (base run, branches, B_simple)
     wall_time: float = 0.0
+    notes: list[str] = field(default_factory=list)  # what was changed from the request, and why
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,8 +123,12 @@ class CriticalBatchResult:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CriticalBatchResult:
-        d = dict(d)
-        d["points"] = [CriticalPoint(**p) for p in d.get("points", [])]
+        """From :meth:`to_dict`, or the ``critical_batch.json`` the command writes (keys that are
+        not fields, such as its ``schedule``, are ignored)."""
+        names = {f.name for f in fields(cls)}
+        point_names = {f.name for f in fields(CriticalPoint)}
+        d = {k: v for k, v in d.items() if k in names}
+        d["points"] = [CriticalPoint(**{k: v for k, v in p.items() if k in point_names}) for p in d.get("points", [])]
         return cls(**d)
 
     def table(self, markdown: bool = False) -> str:
@@ -347,8 +352,13 @@ def critical_batch(
     factors = _check_int_seq("factors", list(factors) if factors is not None else list(QUICK_FACTORS if quick else DEFAULT_FACTORS), 1)
     if factors[0] != 1 or factors != sorted(set(factors)) or len(factors) < 2:
         raise ValueError(f"factors must be increasing integers starting at 1 (the base batch), at least two; got {factors!r}")
+    notes: list[str] = []
     if n is not None:
+        dropped = [k for k in factors if k * B > n]
         factors = [k for k in factors if k * B <= n]
+        if dropped and len(factors) >= 2:
+            notes.append(f"factors {', '.join(map(str, dropped))} left out: {B} x factor is larger than the training set "
+                         f"({n} examples); branches at {', '.join(str(k * B) for k in factors)}")
         if len(factors) < 2:
             raise ValueError(f"batch_size {B} x factors leaves only the base batch within the training set ({n} examples)")
     if isinstance(seeds, numbers.Integral) and not isinstance(seeds, bool):
@@ -394,7 +404,7 @@ def critical_batch(
     result = CriticalBatchResult(
         task=task.name, batch_size=B, optimizer=opt, rule=rule, hparams={}, tolerance=float(tolerance),
         branch_examples=int(branch_examples), factors=factors, seeds=list(seed_list),
-        budget_examples=int(budget_examples),
+        budget_examples=int(budget_examples), notes=notes,
     )
     batches = [k * B for k in factors]
     for saved in ckpt.saved:

@@ -136,8 +136,9 @@ class BatchSizeSchedule:
         too large. Without it, a later lower measurement only keeps the batch where it is.
 
         Args:
-            measured: a :class:`~batchlab.batchsize.critical.CriticalBatchResult` (its ``points``)
-                or a sequence of ``(examples seen, critical batch)`` pairs.
+            measured: a :class:`~batchlab.batchsize.critical.CriticalBatchResult` (its ``points``),
+                its ``to_dict()`` / the ``critical_batch.json`` that ``batchlab critical-batch --out``
+                writes, or a sequence of ``(examples seen, critical batch)`` pairs.
             base: the first batch (where the LR and other hyperparameters were tuned).
             factor: integer growth factor between stages (>= 2).
             max_batch: cap (memory maximum, training-set size).
@@ -150,12 +151,16 @@ class BatchSizeSchedule:
             raise ValueError(f"factor must be an integer >= 2, got {factor!r}")
         if use not in ("critical_batch", "critical_low"):
             raise ValueError(f"use must be 'critical_batch' or 'critical_low', got {use!r}")
+        if isinstance(measured, Mapping) and "points" in measured:  # the saved JSON (critical_batch.json, to_dict())
+            from batchlab.batchsize.critical import CriticalBatchResult
+
+            measured = CriticalBatchResult.from_dict(measured)
         points = getattr(measured, "points", None)
         if points is not None:
             pairs = [(int(p.examples), getattr(p, use)) for p in points]
         else:
             if isinstance(measured, (str, bytes)) or not isinstance(measured, Sequence):
-                raise ValueError("measured must be a CriticalBatchResult or a sequence of (examples, critical batch) "
+                raise ValueError("measured must be a CriticalBatchResult, its dict (critical_batch.json) or a sequence of (examples, critical batch) "
                                  f"pairs; got {type(measured).__name__}")
             pairs = []
             for i, pair in enumerate(measured):

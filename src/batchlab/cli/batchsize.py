@@ -193,6 +193,8 @@ def cmd_critical_batch(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from e
     schedule = BatchSizeSchedule.from_critical_batch(r, r.batch_size, rule=r.rule, max_batch=n)  # n None: no cap
     print(r.table())
+    for note in r.notes:
+        print(f"note: {note}")
     print(f"warmup schedule (examples seen, batch) from B={r.batch_size}: {list(schedule.stages) or 'constant'}"
           f" ({r.rule} co-scaling)")
     print(f"examples processed: {r.examples_processed}; {r.wall_time:.1f} s")

@@ -21,16 +21,21 @@ def replace_modules(model: nn.Module, predicate: Callable[[nn.Module], bool], ma
         make: builds the replacement from the qualified name and the old module.
 
     Returns:
-        ``model``, or the replacement when ``model`` itself matches.
+        ``model``, or the replacement when ``model`` itself matches. A replacement takes the old
+        module's mode (train or eval), so a converted model in eval mode stays in eval mode.
     """
+
+    def swap(name: str, old: nn.Module) -> nn.Module:
+        return make(name, old).train(old.training)
+
     if predicate(model):
-        return make("", model)
+        return swap("", model)
 
     def visit(parent: nn.Module, prefix: str) -> None:
         for name, child in list(parent.named_children()):
             full = f"{prefix}.{name}" if prefix else name
             if predicate(child):
-                setattr(parent, name, make(full, child))
+                setattr(parent, name, swap(full, child))
             else:
                 visit(child, full)
 

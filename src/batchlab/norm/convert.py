@@ -111,7 +111,6 @@ def convert_norm(
             new = new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
         if copy_state:
             _swap.copy_state(old, new)
-        new.train(old.training)
         return new
 
     def _for_batch_norm(name: str, old: nn.Module) -> nn.Module:

@@ -128,12 +128,29 @@ def _run(model: nn.Module, example_input: object) -> object:
     return model(example_input)
 
 
+def _bake_weight(layer: nn.Module) -> None:
+    """Make a parametrized ``layer.weight`` (``torch.nn.utils.parametrizations.weight_norm`` /
+    ``spectral_norm``, any ``torch.nn.utils.parametrize``) a plain parameter holding the weight it
+    computes now. Folding writes into the weight, which a parametrization would recompute. (The
+    deprecated hook-based ``torch.nn.utils.weight_norm`` never gets here: torch cannot copy such a
+    model, see :func:`fold_bn`.)"""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(layer, "weight"):
+        # a deep copy shares the class torch made for the parametrized original, and removing a
+        # parametrization deletes the property from that class: give this layer its own first
+        cls = type(layer)
+        layer.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+
+
 def _fold_pair(new: nn.Module, layer_name: str, bn_name: str) -> bool:
     bn = new.get_submodule(bn_name)
     ss = bn_scale_shift(bn)
     if ss is None:
         return False
     layer = new.get_submodule(layer_name)
+    _bake_weight(layer)
     scale, shift = (t.to(layer.weight.device) for t in ss)
     _fold_into(layer, scale, shift)
     _set_submodule(new, bn_name, getattr(bn, "act", None) or nn.Identity())  # a norm+act layer leaves its activation
@@ -153,6 +170,9 @@ def fold_bn(model: nn.Module, example_input: object = None) -> nn.Module:
     refuses rather than guess. Layers that normalize with batch statistics in eval mode (no
     running statistics) are left as they are.
 
+    A layer whose weight is parametrized (``torch.nn.utils.parametrizations.weight_norm`` or
+    ``spectral_norm``) gets its current weight as a plain parameter in the copy, then the fold.
+
     Args:
         model: the network, in eval mode (``model.eval()``); it is not modified.
         example_input: an input for the model (a tensor, a tuple of positional arguments or a
@@ -163,14 +183,22 @@ def fold_bn(model: nn.Module, example_input: object = None) -> nn.Module:
 
     Raises:
         ValueError: the model is in training mode (folding uses running statistics, so it is
-            only valid for inference), or fx cannot trace it and no ``example_input`` was given.
+            only valid for inference), fx cannot trace it and no ``example_input`` was given, or
+            torch cannot copy it (the deprecated ``torch.nn.utils.weight_norm``).
     """
     if model.training:
         raise ValueError("fold_bn needs a model in eval mode (folding uses running statistics); call model.eval() first, got model.training=True")
     training_bns = [n for n, m in model.named_modules() if _is_bn_like(m) and m.training]
     if training_bns:
         raise ValueError(f"fold_bn needs every batch norm in eval mode; call model.eval() first, got training layers {training_bns[:5]}")
-    new = copy.deepcopy(model)
+    try:
+        new = copy.deepcopy(model)
+    except RuntimeError as e:
+        raise ValueError(
+            f"fold_bn works on a copy, and torch cannot copy this {type(model).__name__} ({e.args[0].split('.')[0]}); "
+            "a model using the deprecated torch.nn.utils.weight_norm cannot be copied after a forward pass: use "
+            "torch.nn.utils.parametrizations.weight_norm, or torch.nn.utils.remove_weight_norm first"
+        ) from e
     pairs, method = find_foldable_pairs(new)
     if method == "fx" or not pairs:
         for layer_name, bn_name in pairs:

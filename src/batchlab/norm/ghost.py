@@ -36,7 +36,8 @@ GHOST_IMPLS = ("auto", "fused", "native", "vectorized")
 
 def _ghost_sizes(n: int, virtual_batch_size: int) -> list[int]:
     """Sizes of the ghost batches: ``virtual_batch_size`` each, the last one smaller."""
-    full, rest = divmod(n, virtual_batch_size)
+    full = n // virtual_batch_size  # not divmod: torch.compile cannot trace divmod of a symbolic batch size
+    rest = n - full * virtual_batch_size
     return [virtual_batch_size] * full + ([rest] if rest else [])
 
 

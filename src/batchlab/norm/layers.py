@@ -351,6 +351,14 @@ class _GhostBatchNorm(_CheckedBatchNorm):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"  # type: ignore[misc]
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this on every submodule before compiling: say why, instead of
+        # TorchScript's error about an f-string deep inside ghost_batch_norm
+        raise RuntimeError(
+            f"{type(self).__name__} cannot be compiled by torch.jit.script (the batch is split into virtual batches "
+            "in Python); use torch.compile or torch.export, or convert_norm(model, 'batch') before scripting "
+            "(eval outputs are the same: eval mode is torch's batch norm)")
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
         # torch's rules: buffers updated only when tracked and training, used whenever present in eval

@@ -297,6 +297,6 @@ def convert_sync_batchnorm(model: nn.Module, process_group: Any = None) -> nn.Mo
         copy_state(old, new)
         if hasattr(old, "qconfig"):
             new.qconfig = old.qconfig
-        return new.train(old.training)
+        return new
 
     return replace_modules(model, is_plain_batchnorm, make)

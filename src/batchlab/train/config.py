@@ -73,6 +73,8 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
         _check_real("momentum", self.momentum, "a finite number >= 0", lambda v: 0 <= v < math.inf)
         _check_real("weight_decay", self.weight_decay, "a finite number >= 0", lambda v: 0 <= v < math.inf)
+        if self.optimizer == "lbfgs" and self.weight_decay:
+            raise ValueError(f"weight_decay is not supported with optimizer 'lbfgs' (allowed: 0); got {self.weight_decay!r}")
         budgets = [b for b in (self.max_steps, self.max_examples) if b is not None]
         if budgets and self.epochs is not None:
             object.__setattr__(self, "epochs", None)

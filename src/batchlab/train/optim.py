@@ -39,7 +39,7 @@ def make_optimizer(
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "lbfgs":
         if weight_decay:
-            raise ValueError("weight_decay is not supported with optimizer 'lbfgs'; got weight_decay={weight_decay}")
+            raise ValueError(f"weight_decay is not supported with optimizer 'lbfgs' (allowed: 0); got {weight_decay!r}")
         return torch.optim.LBFGS(params, lr=lr, max_iter=lbfgs_max_iter, history_size=20, line_search_fn="strong_wolfe")
     raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {name!r}")
 

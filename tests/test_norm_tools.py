@@ -535,3 +535,9 @@ def test_bn_health_does_not_call_a_zero_initialized_residual_bn_dead() -> None:
     by_name = {lh.name: lh for lh in rep.layers}
     assert by_name["4"].dead_channels == [] and not any("dead" in p for p in by_name["4"].problems)
     assert by_name["1"].dead_channels == [1]
+    with torch.no_grad():  # a few steps after the zero init: most gammas still within 1e-3, all small
+        model[4].weight.copy_(torch.tensor([2e-4, -5e-4, 8e-4, 0.02]))
+    assert N.bn_health(model, torch.randn(8, 3, 6, 6)).layers[1].dead_channels == []
+    with torch.no_grad():  # a trained layer (large gammas) that lost channels: those are dead
+        model[4].weight.copy_(torch.tensor([2e-4, -5e-4, 8e-4, 0.9]))
+    assert N.bn_health(model, torch.randn(8, 3, 6, 6)).layers[1].dead_channels == [0, 1, 2]

@@ -110,6 +110,14 @@ def test_bad_prune_ratio(prune: float) -> None:
         slim(small_cnn(), X[:2], prune=prune)
 
 
+def test_a_parametrized_weight_is_refused_by_name_before_any_pruning() -> None:
+    model = small_cnn()
+    conv = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    nn.utils.parametrizations.weight_norm(model.get_submodule(conv))
+    with pytest.raises(ValueError, match=rf"parametrized weight .* has {conv}: remove the parametrization"):
+        slim(model, X[:2], prune=0.5)
+
+
 def test_model_without_bn_and_bad_lambda() -> None:
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 10))
     with pytest.raises(ValueError, match=r"no BatchNorm layer .* Sequential cannot be slimmed"):

@@ -214,6 +214,25 @@ class SlimResult:
         return d
 
 
+def _check_prunable(model: nn.Module) -> None:
+    """Refuse, naming the layers, a model with parametrized weights (weight_norm, spectral_norm,
+    torch.nn.utils.parametrize, or the deprecated hook versions): Torch-Pruning cuts the stored
+    parameters, not what a parametrization computes from them, and fails on them."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    found = [name or type(model).__name__ for name, m in model.named_modules()
+             if parametrize.is_parametrized(m)
+             or any(isinstance(h, (WeightNorm, SpectralNorm)) for h in m._forward_pre_hooks.values())]
+    if found:
+        raise ValueError(
+            f"network slimming cannot prune layers with a parametrized weight (weight_norm, spectral_norm); "
+            f"{type(model).__name__} has {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}: remove the "
+            "parametrization first (torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight'), or "
+            "torch.nn.utils.remove_weight_norm / remove_spectral_norm for the deprecated versions)")
+
+
 def slim(
     model: nn.Module,
     example_inputs: Any,
@@ -243,7 +262,7 @@ def slim(
 
     Raises:
         ValueError: ``prune`` outside (0, 1); the model has no BN layer with a learnable scale;
-            the model changed its output shape (a BN on the output must go in ``ignored_layers``).
+            a layer's weight is parametrized (weight_norm, spectral_norm); the model changed its output shape (a BN on the output must go in ``ignored_layers``).
     """
     import torch_pruning as tp
 
@@ -253,6 +272,7 @@ def slim(
             f"model has no BatchNorm layer with a learnable scale (gamma); network slimming ranks channels by "
             f"BN gamma, so {type(model).__name__} cannot be slimmed"
         )
+    _check_prunable(model)
     net = model if inplace else copy.deepcopy(model)
     was_training = net.training
     net.eval()
@@ -545,6 +565,7 @@ def slim_task(
     if not bn_layers(model):
         raise ValueError(f"task {task.name!r} builds a model without BatchNorm layers (norm={base.norm or task.norm!r}); "
                          f"network slimming needs BN gammas")
+    _check_prunable(model)  # before any training
     models: dict[str, nn.Module] = {}
 
     base_res = None

@@ -4,7 +4,8 @@ What is measured per layer (thresholds in :class:`HealthThresholds`):
 
 * dead channels: ``|gamma| <= dead_gamma`` (1e-3). Such a channel outputs ``beta`` whatever its
   input (Network Slimming prunes them on purpose; unplanned they waste capacity). A layer whose
-  gammas are all exactly 0 is taken as zero-initialized (a residual block's last BN), not dead.
+  gammas are all exactly 0 is taken as zero-initialized (a residual block's last BN), not dead, and
+  so is one still near that early in training (every ``|gamma| <= 0.1``, most at or below ``dead_gamma``).
 * collapsed running variance: ``running_var <= collapsed_var`` (1e-6). In eval the channel is
   divided by about ``sqrt(eps)``, which amplifies any deviation from the running mean.
 * non-finite buffers/parameters: NaN or infinity in any of them (e.g. after an fp16 overflow).
@@ -210,11 +211,15 @@ def bn_health(model: nn.Module, batch: Any, thresholds: HealthThresholds | None 
             mean, var, w, b = _eval_stats(m)
             c = int(getattr(m, "num_features", mean.numel() if mean is not None else 0))
             # every gamma exactly 0 is a deliberate zero init (the last BN of a residual block, as in
-            # torchvision's zero_init_residual), not channels that died in training
-            if w is None or bool((w.detach() == 0).all()):
+            # torchvision's zero_init_residual or timm's zero_init_last), not channels that died in
+            # training; so is a layer still near it early in training (every |gamma| <= 0.1, most
+            # at or below dead_gamma), where a layer that lost channels keeps its large gammas
+            small = None if w is None else w.detach().abs() <= th.dead_gamma
+            if w is None or bool((w.detach() == 0).all()) or (
+                    float(w.detach().abs().max()) <= 0.1 and float(small.float().mean()) >= 0.5):
                 dead = []
             else:
-                dead = torch.nonzero(w.detach().abs() <= th.dead_gamma).flatten().tolist()
+                dead = torch.nonzero(small).flatten().tolist()
             collapsed = [] if var is None else torch.nonzero(var <= th.collapsed_var).flatten().tolist()
             nonfinite = [k.rpartition(".")[2] for k, v in state.items() if k.startswith(f"{name}.") and k.count(".") == name.count(".") + 1 and v.is_floating_point() and not torch.isfinite(v).all()]
             if name == "":

@@ -24,7 +24,7 @@ import hf_style  # noqa: E402
 
 from batchlab import Task, TaskError  # noqa: E402
 from batchlab.runs import Trial, run_trial  # noqa: E402
-from batchlab.train import TrainConfig, fit  # noqa: E402
+from batchlab.train import Callback, TrainConfig, fit  # noqa: E402
 
 SMALL = {
     "cifar_resnet": dict(n_train=128, n_val=64, size=16, width=4),
@@ -437,3 +437,73 @@ def test_a_plain_dict_carrying_its_loss_is_used_as_documented():
                            metric="loss", optimizer="sgd", lr=0.1, batch_size=16)
     r = fit(task, TrainConfig(batch_size=16, lr=0.1, epochs=2))
     assert r.status == "ok" and r.final["val_loss"] < 0.2
+
+
+# ------------------------------------------------------------------ the user's own optimizer
+
+
+class _Seen(Callback):
+    """The optimizer each step ran with: groups' lr, weight decay and betas."""
+
+    def __init__(self) -> None:
+        self.rows: list[list[tuple[float, float, tuple[float, float]]]] = []
+
+    def on_step_end(self, ctx) -> None:  # type: ignore[no-untyped-def]
+        self.rows.append([(g["lr"], g["weight_decay"], tuple(g["betas"])) for g in ctx.optimizer.param_groups])
+
+
+def test_a_nanogpt_configure_optimizers_trains_with_its_groups_and_keeps_their_ratio():
+    def nanogpt_optimizer(model, lr):
+        opt = model.configure_optimizers(0.1, lr, (0.9, 0.95), "cpu")
+        opt.param_groups[1]["lr"] = lr / 2  # a second group at its own LR, as layer-wise schemes do
+        return opt
+
+    task = small_task("char_gpt", optimizer=nanogpt_optimizer, lr=1e-3)
+    assert task.optimizer == "adamw" and task.optimizer_fn is not None
+    seen = _Seen()
+    cfg = TrainConfig(batch_size=8, max_steps=6, seed=0, schedule="cosine", batch_schedule=((16, 16),))
+    r = fit(task, cfg, callbacks=[seen])
+    assert r.ok and r.extra["optimizer"] == "adamw"
+    for groups in seen.rows:
+        (lr0, wd0, b0), (lr1, wd1, b1) = groups
+        assert (wd0, wd1) == (0.1, 0.0) and lr1 == pytest.approx(lr0 / 2)  # the user's groups, ratio kept
+        assert b0[0] == 0.9 and b0 == b1
+    first, late = seen.rows[0][0], seen.rows[-1][0]
+    assert first[2] == (0.9, 0.95) and late[2][1] == pytest.approx(0.95**2)  # adam-halflife at batch 16 = 2 x 8
+    # a named optimizer still overrides the task's own
+    assert fit(task, cfg.replace(optimizer="sgd", lr=0.1, batch_schedule=())).extra["optimizer"] == "sgd"
+
+
+def test_an_optimizer_class_or_partial_is_built_on_the_parameters():
+    import functools
+
+    task = small_task("char_gpt", optimizer=functools.partial(torch.optim.AdamW, betas=(0.8, 0.9)), lr=2e-3)
+    seen = _Seen()
+    assert fit(task, TrainConfig(batch_size=8, max_steps=2, seed=0), callbacks=[seen]).ok
+    assert seen.rows[0] == [(2e-3, 0.01, (0.8, 0.9))]  # torch's AdamW default weight decay, the user's betas
+    assert small_task("char_gpt", optimizer=torch.optim.SGD, lr=0.1).optimizer == "sgd"
+    fp = small_task("char_gpt", optimizer=functools.partial(torch.optim.AdamW, betas=(0.8, 0.99))).fingerprint()
+    assert fp != task.fingerprint()  # other betas: other results, not the stored ones
+
+
+class _Lion(torch.optim.Optimizer):
+    def __init__(self, params, lr=1e-4):  # type: ignore[no-untyped-def]
+        super().__init__(params, {"lr": lr})
+
+
+@pytest.mark.parametrize("optimizer, error, message", [
+    (lambda m, lr: torch.optim.AdamW(m.parameters(), lr=3e-4), ValueError, "first parameter group's learning rate"),
+    (lambda m, lr: "adamw", TypeError, "must return a torch.optim.Optimizer"),
+    (_Lion, ValueError, "_Lion, whose batch-size scaling rule batchlab does not know"),
+    (lambda m: None, ValueError, "raised TypeError"),
+    ("adamx", ValueError, "optimizer must be one of"),
+])
+def test_a_bad_optimizer_is_refused_when_the_task_is_made(optimizer, error, message):
+    with pytest.raises(error, match=message):
+        small_task("char_gpt", optimizer=optimizer, lr=1e-3)
+
+
+def test_weight_decay_is_the_optimizer_factorys_own():
+    task = small_task("char_gpt", optimizer=torch.optim.AdamW, lr=1e-3)
+    with pytest.raises(ValueError, match="sets its weight decay; got weight_decay=0.1"):
+        fit(task, TrainConfig(batch_size=8, max_steps=2, seed=0, weight_decay=0.1))

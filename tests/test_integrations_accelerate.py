@@ -208,3 +208,17 @@ def test_errors() -> None:
 
     with pytest.raises(ValueError, match="not an OOM"):
         other()
+
+
+def test_a_prepared_optimizer_keeps_its_own_scaling_rule() -> None:
+    accelerate = pytest.importorskip("accelerate", reason="the 'hf' extra is not installed")
+    from batchlab.train import optimizer_hparams, scale_hparams
+    from batchlab.train.optim import optimizer_name
+
+    acc = accelerate.Accelerator(cpu=True)
+    model = nn.Linear(4, 2)
+    _, opt = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    assert type(opt).__name__ == "AcceleratedOptimizer" and optimizer_name(opt) == "adamw"
+    hp = scale_hparams(opt, optimizer_hparams(opt), 32, 64)  # Adam's default rule, not SGD's linear one
+    assert hp["lr"] == pytest.approx(1e-3 * 2**0.5) and hp["betas"] == pytest.approx((0.9, 0.999**2))
+    assert optimizer_name(torch.optim.NAdam(model.parameters())) == "adam"

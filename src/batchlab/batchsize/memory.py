@@ -76,7 +76,7 @@ import torch.nn as nn
 from batchlab.batchsize.state import preserved_state
 from batchlab.data.sources import ArraySource, Source, move_to_device
 from batchlab.tasks import Task, get_task
-from batchlab.train import is_oom, make_optimizer
+from batchlab.train import is_oom
 from batchlab.train.oom import free_memory
 
 DEFAULT_RAM_FRACTION = 0.5  # CPU limit: this fraction of psutil's available memory
@@ -539,7 +539,7 @@ def max_batch_size(
             if on and on != {dev} and not (dev.type == "cuda" and dev.index is None and {d.type for d in on} == {"cuda"}):
                 raise ValueError(f"model is on {sorted(map(str, on))} but device={device!r}; move it there first")
         if optimizer is None and mode == "train":
-            optimizer = make_optimizer(task.optimizer, model.parameters(), task.lr)
+            optimizer = task.build_optimizer(model, task.lr)
         if longest:
             order, longest_info = longest_first(source, scan=scan, seed=seed)
         else:

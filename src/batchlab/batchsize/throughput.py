@@ -14,7 +14,7 @@ import torch
 from batchlab.batchsize.batches import check_positive_int
 from batchlab.batchsize.state import preserved_state
 from batchlab.tasks import Task, get_task
-from batchlab.train import is_oom, make_optimizer
+from batchlab.train import is_oom
 from batchlab.train.oom import free_memory
 
 KNEE_FRACTION = 0.9  # the knee: smallest batch reaching this fraction of the peak examples/s
@@ -205,7 +205,7 @@ def _throughput(task: Task, sizes: list[int], dev: torch.device, warmup: int, re
     n = task.n_train
     task.check(dev)
     model = (model if model is not None else task.make_model(norm=norm)).to(dev)
-    optimizer = make_optimizer(task.optimizer, model.parameters(), task.lr)
+    optimizer = task.build_optimizer(model, task.lr)
     batches = {b: task.sample_batch(b, seed=0, device=dev) for b in sizes}
     times: dict[int, list[float]] = {b: [] for b in sizes}
     failed: set[int] = set()

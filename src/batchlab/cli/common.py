@@ -170,7 +170,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: the task's)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="default: the task's")
     p.add_argument("--momentum", type=nonneg_float, default=0.9)
-    p.add_argument("--weight-decay", type=nonneg_float, default=0.0)
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.0,
+                   help="for a named optimizer (a task's own optimizer sets its weight decay)")
+    p.add_argument("--grad-clip", type=positive_float, default=None, help="clip the gradient norm to this value")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=positive_float, default=None, help="budget in epochs (default: the task's)")
     budget.add_argument("--steps", type=positive_int, default=None, help="budget in optimizer steps")
@@ -211,9 +213,15 @@ def config_from_args(args: argparse.Namespace, task: Any) -> Any:
         budget = {"epochs": None, "max_steps": args.steps}
     elif args.examples:
         budget = {"epochs": None, "max_examples": args.examples}
+    optimizer = args.optimizer or task.optimizer
+    if args.weight_decay and getattr(task, "optimizer_fn", None) is not None and optimizer == task.optimizer:
+        raise CliError(f"--weight-decay: task {task.name} builds its own optimizer, which sets its weight decay; "
+                       f"got {args.weight_decay} (allowed: 0, or name an optimizer with --optimizer)")
     try:
+        # the LR and optimizer actually used, written out (a result says what it ran with)
         return TrainConfig(
-            batch_size=batch, lr=args.lr, optimizer=args.optimizer, momentum=args.momentum,
+            batch_size=batch, lr=args.lr if args.lr is not None else task.lr, optimizer=optimizer,
+            momentum=args.momentum, grad_clip=args.grad_clip,
             weight_decay=args.weight_decay, schedule=args.schedule, warmup_steps=args.warmup_steps,
             milestones=args.milestones, accumulation=args.accumulation, eval_every=args.eval_every,
             seed=args.seed, norm=args.norm, activation=args.activation, device=args.device, amp=args.amp, **budget,

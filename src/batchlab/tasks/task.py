@@ -114,6 +114,9 @@ class Task:
             trusts it instead of sampling the data.
         spec: how the registry built this task (``(name or entry point, kwargs)``), so another
             process can build it again instead of receiving its tensors.
+        optimizer_fn: the user's own optimizer, ``optimizer_fn(model, lr) -> Optimizer`` (see
+            :meth:`from_torch`); ``optimizer`` is then its kind (for the scaling rules), and
+            :meth:`build_optimizer` uses it.
     """
 
     name: str
@@ -141,6 +144,7 @@ class Task:
     model_kwargs: bool = True
     version: str | None = None
     spec: tuple[str, dict[str, Any]] | None = None
+    optimizer_fn: Callable[[nn.Module, float], torch.optim.Optimizer] | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -158,7 +162,7 @@ class Task:
         collate_fn: Callable[[list[Any]], Any] | None = None,
         num_workers: int = 0,
         pin_memory: bool | None = None,
-        optimizer: str = "sgd",
+        optimizer: str | Callable[..., torch.optim.Optimizer] = "sgd",
         lr: float = 0.1,
         batch_size: int = 128,
         epochs: float = 10,
@@ -186,7 +190,16 @@ class Task:
                 for a callable.
             collate_fn, num_workers, pin_memory: passed to the ``DataLoader`` (``pin_memory``
                 None: pin when training on CUDA).
-            optimizer, lr, batch_size, epochs: the defaults a run uses when its config does not say
+            optimizer: a name (``"sgd"``, ``"momentum"``, ``"nesterov"``, ``"adam"``, ``"adamw"``,
+                ``"lbfgs"``: batchlab builds it over all parameters) or your own optimizer:
+                ``optimizer(model, lr) -> torch.optim.Optimizer`` (parameter groups, betas, weight
+                decay as you train, e.g. ``lambda m, lr: m.configure_optimizers(0.1, lr, (0.9,
+                0.95), "cpu")``), or a torch optimizer class or ``functools.partial`` of one
+                (``partial(torch.optim.AdamW, betas=(0.9, 0.95), weight_decay=0.1)``), called as
+                ``cls(model.parameters(), lr=lr)``. ``lr`` is the first parameter group's learning
+                rate; other groups keep their ratio to it when batchlab scales it. The kind (SGD,
+                Adam, AdamW, ...) decides the scaling rules; it is checked here, on one model.
+            lr, batch_size, epochs: the defaults a run uses when its config does not say
                 (``lr`` is the learning rate for ``batch_size``).
             version: a name for this version of model and data; the results store then trusts it
                 instead of sampling the data set to notice a change.
@@ -228,10 +241,15 @@ class Task:
             raise ValueError(f"{where}: num_workers must be an integer >= 0, got {num_workers!r}")
         if pin_memory is not None and not isinstance(pin_memory, bool):
             raise TypeError(f"{where}: pin_memory must be None, True or False, got {pin_memory!r}")
-        if optimizer not in _OPTIMIZERS:
-            raise ValueError(f"{where}: optimizer must be one of {', '.join(_OPTIMIZERS)}, got {optimizer!r}")
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"{where}: lr must be a positive finite number, got {lr!r}")
+        optimizer_fn = None
+        if callable(optimizer):
+            optimizer_fn = _optimizer_factory(optimizer)
+            optimizer = _optimizer_kind(where, optimizer_fn, model, float(lr))
+        elif optimizer not in _OPTIMIZERS:
+            raise ValueError(f"{where}: optimizer must be one of {', '.join(_OPTIMIZERS)} or a callable "
+                             f"optimizer(model, lr) -> torch.optim.Optimizer, got {optimizer!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"{where}: batch_size must be a positive integer, got {batch_size!r}")
         if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not (math.isfinite(epochs) and epochs > 0):
@@ -244,9 +262,26 @@ class Task:
             info=dict(info or {}), forward=forward, batch_loss=loss, batch_metric=batch_metric,
             metric_name=metric_name, higher_is_better=higher_is_better, collate_fn=collate_fn,
             num_workers=num_workers, pin_memory=pin_memory, model_kwargs=False, version=version,
+            optimizer_fn=optimizer_fn,
         )
 
     # ------------------------------------------------------------------ models
+    def build_optimizer(self, model: nn.Module, lr: float, optimizer: str | None = None, *, momentum: float = 0.9,
+                        weight_decay: float = 0.0, lbfgs_max_iter: int = 5) -> torch.optim.Optimizer:
+        """The optimizer a run trains ``model`` with: the task's own (``optimizer_fn``) when
+        ``optimizer`` is None or the task's kind, else the named one over all parameters
+        (``momentum``, ``weight_decay`` and ``lbfgs_max_iter`` apply to named optimizers only)."""
+        from batchlab.train.optim import make_optimizer
+
+        name = optimizer or self.optimizer
+        if self.optimizer_fn is not None and name == self.optimizer:
+            if weight_decay:
+                raise ValueError(f"task {self.name!r} builds its own optimizer, which sets its weight decay; "
+                                 f"got weight_decay={weight_decay!r} (allowed: 0, or name an optimizer)")
+            return self.optimizer_fn(model, lr)
+        return make_optimizer(name, model.parameters(), lr, momentum=momentum, weight_decay=weight_decay,
+                              lbfgs_max_iter=lbfgs_max_iter)
+
     def make_model(self, norm: Any = None, activation: str | None = None, **kw: Any) -> nn.Module:
         """A fresh model. ``norm`` swaps the normalization layers (for a user model, by
         :func:`batchlab.norm.convert_norm` on its BatchNorm layers); ``activation`` works on
@@ -527,7 +562,8 @@ class Task:
                 "model": _callable_id(self.model_fn),
                 "model_structure": self._model_structure(),
                 "code": {k: _callable_id(v) for k, v in (("forward", self.forward), ("loss", self.batch_loss),
-                         ("metric", self.batch_metric), ("collate_fn", self.collate_fn)) if v is not None},
+                         ("metric", self.batch_metric), ("collate_fn", self.collate_fn),
+                         ("optimizer", self.optimizer_fn)) if v is not None},
                 "metric": self.metric_name,
                 "data": {"version": self.version} if self.version is not None else
                         {"train": _data_digest(self.train_source), "val": _data_digest(self.val_source)},
@@ -607,6 +643,44 @@ def _data_digest(source: Source, k: int = 16) -> dict[str, Any]:
         random.setstate(py_state)
         np.random.set_state(np_state)
     return {"n": n, "digest": h.hexdigest()}
+
+
+def _optimizer_factory(optimizer: Callable[..., Any]) -> Callable[[nn.Module, float], torch.optim.Optimizer]:
+    """``optimizer(model, lr)`` from a user's callable: a torch optimizer class (or a partial of
+    one) is called on the model's parameters; anything else is called with the model itself."""
+    target = optimizer.func if isinstance(optimizer, functools.partial) else optimizer
+    if inspect.isclass(target) and issubclass(target, torch.optim.Optimizer):
+        return functools.partial(_call_on_parameters, optimizer)
+    return optimizer
+
+
+def _call_on_parameters(cls: Callable[..., torch.optim.Optimizer], model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    return cls(model.parameters(), lr=lr)
+
+
+def _optimizer_kind(where: str, factory: Callable[[nn.Module, float], Any], model_fn: Callable[[], nn.Module],
+                    lr: float) -> str:
+    """Build the user's optimizer once on one model: it must be a torch optimizer of a kind whose
+    scaling rules batchlab knows, and its first group must take the ``lr`` it is given."""
+    from batchlab.train.optim import optimizer_name, unwrap_optimizer
+
+    try:
+        opt = factory(model_fn(), lr)
+    except Exception as e:  # noqa: BLE001 - the user's code: report what it raised, here, not mid-run
+        raise ValueError(f"{where}: optimizer(model, lr) raised {type(e).__name__}: {e}") from e
+    inner = unwrap_optimizer(opt)
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise TypeError(f"{where}: optimizer(model, lr) must return a torch.optim.Optimizer, got {type(opt).__name__}")
+    kind = optimizer_name(inner)
+    if kind is None:
+        raise ValueError(f"{where}: optimizer(model, lr) built {type(inner).__name__}, whose batch-size scaling rule "
+                         "batchlab does not know; allowed: SGD (with or without momentum or Nesterov), Adam, AdamW "
+                         "and Adam-like classes (NAdam, RAdam, Adamax, FusedAdam, AdamW8bit, ...), LBFGS")
+    first = float(inner.param_groups[0]["lr"]) if inner.param_groups else math.nan
+    if not math.isclose(first, lr, rel_tol=1e-6):
+        raise ValueError(f"{where}: optimizer(model, lr) must set the first parameter group's learning rate to the lr "
+                         f"it is given (batchlab scales it with the batch size); given lr={lr!r}, the group has {first!r}")
+    return kind
 
 
 def _callable_id(fn: Any) -> str:

@@ -38,7 +38,7 @@ from batchlab.train.optim import (
     batch_factor,
     default_hparam_rule,
     lr_factor,
-    make_optimizer,
+    lr_ratios,
     optimizer_hparams,
     scale_hparams,
     scheduled_batch,
@@ -362,13 +362,12 @@ def _fit(
         model = task.make_model(norm=cfg.norm, activation=cfg.activation)
     model = model.to(device)
     model.train()
-    optimizer = make_optimizer(
-        opt_name, model.parameters(), base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-        lbfgs_max_iter=cfg.lbfgs_max_iter,
-    )
+    optimizer = task.build_optimizer(model, base_lr, opt_name, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                     lbfgs_max_iter=cfg.lbfgs_max_iter)
     # batch_schedule: LR, Adam betas and eps co-scaled from cfg.batch_size to the step's batch, each
     # time from the base values (so the hyperparameters are a function of the batch alone)
     base_hp = optimizer_hparams(optimizer)
+    ratios = lr_ratios(optimizer)  # per-group LRs (a user's optimizer factory) keep their ratio to the first
     scale_rule = (cfg.batch_scale_rule or default_hparam_rule(opt_name)) if cfg.batch_schedule else None
     hp = scale_hparams(opt_name, base_hp, cfg.batch_size, cfg.batch_size, scale_rule) if scale_rule else base_hp
     hp_batch = cfg.batch_size
@@ -451,12 +450,12 @@ def _fit(
             ctx.epoch, ctx.batch_size = plan.epoch, step_n
             if scale_rule is not None and plan.batch != hp_batch:
                 hp, hp_batch = scale_hparams(opt_name, base_hp, cfg.batch_size, plan.batch, scale_rule), plan.batch
-                set_hparams(optimizer, hp)
+                set_hparams(optimizer, hp, ratios)
             ctx.lr = hp["lr"] * lr_factor(
                 cfg.schedule, plan.frac, ctx.step, warmup_steps=cfg.warmup_steps, milestones=cfg.milestones, gamma=cfg.gamma
             )
-            for group in optimizer.param_groups:
-                group["lr"] = ctx.lr
+            for group, ratio in zip(optimizer.param_groups, ratios):
+                group["lr"] = ctx.lr * ratio
             optimizer.zero_grad(set_to_none=True)
             snapshot = [t.clone() for t in bn_buffers] if scaler is not None else None
 

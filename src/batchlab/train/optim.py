@@ -73,6 +73,18 @@ def default_hparam_rule(optimizer: str) -> str:
     return default_lr_rule(optimizer)
 
 
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside a wrapper: Accelerate's ``AcceleratedOptimizer`` (``.optimizer``),
+    Lightning's ``LightningOptimizer`` (``._optimizer``); anything else is returned as it is."""
+    for _ in range(4):  # a wrapper of a wrapper, at most a few deep
+        inner = next((o for o in (getattr(optimizer, "optimizer", None), getattr(optimizer, "_optimizer", None))
+                      if isinstance(o, torch.optim.Optimizer) and o is not optimizer), None)
+        if inner is None:
+            return optimizer
+        optimizer = inner
+    return optimizer
+
+
 def optimizer_name(optimizer: str | torch.optim.Optimizer | None) -> str | None:
     """A name from :data:`OPTIMIZERS` for a name or a torch optimizer (SGD with momentum: "momentum"
     or "nesterov"; an unknown class: None, which the LR-only rules accept)."""
@@ -80,13 +92,17 @@ def optimizer_name(optimizer: str | torch.optim.Optimizer | None) -> str | None:
         if optimizer is not None and optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)} or a torch optimizer; got {optimizer!r}")
         return optimizer
+    optimizer = unwrap_optimizer(optimizer)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a name ({', '.join(OPTIMIZERS)}) or a torch.optim.Optimizer; "
                         f"got {type(optimizer).__name__}")
     if isinstance(optimizer, torch.optim.AdamW):
         return "adamw"
-    if isinstance(optimizer, torch.optim.Adam):
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.NAdam, torch.optim.RAdam, torch.optim.Adamax)):
         return "adam"
+    cls = type(optimizer).__name__.lower()
+    if "adam" in cls:  # FusedAdam, AdamW8bit, DeepSpeedCPUAdam, ...: Adam's rules (lr, betas, eps)
+        return "adamw" if "adamw" in cls else "adam"
     if isinstance(optimizer, torch.optim.LBFGS):
         return "lbfgs"
     if isinstance(optimizer, torch.optim.SGD):
@@ -180,12 +196,29 @@ def optimizer_hparams(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     return {k: (tuple(group[k]) if k == "betas" else group[k]) for k in ("lr", "betas", "eps") if k in group}
 
 
-def set_hparams(optimizer: torch.optim.Optimizer, hparams: Mapping[str, Any]) -> None:
-    """Write lr, betas and eps of ``hparams`` into every parameter group that has them."""
-    for group in optimizer.param_groups:
+def lr_ratios(optimizer: torch.optim.Optimizer) -> list[float]:
+    """Each parameter group's LR relative to the first group's (1.0 for every group when the
+    first group's LR is 0): what :func:`set_hparams` keeps."""
+    groups = optimizer.param_groups
+    ref = float(groups[0]["lr"]) if groups else 0.0
+    return [float(g["lr"]) / ref if ref else 1.0 for g in groups]
+
+
+def set_hparams(optimizer: torch.optim.Optimizer, hparams: Mapping[str, Any],
+                ratios: Sequence[float] | None = None) -> None:
+    """Write lr, betas and eps of ``hparams`` into every parameter group that has them. ``lr`` is
+    the first group's (as :func:`optimizer_hparams` reads it); other groups keep their LR ratio to
+    it (``ratios``, default :func:`lr_ratios` now), so per-group learning rates (a smaller LR
+    for a pretrained backbone, layer-wise decay) are scaled, not overwritten."""
+    groups = optimizer.param_groups
+    if "lr" in hparams:
+        ratios = lr_ratios(optimizer) if ratios is None else list(ratios)
+        if len(ratios) != len(groups):
+            raise ValueError(f"ratios must have one entry per parameter group ({len(groups)}), got {len(ratios)}")
+    for i, group in enumerate(groups):
         for k in ("lr", "betas", "eps"):
             if k in hparams and k in group:
-                group[k] = tuple(hparams[k]) if k == "betas" else hparams[k]
+                group[k] = tuple(hparams[k]) if k == "betas" else hparams[k] * ratios[i] if k == "lr" else hparams[k]
 
 
 def lr_factor(

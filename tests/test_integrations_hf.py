@@ -212,3 +212,48 @@ def test_task_from_trainer_takes_the_loss_as_the_trainer_does(tmp_path, dict_out
     out = task.forward_batch(model, batch)
     expected = out["loss"] if dict_output else out[0]
     assert torch.equal(task.loss_of(out, batch), expected)
+
+
+def _causal_lm_task(batch_metric: str):  # type: ignore[no-untyped-def]
+    """A tiny GPT-2 on variable-length token sequences, padded by a collator with labels -100."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from batchlab import Task
+
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(1, 30, (int(n),), generator=g) for n in torch.randint(3, 20, (48,), generator=g)]
+
+    def collate(items):  # type: ignore[no-untyped-def]
+        t = max(len(s) for s in items)
+        ids = torch.zeros(len(items), t, dtype=torch.long)
+        labels = torch.full((len(items), t), -100)
+        mask = torch.zeros(len(items), t, dtype=torch.long)
+        for i, s in enumerate(items):
+            ids[i, : len(s)], labels[i, : len(s)], mask[i, : len(s)] = s, s, 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=32, n_embd=16, n_layer=1, n_head=2)).eval()
+    task = Task.from_torch(name="tiny-clm", model=model, train=seqs, val=seqs, collate_fn=collate, metric=batch_metric,
+                           optimizer="adamw", lr=1e-3, batch_size=8)
+    return task, model, seqs, collate
+
+
+def test_a_padded_causal_lm_is_scored_per_token_whatever_the_evaluation_batch() -> None:
+    from batchlab.train import evaluate
+
+    task, model, seqs, collate = _causal_lm_task("loss")
+    with torch.no_grad():  # the reference: every counted next-token prediction once
+        full = collate(seqs)
+        logits = model(input_ids=full["input_ids"], attention_mask=full["attention_mask"]).logits
+        want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 32), full["labels"][:, 1:].reshape(-1))
+    got = [evaluate(model, seqs, task, batch_size=b)[0] for b in (1, 3, 8, 48)]
+    assert got == pytest.approx([float(want)] * 4, rel=1e-5)  # pooled by examples, it moved with the batch size
+
+    task, model, seqs, collate = _causal_lm_task("accuracy")
+    with torch.no_grad():
+        full = collate(seqs)
+        pred = model(input_ids=full["input_ids"], attention_mask=full["attention_mask"]).logits[:, :-1].argmax(-1)
+        y = full["labels"][:, 1:]
+        want_acc = float(((pred == y) & (y != -100)).sum() / (y != -100).sum())  # next-token accuracy
+    assert [evaluate(model, seqs, task, batch_size=b)[1] for b in (1, 5, 48)] == pytest.approx([want_acc] * 3)

@@ -74,6 +74,12 @@ def _norm_layers(model: nn.Module) -> str:
     return ", ".join(f"{k} x {v}" for k, v in counts.items()) or "no normalization layer"
 
 
+def shifts_labels(out: Any) -> bool:
+    """Whether the model compares position t's logits with label t+1 itself, as a Hugging Face
+    causal LM does (its output is a ``CausalLMOutput...``): the labels are the inputs, unshifted."""
+    return type(out).__name__.startswith("CausalLMOutput")
+
+
 def _shape_mismatch(name: str, logits: torch.Tensor, y: torch.Tensor) -> str:
     return (f"task {name!r}: the model's logits have shape {tuple(logits.shape)} (classes last), so the default loss "
             f"and accuracy need targets of shape {tuple(logits.shape[:-1])}, got {tuple(y.shape)}; fix the model's "
@@ -411,6 +417,23 @@ class Task:
             return self.loss(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         return self.loss(logits, y)
 
+    def loss_weight(self, out: Any, batch: Any, n: int) -> float:
+        """What one batch's mean loss averages over, so that batches of different lengths pool
+        exactly: the token targets that count (not -100; for a Hugging Face causal LM, the labels
+        after its shift) when the targets are per token (an integer tensor of 2 or more
+        dimensions) and the loss is the default or the model's own; else the ``n`` examples."""
+        if self.batch_loss is not None:
+            return float(n)  # the user's loss: what it averages over is not known
+        try:
+            y = self.targets_of(batch)
+        except TaskError:
+            return float(n)
+        if not isinstance(y, torch.Tensor) or y.dim() < 2 or y.is_floating_point():
+            return float(n)
+        if shifts_labels(out):
+            y = y[..., 1:]
+        return float((y != -100).sum())
+
     def metric_of(self, out: Any, batch: Any, n: int) -> tuple[float, float]:
         """The metric of one batch of ``n`` examples as ``(sum, weight)``, so that batches pool exactly.
 
@@ -422,6 +445,8 @@ class Task:
             return float(self.batch_metric(out, batch)) * n, float(n)
         logits, y = self.logits_of(out), self.targets_of(batch)
         if self.metric is accuracy:
+            if shifts_labels(out) and logits.dim() > 2:  # next-token accuracy, as the model's own loss shifts
+                logits, y = logits[:, :-1], y[:, 1:]
             pred = logits.argmax(dim=-1)
             if pred.shape != y.shape:  # broadcasting would compare every row with every label
                 raise TaskError(_shape_mismatch(self.name, logits, y))

@@ -109,7 +109,9 @@ def evaluate(
 
     Call as ``evaluate(model, source, task)`` with a :class:`~batchlab.data.sources.Source` (or
     a Dataset, wrapped with the task's collate function), or ``evaluate(model, x, y, task)`` with
-    in-memory tensors. For the metric "loss" the metric is the mean loss.
+    in-memory tensors. For the metric "loss" the metric is the mean loss. The mean is over what
+    the loss averages: examples, or the counted tokens of a token-level loss
+    (:meth:`~batchlab.tasks.Task.loss_weight`), so it does not depend on ``batch_size``.
 
     Args:
         batch_size: evaluation batch size.
@@ -130,7 +132,7 @@ def evaluate(
         device = ref.device if ref is not None else torch.device("cpu")
     was_training = model.training
     model.eval()
-    loss_sum = metric_sum = metric_w = 0.0
+    loss_sum = loss_w = metric_sum = metric_w = 0.0
     count = 0
     try:
         for batch in data.ordered(batch_size, limit):
@@ -139,7 +141,12 @@ def evaluate(
             with autocast or contextlib.nullcontext():
                 out = task.forward_batch(model, batch)
                 loss = task.loss_of(out, batch)
-            loss_sum += float(loss) * n
+            # weighted by what the batch's mean averages over (its tokens for a token-level loss),
+            # so the result does not depend on the evaluation batch size or padding
+            w = task.loss_weight(out, batch, n)
+            if w:
+                loss_sum += float(loss) * w
+                loss_w += w
             count += n
             s, w = task.metric_of(out, batch, n)
             metric_sum += s
@@ -148,7 +155,7 @@ def evaluate(
         model.train(was_training)
     if count == 0:
         raise TaskError(f"task {task.name!r}: nothing to evaluate (the data set is empty)")
-    mean_loss = loss_sum / count
+    mean_loss = loss_sum / loss_w if loss_w else math.nan
     if task.metric_name == "loss":
         return mean_loss, mean_loss
     return mean_loss, (metric_sum / metric_w if metric_w else math.nan)

@@ -205,6 +205,17 @@ class _Pairs(Dataset):
         return torch.full((self.dim,), float(i)), self.label
 
 
+class _LossOnly(nn.Module):
+    """A model that computes its loss itself and returns only that."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x).square().mean()
+
+
 def _factory_raises():
     raise RuntimeError("weights file missing")
 
@@ -220,6 +231,8 @@ def _factory_raises():
     (dict(model=lambda: nn.Sequential(nn.Linear(4, 2), nn.Unflatten(1, (1, 2)))),
      r"task 'bad': the model's logits have shape \(4, 1, 2\) \(classes last\), so the default loss and accuracy "
      r"need targets of shape \(4, 1\), got \(4,\)"),
+    (dict(model=lambda: _LossOnly()), r"task 'bad': the model returned a scalar \(.*\), not logits; if it is the loss, "
+     r"give loss=lambda out, batch: out"),
     (dict(val=_Pairs(dim=3)), r"task 'bad': the model rejected a validation batch \(\[tensor\(4, 3\) float32, tensor\(4,\) int64\]\): RuntimeError"),
 ])
 def test_bad_user_tasks_fail_before_training_naming_task_and_problem(kw, message):

@@ -150,6 +150,9 @@ def test_no_better_than_the_baseline_is_not_supported() -> None:
     assert "a larger --cost-budget (cost_budget=) lengthens them" in c.message, "says what the user can change"
     c = _confirm({8: (2.1, 0.05), 32: (2.0, 0.05)}, baseline=4.2, objective=LOSS)
     assert c.supported and c.best == 32
+    # the recommendation is the fastest of the tied: it is what must beat the baseline, not the best
+    c = _confirm({8: (0.283, 0.008), 16: (0.271, 0.037)}, baseline=0.25)
+    assert c.batch == 16 and c.best == 8 and not c.supported and "batch 16's validation accuracy 0.271" in c.message
 
 
 # ----------------------------------------------------------------------------- precise BN scoring

@@ -503,8 +503,9 @@ def confirm(s: SearchResult, m: Measurements, p: Prediction, objective: Objectiv
     eps = {c["batch_size"]: c["examples_per_sec"] for c in p.candidates}
     pick = max(tied, key=lambda b: (eps.get(b, 0.0) if math.isfinite(eps.get(b, math.nan)) else 0.0, b))
     separable = len(tied) == 1 and len(ok) > 1
-    margin = objective.gap(stats[best].mean, m.baseline)  # > 0: the best beats the baseline
-    noise = stats[best].se if math.isfinite(stats[best].se) else 0.0
+    # the recommendation itself (the fastest of the tied, not necessarily the best) must beat the baseline
+    margin = objective.gap(stats[pick].mean, m.baseline)  # > 0: it beats the baseline
+    noise = stats[pick].se if math.isfinite(stats[pick].se) else 0.0
     supported = margin > noise
     unit = "s" if objective.kind == "time" else " examples"
     if len(ok) == 1:
@@ -518,7 +519,7 @@ def confirm(s: SearchResult, m: Measurements, p: Prediction, objective: Objectiv
                f"error of the difference); the fastest of them, {pick}, is recommended")
     msg += "; " + ", ".join(f"batch {b}: {objective.metric} {stats[b].mean:.4g} +- {stats[b].se:.2g}" for b in ok)
     if not supported:
-        msg += (f". Recommendation not supported: the best validation {objective.metric} {stats[best].mean:.4g} does not "
+        msg += (f". Recommendation not supported: batch {pick}'s validation {objective.metric} {stats[pick].mean:.4g} does not "
                 f"beat the trivial baseline, {m.baseline_kind}, by more than its seed noise. The last rung's runs "
                 f"({last['budget']:.3g}{unit} each, cut to fit the cost bound) may be too short to learn; a larger "
                 "--cost-budget (cost_budget=) lengthens them")

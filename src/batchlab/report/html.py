@@ -122,14 +122,15 @@ def _slug(title: str, used: set[str]) -> str:
 
 
 def format_value(v: Any) -> str:
-    """How a table cell shows a value: 4 significant digits for floats, '—' for None."""
+    """How a table cell shows a value: 4 significant digits for floats, '—' for None and NaN
+    (no value: a rung not reached, a model without BN, a diverged run's loss beside its status)."""
     if v is None:
         return "—"
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
         if math.isnan(v):
-            return "nan"
+            return "—"
         if math.isinf(v):
             return "∞" if v > 0 else "−∞"
         if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
@@ -418,7 +419,9 @@ def load_results(run_dir: str | Path) -> tuple[list[tuple[str, dict[str, Any]]],
         raise FileNotFoundError(f"run_dir {str(root)!r} does not exist")
     if not root.is_dir():
         raise NotADirectoryError(f"run_dir {str(root)!r} is not a directory")
-    files = sorted(p for p in root.rglob("*.json") if p.is_file())
+    # hidden files are not results (batchlab's own .batchlab-command.json marks a folder's owner)
+    files = sorted(p for p in root.rglob("*.json")
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
     results, skipped = [], []
     for p in files:
         rel = p.relative_to(root).as_posix()

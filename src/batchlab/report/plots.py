@@ -43,9 +43,9 @@ AXIS_LABELS: dict[str, str] = {
     "epoch": "epoch (passes over the training set)",
     "val_acc": "validation accuracy (fraction correct)",
     "train_acc": "training accuracy (fraction correct)",
-    "val_loss": "validation loss (nats per example)",
-    "train_loss": "training loss (nats per example)",
-    "batch_loss": "mini-batch loss (nats per example)",
+    "val_loss": "validation loss (the task's loss, mean)",
+    "train_loss": "training loss (the task's loss, mean)",
+    "batch_loss": "mini-batch loss (the task's loss)",
     "lr": "learning rate",
     "batch_size": "batch size (examples)",
 }

@@ -80,7 +80,14 @@ def shifts_labels(out: Any) -> bool:
     return type(out).__name__.startswith("CausalLMOutput")
 
 
+def _scalar_output(name: str, out: torch.Tensor) -> str:
+    return (f"task {name!r}: the model returned a scalar ({float(out.detach()):.4g}), not logits; if it is the loss, "
+            "give loss=lambda out, batch: out, and a metric that does not need logits (metric='loss' or your own)")
+
+
 def _shape_mismatch(name: str, logits: torch.Tensor, y: torch.Tensor) -> str:
+    if logits.dim() == 0:
+        return _scalar_output(name, logits)
     return (f"task {name!r}: the model's logits have shape {tuple(logits.shape)} (classes last), so the default loss "
             f"and accuracy need targets of shape {tuple(logits.shape[:-1])}, got {tuple(y.shape)}; fix the model's "
             "output shape, or give loss= and metric=")
@@ -398,6 +405,8 @@ class Task:
         if not isinstance(logits, torch.Tensor):
             raise TaskError(f"task {self.name!r}: cannot find logits in a model output of type {type(out).__name__} "
                             "(expected a tensor, .logits, ['logits'] or a tuple of tensors)")
+        if logits.dim() == 0:
+            raise TaskError(_scalar_output(self.name, logits))
         return logits
 
     def loss_of(self, out: Any, batch: Any) -> torch.Tensor:

@@ -148,6 +148,17 @@ def test_task_from_trainer_and_suggest(tmp_path) -> None:
     assert type(model) is BertForSequenceClassification and model is not trainer.model
     assert model.config.hidden_size == 32 and task.optimizer == "adamw" and task.lr == 5e-4
     assert task.batch_size == MICRO * 2 and task.metric_name == "loss" and task.epochs == 30
+    # the optimizer as the Trainer builds it: its betas, and weight decay only where the Trainer decays
+    trainer.args.weight_decay, trainer.args.adam_beta2 = 0.05, 0.98
+    task = task_from_trainer(trainer)
+    opt = task.build_optimizer(model, 1e-3)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert type(opt) is torch.optim.AdamW and opt.param_groups[0]["betas"] == (0.9, 0.98)
+    assert {names[i] for i in decayed} == set(trainer.get_decay_parameter_names(model))
+    assert not any("LayerNorm" in names[i] or names[i].endswith("bias") for i in decayed)
+    trainer.args.weight_decay = 0.0
+    assert task_from_trainer(trainer).fingerprint() != task.fingerprint()  # other settings, other stored results
     batch = task.sample_batch(5)  # the "text" column is dropped before the Trainer's collator, as the Trainer does
     assert set(batch) == {"input_ids", "attention_mask", "labels"} and batch["input_ids"].shape[0] == 5
     s = suggest_for_trainer(trainer, quick=True, store=tmp_path / "store", apply=True)

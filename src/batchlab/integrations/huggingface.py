@@ -284,11 +284,38 @@ def _trainer_loss(out: Any, batch: Any) -> torch.Tensor:
     return loss
 
 
+class _TrainerOptimizer:
+    """``optimizer(model, lr)`` as the Trainer builds it (``Trainer.create_optimizer``): its optimizer
+    class and arguments (betas, eps, ...) from the training arguments, weight decay on the parameters
+    the Trainer decays (not biases and norm weights), no decay on the others."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+        self.args = copy.deepcopy(trainer.args)  # the settings when the task was made: the task stays what it was
+
+    def __call__(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        args = self.args
+        decay = set(self.trainer.get_decay_parameter_names(model))
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in params if n in decay], "weight_decay": float(args.weight_decay)},
+                  {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0}]
+        cls, kwargs = type(self.trainer).get_optimizer_cls_and_kwargs(args, model)
+        return cls([g for g in groups if g["params"]], **{**kwargs, "lr": lr})
+
+    def __repr__(self) -> str:  # what the results store keys the task by
+        a = self.args
+        return (f"TrainerOptimizer(optim={getattr(a.optim, 'value', a.optim)}, weight_decay={a.weight_decay}, "
+                f"betas=({a.adam_beta1}, {a.adam_beta2}), eps={a.adam_epsilon})")
+
+
 def task_from_trainer(trainer: Any, *, model_init: Any = None, name: str | None = None, metric: Any = "loss",
                       higher_is_better: bool | None = None) -> Task:
     """A :class:`batchlab.Task` from a ``transformers.Trainer``: a fresh model from the Trainer's
     model config (or ``model_init`` / the Trainer's own ``model_init``), its train and eval datasets,
-    data collator and training arguments (optimizer, learning rate, batch, epochs)."""
+    data collator and training arguments: the optimizer as the Trainer builds it (its class, betas,
+    eps, and weight decay on the parameters it decays), learning rate, batch and epochs. (The
+    Trainer's LR scheduler, warmup and gradient clipping are not applied to batchlab's trials, which
+    use a constant LR.)"""
     args = trainer.args
     if trainer.train_dataset is None:
         raise ValueError("suggest_for_trainer: the Trainer has no train_dataset")
@@ -314,9 +341,16 @@ def task_from_trainer(trainer: Any, *, model_init: Any = None, name: str | None 
         name=name or f"hf-{type(model).__name__}", model=factory, train=trainer.train_dataset, val=val,
         collate_fn=_ColumnCollator(trainer.data_collator, keep), loss=_trainer_loss, metric=metric,
         higher_is_better=higher_is_better,
-        optimizer=_OPTIMIZERS.get(optim, "adamw"), lr=float(args.learning_rate), batch_size=batch, epochs=epochs,
+        optimizer=_optimizer_of(trainer, optim), lr=float(args.learning_rate), batch_size=batch, epochs=epochs,
         num_workers=int(getattr(args, "dataloader_num_workers", 0) or 0),
     )
+
+
+def _optimizer_of(trainer: Any, optim: str) -> Any:
+    """The Trainer's own optimizer when its class can say how it builds it, else the closest name."""
+    if hasattr(type(trainer), "get_optimizer_cls_and_kwargs") and hasattr(trainer, "get_decay_parameter_names"):
+        return _TrainerOptimizer(trainer)
+    return _OPTIMIZERS.get(optim, "adamw")
 
 
 @dataclass

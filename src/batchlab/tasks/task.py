@@ -725,6 +725,8 @@ def _callable_id(fn: Any) -> str:
         return f"partial({_callable_id(fn.func)}, {args}, {kwargs})"
     target = fn if inspect.isfunction(fn) or inspect.isclass(fn) or inspect.ismethod(fn) else type(fn)
     name = f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(target).__name__)}"
+    if target is type(fn) and type(fn).__repr__ is not object.__repr__:
+        name += f"[{_short_repr(fn)}]"  # a callable object that says what it holds (settings are part of it)
     try:
         src = inspect.getsource(target)
     except (OSError, TypeError):

@@ -291,3 +291,18 @@ def test_throughput_on_dict_batches_leaves_the_rng() -> None:
     r = throughput(task, [4, 16], warmup=1, repeats=1, max_repeats=1)
     assert torch.equal(torch.random.get_rng_state(), before)
     assert r.status == ["ok", "ok"] and all(t > 0 for t in r.step_time) and r.examples_processed == 2 * 20
+
+
+def test_the_advice_co_scales_adams_hyperparameters_as_scale_hparams_does(toy_task) -> None:
+    import dataclasses
+
+    from batchlab.batchsize.suggest import _co_scaled
+
+    task = dataclasses.replace(toy_task, optimizer="adamw", lr=1e-3, batch_size=32)
+    h = _co_scaled(task, 128)
+    assert h["rule"] == "adam-halflife" and h["from"]["betas"] == (0.9, 0.999)
+    assert h["to"]["lr"] == pytest.approx(2e-3) and h["to"]["betas"][1] == pytest.approx(0.999**4)
+    own = dataclasses.replace(task, optimizer_fn=lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95)))
+    assert _co_scaled(own, 64)["to"]["betas"][1] == pytest.approx(0.95**2)  # the user's own betas, co-scaled
+    sgd = _co_scaled(dataclasses.replace(task, optimizer="momentum", lr=0.1), 64)
+    assert sgd["rule"] == "linear" and sgd["to"]["lr"] == pytest.approx(0.2) and "betas" not in sgd["to"]

@@ -55,7 +55,7 @@ from batchlab.batchsize.search import PRECISE_BN_BATCH, fit_trial, has_batchnorm
 from batchlab.batchsize.state import preserved_state
 from batchlab.batchsize.throughput import ThroughputResult, throughput
 from batchlab.tasks import Task, TaskError, get_task
-from batchlab.train import TrainConfig, default_lr_rule, evaluate, scale_lr
+from batchlab.train import TrainConfig, default_hparam_rule, default_lr_rule, evaluate, optimizer_hparams, scale_hparams, scale_lr
 
 SMALL_BATCH = 8  # a per-device batch at or below this with BatchNorm triggers the normalization check
 MIN_STEPS = 4  # a candidate is run at a rung only when the rung gives it at least this many steps
@@ -150,6 +150,7 @@ class Advice:
     critical: dict[str, Any] | None
     lines: list[str]
     examples: int = 0
+    hparams: dict[str, Any] | None = None  # the optimizer's lr/betas/eps co-scaled to the batch (scale_hparams)
 
 
 @dataclass
@@ -567,6 +568,12 @@ def advise(task: Task, c: Confirmation, s: SearchResult, m: Measurements, object
     sp = Split.of(b, m.micro_max)
     lr = scale_lr(task.lr, task.batch_size, b, rule)
     lines = [f"learning rate {lr:.4g}: the task's {task.lr:g} at batch {task.batch_size}, {rule} scaling"]
+    hparams = _co_scaled(task, b)
+    if hparams is not None and "betas" in hparams["from"] and hparams["to"]["betas"] != hparams["from"]["betas"]:
+        (_, b2), (_, b2n) = hparams["from"]["betas"], hparams["to"]["betas"]
+        lines.append(f"Adam's beta2 {b2n:.6g} for batch {b} (the task's {b2:g} at batch {task.batch_size}, "
+                     f"{hparams['rule']}: the same half-life in examples, Marek et al. 2025); the search's trials "
+                     f"kept {b2:g}")
     if sp.accumulation > 1:
         lines.append(f"batch {b} does not fit: {sp.accumulation} micro-batches of {sp.micro} (gradient accumulation)")
     mine = [t for t in s.trials if t["batch"] == b and t["rung"] == max(tt["rung"] for tt in s.trials if tt["batch"] == b)]
@@ -582,7 +589,20 @@ def advise(task: Task, c: Confirmation, s: SearchResult, m: Measurements, object
         lines.append(norm_advice["message"])
     crit, crit_examples, line = _critical(task, b, objective.budget_examples, max_batch, device, critical)
     lines.append(line)
-    return Advice(lr, sp.micro, sp.accumulation, health, norm_advice, crit, lines, examples + crit_examples)
+    return Advice(lr, sp.micro, sp.accumulation, health, norm_advice, crit, lines, examples + crit_examples, hparams)
+
+
+def _co_scaled(task: Task, batch: int) -> dict[str, Any] | None:
+    """The task's optimizer hyperparameters (lr, betas, eps, as its optimizer is built) co-scaled from
+    the task's batch to ``batch`` by the optimizer's default rule (:func:`scale_hparams`)."""
+    try:
+        opt = task.build_optimizer(task.make_model(), task.lr)
+    except Exception:  # noqa: BLE001 - advice only: without a model there is no optimizer to read
+        return None
+    base = optimizer_hparams(opt)
+    rule = default_hparam_rule(task.optimizer)
+    to = scale_hparams(task.optimizer, base, task.batch_size, batch, rule)
+    return {"rule": rule, "from_batch": task.batch_size, "to_batch": batch, "from": base, "to": to}
 
 
 def _norm_check(task: Task, b: int, sp: Split, lr: float, bn_trials: list[dict[str, Any]], objective: Objective,

@@ -225,3 +225,13 @@ def test_milestone_schedule_in_a_users_loop_asks_for_the_budget_by_name() -> Non
     s.step(600)
     hp = s.apply_to(opt, {"lr": 0.1}, total_examples=1000)  # past the milestone: batch 64, LR x 2 (linear)
     assert s.batch_at(600, 1000) == 64 and hp["lr"] == pytest.approx(0.2) == opt.param_groups[0]["lr"]
+
+
+def test_apply_to_scales_every_parameter_group_and_keeps_their_ratio() -> None:
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW([{"params": a.parameters()}, {"params": b.parameters(), "lr": 1e-4}], lr=1e-3)
+    s = BatchSizeSchedule(base=32, stages=((0, 128),))
+    hp = s.apply_to(opt, optimizer_hparams(opt))
+    assert hp["lr"] == pytest.approx(2e-3) and hp["betas"][1] == pytest.approx(0.999**4)  # sqrt(4) x, adam-halflife
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-3, 2e-4])  # the second group stays at a tenth
+    assert all(g["betas"][1] == pytest.approx(0.999**4) for g in opt.param_groups)

@@ -410,9 +410,11 @@ def _fit(
     if cfg.max_steps is None:
         total_examples = cfg.max_examples if cfg.max_examples is not None else max(1, round(cfg.epochs * n))
 
-    ctx = StepContext(task=task, config=cfg, model=model, optimizer=optimizer, accumulation=cfg.accumulation)
+    ctx = StepContext(task=task, config=cfg, model=model, optimizer=optimizer, accumulation=cfg.accumulation,
+                      batch_size=cfg.batch_size * cfg.accumulation)  # the step-0 record's batch, before any step
     est_steps = cfg.max_steps or math.ceil(total_examples / (cfg.batch_size * cfg.accumulation))
-    bar = tqdm(total=est_steps, desc=f"{task.name} B={cfg.batch_size}", unit="step", disable=not progress, leave=False)
+    label = f"B={cfg.batch_size}" if cfg.accumulation == 1 else f"B={cfg.batch_size}x{cfg.accumulation}"
+    bar = tqdm(total=est_steps, desc=f"{task.name} {label}", unit="step", disable=not progress, leave=False)
     loss_sum, loss_count = 0.0, 0
     train_time = 0.0
 

@@ -306,3 +306,39 @@ def test_the_advice_co_scales_adams_hyperparameters_as_scale_hparams_does(toy_ta
     assert _co_scaled(own, 64)["to"]["betas"][1] == pytest.approx(0.95**2)  # the user's own betas, co-scaled
     sgd = _co_scaled(dataclasses.replace(task, optimizer="momentum", lr=0.1), 64)
     assert sgd["rule"] == "linear" and sgd["to"]["lr"] == pytest.approx(0.2) and "betas" not in sgd["to"]
+
+
+class CurveRunner(FakeRunner):
+    """Metrics from ``curve(batch, examples)`` plus a little seed noise; trains nothing."""
+
+    def __init__(self, curve) -> None:  # type: ignore[no-untyped-def]
+        super().__init__()
+        self.curve = curve
+
+    def run(self, trials, store=None, *, kind="", progress=False, retry_failed=False):
+        out = []
+        for t in trials:
+            self.trials.append(t)
+            b = t.config.batch_size * t.config.accumulation
+            ex = t.config.max_examples
+            m = self.curve(b, ex) + 0.002 * (t.config.seed % 2)
+            out.append({"status": "ok", "metric": m, "examples": ex, "time": ex / b * 1e-3, "steps": ex // b})
+        return out
+
+
+def test_the_climb_recommends_a_faster_batch_tied_with_the_winner_and_stays_within_the_cost(tmp_path) -> None:
+    from batchlab.batchsize import suggest
+
+    # 32 looks poor on the short first rung and is dropped there, but ties 16 at the last rung's budget;
+    # 64 is clearly worse: the climb should go 16 -> 32 and stop at 64
+    def curve(b: int, ex: int) -> float:
+        return {16: 0.80, 32: 0.80 if ex > 700 else 0.60, 64: 0.55}.get(b, 0.70)
+
+    task = make_toy_task(n_train=2048)
+    s = suggest(task, runner=CurveRunner(curve), store=tmp_path / "a", **{**FAST, "high": 256})
+    last = next(r for r in reversed(s.search.rungs) if r["tested"])
+    assert 32 not in last["tested"] and 16 in last["tested"]  # the halving left 32 behind
+    assert last["climbed"] == [32, 64] and s.batch_size == 32 and s.confirm.tied == [16, 32]
+    assert any("climb: batch 32" in n and "so the faster 32 is recommended" in n for n in s.search.notes)
+    assert any("climb: batch 64" in n and "32 stays recommended" in n for n in s.search.notes)
+    assert s.total_examples <= s.cost_budget

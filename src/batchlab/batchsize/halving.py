@@ -61,12 +61,13 @@ class Rung:
 
 
 def plan_rungs(n_candidates: int, available: float, eta: int = 2, seeds_last: int = 2, seeds_early: int = 1,
-               per_trial_overhead: float = 0.0) -> list[tuple[int, float]]:
+               per_trial_overhead: float = 0.0, extra_last: int = 0) -> list[tuple[int, float]]:
     """``[(candidates, budget per trial)]`` per rung so that the search costs at most ``available``.
 
     Rung k holds ``ceil(n / eta^k)`` candidates at budget ``b0 * eta^k`` until two or fewer are left
     (the last rung); early rungs run ``seeds_early`` seeds, the last ``seeds_last``. Each trial also
-    costs ``per_trial_overhead`` (precise-BN passes). Returns [] when nothing fits.
+    costs ``per_trial_overhead`` (precise-BN passes). ``extra_last`` more trials at the last rung's
+    budget are paid for too (kept for a climb after the search). Returns [] when nothing fits.
     """
     if n_candidates < 1:
         return []
@@ -76,8 +77,8 @@ def plan_rungs(n_candidates: int, available: float, eta: int = 2, seeds_last: in
     if n_candidates == 1:
         counts = [1]
     seeds = [seeds_early] * (len(counts) - 1) + [seeds_last]
-    trials = sum(c * s for c, s in zip(counts, seeds))
-    weight = sum(c * s * eta**k for k, (c, s) in enumerate(zip(counts, seeds)))
+    trials = sum(c * s for c, s in zip(counts, seeds)) + extra_last
+    weight = sum(c * s * eta**k for k, (c, s) in enumerate(zip(counts, seeds))) + extra_last * eta ** (len(counts) - 1)
     b0 = (available - trials * per_trial_overhead) / weight
     if b0 <= 0:
         return []

@@ -383,18 +383,56 @@ def predict(task: Task, rng: BatchRange, m: Measurements, objective: Objective, 
 
 
 # ------------------------------------------------------------------------------------ stage 3
+def _examples_at(p: Prediction, objective: Objective, b: int, budget: float) -> int:
+    """Training examples a run of batch ``b`` gets at a rung's ``budget`` (examples, or seconds at b's speed)."""
+    if objective.kind != "time":
+        return int(budget)
+    eps = next(c["examples_per_sec"] for c in p.candidates if c["batch_size"] == b)
+    return int(budget * eps)
+
+
+def _rung_runner(task: Task, p: Prediction, m: Measurements, objective: Objective, *, device: str, store: Any,
+                 runner: Any, backend: Any, trial_fn: Any) -> Any:
+    """``run(batches, budget, seeds, rung) -> [RungTrial]``: short runs at a rung's budget, each batch at
+    the LR the optimizer's rule scales to it, split into micro-batches where memory needs it."""
+    rule = default_lr_rule(task.optimizer)
+    fn = trial_fn or fit_trial
+
+    def run(batches: list[int], budget: float, rung_seeds: list[int], k: int) -> list[RungTrial]:
+        cfgs, meta = [], []
+        for b in batches:
+            sp = Split.of(b, m.micro_max)
+            lr = scale_lr(task.lr, task.batch_size, b, rule)
+            for s in rung_seeds:
+                cfgs.append(TrainConfig(batch_size=sp.micro, accumulation=sp.accumulation, lr=lr,
+                                        optimizer=task.optimizer, max_examples=max(1, _examples_at(p, objective, b, budget)),
+                                        seed=s, device=device, eval_train=False))
+                meta.append((b, s, lr, sp.accumulation))
+        payloads = run_trials(task, cfgs, fn, store, kind="batchsize-halving", runner=runner, backend=backend)
+        out = []
+        for (b, s, lr, acc), c, d in zip(meta, cfgs, payloads):
+            extra = {k: d[k] for k in ("metric_stale", "bn_health", "error", "precise_bn_examples") if d.get(k) is not None}
+            out.append(RungTrial(batch=b, seed=s, rung=k, metric=float(d.get("metric", math.nan)),
+                                 status=str(d.get("status", "failed")), examples=int(d.get("examples", 0)),
+                                 seconds=float(d.get("time", 0.0)), steps=int(d.get("steps", 0)), lr=lr,
+                                 accumulation=acc, budget_examples=c.max_examples, extra=extra))
+        return out
+
+    return run
+
+
 def search(task: Task, p: Prediction, m: Measurements, objective: Objective, available: float, seeds: Sequence[int], *,
            device: str, store: Any, runner: Any, backend: Any, trial_fn: Any, eta: int = 2,
-           precise: bool = False) -> SearchResult:
+           precise: bool = False, climb_trials: int = 0) -> SearchResult:
     """Stage 3: successive halving over ``p.selected`` within ``available`` examples (``precise``:
-    each run is followed by a precise-BN pass over up to half as many examples, a third of the cost)."""
+    each run is followed by a precise-BN pass over up to half as many examples, a third of the cost;
+    ``climb_trials``: trials at the last rung's budget kept for :func:`climb`)."""
     cands = {c["batch_size"]: c for c in p.candidates}
     eps = {b: c["examples_per_sec"] for b, c in cands.items()}
-    rule = default_lr_rule(task.optimizer)
     time_mode = objective.kind == "time"
 
     def examples_at(b: int, budget: float) -> int:
-        return int(budget * eps[b]) if time_mode else int(budget)
+        return _examples_at(p, objective, b, budget)
 
     def testable(b: int, budget: float) -> bool:
         return examples_at(b, budget) >= MIN_STEPS * b
@@ -410,7 +448,8 @@ def search(task: Task, p: Prediction, m: Measurements, objective: Objective, ava
     for _ in range(4 * len(pool) + 4):
         selected = pool[:n]
         plan = plan_rungs(len(selected), available / 1.5 if precise else available, eta=eta, seeds_last=len(seeds),
-                          seeds_early=1, per_trial_overhead=PRECISE_BN_BATCH / 1.5 if precise else 0)
+                          seeds_early=1, per_trial_overhead=PRECISE_BN_BATCH / 1.5 if precise else 0,
+                          extra_last=climb_trials)
         if not plan:
             if n <= 2:
                 break
@@ -439,27 +478,8 @@ def search(task: Task, p: Prediction, m: Measurements, objective: Objective, ava
     else:
         budgets = [ex for _, ex in plan]
     trial_seeds = [[seeds[0]]] * (len(plan) - 1) + [list(seeds)]
-    fn = trial_fn or fit_trial
-
-    def run(batches: list[int], budget: float, rung_seeds: list[int], k: int) -> list[RungTrial]:
-        cfgs, meta = [], []
-        for b in batches:
-            sp = Split.of(b, m.micro_max)
-            lr = scale_lr(task.lr, task.batch_size, b, rule)
-            for s in rung_seeds:
-                cfgs.append(TrainConfig(batch_size=sp.micro, accumulation=sp.accumulation, lr=lr,
-                                        optimizer=task.optimizer, max_examples=max(1, examples_at(b, budget)), seed=s,
-                                        device=device, eval_train=False))
-                meta.append((b, s, lr, sp.accumulation))
-        payloads = run_trials(task, cfgs, fn, store, kind="batchsize-halving", runner=runner, backend=backend)
-        out = []
-        for (b, s, lr, acc), c, d in zip(meta, cfgs, payloads):
-            extra = {k: d[k] for k in ("metric_stale", "bn_health", "error", "precise_bn_examples") if d.get(k) is not None}
-            out.append(RungTrial(batch=b, seed=s, rung=k, metric=float(d.get("metric", math.nan)),
-                                 status=str(d.get("status", "failed")), examples=int(d.get("examples", 0)),
-                                 seconds=float(d.get("time", 0.0)), steps=int(d.get("steps", 0)), lr=lr,
-                                 accumulation=acc, budget_examples=c.max_examples, extra=extra))
-        return out
+    run = _rung_runner(task, p, m, objective, device=device, store=store, runner=runner, backend=backend,
+                       trial_fn=trial_fn)
 
     rungs, trials, survivors = successive_halving(sorted(selected, key=p.ranked.index), budgets, run, objective,
                                                   trial_seeds, testable=testable, eta=eta,
@@ -527,7 +547,60 @@ def confirm(s: SearchResult, m: Measurements, p: Prediction, objective: Objectiv
     return Confirmation(pick, best, sorted(tied), separable, supported, means, ses, last["budget"], msg)
 
 
-# ------------------------------------------------------------------------------------ stage 5
+def climb(task: Task, s: SearchResult, c: Confirmation, m: Measurements, p: Prediction, objective: Objective,
+          available: float, high: int, *, device: str, store: Any, runner: Any, backend: Any, trial_fn: Any,
+          precise: bool) -> Confirmation:
+    """Stage 4b: look for a faster batch tied with the recommendation. Successive halving leaves two
+    batches on its last rung, so a larger batch as good as the winner may never meet it there. While
+    ``available`` examples allow, the recommendation's double runs at the last rung's budget and
+    seeds (the same comparison as the rung's); when the two are not separable by the seed noise, the
+    double (the faster) is recommended and the climb goes on. At a budget shorter than the full run
+    the larger batch has taken fewer steps, so a tie there is conservative. Updates ``s`` (the last
+    rung's ``stats`` and ``climbed`` gain the batches; their trials and examples are the search's)
+    and returns the new confirmation."""
+    if c.batch is None or not s.rungs:
+        return c
+    run = _rung_runner(task, p, m, objective, device=device, store=store, runner=runner, backend=backend,
+                       trial_fn=trial_fn)
+    eps = {r["batch_size"]: r["examples_per_sec"] for r in p.candidates}
+    used = 0
+    while c.batch is not None:
+        last = next(r for r in reversed(s.rungs) if r["tested"])
+        up = c.batch * 2
+        if up > high or not math.isfinite(eps.get(up, math.nan)) or str(up) in last["stats"]:
+            break  # past the range, not measured, or already compared on the last rung
+        examples = _examples_at(p, objective, up, last["budget"])
+        if examples < MIN_STEPS * up:
+            s.notes.append(f"climb: batch {up} would get fewer than {MIN_STEPS} steps at the last rung's budget")
+            break
+        cost = len(last["seeds"]) * examples * (1.5 if precise else 1.0)
+        if used + cost > available:
+            s.notes.append(f"climb: no budget left to compare batch {up} with {c.batch} ({cost:.0f} examples needed, "
+                           f"{available - used:.0f} left)")
+            break
+        trials = run([up], last["budget"], list(last["seeds"]), int(last["index"]))
+        spent = sum(t.examples + int(t.extra.get("precise_bn_examples", 0)) for t in trials)
+        used += spent
+        st = SeedStats.of([t.metric if t.status == "ok" else math.nan for t in trials])
+        last.setdefault("climbed", []).append(up)  # compared on the last rung after the halving
+        last["stats"][str(up)] = {"mean": st.mean, "se": st.se, "n": st.n, "failed": st.failed,
+                                  "seconds": sum(t.seconds for t in trials) / max(1, len(trials))}
+        s.trials.extend(asdict(t) for t in trials)
+        s.survivors.append(up)
+        s.examples += spent
+        s.seconds += sum(t.seconds for t in trials)
+        prev = c.batch
+        c = confirm(s, m, p, objective)
+        s.notes.append(f"climb: batch {up} at the last rung's budget, seeds {last['seeds']}: {objective.metric} "
+                       f"{st.mean:.4g} +- {st.se:.2g}; "
+                       + (f"not separable from {prev}, so the faster {up} is recommended" if c.batch == up
+                          else f"{c.batch} stays recommended"))
+        if c.batch != up:
+            break
+    return c
+
+
+# ------------------------------------------------------------------------------------ stage 5# ------------------------------------------------------------------------------------ stage 5
 def _critical(task: Task, batch: int, budget: int, max_batch: int, device: str, enabled: bool) -> tuple[dict[str, Any] | None, int, str]:
     """The critical batch over training (issue 16, Merrill et al. 2025) at the recommendation, and a
     batch-size warmup following it when it is predicted to save steps. Returns (record, examples, line)."""
@@ -790,12 +863,15 @@ def _suggest(task: Task, rng: BatchRange, cap_note: str | None, seeds: list[int]
     # measuring the normalization alternatives at the last rung's budget
     reserve = NORM_RESERVE if bn and check_norms and min(p.selected) <= small_batch else 0.0
     left = max(0.0, cost - used)
-    s = search(task, p, m, obj, left * (1 - reserve), seeds, device=device, store=st, runner=runner, backend=backend,
-               trial_fn=trial_fn, eta=eta, precise=precise)
+    search_budget = left * (1 - reserve)
+    s = search(task, p, m, obj, search_budget, seeds, device=device, store=st, runner=runner, backend=backend,
+               trial_fn=trial_fn, eta=eta, precise=precise, climb_trials=len(seeds))
     if reserve:
         s.notes.append(f"{reserve:.0%} of the search budget was kept for the normalization check a small batch with "
                        "BatchNorm triggers")
     c = confirm(s, m, p, obj)
+    c = climb(task, s, c, m, p, obj, search_budget - s.examples, rng.high, device=device, store=st, runner=runner,
+              backend=backend, trial_fn=trial_fn, precise=precise)
     a = advise(task, c, s, m, obj, seeds, cost - used - s.examples, device=device, store=st, runner=runner,
                backend=backend, small_batch=small_batch, check_norms=check_norms, critical=critical, max_batch=rng.high)
     status = "failed" if c.batch is None else ("ok" if c.supported else "not supported")

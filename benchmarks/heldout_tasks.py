@@ -12,7 +12,10 @@ objective with the fastest of the tied batches):
   :func:`heldout_mnist1d_cnn`, :func:`heldout_resnet_wide`;
 - a second held-out batch, fixed after the method was final and before its grids ran: the built-in
   ``mnist1d-mlp`` and ``sequence-cls`` (budgets capped at 5 epochs by the benchmark's
-  ``--max-epochs 5``).
+  ``--max-epochs 5``);
+- the climb (``suggest.climb``, 2026-12-01) was developed on all ten of the above; its held-out
+  batch, fixed after it was committed and before their grids ran: :func:`heldout3_shapes32`,
+  :func:`heldout3_mnist1d_wide`, :func:`heldout3_synthetic`, :func:`heldout3_gpt`.
 
 First edition's held-out variants (kept for the record; its docs cite them): ``hard_sequence``,
 ``wide_mnist1d``, ``noisy_synthetic``.
@@ -78,6 +81,37 @@ def heldout_resnet_wide() -> Task:
     import cifar_resnet
 
     return cifar_resnet.make_task(n_train=512, n_val=256, width=12, seed=7, num_workers=0, epochs=3)
+
+
+# ---------------------------------------------------------------- second edition with the climb: held out
+# Fixed and committed on 2026-12-01 after the climb (suggest.climb) was committed and before any of
+# their grids ran. The climb was developed on the ten tasks above (all of them seen).
+def heldout3_shapes32() -> Task:
+    """shapes32-cnn (BatchNorm CNN on generated 32x32 RGB shapes), 1500 samples from another seed, 4 epochs."""
+    t = get_task("shapes32-cnn", n_samples=1500, seed=2)
+    t.epochs = 4.0
+    return t
+
+
+def heldout3_mnist1d_wide() -> Task:
+    """mnist1d-mlp, 6000 samples from another seed, hidden 200-200, 5 epochs."""
+    t = get_task("mnist1d-mlp", n_samples=6000, seed=13, hidden=(200, 200))
+    t.epochs = 5.0
+    return t
+
+
+def heldout3_synthetic() -> Task:
+    """synthetic-mlp, 6000 samples, 32 dimensions, noise 1.2, another seed, 5 epochs."""
+    t = get_task("synthetic-mlp", n_samples=6000, dim=32, noise=1.2, seed=21)
+    t.epochs = 5.0
+    return t
+
+
+def heldout3_gpt() -> Task:
+    """tests/byo nanoGPT-style character LM on another 16 000-character corpus, 1 epoch; validation loss."""
+    import char_gpt
+
+    return char_gpt.make_task(n_chars=16_000, seed=9, epochs=1)
 
 
 # ---------------------------------------------------------------- first edition's held-out variants

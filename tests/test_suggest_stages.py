@@ -191,13 +191,16 @@ class FakeRunner:
     def __init__(self) -> None:
         self.trials: list = []
 
+    def metric(self, b: int, ex: int, seed: int) -> float:
+        return 0.9 * (1 - math.exp(-ex / (40.0 * b ** 0.5))) + 0.001 * seed
+
     def run(self, trials, store=None, *, kind="", progress=False, retry_failed=False):
         out = []
         for t in trials:
             self.trials.append(t)
             b = t.config.batch_size * t.config.accumulation
             ex = t.config.max_examples
-            m = 0.9 * (1 - math.exp(-ex / (40.0 * b ** 0.5))) + 0.001 * t.config.seed
+            m = self.metric(b, ex, t.config.seed)
             out.append({"status": "ok", "metric": m, "examples": ex, "time": ex / b * 1e-3, "steps": ex // b})
         return out
 
@@ -315,15 +318,8 @@ class CurveRunner(FakeRunner):
         super().__init__()
         self.curve = curve
 
-    def run(self, trials, store=None, *, kind="", progress=False, retry_failed=False):
-        out = []
-        for t in trials:
-            self.trials.append(t)
-            b = t.config.batch_size * t.config.accumulation
-            ex = t.config.max_examples
-            m = self.curve(b, ex) + 0.002 * (t.config.seed % 2)
-            out.append({"status": "ok", "metric": m, "examples": ex, "time": ex / b * 1e-3, "steps": ex // b})
-        return out
+    def metric(self, b: int, ex: int, seed: int) -> float:
+        return self.curve(b, ex) + 0.002 * (seed % 2)
 
 
 def test_the_climb_recommends_a_faster_batch_tied_with_the_winner_and_stays_within_the_cost(tmp_path) -> None:

@@ -77,13 +77,13 @@ def digits_cnn(*, seed: int = 0, val_fraction: float = 0.2) -> Task:
     )
 
 
-@register_task("shapes32-cnn", "3-layer CNN (8/16/32 channels) on Shapes-32, generated 32x32 RGB shapes (n_samples=3000)")
-def shapes32_cnn(*, n_samples: int = 3000, seed: int = 0, val_fraction: float = 0.2) -> Task:
-    """Small CNN on Shapes-32 (10 classes of shapes with random colour, position, clutter and noise)."""
+def _shapes32(name: str, channels: tuple[int, ...], description: str, n_samples: int, seed: int,
+              val_fraction: float) -> Task:
+    """A CNN2d with ``channels`` (each block pooling by 2) on Shapes-32."""
     train, val = load_shapes32(n_samples, seed, val_fraction=val_fraction)
     return Task(
-        name="shapes32-cnn",
-        model_fn=functools.partial(CNN2d, 3, 10, (8, 16, 32), input_size=32),
+        name=name,
+        model_fn=functools.partial(CNN2d, 3, 10, channels, input_size=32),
         train_set=train,
         val_set=val,
         num_classes=10,
@@ -92,30 +92,23 @@ def shapes32_cnn(*, n_samples: int = 3000, seed: int = 0, val_fraction: float = 
         batch_size=128,
         epochs=20,
         norm="batch",
-        description="CNN on generated 32x32 RGB shapes",
+        description=description,
         info={"n_samples": n_samples, "seed": seed, "val_fraction": val_fraction},
     )
+
+
+@register_task("shapes32-cnn", "3-layer CNN (8/16/32 channels) on Shapes-32, generated 32x32 RGB shapes (n_samples=3000)")
+def shapes32_cnn(*, n_samples: int = 3000, seed: int = 0, val_fraction: float = 0.2) -> Task:
+    """Small CNN on Shapes-32 (10 classes of shapes with random colour, position, clutter and noise)."""
+    return _shapes32("shapes32-cnn", (8, 16, 32), "CNN on generated 32x32 RGB shapes", n_samples, seed, val_fraction)
 
 
 @register_task("shapes32-vgg", "VGG-style CNN, 5 blocks (8/16/32/64/64 channels) pooling to 1x1, on Shapes-32 (n_samples=3000)")
 def shapes32_vgg(*, n_samples: int = 3000, seed: int = 0, val_fraction: float = 0.2) -> Task:
     """Shapes-32 with a VGG-style CNN for CIFAR-sized images: five conv blocks, each pooling by 2, down to 1x1,
     so the last two norms see 4x4 and 2x2 maps of image-level features (shapes32-cnn's last norm sees 8x8)."""
-    train, val = load_shapes32(n_samples, seed, val_fraction=val_fraction)
-    return Task(
-        name="shapes32-vgg",
-        model_fn=functools.partial(CNN2d, 3, 10, (8, 16, 32, 64, 64), input_size=32),
-        train_set=train,
-        val_set=val,
-        num_classes=10,
-        optimizer="momentum",
-        lr=0.05,
-        batch_size=128,
-        epochs=20,
-        norm="batch",
-        description="VGG-style CNN (to 1x1) on generated 32x32 RGB shapes",
-        info={"n_samples": n_samples, "seed": seed, "val_fraction": val_fraction},
-    )
+    return _shapes32("shapes32-vgg", (8, 16, 32, 64, 64), "VGG-style CNN (to 1x1) on generated 32x32 RGB shapes",
+                     n_samples, seed, val_fraction)
 
 
 @register_task("mnist1d-mlp", "MLP 40-100-100-100-10 on MNIST-1D (generated, n_samples=4000)")

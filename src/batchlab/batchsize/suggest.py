@@ -23,9 +23,12 @@ Five stages, each a function returning a dataclass the report renders:
    recomputed), so stale statistics do not penalise few-step, large-batch runs.
 4. :func:`confirm`: on the last rung (all seeds), the candidates within one standard error of the
    difference from the best are tied; the fastest of them is recommended and the report says
-   whether the candidates were separable at all. If the best does not beat the trivial baseline by
-   more than its seed noise, the recommendation is marked not supported.
-5. :func:`advise`: LR by the optimizer's rule, micro-batch x accumulation when the batch does not
+   whether the candidates were separable at all. If the recommendation does not beat the trivial
+   baseline by more than its seed noise, it is marked not supported. Then :func:`climb`: the
+   recommendation's double, at the last rung's budget and seeds, replaces it while the two are not
+   separable (halving leaves two batches, so the fastest of the tied may never have been compared).
+5. :func:`advise`: LR by the optimizer's rule (and the optimizer's other hyperparameters co-scaled,
+   :func:`~batchlab.train.scale_hparams`), micro-batch x accumulation when the batch does not
    fit, ``bn_health`` of the recommendation's final model, and for a small per-device batch with
    BatchNorm the alternatives (GroupNorm, Ghost BN) measured at the last rung's budget, with
    advice only when that budget separates them from BatchNorm.
@@ -55,7 +58,15 @@ from batchlab.batchsize.search import PRECISE_BN_BATCH, fit_trial, has_batchnorm
 from batchlab.batchsize.state import preserved_state
 from batchlab.batchsize.throughput import ThroughputResult, throughput
 from batchlab.tasks import Task, TaskError, get_task
-from batchlab.train import TrainConfig, default_hparam_rule, default_lr_rule, evaluate, optimizer_hparams, scale_hparams, scale_lr
+from batchlab.train import (
+    TrainConfig,
+    default_hparam_rule,
+    default_lr_rule,
+    evaluate,
+    optimizer_hparams,
+    scale_hparams,
+    scale_lr,
+)
 
 SMALL_BATCH = 8  # a per-device batch at or below this with BatchNorm triggers the normalization check
 MIN_STEPS = 4  # a candidate is run at a rung only when the rung gives it at least this many steps

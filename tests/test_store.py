@@ -317,3 +317,14 @@ def test_two_concurrent_writers_lose_nothing(tmp_path):
     assert got_a == stored_shared == got_b  # both processes returned the winning row
     assert {p["writer"] for p in stored_shared.values()} <= {"A", "B"}
     assert store.integrity_check() == "ok"
+
+
+def test_a_new_path_without_a_suffix_is_a_folder(tmp_path) -> None:
+    s = Store(tmp_path / "runs")  # as docs/scale-out.md writes it
+    assert (tmp_path / "runs").is_dir() and s.path == (tmp_path / "runs" / "batchlab.db").resolve()
+    s.close()
+    assert Store(tmp_path / "runs").path == s.path  # an existing folder: the same file
+    f = Store(tmp_path / "other.db")
+    assert (tmp_path / "other.db").is_file() and f.path.name == "other.db"
+    (tmp_path / "plain").write_bytes(b"")  # an existing suffix-less file stays a file
+    assert Store(tmp_path / "plain").path == (tmp_path / "plain").resolve()

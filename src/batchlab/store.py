@@ -194,8 +194,9 @@ class Store:
     """A SQLite database of run results, safe to share between processes.
 
     Args:
-        path: the database file, or an existing directory (the file is then ``path/batchlab.db``).
-            Missing parent directories are created. ``":memory:"`` is refused: a store must be
+        path: the database file, or a directory (the file is then ``path/batchlab.db``): an
+            existing one, or a new path without a suffix (``Store("runs")`` makes ``runs/``; a
+            file needs a name like ``runs.db``). Missing parent directories are created. ``":memory:"`` is refused: a store must be
             shareable between processes.
         timeout: seconds a writer waits for another process' write lock before failing.
         readonly: open an existing store for reading only (writes raise :class:`StoreError`);
@@ -212,7 +213,7 @@ class Store:
         if not timeout > 0:
             raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
         p = Path(path)
-        if p.is_dir():
+        if p.is_dir() or (not p.exists() and not p.suffix and not readonly):
             p = p / DEFAULT_FILENAME
         self.path: Path = p.resolve()
         self.timeout = float(timeout)

@@ -175,8 +175,19 @@ class Seen(pl.Callback):
         self.sizes.append(batch[0].shape[0])
 
 
-def _tune(tmp_path: Path, tuner: BatchSizeTuner, n: int = 256, steps: int = 2, **kw):
-    module, dm, seen = Tiny(lr=0.1), TinyDM(n), Seen()
+class WarmupTiny(Tiny):
+    """configure_optimizers as Lightning users write it: a scheduler sized from the Trainer, a warmup
+    that starts the LR at a tenth."""
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+        total = self.trainer.estimated_stepping_batches
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, 0.1 + step / max(1, total)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _tune(tmp_path: Path, tuner: BatchSizeTuner, n: int = 256, steps: int = 2, module_cls: type = Tiny, **kw):
+    module, dm, seen = module_cls(lr=0.1), TinyDM(n), Seen()
     before = {k: v.clone() for k, v in module.state_dict().items()}
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                          enable_checkpointing=False, enable_model_summary=False, callbacks=[tuner, seen], **kw)
@@ -269,3 +280,18 @@ def test_tuner_suggest_mode_capped_by_max_batch_keeps_the_step_and_rescales_the_
     tuner = BatchSizeTuner("suggest", max_batch=24)  # 64 / 24 -> 3 micro-batches of 24 = 72 examples
     module, dm, seen, _, trainer = _tune(tmp_path, tuner, n=256, steps=1)
     assert tuner.result["accumulation"] == 3 and tuner.result["lr"] == pytest.approx(0.8 * 72 / 64)
+
+
+def test_the_tuner_takes_a_scheduler_built_from_the_trainer_and_its_configured_lr(tmp_path: Path, monkeypatch) -> None:
+    import batchlab.batchsize as bs
+
+    seen_lr = []
+
+    def fake_suggest(task, **kw):
+        seen_lr.append(task.lr)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(bs, "suggest", fake_suggest)
+    with pytest.raises(RuntimeError, match="stop here"):  # not "not attached to a Trainer"
+        _tune(tmp_path, BatchSizeTuner("suggest"), n=64, module_cls=WarmupTiny)
+    assert seen_lr == [pytest.approx(0.1)]  # the configured LR, not the warmup's first tenth of it

@@ -164,3 +164,34 @@ def test_backend_arguments_are_checked() -> None:
         RayBackend(cpus_per_trial=0)
     with pytest.raises(ValueError, match="gpus_per_trial must be >= 0"):
         RayBackend(gpus_per_trial=-1)
+
+
+def test_an_interrupted_sweep_stores_what_finished_and_says_a_rerun_resumes(tmp_path, monkeypatch) -> None:
+    """Ray Tune returns trials without metrics or error when it is interrupted: the finished ones are
+    stored and the message says what happened (it said "Ray trial ? crashed ...: None")."""
+    import json as _json
+    from types import SimpleNamespace
+
+    import batchlab.distributed.ray_backend as rb
+
+    def fit_results(todo):  # the first trial finished, the second was stopped
+        key0 = todo[0][0]
+        done = SimpleNamespace(error=None, config={"trial": 0},
+                               metrics={"key": key0, "payload_json": _json.dumps({"status": "ok", "value": 1})})
+        return [done, SimpleNamespace(error=None, config={"trial": 1}, metrics={})]
+
+    class Tuner:
+        def __init__(self, trainable, param_space, tune_config, run_config):  # type: ignore[no-untyped-def]
+            self.todo = trainable
+
+        def fit(self):  # type: ignore[no-untyped-def]
+            return fit_results(self.todo)
+
+    tune = SimpleNamespace(with_parameters=lambda f, items, **kw: items, with_resources=lambda t, r: t,
+                           Tuner=Tuner, grid_search=lambda xs: xs, TuneConfig=lambda **kw: None,
+                           RunConfig=lambda **kw: None)
+    monkeypatch.setattr(rb, "_import_ray", lambda: (SimpleNamespace(is_initialized=lambda: True), tune))
+    store = Store(tmp_path / "s.db")
+    with pytest.raises(RuntimeError, match=r"Ray Tune stopped before 1 of 2 trial\(s\) finished .* a rerun"):
+        RayBackend().map_trials(store, [("k0", 0), ("k1", 1)], fn=lambda a: {"status": "ok"})
+    assert store.get("k0") == {"status": "ok", "value": 1} and store.get("k1") is None

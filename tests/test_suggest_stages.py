@@ -181,6 +181,27 @@ def test_fit_trial_scores_batchnorm_after_precise_bn() -> None:
     assert "metric_stale" not in no_bn
 
 
+class _NoForward(torch.nn.Module):
+    """A BatchNorm model called through the task's forward only (Lightning's ``self.net`` style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                       torch.nn.Linear(16, 3))
+
+
+def test_the_bn_health_of_a_trial_goes_through_the_tasks_forward() -> None:
+    from batchlab import Task
+    from batchlab.batchsize.search import fit_trial
+    from batchlab.train import TrainConfig
+
+    toy = make_toy_task(n_train=128)
+    task = Task.from_torch(name="nofwd", model=_NoForward, train=toy.train_set, val=toy.val_set,
+                           forward=lambda m, b: m.net(b[0]), optimizer="momentum", lr=0.05, batch_size=16)
+    d = fit_trial(task, TrainConfig(batch_size=16, max_examples=64, seed=0, eval_train=False))
+    assert d["status"] == "ok" and d["bn_health"] is not None and "ok" in d["bn_health"]
+
+
 # ----------------------------------------------------------------------------- suggest end to end
 FAST = dict(budget_epochs=8, high=64, seeds=(0, 1), objective="epochs")
 

@@ -228,15 +228,12 @@ def precise_bn_on_task(model: nn.Module, task: Task, seed: int = 0, device: Any 
 
 
 def _bn_health_summary(model: nn.Module, task: Task, seed: int, device: Any) -> dict[str, Any] | None:
-    """:func:`batchlab.norm.bn_health` on one training batch, as plain data (None when the batch
-    is not a tensor input the check can feed)."""
+    """:func:`batchlab.norm.bn_health` on one training batch through the task's own forward rule
+    (a model without ``forward`` of its own, dict batches, several inputs), as plain data."""
     from batchlab.norm.health import bn_health
 
     batch = task.sample_batch(min(64, task.n_train), seed=seed, device=device)
-    x = task.inputs_of(batch)
-    if not isinstance(x, torch.Tensor):
-        return None
-    h = bn_health(model, x)
+    h = bn_health(model, batch, forward=task.forward_batch)
     return {"ok": h.ok, "problems": h.problems[:8], "output_gap": h.output_gap}
 
 

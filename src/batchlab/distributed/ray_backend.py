@@ -188,12 +188,24 @@ class RayBackend:
             )
             grid = tuner.fit()
             self.trials_launched += len(todo)
-            for res in grid:
-                if res.error is not None or not res.metrics or "payload_json" not in res.metrics:
+            crashed, unfinished = [], 0
+            for res in grid:  # every finished trial is stored before anything is raised
+                if res.error is None and res.metrics and "payload_json" in res.metrics:
+                    m = res.metrics
+                    store.put(m["key"], json.loads(m["payload_json"]), kind=kind,
+                              overwrite=retry_failed and not self.shared_store)
+                elif res.error is not None:
                     key = todo[res.config["trial"]][0] if res.config else "?"
-                    raise RuntimeError(f"Ray trial {key[:12]} crashed before reporting a result: {res.error!r}")
-                m = res.metrics
-                store.put(m["key"], json.loads(m["payload_json"]), kind=kind, overwrite=retry_failed and not self.shared_store)
+                    crashed.append(f"{key[:12]}: {res.error!r}")
+                else:
+                    unfinished += 1
+            if crashed:
+                raise RuntimeError(f"{len(crashed)} Ray trial(s) crashed before reporting a result (the finished ones "
+                                   f"are stored; a rerun resumes): {crashed[0]}")
+            if unfinished:
+                raise RuntimeError(f"Ray Tune stopped before {unfinished} of {len(todo)} trial(s) finished (interrupted, "
+                                   "or the cluster lost them); the finished ones are stored, and a rerun of the same "
+                                   "command runs only the rest")
         finally:
             if self.storage_path is None:
                 shutil.rmtree(storage, ignore_errors=True)

@@ -325,7 +325,14 @@ def task_from_lightning(trainer: pl.Trainer, pl_module: pl.LightningModule, *, b
 
     factory.__qualname__ = f"{type(pl_module).__qualname__}.copy"
     model = factory()
-    optimizer = _first_optimizer(model.configure_optimizers())
+    model._trainer = trainer  # configure_optimizers may read self.trainer (estimated_stepping_batches, ...)
+    try:
+        optimizer = _first_optimizer(model.configure_optimizers())
+    finally:
+        model._trainer = None
+    # a scheduler built in configure_optimizers may already have moved the LR (a warmup starts at a
+    # fraction of it); torch's schedulers keep the configured one as "initial_lr"
+    lr = float(optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"]))
     batch = int(lightning_getattr(pl_module, batch_arg_name)) if lightning_hasattr(pl_module, batch_arg_name) else 32
     # the optimizer's LR goes with the examples per optimizer step: the loader's batch times the
     # Trainer's gradient accumulation (as the Hugging Face integration counts it)
@@ -334,7 +341,7 @@ def task_from_lightning(trainer: pl.Trainer, pl_module: pl.LightningModule, *, b
         name=name or type(pl_module).__name__, model=factory, train=train_loader.dataset,
         val=(val_loader if val_loader is not None else train_loader).dataset, forward=_lightning_forward,
         loss=_lightning_loss, metric="loss", collate_fn=train_loader.collate_fn, optimizer=optimizer_name(optimizer) or "adamw",
-        lr=float(optimizer.param_groups[0]["lr"]), batch_size=max(1, batch),
+        lr=lr, batch_size=max(1, batch),
         epochs=float(trainer.max_epochs) if trainer.max_epochs and trainer.max_epochs > 0 else 1.0,
     )
     return task, model, optimizer
@@ -431,7 +438,9 @@ class BatchSizeTuner(pl.Callback):
             s = suggest(task, device=device, quick=self.quick, store=self.store, progress=False, **self.suggest_kwargs)
             if s.micro_batch is None or s.lr is None or not math.isfinite(s.lr):
                 raise RuntimeError(f"BatchSizeTuner: batchlab could not recommend a batch size (status {s.status!r}): "
-                                   + "; ".join(s.rationale))
+                                   + "; ".join(s.rationale) + f" (here the cost budget is set with BatchSizeTuner("
+                                   f"'suggest', suggest_kwargs={{'cost_budget': N}}), in examples; the default is "
+                                   f"one full training run, {task.epochs:g} epoch(s) of the Trainer)")
             batch, lr, accumulation = int(s.micro_batch), float(s.lr), int(s.accumulation)
             if self.max_batch is not None and batch > self.max_batch:
                 # a smaller loader batch, more accumulation: the step's examples (and so the LR) as

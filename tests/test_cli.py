@@ -59,6 +59,8 @@ def test_train_writes_json_and_report(tmp_path: Path, capsys):
         (["--batch-size", "-4"], "argument --batch-size: must be a positive integer, got '-4'"),
         (["--batch-size", "1.5"], "argument --batch-size: must be a positive integer, got '1.5'"),
         (["--batch-size", "5000"], "--batch-size 5000 is larger than the training set of digits-mlp (1438 examples)"),
+        (["--batch-size", "600", "--accumulation", "3"],
+         "--batch-size 600 x --accumulation 3 = 1800 is larger than the training set of digits-mlp (1438 examples)"),
         (["--optimizer", "rmsprop"], "argument --optimizer: invalid choice: 'rmsprop'"),
         (["--lr", "-1"], "argument --lr: must be a positive finite number, got '-1'"),
         (["--norm", "weird"], "--norm 'weird' is unknown; known:"),
@@ -98,6 +100,11 @@ def test_bn_health_reports_every_bn_layer(cli):
     assert all(0.0 <= layer["saturated_fraction"] <= 1.0 for layer in report["layers"])
 
 
+def test_bn_health_refuses_a_batch_larger_than_the_validation_set(cli):
+    r = cli("bn-health", "--task", "digits-mlp", "--batch-size", "100000")
+    assert r.returncode == 2 and "--batch-size 100000 is larger than the validation set of digits-mlp (359" in r.stderr
+
+
 def test_bn_health_bad_checkpoint_exits_2(cli, tmp_path: Path):
     r = cli("bn-health", "--task", "digits-mlp", "--checkpoint", str(tmp_path / "missing.pt"))
     assert r.returncode == 2 and "--checkpoint" in r.stderr and "is not a file" in r.stderr
@@ -131,6 +138,10 @@ def test_out_folders_are_never_taken_over_by_another_command_or_settings(tmp_pat
     r = run_cli("critical-batch", "--task", "digits-mlp", "--quick", "--out", str(done))
     assert r.returncode == 2 and "already holds critical_batch.json; it is never overwritten" in r.stderr, r.stderr
     assert (done / "critical_batch.json").read_text() == '{"measured": "earlier"}'
+    # a run refused on its arguments leaves no mark: the corrected command can use the folder
+    fresh = tmp_path / "cb2"
+    r = run_cli("critical-batch", "--task", "digits-mlp", "--quick", "--out", str(fresh), "--batch-size", "5000")
+    assert r.returncode == 2 and "batch_size" in r.stderr and not (fresh / ".batchlab-command.json").exists()
 
 
 def test_an_unknown_option_is_named_by_the_command_and_not_taken_as_an_abbreviation() -> None:

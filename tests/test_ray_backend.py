@@ -150,6 +150,8 @@ def test_backend_args() -> None:
     assert backend_from_args(p.parse_args([])) is None
     with pytest.raises(ValueError, match="--address needs --backend ray"):
         backend_from_args(p.parse_args(["--address", "auto"]))
+    with pytest.raises(ValueError, match="--cpus-per-trial needs --backend ray"):  # was ignored without a word
+        backend_from_args(p.parse_args(["--cpus-per-trial", "2"]))
     with pytest.raises(SystemExit):
         p.parse_args(["--cpus-per-trial", "0"])
     if HAS_RAY:

@@ -249,3 +249,18 @@ def test_no_one_example_batches(toy_task):
     sizes.clear()
     r = fit(toy_task, TrainConfig(batch_size=4, max_examples=9), callbacks=[Sizes()])
     assert r.status == "ok" and sizes == [4, 4] and r.examples == 8
+
+
+def test_evaluation_builds_no_autograd_graph_and_results_record_the_optimizer(toy_task):
+    from batchlab.train import evaluate
+
+    seen = []
+    model = toy_task.make_model()
+    model.register_forward_hook(lambda m, i, o: seen.append(torch.is_grad_enabled()))
+    evaluate(model, toy_task.val_source, toy_task)
+    assert seen and not any(seen)
+    r = fit(toy_task, TrainConfig(batch_size=32, max_steps=2, optimizer="adamw", lr=1e-3, weight_decay=0.05))
+    assert r.extra["optimizer_class"] == "AdamW"
+    (g,) = r.extra["param_groups"]
+    assert g["weight_decay"] == 0.05 and g["betas"] == [0.9, 0.999] and g["params"] == sum(
+        p.numel() for p in toy_task.make_model().parameters())

@@ -173,7 +173,7 @@ def cmd_critical_batch(args: argparse.Namespace) -> int:
     if out is not None:
         if (out / "critical_batch.json").exists():
             raise CliError(f"--out {out} already holds critical_batch.json; it is never overwritten: choose another folder")
-        claim_out(out, args)
+        claim_out(out, args, mark=False)  # marked when the results are written: a refused run leaves nothing
     n = train_size(task)  # None for an IterableDataset without a length: the budget must come in examples
     if args.budget is not None and args.budget_examples is not None:
         raise CliError(f"give --budget (epochs) or --budget-examples, not both; got --budget {args.budget} and "
@@ -199,6 +199,7 @@ def cmd_critical_batch(args: argparse.Namespace) -> int:
           f" ({r.rule} co-scaling)")
     print(f"examples processed: {r.examples_processed}; {r.wall_time:.1f} s")
     if out is not None:
+        claim_out(out, args)
         d = r.to_dict()
         d["schedule"] = schedule.state_dict()
         atomic_write(out / "critical_batch.json", _json(d))

@@ -118,12 +118,14 @@ _NOT_IDENTITY = {"func", "command", "quiet", "threads", "out", "markdown", "mark
                  "address", "cpus_per_trial", "gpus_per_trial"}
 
 
-def claim_out(out: Path, args: argparse.Namespace, keys: Sequence[str] | None = None) -> None:
+def claim_out(out: Path, args: argparse.Namespace, keys: Sequence[str] | None = None, *, mark: bool = True) -> None:
     """Refuse an ``--out`` folder that holds another command's results, or this command's for
     other settings (results are never overwritten), and mark the folder as this run's.
 
     ``keys``: the arguments that make a run's results what they are (None: every argument but
     those that only change how it runs); a rerun with the same ones resumes or refreshes.
+    ``mark=False``: only check (a command that writes its results at the end checks before its
+    long work and marks when it writes, so a run refused on its arguments leaves no mark).
     """
     from batchlab.fileio import atomic_write
 
@@ -151,7 +153,8 @@ def claim_out(out: Path, args: argparse.Namespace, keys: Sequence[str] | None = 
             raise CliError(f"--out {out} holds the results of `batchlab {args.command}` with other settings ({diff}); "
                            "results are never overwritten: choose another folder, or rerun with the same settings "
                            "to resume")
-    atomic_write(owner_path, json.dumps(mine, indent=1, sort_keys=True))
+    if mark:
+        atomic_write(owner_path, json.dumps(mine, indent=1, sort_keys=True))
 
 
 def _plain(v: Any) -> Any:
@@ -208,6 +211,8 @@ def config_from_args(args: argparse.Namespace, task: Any) -> Any:
 
     batch = args.batch_size or task.batch_size
     check_batch_fits(task, batch)
+    if args.accumulation > 1:
+        check_batch_fits(task, batch * args.accumulation, f"--batch-size {batch} x --accumulation {args.accumulation} =")
     budget: dict[str, Any] = {"epochs": args.epochs or task.epochs}
     if args.steps:
         budget = {"epochs": None, "max_steps": args.steps}

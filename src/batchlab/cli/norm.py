@@ -37,6 +37,13 @@ def cmd_bn_health(args: argparse.Namespace) -> int:
     from batchlab.norm import is_batchnorm
 
     task = load_task(args)
+    try:
+        n_val = len(task.val_source)
+    except TypeError:  # a validation stream of unknown length
+        n_val = None
+    if n_val is not None and args.batch_size > n_val:
+        raise CliError(f"--batch-size {args.batch_size} is larger than the validation set of {task.name} ({n_val} "
+                       "examples), which the checked batch is drawn from")
     torch.manual_seed(args.seed)
     try:
         model = task.make_model(norm=args.norm, activation=args.activation)
@@ -65,10 +72,7 @@ def cmd_bn_health(args: argparse.Namespace) -> int:
                      model=model, progress=not args.json)
         if not result.ok:
             print(f"note: training ended with status {result.status}: {result.error}")
-    try:
-        n = min(args.batch_size, len(task.val_source))
-    except TypeError:  # a validation stream of unknown length
-        n = args.batch_size
+    n = args.batch_size
     batch = task.sample_batch(n, seed=args.seed, split="val", device=next(iter(model.parameters())).device)
     report = bn_health(model, batch, forward=task.forward_batch)
     if args.json:

@@ -253,16 +253,18 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
                    help="with --backend ray: a running Ray cluster (auto, HOST:6379 or ray://HOST:10001); "
                    "default: start a local Ray")
-    p.add_argument("--cpus-per-trial", type=positive_float, default=1.0, help="with --backend ray: CPUs per trial")
-    p.add_argument("--gpus-per-trial", type=nonneg_float, default=0.0, help="with --backend ray: GPUs per trial")
+    p.add_argument("--cpus-per-trial", type=positive_float, default=None, help="with --backend ray: CPUs per trial (default 1)")
+    p.add_argument("--gpus-per-trial", type=nonneg_float, default=None, help="with --backend ray: GPUs per trial (default 0)")
 
 
 def backend_from_args(args: argparse.Namespace) -> RayBackend | None:
     """The backend chosen by :func:`add_backend_args` flags (None: in-process)."""
     if getattr(args, "backend", "local") != "ray":
-        for flag in ("address",):
+        for flag in ("address", "cpus_per_trial", "gpus_per_trial"):
             if getattr(args, flag, None) is not None:
-                raise ValueError(f"--{flag} needs --backend ray")
+                raise ValueError(f"--{flag.replace('_', '-')} needs --backend ray (trials run in this process otherwise)")
         return None
     _import_ray()  # a clear error now rather than after the first stored trial
-    return RayBackend(address=args.address, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial)
+    cpus = 1.0 if args.cpus_per_trial is None else args.cpus_per_trial
+    gpus = 0.0 if args.gpus_per_trial is None else args.gpus_per_trial
+    return RayBackend(address=args.address, cpus_per_trial=cpus, gpus_per_trial=gpus)

@@ -95,6 +95,23 @@ def _bn_buffers(model: nn.Module) -> list[torch.Tensor]:
     ]
 
 
+def _group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each parameter group's settings (lr, weight decay, betas, ...) and size, as plain data."""
+    out = []
+    for g in optimizer.param_groups:
+        row: dict[str, Any] = {"params": sum(p.numel() for p in g["params"])}
+        for k, v in g.items():
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                v = float(v)
+            if isinstance(v, tuple):
+                v = list(v)
+            if k != "params" and (v is None or isinstance(v, (bool, int, float, str)) or
+                                  (isinstance(v, list) and all(isinstance(x, (int, float)) for x in v))):
+                row[k] = v
+        out.append(row)
+    return out
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -373,6 +390,8 @@ def _fit(
                                      lbfgs_max_iter=cfg.lbfgs_max_iter)
     # batch_schedule: LR, Adam betas and eps co-scaled from cfg.batch_size to the step's batch, each
     # time from the base values (so the hyperparameters are a function of the batch alone)
+    result.extra["optimizer_class"] = type(optimizer).__name__
+    result.extra["param_groups"] = _group_settings(optimizer)  # what it trains with (a task's own optimizer too)
     base_hp = optimizer_hparams(optimizer)
     ratios = lr_ratios(optimizer)  # per-group LRs (a user's optimizer factory) keep their ratio to the first
     scale_rule = (cfg.batch_scale_rule or default_hparam_rule(opt_name)) if cfg.batch_schedule else None

@@ -34,12 +34,12 @@ import torch.nn.functional as F
 
 from batchlab.data.arrays import ArrayDataset
 from batchlab.data.sources import Source, batch_size_of, make_source, move_to_device
+from batchlab.tasks.optimizers import OPTIMIZERS, make_optimizer, optimizer_name, unwrap_optimizer
 
 __all__ = ["METRICS", "Task", "TaskError", "accuracy"]
 
 #: the metrics a task may name; anything else is a callable ``metric(out, batch) -> float``
 METRICS = ("accuracy", "loss")
-_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "lbfgs")  # = batchlab.train.config.OPTIMIZERS
 _TARGET_KEYS = ("labels", "label", "targets", "target", "y")
 
 
@@ -260,8 +260,8 @@ class Task:
         if callable(optimizer):
             optimizer_fn = _optimizer_factory(optimizer)
             optimizer = _optimizer_kind(where, optimizer_fn, model, float(lr))
-        elif optimizer not in _OPTIMIZERS:
-            raise ValueError(f"{where}: optimizer must be one of {', '.join(_OPTIMIZERS)} or a callable "
+        elif optimizer not in OPTIMIZERS:
+            raise ValueError(f"{where}: optimizer must be one of {', '.join(OPTIMIZERS)} or a callable "
                              f"optimizer(model, lr) -> torch.optim.Optimizer, got {optimizer!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"{where}: batch_size must be a positive integer, got {batch_size!r}")
@@ -284,8 +284,6 @@ class Task:
         """The optimizer a run trains ``model`` with: the task's own (``optimizer_fn``) when
         ``optimizer`` is None or the task's kind, else the named one over all parameters
         (``momentum``, ``weight_decay`` and ``lbfgs_max_iter`` apply to named optimizers only)."""
-        from batchlab.train.optim import make_optimizer
-
         name = optimizer or self.optimizer
         if self.optimizer_fn is not None and name == self.optimizer:
             if weight_decay:
@@ -696,8 +694,6 @@ def _optimizer_kind(where: str, factory: Callable[[nn.Module, float], Any], mode
                     lr: float) -> str:
     """Build the user's optimizer once on one model: it must be a torch optimizer of a kind whose
     scaling rules batchlab knows, and its first group must take the ``lr`` it is given."""
-    from batchlab.train.optim import optimizer_name, unwrap_optimizer
-
     try:
         opt = factory(model_fn(), lr)
     except Exception as e:  # noqa: BLE001 - the user's code: report what it raised, here, not mid-run

@@ -10,7 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "lbfgs")
+from batchlab.tasks.optimizers import OPTIMIZERS
+
 SCHEDULES = ("constant", "step", "cosine")
 STATUSES = ("ok", "diverged", "oom", "failed")
 LR_RULES = ("linear", "sqrt", "none")  # batch-size rules that scale the LR only (see optim.scale_hparams)

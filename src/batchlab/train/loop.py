@@ -58,7 +58,7 @@ class StepContext:
     step: int = 0  # optimizer steps completed
     examples: int = 0  # training examples consumed
     epoch: int = 0  # epochs started
-    batch_size: int = 0  # examples in the current step (all micro-batches)
+    batch_size: int = 0  # examples in the current step (all micro-batches); 0 before the first step
     micro_batch: int = 0  # index of the current micro-batch in the step
     micro_batch_size: int = 0  # examples in the current micro-batch
     accumulation: int = 1
@@ -429,8 +429,7 @@ def _fit(
     if cfg.max_steps is None:
         total_examples = cfg.max_examples if cfg.max_examples is not None else max(1, round(cfg.epochs * n))
 
-    ctx = StepContext(task=task, config=cfg, model=model, optimizer=optimizer, accumulation=cfg.accumulation,
-                      batch_size=cfg.batch_size * cfg.accumulation)  # the step-0 record's batch, before any step
+    ctx = StepContext(task=task, config=cfg, model=model, optimizer=optimizer, accumulation=cfg.accumulation)
     est_steps = cfg.max_steps or math.ceil(total_examples / (cfg.batch_size * cfg.accumulation))
     label = f"B={cfg.batch_size}" if cfg.accumulation == 1 else f"B={cfg.batch_size}x{cfg.accumulation}"
     bar = tqdm(total=est_steps, desc=f"{task.name} {label}", unit="step", disable=not progress, leave=False)

@@ -8,6 +8,7 @@ import math
 import re
 import sys
 from typing import Any
+from pathlib import Path
 
 from batchlab.argtypes import device
 from batchlab.cli.common import (
@@ -86,6 +87,9 @@ def cmd_suggest(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from e
     out = prepare_out(args.out)
     claim_out(out, args)
+    stored = _stored_results(out)
+    if stored:
+        print(f"resuming: {stored} stored result(s) in {out} are reused, not rerun")
     try:
         s = suggest(
             task, device=args.device, low=args.low, high=args.high, seeds=tuple(range(args.seeds)),
@@ -102,6 +106,19 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     print(f"examples processed: {s.total_examples} (bound {s.cost_budget}; {s.budget_examples} per full training run); "
           f"{s.wall_time:.1f} s")
     return 0 if s.status == "ok" else 1
+
+
+def _stored_results(out: Path) -> int:
+    """How many results the folder's store already holds (0 without one)."""
+    from batchlab.store import DEFAULT_FILENAME, Store
+
+    if not (out / DEFAULT_FILENAME).is_file():
+        return 0
+    st = Store(out, readonly=True)
+    try:
+        return len(st)
+    finally:
+        st.close()
 
 
 def cmd_find_max_batch(args: argparse.Namespace) -> int:

@@ -640,3 +640,20 @@ def test_convert_norm_swaps_a_transformers_layer_norms_for_rms_norms() -> None:
 
     with pytest.raises(ValueError, match=r"LayerNorm2d\): it has its own forward"):
         N.convert_norm(nn.Sequential(LayerNorm2d(4)), "rms", predicate=is_ln)
+
+
+def test_group_norm_for_features_without_positions_never_normalizes_single_values() -> None:
+    from batchlab.norm import convert_norm, create_norm
+
+    torch.manual_seed(0)
+    mlp = convert_norm(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)), "group")
+    assert mlp[1].num_groups == 2  # 4 channels per group (8 groups of one value each output a constant)
+    out = mlp(torch.randn(16, 4))
+    assert float(out.std(dim=0).min()) > 1e-3  # the output still depends on the input
+    assert create_norm("group", 100, dims=0).num_groups == 5 and create_norm("group", 32, dims=2).num_groups == 8
+    with pytest.raises(ValueError, match="normalizes single values"):
+        create_norm("group", 8, dims=0, num_groups=8)
+    one_each = create_norm("group", 8, dims=1, num_groups=8)  # a BatchNorm1d's place: fine on (N, C, L)
+    assert one_each(torch.randn(2, 8, 5)).shape == (2, 8, 5)
+    with pytest.raises(ValueError, match="one channel per group got a 2-D"):
+        one_each(torch.randn(3, 8))

@@ -14,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Tuple
 
+import torch
 import torch.nn as nn
 
 from batchlab.norm import layers as L
@@ -59,8 +60,28 @@ def _bn_family(kind: str, c1: type, c2: type, c3: type) -> Callable[..., nn.Modu
     return make
 
 
+def _refuse_single_values(module, args: Tuple[torch.Tensor]) -> None:  # noqa: ANN001, UP006 - TorchScript hook
+    if args[0].dim() == 2:
+        raise ValueError(
+            "a GroupNorm with one channel per group got a 2-D (N, C) input: each group holds one value, so it "
+            "would output a constant (its bias); use fewer groups (num_groups=) or 'layer' for (N, C) features"
+        )
+
+
 def _group(num_features: int, dims: int = 2, num_groups: int | None = None, **kw: Any) -> nn.Module:
     # Default: 8 groups, or the largest divisor of C below 8; an explicit num_groups must divide.
+    # For features without positions ((N, C) MLP features, dims 0; a BatchNorm1d's (N, C) or (N, C, L),
+    # dims 1) a group is normalized over its own channels alone, so groups get at least 4 channels where
+    # C allows (BatchNorm1d(8) -> 2 groups of 4, not 8 groups of one value each, whose output is constant).
+    if num_groups is None and dims <= 1:
+        num_groups = L.default_num_groups(num_features, max(1, min(8, num_features // 4)))
+    if num_groups is not None and num_groups == num_features and dims <= 1:
+        if dims == 0:
+            raise ValueError(f"GroupNorm with num_groups={num_groups} on {num_features} features without positions "
+                             "normalizes single values (a constant output); use fewer groups or 'layer'")
+        norm = L.GroupNorm(num_features, num_groups, **kw)
+        norm.register_forward_pre_hook(_refuse_single_values)  # (N, C, L) inputs are fine; (N, C) are not
+        return norm
     return L.GroupNorm(num_features, num_groups, **kw)
 
 

@@ -520,3 +520,48 @@ def test_weight_decay_is_the_optimizer_factorys_own():
     task = small_task("char_gpt", optimizer=torch.optim.AdamW, lr=1e-3)
     with pytest.raises(ValueError, match="sets its weight decay; got weight_decay=0.1"):
         fit(task, TrainConfig(batch_size=8, max_steps=2, seed=0, weight_decay=0.1))
+
+
+class _R2:
+    """A metric that is not a mean of per-batch values: R^2 over the whole validation set."""
+
+    name = "r2"
+
+    def reset(self) -> None:
+        self.y: list[torch.Tensor] = []
+        self.p: list[torch.Tensor] = []
+
+    def update(self, out, batch) -> None:  # type: ignore[no-untyped-def]
+        self.p.append(out.detach().flatten())
+        self.y.append(batch[1].flatten())
+
+    def compute(self) -> float:
+        y, p = torch.cat(self.y), torch.cat(self.p)
+        return float(1 - ((y - p) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+
+
+def test_a_metric_object_is_pooled_over_the_whole_validation_set():
+    from torch.utils.data import TensorDataset
+
+    from batchlab.train import evaluate
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=g)
+    y = x[:, 0] * 2 + 0.3 * torch.randn(200, generator=g)
+    val = TensorDataset(x[150:], y[150:])
+    task = Task.from_torch(name="reg", model=lambda: nn.Sequential(nn.Linear(5, 1), nn.Flatten(0)),
+                           train=TensorDataset(x[:150], y[:150]), val=val,
+                           loss=lambda out, b: F.mse_loss(out, b[1]), metric=_R2(), higher_is_better=True, lr=0.05)
+    assert task.metric_name == "r2"
+    torch.manual_seed(0)
+    model = task.make_model()
+    with torch.no_grad():
+        want = _R2()
+        want.reset()
+        want.update(model(x[150:]), (x[150:], y[150:]))
+    got = [evaluate(model, val, task, batch_size=b)[1] for b in (1, 4, 50)]
+    assert got == pytest.approx([want.compute()] * 3, abs=1e-6)  # a mean of per-batch R^2 moved with the batch
+    r = fit(task, TrainConfig(batch_size=4, epochs=3, seed=0))
+    assert r.ok and r.metric("val_metric") > 0.9
+    with pytest.raises(ValueError, match="a metric object needs higher_is_better"):
+        Task.from_torch(name="reg", model=lambda: nn.Linear(5, 1), train=val, val=val, metric=_R2())

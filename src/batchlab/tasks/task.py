@@ -74,6 +74,13 @@ def _norm_layers(model: nn.Module) -> str:
     return ", ".join(f"{k} x {v}" for k, v in counts.items()) or "no normalization layer"
 
 
+def is_pooled_metric(metric: Any) -> bool:
+    """A metric object pooled over the whole validation set: ``reset()``, ``update(out, batch)`` per
+    batch, ``compute() -> number`` at the end (R^2, mIoU, AUC: anything a mean of per-batch values
+    would get wrong). torchmetrics' objects have the same three methods, with ``update(preds, target)``."""
+    return all(callable(getattr(metric, k, None)) for k in ("reset", "update", "compute")) and not isinstance(metric, type)
+
+
 def shifts_labels(out: Any) -> bool:
     """Whether the model compares position t's logits with label t+1 itself, as a Hugging Face
     causal LM does (its output is a ``CausalLMOutput...``): the labels are the inputs, unshifted."""
@@ -195,8 +202,10 @@ class Task:
             loss: ``loss(out, batch) -> scalar tensor``; None: the loss the output carries
                 (``out.loss`` or ``out["loss"]``), else cross-entropy of the logits and targets.
             metric: "accuracy" (arg-max of the logits against the targets, ignoring -100),
-                "loss" (the validation loss, lower is better) or ``metric(out, batch) -> float``
-                (averaged over examples). Logits are the output itself, ``out.logits``,
+                "loss" (the validation loss, lower is better), ``metric(out, batch) -> float``
+                (a per-batch value averaged over examples: right for means of per-example values,
+                such as MAE), or an object with ``reset()``, ``update(out, batch)`` and
+                ``compute()`` pooled over the whole validation set (R^2, mIoU, AUC). Logits are the output itself, ``out.logits``,
                 ``out["logits"]`` or a tuple's first element; targets the batch's last element or
                 ``batch["labels"]``.
             higher_is_better: the metric's direction; inferred for the named metrics, required
@@ -241,6 +250,12 @@ class Task:
                 raise ValueError(f"{where}: metric {metric!r} is {'higher' if inferred else 'lower'} is better; "
                                  f"got higher_is_better={higher_is_better!r}")
             higher_is_better, metric_name, batch_metric = inferred, metric, None
+        elif is_pooled_metric(metric):
+            if not isinstance(higher_is_better, bool):
+                raise ValueError(f"{where}: a metric object needs higher_is_better=True or False, "
+                                 f"got {higher_is_better!r}")
+            metric_name = str(getattr(metric, "name", None) or type(metric).__name__)
+            batch_metric = metric
         elif callable(metric):
             if not isinstance(higher_is_better, bool):
                 raise ValueError(f"{where}: a callable metric needs higher_is_better=True or False, "
@@ -249,7 +264,8 @@ class Task:
             metric_name = "metric" if metric_name == "<lambda>" else metric_name
             batch_metric = metric
         else:
-            raise TypeError(f"{where}: metric must be 'accuracy', 'loss' or a callable, got {type(metric).__name__}")
+            raise TypeError(f"{where}: metric must be 'accuracy', 'loss', a callable(out, batch) or an object with "
+                            f"reset() / update(out, batch) / compute(), got {type(metric).__name__}")
         if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
             raise ValueError(f"{where}: num_workers must be an integer >= 0, got {num_workers!r}")
         if pin_memory is not None and not isinstance(pin_memory, bool):
@@ -446,8 +462,8 @@ class Task:
 
         For "loss" the caller pools the losses itself; this returns ``(0, 0)``.
         """
-        if self.metric_name == "loss":
-            return 0.0, 0.0
+        if self.metric_name == "loss" or is_pooled_metric(self.batch_metric):
+            return 0.0, 0.0  # the caller pools the losses itself; a pooled metric pools itself (evaluate)
         if self.batch_metric is not None:
             return float(self.batch_metric(out, batch)) * n, float(n)
         logits, y = self.logits_of(out), self.targets_of(batch)
@@ -539,7 +555,13 @@ class Task:
 
     def _metric_value(self, out: Any, batch: Any, n: int) -> float:
         if self.batch_metric is not None:
-            v = self.batch_metric(out, batch)
+            if is_pooled_metric(self.batch_metric):
+                m = copy.deepcopy(self.batch_metric)  # the check leaves the task's metric as it was
+                m.reset()
+                m.update(out, batch)
+                v = m.compute()
+            else:
+                v = self.batch_metric(out, batch)
             if isinstance(v, torch.Tensor) and v.numel() == 1:
                 v = v.item()
             if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from batchlab.data.arrays import ArrayDataset
 from batchlab.data.sources import ArraySource, LoaderSource, Source, batch_size_of, make_source, move_to_device
 from batchlab.tasks import Task, TaskError, get_task
+from batchlab.tasks.task import is_pooled_metric
 from batchlab.train.config import RunResult, TrainConfig
 from batchlab.train.oom import free_memory, is_oom
 from batchlab.train.optim import (
@@ -151,6 +152,9 @@ def evaluate(
     model.eval()
     loss_sum = loss_w = metric_sum = metric_w = 0.0
     count = 0
+    pooled = task.batch_metric if is_pooled_metric(task.batch_metric) else None
+    if pooled is not None:
+        pooled.reset()
     try:
         for batch in data.ordered(batch_size, limit):
             batch = move_to_device(batch, device)
@@ -165,9 +169,12 @@ def evaluate(
                 loss_sum += float(loss) * w
                 loss_w += w
             count += n
-            s, w = task.metric_of(out, batch, n)
-            metric_sum += s
-            metric_w += w
+            if pooled is not None:
+                pooled.update(out, batch)
+            else:
+                s, w = task.metric_of(out, batch, n)
+                metric_sum += s
+                metric_w += w
     finally:
         model.train(was_training)
     if count == 0:
@@ -175,6 +182,9 @@ def evaluate(
     mean_loss = loss_sum / loss_w if loss_w else math.nan
     if task.metric_name == "loss":
         return mean_loss, mean_loss
+    if pooled is not None:
+        v = pooled.compute()
+        return mean_loss, float(v.item() if isinstance(v, torch.Tensor) else v)
     return mean_loss, (metric_sum / metric_w if metric_w else math.nan)
 
 

@@ -565,3 +565,35 @@ def test_a_metric_object_is_pooled_over_the_whole_validation_set():
     assert r.ok and r.metric("val_metric") > 0.9
     with pytest.raises(ValueError, match="a metric object needs higher_is_better"):
         Task.from_torch(name="reg", model=lambda: nn.Linear(5, 1), train=val, val=val, metric=_R2())
+
+
+class _Seg(Dataset):
+    def __init__(self, void: bool = False) -> None:
+        self.void = void
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int):
+        y = torch.full((6, 6), -100) if self.void else torch.randint(0, 3, (6, 6))
+        return torch.randn(2, 6, 6), y
+
+
+def test_segmentation_outputs_get_a_message_that_says_what_to_give():
+    task = Task.from_torch(name="seg", model=lambda: nn.Conv2d(2, 3, 1), train=_Seg(), val=_Seg())
+    with pytest.raises(TaskError, match=r"classes in dimension 1, one score per position, .* give loss="):
+        fit(task, TrainConfig(batch_size=4, max_steps=1))
+
+
+def test_a_validation_set_of_ignored_targets_only_is_an_error_not_nan():
+    from batchlab.train import evaluate
+
+    task = Task.from_torch(name="void", model=lambda: nn.Sequential(nn.Conv2d(2, 3, 1), _ChannelsLast()),
+                           train=_Seg(), val=_Seg(void=True), metric="loss")
+    with pytest.raises(TaskError, match="every target in the 8 example"):
+        evaluate(task.make_model(), task.val_source, task)
+
+
+class _ChannelsLast(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1)

@@ -541,3 +541,12 @@ def test_bn_health_does_not_call_a_zero_initialized_residual_bn_dead() -> None:
     with torch.no_grad():  # a trained layer (large gammas) that lost channels: those are dead
         model[4].weight.copy_(torch.tensor([2e-4, -5e-4, 8e-4, 0.9]))
     assert N.bn_health(model, torch.randn(8, 3, 6, 6)).layers[1].dead_channels == [0, 1, 2]
+
+
+def test_bn_health_sees_through_torch_compile() -> None:
+    model = _cnn(N.BatchNorm2d)
+    model(torch.randn(8, 3, 5, 5) * 3 + 1)
+    eager = N.bn_health(model, torch.randn(8, 3, 5, 5))
+    compiled = N.bn_health(torch.compile(model, backend="eager"), torch.randn(8, 3, 5, 5))
+    assert compiled.graph_method == eager.graph_method and len(compiled.layers) == len(eager.layers) == 2
+    assert all(lh.train_eval_gap is not None for lh in compiled.layers)  # measured, not "-"

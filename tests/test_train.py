@@ -200,6 +200,7 @@ def test_callbacks_see_micro_batches_and_can_stop(toy_task):
 def test_bf16_autocast_trains(toy_task):
     r = fit(toy_task, TrainConfig(batch_size=32, epochs=2, amp=True))
     assert r.status == "ok" and r.final["val_acc"] > 0.8
+    assert r.config["amp_dtype"] is None and r.extra["amp_dtype"] == "bfloat16"  # the dtype used is recorded
 
 
 def test_skipped_fp16_step_rolls_back_bn_statistics(toy_task):

@@ -602,10 +602,14 @@ def climb(task: Task, s: SearchResult, c: Confirmation, m: Measurements, p: Pred
         s.seconds += sum(t.seconds for t in trials)
         prev = c.batch
         c = confirm(s, m, p, objective)
+        if c.batch != up:
+            outcome = f"{c.batch} stays recommended"
+        elif up in c.tied and prev in c.tied:
+            outcome = f"not separable from {prev}, so the faster {up} is recommended"
+        else:
+            outcome = f"better than {prev} by more than the seed noise, so {up} is recommended"
         s.notes.append(f"climb: batch {up} at the last rung's budget, seeds {last['seeds']}: {objective.metric} "
-                       f"{st.mean:.4g} +- {st.se:.2g}; "
-                       + (f"not separable from {prev}, so the faster {up} is recommended" if c.batch == up
-                          else f"{c.batch} stays recommended"))
+                       f"{st.mean:.4g} +- {st.se:.2g}; {outcome}")
         if c.batch != up:
             break
     return c

@@ -18,7 +18,8 @@ def register(sub: Any) -> None:
     p.add_argument("--checkpoint", help="state_dict file (torch.save) to load into the task's model")
     p.add_argument("--epochs", type=nonneg_float, default=1.0,
                    help="train this many epochs first when no checkpoint is given (0: the fresh model)")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="validation examples in the checked batch")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="validation examples in the checked batch (default 128, or the whole validation set if smaller)")
     p.add_argument("--norm", default=None, help="norm of the model (default: the task's)")
     p.add_argument("--activation", choices=("relu", "sigmoid", "tanh"), default="relu")
     p.add_argument("--seed", type=int, default=0)
@@ -41,6 +42,8 @@ def cmd_bn_health(args: argparse.Namespace) -> int:
         n_val = len(task.val_source)
     except TypeError:  # a validation stream of unknown length
         n_val = None
+    if args.batch_size is None:
+        args.batch_size = 128 if n_val is None else min(128, n_val)
     if n_val is not None and args.batch_size > n_val:
         raise CliError(f"--batch-size {args.batch_size} is larger than the validation set of {task.name} ({n_val} "
                        "examples), which the checked batch is drawn from")

@@ -154,6 +154,7 @@ def bn_health(model: nn.Module, batch: Any, thresholds: HealthThresholds | None 
         A :class:`BNHealth` (see the module docstring for each measure).
     """
     th = thresholds or HealthThresholds()
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: hooks see the eager module's layers
     if forward is None:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         if not isinstance(x, Tensor):

@@ -95,6 +95,11 @@ def _scalar_output(name: str, out: torch.Tensor) -> str:
 def _shape_mismatch(name: str, logits: torch.Tensor, y: torch.Tensor) -> str:
     if logits.dim() == 0:
         return _scalar_output(name, logits)
+    if logits.dim() == y.dim() + 1 >= 3 and logits.shape[0] == y.shape[0] and logits.shape[2:] == y.shape[1:]:
+        return (f"task {name!r}: the model's logits {tuple(logits.shape)} have the classes in dimension 1, one score "
+                f"per position, as a segmentation model's (N, C, H, W) against targets {tuple(y.shape)}; the default "
+                "loss and accuracy take classes last: give loss= (e.g. lambda out, b: F.cross_entropy(out, b[1], "
+                "ignore_index=255)) and metric= (a pixel accuracy, or an mIoU object with reset/update/compute)")
     return (f"task {name!r}: the model's logits have shape {tuple(logits.shape)} (classes last), so the default loss "
             f"and accuracy need targets of shape {tuple(logits.shape[:-1])}, got {tuple(y.shape)}; fix the model's "
             "output shape, or give loss= and metric=")

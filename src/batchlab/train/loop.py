@@ -179,6 +179,9 @@ def evaluate(
         model.train(was_training)
     if count == 0:
         raise TaskError(f"task {task.name!r}: nothing to evaluate (the data set is empty)")
+    if not loss_w:
+        raise TaskError(f"task {task.name!r}: nothing to evaluate: every target in the {count} example(s) is -100 "
+                        "(ignored), so the loss averages over nothing")
     mean_loss = loss_sum / loss_w if loss_w else math.nan
     if task.metric_name == "loss":
         return mean_loss, mean_loss
@@ -421,6 +424,8 @@ def _fit(
         cfg.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")
     ]
     autocast = torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=cfg.amp)
+    if cfg.amp:
+        result.extra["amp_dtype"] = str(amp_dtype).removeprefix("torch.")  # the dtype used (the config may say None)
     use_scaler = cfg.amp and amp_dtype == torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler) if use_scaler else None
     bn_buffers = _bn_buffers(model) if scaler is not None else []

@@ -242,20 +242,26 @@ def test_arguments_and_batch_size() -> None:
         default_batch_size("text")
 
 
-def test_tuner_counts_accumulation_in_the_batch_the_lr_goes_with(tmp_path: Path, monkeypatch) -> None:
+def _task_suggest_gets(tmp_path: Path, monkeypatch, **kw):  # type: ignore[no-untyped-def]
+    """The task BatchSizeTuner("suggest") hands to suggest (stopped there)."""
     import batchlab.batchsize as bs
 
-    # the module's LR was set for loader batch x accumulation examples per step: the task says so
-    seen_batch = []
+    seen = []
 
-    def fake_suggest(task, **kw):
-        seen_batch.append(task.batch_size)
+    def fake_suggest(task, **_):  # type: ignore[no-untyped-def]
+        seen.append(task)
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(bs, "suggest", fake_suggest)
     with pytest.raises(RuntimeError, match="stop here"):
-        _tune(tmp_path, BatchSizeTuner("suggest"), n=64, accumulate_grad_batches=4)
-    assert seen_batch == [16]  # TinyDM's batch 4 x 4
+        _tune(tmp_path, BatchSizeTuner("suggest"), n=64, **kw)
+    return seen[0]
+
+
+def test_tuner_counts_accumulation_in_the_batch_the_lr_goes_with(tmp_path: Path, monkeypatch) -> None:
+    # the module's LR was set for loader batch x accumulation examples per step: the task says so
+    assert _task_suggest_gets(tmp_path, monkeypatch, accumulate_grad_batches=4).batch_size == 16  # TinyDM's 4 x 4
+    monkeypatch.undo()
     # memory mode: with accumulation 2 a loader batch may take at most half the training set
     free = BatchSizeTuner(memory_limit=2**40)
     _tune(tmp_path, free, n=100, accumulate_grad_batches=2)
@@ -283,15 +289,5 @@ def test_tuner_suggest_mode_capped_by_max_batch_keeps_the_step_and_rescales_the_
 
 
 def test_the_tuner_takes_a_scheduler_built_from_the_trainer_and_its_configured_lr(tmp_path: Path, monkeypatch) -> None:
-    import batchlab.batchsize as bs
-
-    seen_lr = []
-
-    def fake_suggest(task, **kw):
-        seen_lr.append(task.lr)
-        raise RuntimeError("stop here")
-
-    monkeypatch.setattr(bs, "suggest", fake_suggest)
-    with pytest.raises(RuntimeError, match="stop here"):  # not "not attached to a Trainer"
-        _tune(tmp_path, BatchSizeTuner("suggest"), n=64, module_cls=WarmupTiny)
-    assert seen_lr == [pytest.approx(0.1)]  # the configured LR, not the warmup's first tenth of it
+    task = _task_suggest_gets(tmp_path, monkeypatch, module_cls=WarmupTiny)  # not "not attached to a Trainer"
+    assert task.lr == pytest.approx(0.1)  # the configured LR, not the warmup's first tenth of it

@@ -285,3 +285,14 @@ def test_cifar_bad_batches(tmp_path: Path) -> None:
     p.write_bytes(b"garbage")
     with pytest.raises(ValueError, match=r"b: cannot unpickle CIFAR-10 batch"):
         read_cifar_batch(p)
+
+
+def test_a_dict_batch_counts_its_examples_by_its_targets_not_its_first_tensor() -> None:
+    from batchlab.data.sources import batch_size_of
+
+    rec = {"indices": torch.arange(123), "offsets": torch.arange(5), "dense": torch.zeros(5, 3)}
+    assert batch_size_of({**rec, "labels": torch.zeros(5)}) == 5  # a recommender's flat index list first
+    assert batch_size_of(rec) == 5  # no targets: the size most tensors share
+    assert batch_size_of({"input_ids": torch.zeros(4, 7), "attention_mask": torch.zeros(4, 7)}) == 4
+    with pytest.raises(TypeError, match="a collate_fn must return tensors"):
+        batch_size_of({"x": [1, 2, 3]})

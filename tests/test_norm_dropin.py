@@ -629,8 +629,9 @@ def test_convert_norm_swaps_a_transformers_layer_norms_for_rms_norms() -> None:
     is_ln = lambda m: isinstance(m, nn.LayerNorm)  # noqa: E731
     N.convert_norm(block, "rms", predicate=is_ln)
     assert isinstance(block.ln1, N.RMSNorm) and torch.equal(block.ln1.weight, gamma) and block.ln2.weight is None
-    h = nn.functional.rms_norm(x, (8,), gamma)
-    torch.testing.assert_close(block(x), nn.functional.rms_norm(block.fc(h), (8,)))
+    assert block.ln1.eps == block.ln2.eps == 1e-5  # the LayerNorms' eps, inherited
+    h = nn.functional.rms_norm(x, (8,), gamma, eps=1e-5)
+    torch.testing.assert_close(block(x), nn.functional.rms_norm(block.fc(h), (8,), eps=1e-5))
     with pytest.raises(ValueError, match=r"cannot convert ln1 \(LayerNorm\) to 'group': it normalizes the last dimension"):
         N.convert_norm(Block(), "group", predicate=is_ln)
 
@@ -657,3 +658,19 @@ def test_group_norm_for_features_without_positions_never_normalizes_single_value
     assert one_each(torch.randn(2, 8, 5)).shape == (2, 8, 5)
     with pytest.raises(ValueError, match="one channel per group got a 2-D"):
         one_each(torch.randn(3, 8))
+
+
+def test_layer_norms_inside_torchs_transformer_layers_are_not_converted_to_another_kind() -> None:
+    from batchlab.norm import convert_norm
+
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2)
+    model = nn.Sequential(nn.LayerNorm(16), enc, nn.LayerNorm(16))
+    with pytest.raises(ValueError, match=r"1\.layers\.0\.norm1 .* fused inference path, .*nothing was converted"):
+        convert_norm(model, "rms", predicate=lambda m: isinstance(m, nn.LayerNorm))
+    assert type(model[0]) is nn.LayerNorm  # refused before anything was replaced
+    convert_norm(model, "layer", predicate=lambda m: isinstance(m, nn.LayerNorm))  # a LayerNorm is fine there
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, 5, 16)).shape == (2, 5, 16)
+    mlp = convert_norm(nn.Sequential(nn.Linear(4, 16), nn.LayerNorm(16, eps=1e-6)), "rms",
+                       predicate=lambda m: isinstance(m, nn.LayerNorm))
+    assert mlp[1].eps == 1e-6  # rms inherits eps

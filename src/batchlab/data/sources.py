@@ -70,11 +70,26 @@ def _first_tensor(batch: Any) -> torch.Tensor | None:
     return None
 
 
+#: the keys a mapping batch holds its targets under (the first one present is used)
+TARGET_KEYS = ("labels", "label", "targets", "target", "y")
+
+
 def batch_size_of(batch: Any) -> int:
-    """Examples in ``batch``: the first dimension of its first tensor (mappings in insertion order)."""
+    """Examples in ``batch``: the first dimension of its first tensor; for a mapping, of its targets
+    (``TARGET_KEYS``) when it has them, else the first dimension most of its tensors share (a
+    recommender's flat index list or offsets must not count as examples)."""
+    if isinstance(batch, Mapping):
+        for k in TARGET_KEYS:
+            t = _first_tensor(batch.get(k))
+            if t is not None:
+                return int(t.shape[0])
+        sizes = [int(t.shape[0]) for t in (_first_tensor(v) for v in batch.values()) if t is not None]
+        if sizes:
+            return max(dict.fromkeys(sizes), key=sizes.count)  # the most common; ties: the first seen
     t = _first_tensor(batch)
     if t is None:
-        raise TypeError(f"cannot tell the number of examples of a batch of type {type(batch).__name__}: it holds no tensor")
+        raise TypeError(f"cannot tell the number of examples of a batch of type {type(batch).__name__}: it holds no "
+                        "tensor (a collate_fn must return tensors, e.g. torch.stack or torch.tensor of the lists)")
     return int(t.shape[0])
 
 

@@ -156,7 +156,27 @@ def convert_norm(
                              f"which only 'layer' and 'rms' do (got {type(new).__name__})")
         return new
 
+    _refuse_in_torch_transformer_layers(model, pred, to, _for_last_dim_norm)  # before anything is replaced
     return replace_modules(model, pred, make)
+
+
+def _refuse_in_torch_transformer_layers(model: nn.Module, pred: Callable[[nn.Module], bool], to: NormSpec,
+                                        build: Callable[[str, nn.Module], nn.Module]) -> None:
+    """torch's TransformerEncoderLayer / DecoderLayer compute LayerNorm from their norms' weight and
+    bias themselves on the fused inference path: a norm of another kind there would not be what runs."""
+    for parent_name, parent in model.named_modules():
+        if not isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+            continue
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.LayerNorm) and pred(child):
+                name = f"{parent_name}.{child_name}" if parent_name else child_name
+                new = build(name, child)
+                if not isinstance(new, nn.LayerNorm):
+                    raise ValueError(
+                        f"cannot convert {name} (LayerNorm) to {to!r}: torch's {type(parent).__name__} computes "
+                        "LayerNorm from its norms' weight and bias itself on its fused inference path, so another "
+                        "norm there would not be what runs; leave those norms out (predicate=) or write the block "
+                        "with the norm you want (nothing was converted)")
 
 
 def freeze_bn(model: nn.Module, eps: float | None = None) -> nn.Module:

@@ -144,7 +144,7 @@ _REGISTRY: dict[str, NormEntry] = {
     "group_act": NormEntry(_group_act, ("eps", "affine", "bias")),
     "layer": NormEntry(_layer, ("eps", "affine")),
     "layer_act": NormEntry(_layer_act, ("eps", "affine")),
-    "rms": NormEntry(_rms, ("affine",)),
+    "rms": NormEntry(_rms, ("eps", "affine")),
     "instance": NormEntry(_instance, ("eps", "affine", "bias")),
     "none": NormEntry(_none, ()),
     "renorm": NormEntry(_bn_family("renorm", L.BatchRenorm1d, L.BatchRenorm2d, L.BatchRenorm3d), ("eps", "affine", "momentum", "bias")),

@@ -33,14 +33,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from batchlab.data.arrays import ArrayDataset
-from batchlab.data.sources import Source, batch_size_of, make_source, move_to_device
+from batchlab.data.sources import TARGET_KEYS, Source, batch_size_of, make_source, move_to_device
 from batchlab.tasks.optimizers import OPTIMIZERS, make_optimizer, optimizer_name, unwrap_optimizer
 
 __all__ = ["METRICS", "Task", "TaskError", "accuracy"]
 
 #: the metrics a task may name; anything else is a callable ``metric(out, batch) -> float``
 METRICS = ("accuracy", "loss")
-_TARGET_KEYS = ("labels", "label", "targets", "target", "y")
 
 
 class TaskError(ValueError):
@@ -402,7 +401,7 @@ class Task:
     def targets_of(self, batch: Any) -> torch.Tensor:
         """The targets in ``batch``: a pair's last element or ``batch["labels"]``."""
         if isinstance(batch, Mapping):
-            for k in _TARGET_KEYS:
+            for k in TARGET_KEYS:
                 if k in batch:
                     return batch[k]
             raise TaskError(f"task {self.name!r}: a mapping batch needs a 'labels' entry for the default loss and "

@@ -597,3 +597,41 @@ def test_a_validation_set_of_ignored_targets_only_is_an_error_not_nan():
 class _ChannelsLast(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.permute(0, 2, 3, 1)
+
+
+def test_the_optimizer_factory_gets_the_users_module_inside_wrappers():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone, self.head = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    class Wrapper(nn.Module):  # DistributedDataParallel, DataParallel, batchlab's rank shard
+        def __init__(self, module: nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+    def groups(model, lr):  # reads the user's attributes, as nanoGPT's configure_optimizers does
+        return torch.optim.SGD([{"params": model.head.parameters()},
+                                {"params": model.backbone.parameters(), "lr": lr / 10}], lr=lr)
+
+    task = Task.from_torch(name="wrapped", model=Net, train=_Pairs(), val=_Pairs(), optimizer=groups, lr=0.1)
+    net = Net()
+    opt = task.build_optimizer(Wrapper(Wrapper(net)), 0.1)
+    assert [g["lr"] for g in opt.param_groups] == [0.1, pytest.approx(0.01)]
+    assert opt.param_groups[0]["params"][0] is net.head.weight
+
+
+def test_a_metric_object_without_reset_is_refused_not_taken_as_a_callable():
+    class NoReset:
+        def update(self, out, batch) -> None:  # type: ignore[no-untyped-def]
+            pass
+
+        def compute(self) -> float:
+            return 0.5
+
+        def __call__(self, out, batch) -> float:  # type: ignore[no-untyped-def]
+            return 0.5
+
+    with pytest.raises(TypeError, match="has no reset"):
+        Task.from_torch(name="m", model=lambda: nn.Linear(4, 2), train=_Pairs(), val=_Pairs(), metric=NoReset(),
+                        higher_is_better=True)

@@ -235,3 +235,15 @@ def test_apply_to_scales_every_parameter_group_and_keeps_their_ratio() -> None:
     assert hp["lr"] == pytest.approx(2e-3) and hp["betas"][1] == pytest.approx(0.999**4)  # sqrt(4) x, adam-halflife
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-3, 2e-4])  # the second group stays at a tenth
     assert all(g["betas"][1] == pytest.approx(0.999**4) for g in opt.param_groups)
+
+
+def test_apply_to_takes_the_group_ratios_when_the_first_lr_is_zero() -> None:
+    from batchlab.train.optim import lr_ratios
+
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD([{"params": a.parameters()}, {"params": b.parameters(), "lr": 0.01}], lr=0.1)
+    ratios = lr_ratios(opt)
+    for g in opt.param_groups:
+        g["lr"] = 0.0  # a warmup from 0
+    BatchSizeSchedule(base=32, stages=((0, 64),)).apply_to(opt, {"lr": 0.1}, ratios=ratios)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.2, 0.02])

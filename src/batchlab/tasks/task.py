@@ -254,6 +254,10 @@ class Task:
                 raise ValueError(f"{where}: metric {metric!r} is {'higher' if inferred else 'lower'} is better; "
                                  f"got higher_is_better={higher_is_better!r}")
             higher_is_better, metric_name, batch_metric = inferred, metric, None
+        elif not isinstance(metric, str) and callable(getattr(metric, "update", None)) and \
+                callable(getattr(metric, "compute", None)) and not is_pooled_metric(metric):
+            raise TypeError(f"{where}: a metric object needs reset(), update(out, batch) and compute(); "
+                            f"{type(metric).__name__} has no reset()")
         elif is_pooled_metric(metric):
             if not isinstance(higher_is_better, bool):
                 raise ValueError(f"{where}: a metric object needs higher_is_better=True or False, "
@@ -309,7 +313,7 @@ class Task:
             if weight_decay:
                 raise ValueError(f"task {self.name!r} builds its own optimizer, which sets its weight decay; "
                                  f"got weight_decay={weight_decay!r} (allowed: 0, or name an optimizer)")
-            return self.optimizer_fn(model, lr)
+            return self.optimizer_fn(_unwrapped(model), lr)  # the user's module, as their factory expects
         return make_optimizer(name, model.parameters(), lr, momentum=momentum, weight_decay=weight_decay,
                               lbfgs_max_iter=lbfgs_max_iter)
 
@@ -701,6 +705,21 @@ def _data_digest(source: Source, k: int = 16) -> dict[str, Any]:
         random.setstate(py_state)
         np.random.set_state(np_state)
     return {"n": n, "digest": h.hexdigest()}
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The user's module inside wrappers that share its parameters: DistributedDataParallel,
+    DataParallel and batchlab's rank shard (a ``module`` child and nothing else), torch.compile's
+    ``_orig_mod``."""
+    for _ in range(8):
+        children = dict(model.named_children())
+        if set(children) == {"module"}:
+            model = children["module"]
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            break
+    return model
 
 
 def _optimizer_factory(optimizer: Callable[..., Any]) -> Callable[[nn.Module, float], torch.optim.Optimizer]:

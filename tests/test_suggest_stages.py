@@ -177,6 +177,7 @@ def test_fit_trial_scores_batchnorm_after_precise_bn() -> None:
     _, want = evaluate(model, task.val_source, task)
     assert d["metric"] == pytest.approx(want)
     assert d["bn_health"] is not None and set(d["bn_health"]) >= {"ok", "problems"}
+    assert d["param_groups"] == r.extra["param_groups"] and d["param_groups"][0]["lr"] == 0.1  # the trial's optimizer
     no_bn = fit_trial(task, cfg.replace(norm="layer"))
     assert "metric_stale" not in no_bn
 

@@ -472,8 +472,9 @@ def search(task: Task, p: Prediction, m: Measurements, objective: Objective, ava
             break
         left = [b for b in pool if b not in fit]
         pool = fit
-        notes.append(f"batches {', '.join(map(str, sorted(left)))} left out: the last rung ({last:.0f} examples per run) "
-                     f"would give them fewer than {MIN_STEPS} steps within the cost budget")
+        notes.append(f"batches {', '.join(map(str, sorted(left)))} left out of the halving: the last rung ({last:.0f} "
+                     f"examples per run) would give them fewer than {MIN_STEPS} steps within the cost budget (the "
+                     "climb may still compare one, at the last rung's final budget)")
         if len(pool) < 2:
             plan = []
             break

@@ -60,6 +60,14 @@ class Rung:
         return asdict(self)
 
 
+def batch_stats(trials: Sequence[RungTrial]) -> tuple[SeedStats, dict[str, float]]:
+    """One batch's trials on a rung: their seed statistics (a failed trial counts as NaN), and the
+    entry a :class:`Rung` keeps for it in ``stats`` (mean, se, n, failed, mean seconds per run)."""
+    st = SeedStats.of([t.metric if t.status == "ok" else math.nan for t in trials])
+    return st, {"mean": st.mean, "se": st.se, "n": st.n, "failed": st.failed,
+                "seconds": sum(t.seconds for t in trials) / max(1, len(trials))}
+
+
 def plan_rungs(n_candidates: int, available: float, eta: int = 2, seeds_last: int = 2, seeds_early: int = 1,
                per_trial_overhead: float = 0.0, extra_last: int = 0) -> list[tuple[int, float]]:
     """``[(candidates, budget per trial)]`` per rung so that the search costs at most ``available``.
@@ -127,9 +135,8 @@ def successive_halving(
             continue
         ts = run(tested, budget, list(seeds[k]), k) if tested else []
         trials.extend(ts)
-        stats: dict[int, SeedStats] = {b: SeedStats.of([t.metric if t.status == "ok" else math.nan
-                                                         for t in ts if t.batch == b]) for b in tested}
-        secs = {b: sum(t.seconds for t in ts if t.batch == b) / max(1, sum(1 for t in ts if t.batch == b)) for b in tested}
+        per_batch = {b: batch_stats([t for t in ts if t.batch == b]) for b in tested}
+        stats = {b: st for b, (st, _) in per_batch.items()}
         ranked = sorted(tested, key=lambda b: (0 if stats[b].ok else 1, objective.sort_key(stats[b].mean), order[b]))
         n_keep = math.ceil(len(ranked) / eta)
         if counts is not None and k + 1 < len(counts):
@@ -137,10 +144,7 @@ def successive_halving(
         keep = ranked[: max(1, n_keep)] if not final else ranked
         promoted = sorted(keep + byes, key=order.get) if not final else ranked
         rungs.append(Rung(
-            k, budget, list(seeds[k]), tested, byes,
-            {str(b): {"mean": stats[b].mean, "se": stats[b].se, "n": stats[b].n, "failed": stats[b].failed,
-                      "seconds": secs[b]} for b in tested},
-            promoted,
+            k, budget, list(seeds[k]), tested, byes, {str(b): entry for b, (_, entry) in per_batch.items()}, promoted,
         ))
         if tested:
             last_tested = ranked

@@ -51,7 +51,7 @@ import torch
 
 from batchlab.batchsize._store import open_store, run_trials, trial_key
 from batchlab.batchsize.batches import BatchRange, Split, budget_in_examples, pow2_floor
-from batchlab.batchsize.halving import RungTrial, plan_rungs, successive_halving
+from batchlab.batchsize.halving import RungTrial, batch_stats, plan_rungs, successive_halving
 from batchlab.batchsize.noise import noise_scale
 from batchlab.batchsize.objective import OBJECTIVES, Objective, SeedStats, se_of_difference
 from batchlab.batchsize.search import PRECISE_BN_BATCH, fit_trial, has_batchnorm
@@ -593,10 +593,8 @@ def climb(task: Task, s: SearchResult, c: Confirmation, m: Measurements, p: Pred
         trials = run([up], last["budget"], list(last["seeds"]), int(last["index"]))
         spent = sum(t.examples + int(t.extra.get("precise_bn_examples", 0)) for t in trials)
         used += spent
-        st = SeedStats.of([t.metric if t.status == "ok" else math.nan for t in trials])
+        st, last["stats"][str(up)] = batch_stats(trials)
         last.setdefault("climbed", []).append(up)  # compared on the last rung after the halving
-        last["stats"][str(up)] = {"mean": st.mean, "se": st.se, "n": st.n, "failed": st.failed,
-                                  "seconds": sum(t.seconds for t in trials) / max(1, len(trials))}
         s.trials.extend(asdict(t) for t in trials)
         s.survivors.append(up)
         s.examples += spent
@@ -616,7 +614,7 @@ def climb(task: Task, s: SearchResult, c: Confirmation, m: Measurements, p: Pred
     return c
 
 
-# ------------------------------------------------------------------------------------ stage 5# ------------------------------------------------------------------------------------ stage 5
+# ------------------------------------------------------------------------------------ stage 5
 def _critical(task: Task, batch: int, budget: int, max_batch: int, device: str, enabled: bool) -> tuple[dict[str, Any] | None, int, str]:
     """The critical batch over training (issue 16, Merrill et al. 2025) at the recommendation, and a
     batch-size warmup following it when it is predicted to save steps. Returns (record, examples, line)."""

@@ -182,7 +182,7 @@ def evaluate(
     if not loss_w:
         raise TaskError(f"task {task.name!r}: nothing to evaluate: every target in the {count} example(s) is -100 "
                         "(ignored), so the loss averages over nothing")
-    mean_loss = loss_sum / loss_w if loss_w else math.nan
+    mean_loss = loss_sum / loss_w
     if task.metric_name == "loss":
         return mean_loss, mean_loss
     if pooled is not None:
@@ -496,8 +496,7 @@ def _fit(
             ctx.lr = hp["lr"] * lr_factor(
                 cfg.schedule, plan.frac, ctx.step, warmup_steps=cfg.warmup_steps, milestones=cfg.milestones, gamma=cfg.gamma
             )
-            for group, ratio in zip(optimizer.param_groups, ratios):
-                group["lr"] = ctx.lr * ratio
+            set_hparams(optimizer, {"lr": ctx.lr}, ratios)
             optimizer.zero_grad(set_to_none=True)
             snapshot = [t.clone() for t in bn_buffers] if scaler is not None else None
 

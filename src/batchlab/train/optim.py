@@ -145,9 +145,12 @@ def set_hparams(optimizer: torch.optim.Optimizer, hparams: Mapping[str, Any],
         if len(ratios) != len(groups):
             raise ValueError(f"ratios must have one entry per parameter group ({len(groups)}), got {len(ratios)}")
     for i, group in enumerate(groups):
-        for k in ("lr", "betas", "eps"):
-            if k in hparams and k in group:
-                group[k] = tuple(hparams[k]) if k == "betas" else hparams[k] * ratios[i] if k == "lr" else hparams[k]
+        if "lr" in hparams and "lr" in group:
+            group["lr"] = hparams["lr"] * ratios[i]
+        if "betas" in hparams and "betas" in group:
+            group["betas"] = tuple(hparams["betas"])
+        if "eps" in hparams and "eps" in group:
+            group["eps"] = hparams["eps"]
 
 
 def lr_factor(

@@ -11,9 +11,8 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Any, Tuple
+from typing import Any
 
-import torch
 import torch.nn as nn
 
 from batchlab.norm import _swap
@@ -41,15 +40,6 @@ def _inherited_keys(to: NormSpec) -> tuple[str, ...]:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return keys
     return tuple(k for k in keys if k in params)
-
-
-def _refuse_batch_as_positions(module, args: Tuple[torch.Tensor]) -> None:  # noqa: ANN001, UP006 - TorchScript hook
-    if args[0].dim() == 2:
-        raise ValueError(
-            "an InstanceNorm1d that replaced a BatchNorm1d got a 2-D input: that is (N, C), with no positions for "
-            "instance norm to normalize over (InstanceNorm1d would take it as one unbatched sample); convert only "
-            "the BatchNorm1d layers that see (N, C, L) inputs (convert_norm's predicate=)"
-        )
 
 
 def _plain_norm(m: nn.Module) -> bool:
@@ -129,10 +119,6 @@ def convert_norm(
                 f"normalizes with batch statistics in eval mode) to {to!r}: the new layer keeps running statistics "
                 "and normalizes with them in eval mode, which would change the model's eval outputs"
             )
-        if isinstance(new, nn.InstanceNorm1d) and batchnorm_dims(old) == 1:
-            # a BatchNorm1d also takes (N, C), which InstanceNorm1d would read as one unbatched
-            # (C, L) sample: refuse 2-D inputs instead of normalizing across the batch
-            new.register_forward_pre_hook(_refuse_batch_as_positions)
         return new
 
     def _for_last_dim_norm(name: str, old: nn.Module) -> nn.Module:

@@ -60,6 +60,17 @@ def _bn_family(kind: str, c1: type, c2: type, c3: type) -> Callable[..., nn.Modu
     return make
 
 
+# Forward pre-hooks (TorchScript-compatible) for a norm in a BatchNorm1d's place (dims 1), which may
+# be given (N, C) as well as (N, C, L): refuse the 2-D input where the norm would not normalize it.
+def _refuse_batch_as_positions(module, args: Tuple[torch.Tensor]) -> None:  # noqa: ANN001, UP006 - TorchScript hook
+    if args[0].dim() == 2:
+        raise ValueError(
+            "an InstanceNorm1d that replaced a BatchNorm1d got a 2-D input: that is (N, C), with no positions for "
+            "instance norm to normalize over (InstanceNorm1d would take it as one unbatched sample); convert only "
+            "the BatchNorm1d layers that see (N, C, L) inputs (convert_norm's predicate=)"
+        )
+
+
 def _refuse_single_values(module, args: Tuple[torch.Tensor]) -> None:  # noqa: ANN001, UP006 - TorchScript hook
     if args[0].dim() == 2:
         raise ValueError(
@@ -117,7 +128,10 @@ def _instance(num_features: int, dims: int = 2, **kw: Any) -> nn.Module:
         raise ValueError("norm 'instance' needs spatial dimensions (dims >= 1), got dims=0")
     cls = _by_dims("instance", {1: L.InstanceNorm1d, 2: L.InstanceNorm2d, 3: L.InstanceNorm3d}, dims)
     kw.setdefault("affine", True)  # as a model building block, learnable (torch's class default is False)
-    return cls(num_features, **kw)
+    norm = cls(num_features, **kw)
+    if dims == 1:  # (N, C) would be read as one unbatched (C, L) sample, normalizing across the batch
+        norm.register_forward_pre_hook(_refuse_batch_as_positions)
+    return norm
 
 
 def _sync(num_features: int, dims: int = 2, **kw: Any) -> nn.Module:

@@ -154,6 +154,8 @@ def test_an_iterable_dataset_trains_by_steps_and_epochs_need_a_length():
     task = Task.from_torch(name="stream", model=lambda: nn.Linear(4, 2), train=_Stream(), val=_Stream(), lr=0.1)
     r = fit(task, TrainConfig(batch_size=16, max_steps=20, eval_every=10))
     assert r.status == "ok" and r.examples == 320 and r.final["val_acc"] > 0.6
+    assert task.size("train") is None and task.size("val") is None  # a stream has no length
+    assert small_task("char_gpt").size("val") == len(small_task("char_gpt").val_set)
     with pytest.raises(TaskError, match="task 'stream': _Stream has no length; give a budget in steps or examples"):
         fit(task, TrainConfig(batch_size=16, epochs=1))
 

@@ -14,7 +14,6 @@ from batchlab.argtypes import device
 from batchlab.cli.common import (
     CliError,
     claim_out,
-    train_size,
     add_task_args,
     add_threads_arg,
     float_list,
@@ -58,7 +57,7 @@ def _range_args(p: argparse.ArgumentParser) -> None:
 
 
 def _check_range(args: argparse.Namespace, task: Any) -> None:
-    n = train_size(task)
+    n = task.size("train")
     if args.low > args.high:
         raise CliError(f"--low ({args.low}) must be <= --high ({args.high})")
     if n is not None and args.low > n:
@@ -138,7 +137,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     from batchlab.batchsize import throughput
 
     task = load_task(args)
-    n = train_size(task) or 512
+    n = task.size("train") or 512
     sizes = args.batch_sizes or [b for b in (2**k for k in range(1, 10)) if b <= n]
     bad = [b for b in sizes if b > n]
     if bad:
@@ -161,7 +160,7 @@ def cmd_noise_scale(args: argparse.Namespace) -> int:
     from batchlab.batchsize import noise_scale
 
     task = load_task(args)
-    n = train_size(task)
+    n = task.size("train")
     if n is not None and args.micro_batch * args.accumulation > n:
         raise CliError(
             f"--micro-batch x --accumulation = {args.micro_batch * args.accumulation} is larger than the training set "
@@ -191,7 +190,7 @@ def cmd_critical_batch(args: argparse.Namespace) -> int:
         if (out / "critical_batch.json").exists():
             raise CliError(f"--out {out} already holds critical_batch.json; it is never overwritten: choose another folder")
         claim_out(out, args, mark=False)  # marked when the results are written: a refused run leaves nothing
-    n = train_size(task)  # None for an IterableDataset without a length: the budget must come in examples
+    n = task.size("train")  # None for an IterableDataset without a length: the budget must come in examples
     if args.budget is not None and args.budget_examples is not None:
         raise CliError(f"give --budget (epochs) or --budget-examples, not both; got --budget {args.budget} and "
                        f"--budget-examples {args.budget_examples}")

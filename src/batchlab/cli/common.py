@@ -192,16 +192,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
 
 
-def train_size(task: Any) -> int | None:
-    """The task's training-set size (None for a stream of unknown length)."""
-    try:
-        return task.n_train
-    except ValueError:
-        return None
-
-
 def check_batch_fits(task: Any, batch: int, flag: str = "--batch-size") -> None:
-    n = train_size(task)
+    n = task.size("train")
     if n is not None and batch > n:
         raise CliError(f"{flag} {batch} is larger than the training set of {task.name} ({n} examples)")
 

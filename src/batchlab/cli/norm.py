@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from batchlab.cli.common import CliError, add_task_args, add_threads_arg, load_task, nonneg_float, positive_int, train_size
+from batchlab.cli.common import CliError, add_task_args, add_threads_arg, load_task, nonneg_float, positive_int
 
 
 def register(sub: Any) -> None:
@@ -38,10 +38,7 @@ def cmd_bn_health(args: argparse.Namespace) -> int:
     from batchlab.norm import is_batchnorm
 
     task = load_task(args)
-    try:
-        n_val = len(task.val_source)
-    except TypeError:  # a validation stream of unknown length
-        n_val = None
+    n_val = task.size("val")  # None: a validation stream of unknown length
     if args.batch_size is None:
         args.batch_size = 128 if n_val is None else min(128, n_val)
     if n_val is not None and args.batch_size > n_val:
@@ -70,7 +67,7 @@ def cmd_bn_health(args: argparse.Namespace) -> int:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]  # torch's load errors run to many lines
             raise CliError(f"--checkpoint {args.checkpoint!r} does not load into {task.name}'s model: {first}") from e
     elif args.epochs > 0:
-        result = fit(task, TrainConfig(batch_size=min(task.batch_size, train_size(task) or task.batch_size), epochs=args.epochs,
+        result = fit(task, TrainConfig(batch_size=min(task.batch_size, task.size("train") or task.batch_size), epochs=args.epochs,
                                        seed=args.seed, norm=args.norm, activation=args.activation),
                      model=model, progress=not args.json)
         if not result.ok:

@@ -61,7 +61,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 from batchlab.batchsize.noise import GradientNoiseScale
 from batchlab.batchsize.state import preserved_state
 from batchlab.integrations._split import rows, split_sqnorms
-from batchlab.tasks import Task, TaskError
+from batchlab.tasks import Task
 from batchlab.train.optim import optimizer_name
 
 __all__ = ["BatchSizeTuner", "GradientNoiseScaleCallback", "default_batch_size", "task_from_lightning"]
@@ -419,10 +419,7 @@ class BatchSizeTuner(pl.Callback):
             optimizer = _first_optimizer(model.configure_optimizers())
             high = self.max_batch
             if accumulation > 1:  # one optimizer step takes `accumulation` loader batches: leave room for them
-                try:
-                    n = task.n_train
-                except TaskError:
-                    n = None
+                n = task.size("train")
                 if n is not None:
                     high = min(high or n, max(1, n // accumulation))
             r = max_batch_size(task, device=device, model=model, optimizer=optimizer, high=high,

@@ -373,6 +373,15 @@ class Task:
         except TypeError as e:
             raise TaskError(f"task {self.name!r}: {e}") from e
 
+    def size(self, split: str = "train") -> int | None:
+        """Examples in ``split`` ("train" or "val"); None for a stream without a length."""
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        try:
+            return len(self.train_source if split == "train" else self.val_source)
+        except TypeError:
+            return None
+
     def sample_batch(self, n: int, *, seed: int = 0, split: str = "train", device: Any = "cpu") -> Any:
         """A batch of ``n`` examples drawn without replacement with ``seed`` (the first ``n`` of an
         iterable data set), on ``device``."""

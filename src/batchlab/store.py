@@ -3,7 +3,7 @@
 Sweeps and experiments look a key up before running it, so an interrupted sweep resumes with
 nothing lost and no completed run executed twice::
 
-    store = Store("out/batchlab.db")          # the file (an existing folder also works: out -> out/batchlab.db)
+    store = Store("out/batchlab.db")          # the file (a folder also works: Store("out") -> out/batchlab.db)
     key = run_key(task.fingerprint(), config.to_dict())
     result = store.run_or_load(key, lambda: fit(task, config).to_dict(), kind="sweep-lr")
 

@@ -24,10 +24,13 @@ def _ctx(tmp_path, exp_id: str, seeds=(0,)) -> ExperimentContext:
 
 
 def _c17_task(bn: dict[int, tuple[float, float]], gn: dict[int, tuple[float, float]],
-              none32: float = 0.90) -> dict:
+              none32: float = 0.90, per_device: dict[int, tuple[float, float]] | None = None) -> dict:
+    """One task's data: the equal-epochs arm's ``bn``, ``gn`` (and no norm at 32), and BN's per-device arm
+    (default: the same accuracies as ``bn`` at 2 and 4)."""
     acc = {n: {str(b): {"0": v[0], "1": v[1]} for b, v in t.items()} for n, t in (("batch", bn), ("group", gn))}
     acc["none"] = {"32": {"0": none32, "1": none32}}
-    return {"acc": acc, "status": {}}
+    dev = per_device if per_device is not None else {g: bn[g] for g in (2, 4)}
+    return {"acc": acc, "status": {}, "devices": {str(g): {"0": v[0], "1": v[1]} for g, v in dev.items()}}
 
 
 def _c17_data(bn, gn, none32: float = 0.90, second: dict | None = None) -> dict:
@@ -60,6 +63,25 @@ def test_c17_supported_refuted_inconclusive_invalid():
     assert _c17(DROP, FLAT, second=_c17_task(SAME, FLAT, none32=0.97)) == "supported"
 
 
+def test_c17_bn_drop_comes_from_the_per_device_arm():
+    e = NormBatch()
+    # equal epochs: BN as good at 2 and 4 as at 32 (more steps make up for it); per device: BN loses 6+ points
+    t = _c17_task(SAME, FLAT, per_device={2: (0.88, 0.89), 4: (0.90, 0.91)})
+    (v,) = e.decide({"tasks": {"a": t}}, e.params(True))
+    assert v.verdict == "supported"
+    r = v.effect["a"]
+    assert r["bn_drop"]["mean"] == pytest.approx((0.96 - 0.89) / 2 + (0.955 - 0.90) / 2)
+    assert r["bn_drop_one_device"]["mean"] == pytest.approx(0.0, abs=0.005)
+    # and the reverse: the equal-epochs arm drops, the per-device arm does not -> refuted
+    t = _c17_task(DROP, FLAT, per_device={2: (0.96, 0.96), 4: (0.96, 0.96)})
+    assert e.decide({"tasks": {"a": t}}, e.params(True))[0].verdict == "refuted"
+    # no per-device runs (a store of the earlier edition): undecided, never judged from the other arm
+    t = _c17_task(DROP, FLAT)
+    t.pop("devices")
+    (v,) = e.decide({"tasks": {"a": t}}, e.params(True))
+    assert v.verdict == "inconclusive" and "per device" in v.reason
+
+
 def test_c17_per_task_settings_and_their_gpu_scale():
     e = NormBatch()
     for quick in (True, False):
@@ -89,19 +111,21 @@ def test_c17_prints_wu_and_he_beside_the_measured_numbers():
 def test_c17_plot_and_smoke(tmp_path):
     e = NormBatch()
     p = {"tasks": ["digits-mlp", "shapes32-cnn"], "norms": ["batch", "group", "none"], "batches": [2, 32],
-         "epochs": 0.02, "lr32": 0.05, "seeds": [0], "per_task": {"shapes32-cnn": {"epochs": 0.01, "norms": ["batch", "none"]}}}
+         "devices": [2], "epochs": 0.0223, "lr32": 0.05, "seeds": [0],  # 32 digits: whole batches
+         "per_task": {"shapes32-cnn": {"epochs": 0.01, "norms": ["batch", "none"]}}}
     ctx = _ctx(tmp_path, e.id)
     data = e.run(ctx, p)
     t = data["tasks"]["digits-mlp"]
     assert set(t["acc"]) == {"batch", "group", "none"} and set(t["acc"]["batch"]) == {"2", "32"}
+    assert set(t["devices"]) == {"2"} and t["status"]["batch_per_device"]["2"]["0"] == "ok"
     assert set(data["tasks"]["shapes32-cnn"]["acc"]) == {"batch", "none"}  # its own grid from per_task
     assert e.decide(data, p)[0].verdict in ("supported", "refuted", "inconclusive")
     check_figures(e.plot(data, p))
     check_figures(e.plot(_c17_data({2: (0.8, 0.81), 4: (0.9, 0.9), 32: (0.95, 0.96)},
                                    {2: (0.95, 0.95), 4: (0.95, 0.95), 32: (0.95, 0.95)}), e.params(True)))
-    assert ctx.trials_run == 10
+    assert ctx.trials_run == 12  # 6 + 4 equal-epochs runs, one per-device run per task
     e.run(ctx, p)  # everything is cached now
-    assert ctx.trials_run == 10
+    assert ctx.trials_run == 12
 
 
 # ---------------------------------------------------------------- C18

@@ -15,6 +15,15 @@
   VGG-style net pooling to 1x1, whose last norms see 4x4 and 2x2 maps of image-level features, the statistics a
   batch of 2 images estimates badly; lr32 from BN and GN at B=32, 8 epochs, seed 0: 0.025 and 0.05 tied
   exactly (1115 of 1200 validation answers right), so shapes32-cnn's 0.025 was kept.
+  The per-device arm (added 2026-12-01, pre-registered in docs/reproduce.md before any run of it): Wu & He's
+  batch is images per GPU, the batch BN's statistics come from, while the optimizer sees every GPU's images.
+  One CPU emulates D devices of g examples with :class:`batchlab.norm.GhostBatchNorm2d` (``virtual_batch_size``
+  g; each virtual batch is one device's batch, its running statistics updated per virtual batch): the
+  optimizer batch stays 32 (lr32, the same epochs), so only BN's statistics change with g. The equal-epochs
+  arm (one device, B = g) confounds g with the number of steps (B = 2 takes 16 times the steps of 32; no
+  normalization gained 13 points from it on shapes32-vgg); the rule's BN drop now comes from the per-device
+  arm, the GN range still from the equal-epochs arm (GN has no batch dimension, so under a fixed optimizer
+  batch it is the same run at every g).
 - C18 (``bn_eval_stats``): evaluating a BN net with EMA running statistics, precise (population)
   statistics and the batch's own statistics, across the EMA momentum.
 - C20 (``seq_norm``): BN vs LN on padded variable-length sequences, and what padding does to BN's
@@ -33,8 +42,8 @@ import torch
 import torch.nn as nn
 
 from batchlab.experiments.base import Experiment, ExperimentContext, Verdict, fmt_spread, one_thread, register, spread
-from batchlab.experiments.kit import pyplot
-from batchlab.norm import precise_bn
+from batchlab.experiments.kit import pyplot, seeded_model
+from batchlab.norm import convert_norm, precise_bn
 from batchlab.train.config import TrainConfig
 
 NORM_LABELS = {"batch": "BatchNorm", "group": "GroupNorm", "layer": "LayerNorm", "instance": "InstanceNorm",
@@ -43,6 +52,12 @@ NORM_COLORS = {"batch": "C3", "group": "C0", "layer": "C2", "instance": "C4", "n
 
 
 
+
+
+def _per_device_model(task: Any, g: int) -> nn.Module:
+    """``task``'s BN model with each BN's training statistics over virtual batches of ``g`` examples (one
+    emulated device each; eval is torch's batch norm with the running statistics, as before)."""
+    return convert_norm(task.make_model(norm="batch"), "ghost", virtual_batch_size=g)
 
 
 def _seed_values(table: dict[str, dict[str, float]], key: str) -> dict[str, float]:
@@ -70,15 +85,19 @@ class NormBatch(Experiment):
         "over B examples) and shapes32-cnn (generated 32x32 RGB shapes, 10 classes, random colour, position, "
         "clutter and noise; 3 conv blocks of 8/16/32 channels, norm after each conv: BN statistics over B x H x W "
         "positions) and shapes32-vgg (the same images; 5 conv blocks of 8/16/32/64/64 channels pooling to 1x1, so "
-        "the last norms see 4x4 and 2x2 maps). Every norm trained for the same number of epochs at each batch B with momentum SGD and the "
-        "linear LR rule lr = lr32 * B / 32 (Goyal et al.; Wu & He use the same rule; lr32 and epochs per task, "
-        "see the parameters), final val accuracy. Per task: "
-        "BN drop = acc(BN, B=32) - mean(acc(BN, B=2), acc(BN, B=4)) per seed; GN range = max - min over B in "
-        "2..32 of GN's seed-mean accuracy. A task supports the claim if the BN drop is >= 2 points in the mean and "
-        "> 0 in every seed AND the GN range is <= 2 points; it refutes it if the BN drop is < 0.5 points in the mean "
-        "and below 2 points in every seed (no seed shows the effect), or the GN range is > 4 points; otherwise it is "
-        "undecided. Over the tasks that pass the validity check: supported if every one supports, refuted if every "
-        "one refutes, otherwise inconclusive."
+        "the last norms see 4x4 and 2x2 maps). Two arms, momentum SGD, final val accuracy, lr32 and epochs per task "
+        "(see the parameters). Equal-epochs arm (one device): every norm trained for the same number of epochs at "
+        "each batch B with the linear LR rule lr = lr32 * B / 32 (Goyal et al.; Wu & He use the same rule). "
+        "Per-device arm (Wu & He's images per GPU): the optimizer batch fixed at 32 with lr32, BN's statistics over "
+        "each device's g examples, D = 32 / g devices emulated by Ghost BN (virtual batch g), g in the parameters' "
+        "'devices'; g = 32 is the equal-epochs arm's BN run at B = 32. Per task: "
+        "BN drop = acc(BN, g=32) - mean(acc(BN, g=2), acc(BN, g=4)) per seed, from the per-device arm; GN range = "
+        "max - min over B in 2..32 of GN's seed-mean accuracy, from the equal-epochs arm. A task supports the claim "
+        "if the BN drop is >= 2 points in the mean and > 0 in every seed AND the GN range is <= 2 points; it refutes "
+        "it if the BN drop is < 0.5 points in the mean and below 2 points in every seed (no seed shows the effect), "
+        "or the GN range is > 4 points; otherwise it is undecided. Over the tasks that pass the validity check: "
+        "supported if every one supports, refuted if every one refutes, otherwise inconclusive. The equal-epochs "
+        "arm's BN drop is reported beside it."
     }
     validity = {
         "C17": "Per task: normalization must matter at the large batch, i.e. no normalization ends below BN at B=32 "
@@ -101,12 +120,12 @@ class NormBatch(Experiment):
         if quick:
             image = {"epochs": 4, "lr32": 0.025}
             return {"tasks": ["digits-mlp", "shapes32-cnn", "shapes32-vgg"], "norms": ["batch", "group", "none"],
-                    "batches": [2, 4, 32], "epochs": 3, "lr32": 0.05,
+                    "batches": [2, 4, 32], "devices": [2, 4], "epochs": 3, "lr32": 0.05,
                     "per_task": {"shapes32-cnn": image, "shapes32-vgg": dict(image)}}
         image = {"epochs": 8, "lr32": 0.025, "norms": ["batch", "group", "none"], "batches": [2, 4, 8, 32, 128]}
         return {"tasks": ["digits-mlp", "shapes32-cnn", "shapes32-vgg"],
                 "norms": ["batch", "group", "layer", "instance", "none"],
-                "batches": [2, 4, 8, 16, 32, 64, 128], "epochs": 4, "lr32": 0.05,
+                "batches": [2, 4, 8, 16, 32, 64, 128], "devices": [2, 4, 8], "epochs": 4, "lr32": 0.05,
                 "per_task": {"shapes32-cnn": image, "shapes32-vgg": dict(image)}}
 
     @staticmethod
@@ -139,14 +158,32 @@ class NormBatch(Experiment):
                     acc.setdefault(norm, {}).setdefault(str(b), {})[str(seed)] = (
                         r.metric("val_acc") if r.ok else math.nan)
                     status.setdefault(norm, {}).setdefault(str(b), {})[str(seed)] = r.status
-        return {"acc": acc, "status": status}
+        devices: dict[str, dict[str, float]] = {}
+        if "batch" in params["norms"]:
+            for g in params.get("devices", []):
+                for seed in ctx.seeds:
+                    r = self._per_device(ctx, task, params, g, seed)
+                    devices.setdefault(str(g), {})[str(seed)] = r.metric("val_acc") if r.ok else math.nan
+                    status.setdefault("batch_per_device", {}).setdefault(str(g), {})[str(seed)] = r.status
+        return {"acc": acc, "status": status, "devices": devices}
 
-    def judge_task(self, acc: dict[str, Any]) -> dict[str, Any]:
-        """The rule and the validity check on one task's accuracies: ``outcome`` is supported / refuted /
-        undecided / invalid, with the numbers."""
+    #: the optimizer batch of the per-device arm (D = TOTAL / g devices of g examples each)
+    TOTAL = 32
 
-        def drop(norm: str) -> dict[str, float]:
-            t = acc.get(norm, {})
+    def _per_device(self, ctx: ExperimentContext, task: Any, params: dict[str, Any], g: int, seed: int) -> Any:
+        """BN with statistics over ``g`` examples per emulated device, the optimizer batch fixed at 32 (lr32)."""
+        cfg = TrainConfig(batch_size=self.TOTAL, lr=params["lr32"], optimizer="momentum", epochs=params["epochs"],
+                          norm="batch", seed=seed, eval_train=False)
+        build = functools.partial(_per_device_model, task, g)
+        return ctx.fit(task, cfg, model_fn=seeded_model(seed, build),
+                       variant=f"BN per device: GhostBatchNorm virtual_batch_size={g}")
+
+    def judge_task(self, acc: dict[str, Any], devices: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The rule and the validity check on one task's accuracies (``acc``: the equal-epochs arm,
+        ``devices``: BN's per-device arm by g): ``outcome`` is supported / refuted / undecided / invalid,
+        with the numbers."""
+
+        def drop(t: dict[str, Any]) -> dict[str, float]:
             if not all(k in t for k in ("2", "4", "32")):
                 return {}
             out = {}
@@ -158,37 +195,45 @@ class NormBatch(Experiment):
                     out[s] = vals[2]  # a diverged small-batch run counts as accuracy 0
             return out
 
-        bn, gn = drop("batch"), drop("group")
+        # the per-device arm's g = 32 is the equal-epochs arm's BN at B = 32 (one device of 32)
+        per_device = {**(devices or {}), "32": acc.get("batch", {}).get("32", {})}
+        bn, gn = drop(per_device), drop(acc.get("group", {}))
+        bn_one = drop(acc.get("batch", {}))
         gn_means = {b: spread(v.values())["mean"] for b, v in acc.get("group", {}).items() if int(b) <= 32}
         gn_means = {b: m for b, m in gn_means.items() if math.isfinite(m)}
         at32 = {n: spread(acc.get(n, {}).get("32", {}).values())["mean"] for n in ("batch", "none")}
         res: dict[str, Any] = {
-            "bn_drop": spread(bn.values()), "gn_drop": spread(gn.values()),
+            "bn_drop": spread(bn.values()), "bn_drop_one_device": spread(bn_one.values()),
+            "gn_drop": spread(gn.values()),
             "gn_range_b_le_32": (max(gn_means.values()) - min(gn_means.values())) if len(gn_means) >= 2 else math.nan,
             "bn_minus_none_at_32": at32["batch"] - at32["none"],
             "mean_acc": {n: {b: spread(v.values()) for b, v in t.items()} for n, t in acc.items()},
+            "mean_acc_per_device": {g: spread(v.values()) for g, v in per_device.items()},
         }
         bn_s, gn_range = res["bn_drop"], res["gn_range_b_le_32"]
-        res["text"] = (f"BN drop {fmt_spread(bn_s)} (fractions), GN drop {fmt_spread(res['gn_drop'])}, GN range over "
+        res["text"] = (f"BN drop per device {fmt_spread(bn_s)} (fractions; one device, equal epochs: "
+                       f"{fmt_spread(res['bn_drop_one_device'])}), GN drop {fmt_spread(res['gn_drop'])}, GN range over "
                        f"B<=32 {gn_range:.3f}, BN - none at B=32 {res['bn_minus_none_at_32']:+.3f}")
         if not bn or len(gn_means) < 2:
-            res["outcome"], res["why"] = "undecided", "BN or GN lacks runs at B = 2, 4 and 32"
+            res["outcome"], res["why"] = "undecided", "BN per device or GN lacks runs at 2, 4 and 32"
         elif not res["bn_minus_none_at_32"] > 0:
             res["outcome"], res["why"] = "invalid", "no normalization is not worse than BN at B=32"
         elif (bn_s["mean"] < self.BN_NONE and bn_s["max"] < self.BN_MARGIN) or gn_range > self.GN_STEEP:
             res["outcome"] = "refuted"
-            res["why"] = "GN depends on B" if gn_range > self.GN_STEEP else "BN at B<=4 is not worse than at 32 in any seed"
+            res["why"] = ("GN depends on B" if gn_range > self.GN_STEEP
+                          else "BN at 2-4 per device is not worse than at 32 in any seed")
         elif bn_s["mean"] >= self.BN_MARGIN and bn_s["min"] > 0 and gn_range <= self.GN_FLAT:
-            res["outcome"], res["why"] = "supported", "BN degrades at B<=4, GN flat"
+            res["outcome"], res["why"] = "supported", "BN degrades at 2-4 per device, GN flat"
         else:
             res["outcome"], res["why"] = "undecided", "between the thresholds"
         return res
 
     def decide(self, data: dict[str, Any], params: dict[str, Any]) -> list[Verdict]:
-        rule = (f"rule per task: BN drop (acc@32 - mean acc@2,4) >= {self.BN_MARGIN:.0%} and > 0 every seed, GN range "
+        rule = (f"rule per task: BN drop per device (acc@32 - mean acc@2,4, optimizer batch 32) >= {self.BN_MARGIN:.0%} "
+                f"and > 0 every seed, GN range (equal epochs) "
                 f"over B<=32 <= {self.GN_FLAT:.0%}; refuted if BN drop < {self.BN_NONE:.1%} (mean) and < "
                 f"{self.BN_MARGIN:.0%} every seed, or GN range > {self.GN_STEEP:.0%}; over the valid tasks")
-        per = {name: self.judge_task(t["acc"]) for name, t in data["tasks"].items()}
+        per = {name: self.judge_task(t["acc"], t.get("devices")) for name, t in data["tasks"].items()}
         effect: dict[str, Any] = {name: {k: v for k, v in r.items() if k != "text"} for name, r in per.items()}
         effect["thresholds"] = {"bn_margin": self.BN_MARGIN, "bn_none": self.BN_NONE, "gn_flat": self.GN_FLAT,
                                 "gn_steep": self.GN_STEEP}
@@ -204,7 +249,7 @@ class NormBatch(Experiment):
 
     def published_vs(self, per: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """Wu & He's table next to the measured accuracies; the trend agrees where BN loses more at 2-4 images
-        than GN does (BN drop > GN drop) and GN is flat (range <= the rule's flat threshold)."""
+        per device than GN does at 2-4 (BN drop > GN drop) and GN is flat (range <= the rule's flat threshold)."""
         p = self.PUBLISHED
         pub_bn_drop = (p["BN"][-1] + p["BN"][-2]) / 2 - p["BN"][0]
         pub_gn_drop = (p["GN"][-1] + p["GN"][-2]) / 2 - p["GN"][0]
@@ -213,8 +258,11 @@ class NormBatch(Experiment):
         for name, r in per.items():
             bn_d, gn_d = r["bn_drop"]["mean"], r["gn_drop"]["mean"]
             measured[name] = {"BN_drop_points": 100 * bn_d, "GN_drop_points": 100 * gn_d,
+                              "BN_drop_points_one_device": 100 * r["bn_drop_one_device"]["mean"],
                               "accuracy_by_B": {n: {b: round(100 * v["mean"], 1) for b, v in t.items()}
-                                                for n, t in r["mean_acc"].items() if n in ("batch", "group")}}
+                                                for n, t in r["mean_acc"].items() if n in ("batch", "group")},
+                              "BN_accuracy_per_device": {g: round(100 * v["mean"], 1)
+                                                         for g, v in r["mean_acc_per_device"].items()}}
             agrees[name] = bool(bn_d > gn_d and r["gn_range_b_le_32"] <= self.GN_FLAT)
         return {"source": p["source"], "published": {k: p[k] for k in ("images_per_gpu", "BN", "GN", "at_32")},
                 "published_trend": f"BN error +{pub_bn_drop:.1f} points at 2-4 images vs 32, GN {pub_gn_drop:+.1f}",
@@ -222,6 +270,13 @@ class NormBatch(Experiment):
 
     def plot(self, data: dict[str, Any], params: dict[str, Any]) -> list[Any]:
         return [self._plot_task(name, t, self.task_params(params, name)) for name, t in data["tasks"].items()]
+
+    def _per_device_curve(self, data: dict[str, Any]) -> dict[int, float]:
+        """BN's seed-mean accuracy by examples per device g (g = 32: the equal-epochs arm's B = 32 run)."""
+        runs = {**data.get("devices", {})}
+        if runs and "32" in data["acc"].get("batch", {}):
+            runs[str(self.TOTAL)] = data["acc"]["batch"]["32"]
+        return {int(g): spread(v.values())["mean"] for g, v in sorted(runs.items(), key=lambda kv: int(kv[0]))}
 
     def _plot_task(self, name: str, data: dict[str, Any], params: dict[str, Any]) -> Any:
         plt = pyplot()
@@ -234,8 +289,12 @@ class NormBatch(Experiment):
             m = [s["mean"] for s in sp]
             ax.plot(x, m, "o-", color=NORM_COLORS.get(norm), label=NORM_LABELS.get(norm, norm))
             ax.fill_between(x, [s["min"] for s in sp], [s["max"] for s in sp], color=NORM_COLORS.get(norm), alpha=0.15)
+        dev = self._per_device_curve(data)
+        if dev:
+            ax.plot(list(dev), [m for m in dev.values()], "s--", color=NORM_COLORS["batch"],
+                    label=f"BatchNorm per device (optimizer batch {self.TOTAL})")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("per-device batch size B (examples, log2 scale)")
+        ax.set_xlabel("batch B (solid) / examples per device g (dashed), log2 scale")
         ax.set_ylabel("final validation accuracy (fraction)")
         ax.set_title(f"{name}, {params['epochs']} epochs, lr = {params['lr32']} * B/32 (mean, min..max)")
         ax.legend()
@@ -247,10 +306,13 @@ class NormBatch(Experiment):
             bs = sorted(t, key=int)
             ax.plot([int(b) for b in bs], [100 * (ref - spread(t[b].values())["mean"]) for b in bs], "o-",
                     color=NORM_COLORS.get(norm), label=NORM_LABELS.get(norm, norm))
+        if dev and self.TOTAL in dev:
+            ax.plot(list(dev), [100 * (dev[self.TOTAL] - m) for m in dev.values()], "s--", color=NORM_COLORS["batch"],
+                    label="BatchNorm per device")
         ax.axhline(100 * self.BN_MARGIN, color="k", ls="--", lw=0.8, label=f"BN margin {self.BN_MARGIN:.0%}")
         ax.axhline(0, color="k", lw=0.5)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("per-device batch size B (examples, log2 scale)")
+        ax.set_xlabel("batch B (solid) / examples per device g (dashed), log2 scale")
         ax.set_ylabel("accuracy lost vs B=32 (percentage points)")
         ax.set_title("Drop relative to batch 32 (cf. Wu & He, Fig. 1)")
         ax.legend()

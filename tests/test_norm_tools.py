@@ -550,3 +550,103 @@ def test_bn_health_sees_through_torch_compile() -> None:
     compiled = N.bn_health(torch.compile(model, backend="eager"), torch.randn(8, 3, 5, 5))
     assert compiled.graph_method == eager.graph_method and len(compiled.layers) == len(eager.layers) == 2
     assert all(lh.train_eval_gap is not None for lh in compiled.layers)  # measured, not "-"
+
+
+def _trained_bn(c: int = 4) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    return bn.eval()
+
+
+def test_convert_norm_to_frozen_and_caffe_carries_the_statistics_or_refuses() -> None:
+    import copy
+
+    bn = _trained_bn()
+    x = torch.randn(2, 4, 5, 5)
+    for kind in ("frozen", "caffe"):
+        new = N.convert_norm(nn.Sequential(copy.deepcopy(bn)), kind)
+        assert (new(x) - bn(x)).abs().max().item() < 1e-6, kind
+    with torch.no_grad():
+        bn.weight.fill_(2.0)
+    assert (N.convert_norm(nn.Sequential(copy.deepcopy(bn)), "frozen")(x) - bn(x)).abs().max().item() < 1e-6
+    with pytest.raises(ValueError, match="no affine.*to_caffe_layer"):  # gamma/beta would be dropped
+        N.convert_norm(nn.Sequential(copy.deepcopy(bn)), "caffe")
+    for kind in ("frozen", "caffe"):  # batch statistics in eval: nothing to freeze
+        with pytest.raises(ValueError, match="running statistics"):
+            N.convert_norm(nn.Sequential(nn.BatchNorm2d(4, track_running_stats=False)), kind)
+
+
+def test_convert_norm_to_a_norm_act_layer_needs_the_activation_said() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
+    with pytest.raises(ValueError, match="act_layer="):
+        N.convert_norm(model, "batch_act")
+    assert isinstance(model[1], nn.BatchNorm2d)  # nothing converted
+    x = torch.randn(2, 3, 8, 8)
+    model.eval()
+    before = model(x)
+    N.convert_norm(model, "batch_act", act_layer=None)
+    assert torch.equal(model(x), before)
+
+
+def test_convert_and_freeze_refuse_an_uninitialized_lazy_norm_clearly() -> None:
+    for fn in (lambda m: N.convert_norm(m, "group"), N.freeze_bn):
+        with pytest.raises(ValueError, match="lazy module not initialized"):
+            fn(nn.Sequential(nn.LazyConv2d(4, 3), nn.LazyBatchNorm2d()))
+
+
+def test_convert_norm_to_layer_keeps_bias_false() -> None:
+    ln = N.convert_norm(nn.Sequential(nn.LayerNorm(8, bias=False)), "layer",
+                        predicate=lambda m: isinstance(m, nn.LayerNorm))
+    assert ln[0].bias is None
+    gn = N.convert_norm(nn.Sequential(nn.BatchNorm2d(8, bias=False)), "layer")
+    assert gn[0].bias is None
+
+
+def test_fold_bn_leaves_a_tied_weight_and_checks_linear_folds_on_the_example() -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.bn, self.c2 = nn.Conv2d(3, 3, 3, padding=1), _trained_bn(3), nn.Conv2d(3, 3, 3, padding=1)
+            self.c2.weight = self.c1.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c2(self.bn(self.c1(x)))
+
+    t = Tied().eval()
+    x = torch.randn(2, 3, 6, 6)
+    assert (N.fold_bn(t)(x) - t(x)).abs().max().item() < 1e-6
+    # Linear -> BatchNorm1d on (N, L, F) with L == F: BN normalizes L, not the Linear's features
+    m = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16))
+    m(torch.randn(64, 16, 8))
+    m.eval()
+    x = torch.randn(2, 16, 8)
+    folded = N.fold_bn(m, x)
+    assert isinstance(folded[1], nn.BatchNorm1d) and torch.allclose(folded(x), m(x))
+    x2 = torch.randn(5, 8)  # the usual (N, F) case still folds with an example
+    assert isinstance(N.fold_bn(nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16)).eval(), x2)[1], nn.Identity)
+
+
+def test_bn_health_sees_an_activation_module_called_twice_and_hardswish() -> None:
+    class Block(nn.Module):  # torchvision BasicBlock style: one self.relu used twice
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+            self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+            self.relu = nn.ReLU(inplace=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.relu(self.bn1(self.conv1(x)))
+            return self.relu(self.bn2(self.conv2(out)) + x)
+
+    b = Block()
+    with torch.no_grad():
+        b.bn1.bias.fill_(-20.0)  # every unit after bn1 is dead
+    rep = {layer.name: layer for layer in N.bn_health(b, torch.randn(8, 4, 6, 6)).layers}
+    assert any("saturated after BN (relu" in p for p in rep["bn1"].problems)
+    hs = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Hardswish())
+    with torch.no_grad():
+        hs[1].bias.fill_(-10.0)
+    rep = N.bn_health(hs, torch.randn(8, 3, 6, 6)).layers[0]
+    assert any("hardswish: y <= -3" in p for p in rep.problems)

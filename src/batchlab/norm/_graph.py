@@ -25,6 +25,9 @@ _ACT_MODULES: dict[type, str] = {
     nn.GELU: "gelu",
     nn.SiLU: "silu",
     nn.ELU: "elu",
+    nn.Hardswish: "hardswish",
+    nn.Hardsigmoid: "hardsigmoid",
+    nn.Mish: "mish",
 }
 _ACT_FUNCS = {
     F.relu: "relu",
@@ -39,6 +42,9 @@ _ACT_FUNCS = {
     F.gelu: "gelu",
     F.silu: "silu",
     F.elu: "elu",
+    F.hardswish: "hardswish",
+    F.hardsigmoid: "hardsigmoid",
+    F.mish: "mish",
 }
 _ACT_METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
 
@@ -69,6 +75,7 @@ def direct_successors(model: nn.Module) -> tuple[dict[str, tuple[str, str] | Non
     out: dict[str, tuple[str, str] | None] = {}
     if graph is not None:
         calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+        modules = dict(model.named_modules())
         for node in graph.nodes:
             if node.op != "call_module" or calls[node.target] != 1:
                 continue
@@ -76,7 +83,10 @@ def direct_successors(model: nn.Module) -> tuple[dict[str, tuple[str, str] | Non
             nxt: tuple[str, str] | None = None
             if len(users) == 1:
                 u = users[0]
-                if u.op == "call_module" and calls[u.target] == 1 and u.args and u.args[0] is node:
+                # a stateless activation module may be called at several places (torchvision's
+                # BasicBlock calls one self.relu twice): it is still what this output goes through
+                reused_act = u.op == "call_module" and activation_name(modules.get(str(u.target))) is not None
+                if u.op == "call_module" and (calls[u.target] == 1 or reused_act) and u.args and u.args[0] is node:
                     nxt = ("module", str(u.target))
                 elif u.op == "call_function" and u.target in _ACT_FUNCS and u.args and u.args[0] is node:
                     nxt = ("function", _ACT_FUNCS[u.target])
@@ -94,7 +104,7 @@ def direct_successors(model: nn.Module) -> tuple[dict[str, tuple[str, str] | Non
     return out, "sequential"
 
 
-def activation_name(module: nn.Module) -> str | None:
+def activation_name(module: nn.Module | None) -> str | None:
     """The activation kind of a module, or None."""
     for cls, name in _ACT_MODULES.items():
         if isinstance(module, cls):

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from batchlab.norm import _swap
 from batchlab.norm._swap import replace_modules
+from batchlab.norm.interop import to_caffe_layer
 from batchlab.norm.layers import FrozenBatchNorm, batchnorm_dims, is_batchnorm
 from batchlab.norm.norm_act import is_norm_act
 from batchlab.norm.registry import INHERITABLE, NormSpec, create_norm, norm_entry
@@ -40,6 +41,14 @@ def _inherited_keys(to: NormSpec) -> tuple[str, ...]:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return keys
     return tuple(k for k in keys if k in params)
+
+
+def _refuse_lazy(verb: str, name: str, old: nn.Module) -> None:
+    """A lazy norm (``nn.LazyBatchNorm2d``) before its first forward has no channel count yet."""
+    if isinstance(getattr(old, "weight", None), nn.parameter.UninitializedParameter) or isinstance(
+            getattr(old, "running_mean", None), nn.parameter.UninitializedBuffer):
+        raise ValueError(f"cannot {verb} {name or 'model'} ({type(old).__name__}): a lazy module not initialized yet; "
+                         "run one forward pass first so that its num_features is known")
 
 
 def _plain_norm(m: nn.Module) -> bool:
@@ -92,8 +101,17 @@ def convert_norm(
         ``model`` (a new module when ``model`` itself is replaced).
     """
     pred = predicate or _plain_norm
+    target = to.lower() if isinstance(to, str) else None
+    if target is not None and target.endswith("_act") and "act_layer" not in kw and "apply_act" not in kw:
+        raise ValueError(
+            f"convert_norm(model, {to!r}) would put an activation (ReLU by default) after every converted norm, "
+            "on top of the model's own activations: pass act_layer= (e.g. act_layer=None for none, or the activation "
+            "that follows the norm, which you then remove from the model yourself); nothing was converted")
 
     def make(name: str, old: nn.Module) -> nn.Module:
+        _refuse_lazy("convert", name, old)
+        if target in ("frozen", "caffe"):
+            return _with_statistics(name, old)
         last_dim = isinstance(old, (nn.LayerNorm, nn.RMSNorm))
         new = _for_last_dim_norm(name, old) if last_dim else _for_batch_norm(name, old)
         ref = next(iter(list(old.parameters()) + list(old.buffers())), None)
@@ -136,11 +154,31 @@ def convert_norm(
         args.setdefault("affine", bool(old.elementwise_affine))
         if "eps" in _inherited_keys(to) and getattr(old, "eps", None) is not None:
             args.setdefault("eps", old.eps)
+        if "bias" in _inherited_keys(to) and old.elementwise_affine and getattr(old, "bias", None) is None:
+            args.setdefault("bias", False)
         new = create_norm(to, shape[0], dims=0, **args)
         if not isinstance(new, (nn.LayerNorm, nn.RMSNorm)):
             raise ValueError(f"cannot convert {where} to {to!r}: it normalizes the last dimension of its input, "
                              f"which only 'layer' and 'rms' do (got {type(new).__name__})")
         return new
+
+    def _with_statistics(name: str, old: nn.Module) -> nn.Module:
+        # "frozen" and "caffe" normalize with the old layer's running statistics (and, frozen, its
+        # affine): build them from that state, whose buffers have other names than a BatchNorm's
+        where = f"{name or 'model'} ({type(old).__name__})"
+        if not is_batchnorm(old) or getattr(old, "running_mean", None) is None:
+            raise ValueError(f"cannot convert {where} to {to!r}: it needs a batch norm with running statistics "
+                             "(track_running_stats=True), which it normalizes with")
+        if target == "frozen":
+            return FrozenBatchNorm.from_batchnorm(old, kw.get("eps"))
+        layer, gamma, beta = to_caffe_layer(old)
+        if not (bool((gamma == 1).all()) and bool((beta == 0).all())):
+            raise ValueError(
+                f"cannot convert {where} to 'caffe': Caffe's BatchNorm has no affine (gamma and beta live in a "
+                "following Scale layer), and this layer's gamma/beta are not 1/0; use "
+                "batchlab.norm.interop.to_caffe_layer(bn), which returns the layer and the Scale's gamma and beta")
+        ref = old.running_mean
+        return layer.to(device=ref.device).train(old.training)
 
     _refuse_in_torch_transformer_layers(model, pred, to, _for_last_dim_norm)  # before anything is replaced
     return replace_modules(model, pred, make)
@@ -184,6 +222,7 @@ def freeze_bn(model: nn.Module, eps: float | None = None) -> nn.Module:
     """
 
     def make(name: str, old: nn.Module) -> nn.Module:
+        _refuse_lazy("freeze", name, old)
         if getattr(old, "running_mean", None) is None:
             raise ValueError(
                 f"freeze_bn needs running statistics; {name or 'model'} ({type(old).__name__}) has track_running_stats=False"

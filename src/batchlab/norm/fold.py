@@ -58,11 +58,18 @@ def find_foldable_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], str]:
     """
     succ, method = direct_successors(model)
     modules = dict(model.named_modules())
+    # a weight or bias tied to another module (shared Parameter): folding would change that module too
+    owners: dict[int, int] = {}
+    for _, mod in model.named_modules(remove_duplicate=False):
+        for p in mod.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
     pairs = []
     for name, nxt in succ.items():
         if nxt is None or nxt[0] != "module":
             continue
         a, b = modules.get(name), modules.get(nxt[1])
+        if a is not None and any(owners.get(id(p), 0) > 1 for p in a.parameters(recurse=False)):
+            continue
         if isinstance(a, _FOLDABLE_INTO) and b is not None and _is_bn_like(b):
             out_features = a.out_features if isinstance(a, nn.Linear) else a.out_channels
             if out_features == getattr(b, "num_features", None):
@@ -172,11 +179,16 @@ def fold_bn(model: nn.Module, example_input: object = None) -> nn.Module:
 
     A layer whose weight is parametrized (``torch.nn.utils.parametrizations.weight_norm`` or
     ``spectral_norm``) gets its current weight as a plain parameter in the copy, then the fold.
+    A layer whose weight or bias is tied to another module (one shared Parameter) is not folded.
+    A Linear folds into a following BatchNorm1d only if the BN normalizes the Linear's output
+    features, i.e. on ``(N, F)`` inputs (on ``(N, L, F)`` BatchNorm1d normalizes ``L``): with
+    ``example_input`` every fold is checked on it, and one that changes the outputs is not made.
 
     Args:
         model: the network, in eval mode (``model.eval()``); it is not modified.
         example_input: an input for the model (a tensor, a tuple of positional arguments or a
-            dict of keyword arguments), needed only when fx cannot trace it.
+            dict of keyword arguments), needed when fx cannot trace it; when given, the folds
+            are checked on it.
 
     Returns:
         The folded copy, in eval mode.
@@ -201,10 +213,15 @@ def fold_bn(model: nn.Module, example_input: object = None) -> nn.Module:
         ) from e
     pairs, method = find_foldable_pairs(new)
     if method == "fx" or not pairs:
+        folded = copy.deepcopy(new) if example_input is not None and pairs else new
         for layer_name, bn_name in pairs:
-            _fold_pair(new, layer_name, bn_name)
-        return new.eval()
-    if example_input is None:
+            _fold_pair(folded, layer_name, bn_name)
+        if folded is new:
+            return new.eval()
+        with torch.no_grad():  # checked on the example: a Linear + BatchNorm1d pair on (N, L, F) inputs is not a fold
+            if _same_outputs(_run(folded.eval(), example_input), _run(model, example_input)):
+                return folded.eval()
+    if example_input is None:  # (the fx path with an example whose check failed goes on pair by pair below)
         raise ValueError(
             f"fold_bn: torch.fx cannot trace {type(model).__name__}, so it cannot tell whether the outputs of "
             f"{', '.join(a for a, _ in pairs)} are used anywhere but by their batch norms; give example_input= "

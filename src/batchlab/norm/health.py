@@ -16,10 +16,12 @@ What is measured per layer (thresholds in :class:`HealthThresholds`):
   For the whole model: ``||f_train(x) - f_eval(x)|| / ||f_eval(x)||`` with batch norms in
   training mode and every other module in eval mode.
 * saturated activations after BN, on the eval-mode output, by the activation that follows the
-  layer (found by torch.fx tracing, else ``nn.Sequential`` adjacency):
+  layer (found by torch.fx tracing, else ``nn.Sequential`` adjacency; an activation module called at
+  several places, such as torchvision's ``BasicBlock.relu``, counts):
   relu: ``y <= 0`` (no gradient; about half is normal, so flagged above ``relu_inactive`` 0.9);
-  relu6: ``y <= 0 or y >= 6``; sigmoid: ``|y| > 4`` (derivative < 0.018); tanh: ``|y| > 2``
-  (derivative < 0.071); hardtanh: at or beyond its limits; anything else or unknown:
+  relu6: ``y <= 0 or y >= 6``; hardswish: ``y <= -3`` (zero output and gradient; flagged above
+  ``relu_inactive`` too); hardsigmoid: ``|y| >= 3``; sigmoid: ``|y| > 4`` (derivative < 0.018);
+  tanh: ``|y| > 2`` (derivative < 0.071); hardtanh: at or beyond its limits; anything else or unknown:
   ``|y| > 3`` (3 standard deviations; 0.27% for a unit normal). Flagged above ``saturated``
   (0.5).
 
@@ -115,6 +117,10 @@ def _saturation(y: Tensor, act: str | None, mod: nn.Module | None, th: HealthThr
         return "relu: y <= 0", y <= 0
     if act == "relu6":
         return "relu6: y <= 0 or y >= 6", (y <= 0) | (y >= 6)
+    if act == "hardswish":
+        return "hardswish: y <= -3", y <= -3
+    if act == "hardsigmoid":
+        return "hardsigmoid: |y| >= 3", y.abs() >= 3
     if act == "sigmoid":
         return "sigmoid: |y| > 4", y.abs() > 4
     if act == "tanh":
@@ -251,7 +257,7 @@ def bn_health(model: nn.Module, batch: Any, thresholds: HealthThresholds | None 
                 problems.append(f"non-finite values in {', '.join(nonfinite)}")
             if gap is not None and gap > th.train_eval_gap:
                 problems.append(f"train-vs-eval gap {gap:.3g} > {th.train_eval_gap}")
-            limit = th.relu_inactive if act in ("relu", "relu6") else th.saturated
+            limit = th.relu_inactive if act in ("relu", "relu6", "hardswish") else th.saturated
             if frac is not None and frac > limit:
                 problems.append(f"{frac:.1%} saturated after BN ({rule}) > {limit:.0%}")
             reports.append(

@@ -222,3 +222,26 @@ def test_a_prepared_optimizer_keeps_its_own_scaling_rule() -> None:
     hp = scale_hparams(opt, optimizer_hparams(opt), 32, 64)  # Adam's default rule, not SGD's linear one
     assert hp["lr"] == pytest.approx(1e-3 * 2**0.5) and hp["betas"] == pytest.approx((0.9, 0.999**2))
     assert optimizer_name(torch.optim.NAdam(model.parameters())) == "adam"
+
+
+def test_a_user_lr_scheduler_keeps_the_co_scaled_lr_and_the_base_is_the_configured_lr() -> None:
+    model = nn.Linear(4, 2)
+    opt = torch.optim.AdamW([{"params": [model.weight], "lr": 1e-3}, {"params": [model.bias], "lr": 5e-4}])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.25)  # a warmup has cut the LR to a quarter
+
+    @executable_batch_size(starting_batch_size=128, model=model, optimizer=opt, scheduler=sched)
+    def train(batch_size: int, learning_rate: float) -> int:  # no accumulation: the effective batch must shrink
+        if batch_size > 32:
+            raise torch.OutOfMemoryError(OOM)
+        return batch_size
+
+    assert train() == 32
+    r = train.result
+    # the base is the configured 1e-3 (initial_lr), not the warmup's 2.5e-4; sqrt rule 128 -> 32 halves it
+    assert r.lr_factor == pytest.approx(0.5) and r.learning_rate == pytest.approx(5e-4)
+    assert sched.base_lrs == pytest.approx([5e-4, 2.5e-4])  # co-scaled once, not once per try
+    opt.step()
+    sched.step()  # the scheduler's next step keeps the co-scaled base and the groups' ratio
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1.25e-4, 6.25e-5])
+    with pytest.raises(TypeError, match="scheduler must be a torch LR scheduler"):
+        executable_batch_size(lambda batch_size: None, scheduler=object())

@@ -247,3 +247,30 @@ def test_apply_to_takes_the_group_ratios_when_the_first_lr_is_zero() -> None:
         g["lr"] = 0.0  # a warmup from 0
     BatchSizeSchedule(base=32, stages=((0, 64),)).apply_to(opt, {"lr": 0.1}, ratios=ratios)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.2, 0.02])
+
+
+def test_apply_to_with_a_user_lr_scheduler_co_scales_its_base() -> None:
+    import torch
+    import torch.nn as nn
+
+    from batchlab.batchsize import BatchSizeSchedule
+
+    m = nn.Linear(4, 2)
+    opt = torch.optim.AdamW([{"params": [m.weight], "lr": 1e-3}, {"params": [m.bias], "lr": 5e-4}])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 10))  # linear warmup
+    s = BatchSizeSchedule(32, stages=[(64, 64)])
+    base = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8}
+    lrs = []
+    for _ in range(4):
+        s.apply_to(opt, base, scheduler=sched)  # every step, as in a user's loop
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+        s.step(32)
+    # the warmup goes on (0.1, 0.2, then 0.3, 0.4 of the base); from 64 examples on the base is sqrt(2) x 1e-3,
+    # and the bias group keeps half the weight group's LR
+    root2 = 2 ** 0.5
+    want = [[1e-4, 5e-5], [2e-4, 1e-4], [3e-4 * root2, 1.5e-4 * root2], [4e-4 * root2, 2e-4 * root2]]
+    assert all(a == pytest.approx(b) for a, b in zip(lrs, want))
+    assert sched.base_lrs == pytest.approx([1e-3 * root2, 5e-4 * root2])
+    assert opt.param_groups[0]["betas"][1] == pytest.approx(0.999 ** 2)  # Adam's default rule: half-life kept

@@ -56,6 +56,9 @@ def test_objective_keeps_the_metric_direction() -> None:
         Objective("speed", 1, None, "accuracy", True)
     a, b = SeedStats.of([1.0, 3.0]), SeedStats.of([2.0, 2.0])
     assert a.mean == 2.0 and a.se == pytest.approx(1.0) and se_of_difference(a, b) == pytest.approx(1.0)
+    # the floor stands in for a one-seed side only: two measured errors are never floored
+    assert se_of_difference(SeedStats.of([1.0, 1.1]), SeedStats.of([1.2, 1.3]), floor=2.0) == pytest.approx(0.0707, abs=1e-4)
+    assert se_of_difference(SeedStats.of([1.0]), SeedStats.of([1.2, 1.3]), floor=0.3) == pytest.approx(0.3041, abs=1e-4)
     assert not SeedStats.of([1.0, math.nan]).ok
 
 
@@ -122,17 +125,19 @@ def test_halving_on_a_loss_picks_the_lowest_and_gives_large_batches_a_bye() -> N
 
 
 # ----------------------------------------------------------------------------- confirm: verdicts
-def _confirm(stats: dict[int, tuple[float, float]], baseline: float, objective: Objective = ACC, eps=None):
+def _confirm(stats: dict[int, tuple[float, float]], baseline: float, objective: Objective = ACC, eps=None,
+             measured=None):
     from types import SimpleNamespace
 
-    from batchlab.batchsize.suggest import SearchResult, confirm
+    from batchlab.batchsize.suggest import Prediction, SearchResult, confirm
 
     rung = {"index": 0, "budget": 100.0, "seeds": [0, 1], "tested": list(stats), "byes": [], "promoted": list(stats),
             "stats": {str(b): {"mean": m, "se": se, "n": 2, "failed": 0, "seconds": 1.0} for b, (m, se) in stats.items()}}
     s = SearchResult(plan=[], unit="examples", rungs=[rung], trials=[], survivors=list(stats), examples=0, seconds=0.0)
     m = SimpleNamespace(baseline=baseline, baseline_kind="the majority-class rate")
     eps = eps or {b: float(b) for b in stats}
-    p = SimpleNamespace(candidates=[{"batch_size": b, "examples_per_sec": e} for b, e in eps.items()])
+    p = Prediction(objective={}, candidates=[{"batch_size": b, "examples_per_sec": e} for b, e in eps.items()],
+                   ranked=list(stats), selected=list(stats), measured_speed=measured or {})
     return confirm(s, m, p, objective)
 
 
@@ -142,6 +147,13 @@ def test_not_separable_prefers_the_fastest() -> None:
     assert "not separable by more than their seed noise" in c.message and "the fastest of them, 32" in c.message
     c = _confirm({8: (0.80, 0.001), 32: (0.79, 0.001)}, baseline=0.1)
     assert c.batch == 8 and c.separable and "better than 32 by more than the seed noise" in c.message
+    # the fastest is judged by the speeds the runs measured where there are any, not the throughput prediction
+    c = _confirm({8: (0.80, 0.02), 32: (0.79, 0.02)}, baseline=0.1, measured={"8": 900.0, "32": 500.0})
+    assert c.tied == [8, 32] and c.batch == 8
+    # one blown-up batch (a diverged seed: se 2.48) does not make the others look tied (a probe's RMSE case)
+    c = _confirm({64: (1.248, 0.033), 128: (1.223, 0.0042), 256: (0.9731, 0.023), 512: (4.0, 2.48)}, baseline=2.0,
+                 objective=LOSS)
+    assert c.best == 256 and c.tied == [256] and c.batch == 256
 
 
 def test_no_better_than_the_baseline_is_not_supported() -> None:
@@ -318,19 +330,23 @@ def test_throughput_on_dict_batches_leaves_the_rng() -> None:
     assert r.status == ["ok", "ok"] and all(t > 0 for t in r.step_time) and r.examples_processed == 2 * 20
 
 
-def test_the_advice_co_scales_adams_hyperparameters_as_scale_hparams_does(toy_task) -> None:
+def test_the_advice_recommends_what_the_trials_ran_and_offers_adams_half_life_beta2_apart(toy_task) -> None:
     import dataclasses
 
     from batchlab.batchsize.suggest import _co_scaled
 
     task = dataclasses.replace(toy_task, optimizer="adamw", lr=1e-3, batch_size=32)
     h = _co_scaled(task, 128)
-    assert h["rule"] == "adam-halflife" and h["from"]["betas"] == (0.9, 0.999)
-    assert h["to"]["lr"] == pytest.approx(2e-3) and h["to"]["betas"][1] == pytest.approx(0.999**4)
+    # the recommendation: the LR by the trials' rule (sqrt), betas as the trials kept them
+    assert h["rule"] == "sqrt" and h["from"]["betas"] == (0.9, 0.999)
+    assert h["to"]["lr"] == pytest.approx(2e-3) and h["to"]["betas"] == (0.9, 0.999)
+    alt = h["alternative"]  # not measured: the same half-life in examples
+    assert alt["rule"] == "adam-halflife" and alt["betas"][1] == pytest.approx(0.999**4)
     own = dataclasses.replace(task, optimizer_fn=lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95)))
-    assert _co_scaled(own, 64)["to"]["betas"][1] == pytest.approx(0.95**2)  # the user's own betas, co-scaled
+    assert _co_scaled(own, 64)["alternative"]["betas"][1] == pytest.approx(0.95**2)  # the user's own betas
     sgd = _co_scaled(dataclasses.replace(task, optimizer="momentum", lr=0.1), 64)
     assert sgd["rule"] == "linear" and sgd["to"]["lr"] == pytest.approx(0.2) and "betas" not in sgd["to"]
+    assert "alternative" not in sgd
 
 
 class CurveRunner(FakeRunner):
@@ -360,3 +376,41 @@ def test_the_climb_recommends_a_faster_batch_tied_with_the_winner_and_stays_with
     assert any("climb: batch 32" in n and "so the faster 32 is recommended" in n for n in s.search.notes)
     assert any("climb: batch 64" in n and "32 stays recommended" in n for n in s.search.notes)
     assert s.total_examples <= s.cost_budget
+
+
+def test_the_rungs_use_the_speeds_their_runs_measured(toy_task) -> None:
+    """In "time" mode a rung's seconds become each batch's examples at the speed its earlier runs took
+    (first step left out), never above the speed the cost plan was made with."""
+    from types import SimpleNamespace
+
+    from batchlab.batchsize.suggest import Prediction, _rung_runner
+
+    class Timed(FakeRunner):
+        def run(self, trials, store=None, *, kind="", progress=False, retry_failed=False):
+            out = []
+            for t in trials:
+                self.trials.append(t)
+                b, ex = t.config.batch_size, t.config.max_examples
+                steps = ex // b
+                # batch 8 really runs at 400 examples/s after a 0.5 s first step; batch 16 at 1000/s
+                speed = 400.0 if b == 8 else 1000.0
+                first = 0.5 + b / speed
+                out.append({"status": "ok", "metric": 0.5, "examples": steps * b, "time": first + (steps - 1) * b / speed,
+                            "steps": steps, "first_step_time": first})
+            return out
+
+    # the throughput measurement said 8 and 16 both run at 800 examples/s
+    p = Prediction(objective={}, candidates=[{"batch_size": b, "examples_per_sec": 800.0} for b in (8, 16)],
+                   ranked=[8, 16], selected=[8, 16])
+    obj = Objective("time", 10_000, 10.0, "accuracy", True)
+    m = SimpleNamespace(micro_max=None)
+    runner = Timed()
+    run = _rung_runner(toy_task, p, m, obj, device="cpu", store=None, runner=None, backend=runner, trial_fn=None,
+                       max_speed=800.0)
+    run([8, 16], 1.0, [0], 0)
+    assert [t.config.max_examples for t in runner.trials] == [800, 800]  # first rung: the prediction's speed
+    assert p.measured_speed["8"] == pytest.approx(400.0) and p.measured_speed["16"] == pytest.approx(1000.0)
+    runner.trials.clear()
+    run([8, 16], 1.0, [0], 1)
+    # next rung: 8 gets what it runs in a second; 16 is capped at the plan's speed (the cost bound)
+    assert [t.config.max_examples for t in runner.trials] == [400, 800]

@@ -51,10 +51,11 @@ class SeedStats:
 
 
 def se_of_difference(a: SeedStats, b: SeedStats, floor: float = 0.0) -> float:
-    """``sqrt(se_a^2 + se_b^2)``, at least ``floor`` (a pooled seed noise when a side has one seed)."""
-    parts = [s.se for s in (a, b) if math.isfinite(s.se)]
-    se = math.sqrt(sum(p * p for p in parts)) if parts else 0.0
-    return max(se, floor)
+    """``sqrt(se_a^2 + se_b^2)``; a side with one seed (no standard error of its own) counts with
+    ``floor``, a pooled seed noise. Two sides with their own errors are never floored: one noisy
+    batch elsewhere must not make two well-measured ones look tied."""
+    parts = [s.se if math.isfinite(s.se) else floor for s in (a, b)]
+    return math.sqrt(sum(p * p for p in parts))
 
 
 @dataclass(frozen=True)

@@ -271,17 +271,21 @@ class BatchSizeSchedule:
         self.examples += int(examples)
 
     def apply_to(self, optimizer: torch.optim.Optimizer, hparams: Mapping[str, Any],
-                 total_examples: int | None = None, ratios: Sequence[float] | None = None) -> dict[str, Any]:
+                 total_examples: int | None = None, ratios: Sequence[float] | None = None,
+                 scheduler: Any = None) -> dict[str, Any]:
         """Set ``optimizer``'s lr/betas/eps to ``hparams`` (tuned for ``base``) co-scaled to the
         current batch; returns them. ``lr`` is the first parameter group's; the others keep their
         LR ratio to it (``ratios``: one per group, default the current ones, which a first group at
         LR 0, e.g. at the start of a warmup, cannot give: pass ``batchlab.train.optim.lr_ratios`` taken
         earlier). ``total_examples``: the budget a milestone schedule's fractions refer to (stage
-        schedules ignore it)."""
+        schedules ignore it). ``scheduler``: the torch LR scheduler driving the optimizer, if any; then
+        ``hparams["lr"]`` is its base LR and the co-scaled LR becomes the scheduler's base, so its
+        warmup and decay go on multiplying it (without it, the scheduler's next ``step()`` would
+        overwrite the co-scaled LR; see :func:`batchlab.train.optim.set_hparams`)."""
         if not self.stages and self.milestones and total_examples is None:
             raise self._needs_budget("BatchSizeSchedule.apply_to")
         hp = self.hparams_at(self.examples, hparams, optimizer, total_examples)
-        set_hparams(optimizer, hp, ratios)
+        set_hparams(optimizer, hp, ratios, scheduler)
         return hp
 
     def state_dict(self) -> dict[str, Any]:

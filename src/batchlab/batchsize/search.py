@@ -257,6 +257,7 @@ def fit_trial(task: Task, config: TrainConfig, *, precise: bool = True, health: 
         "status": r.status, "metric": float(metric), "examples": r.examples, "time": r.train_time, "steps": r.steps,
         "error": None if r.error is None else r.error[-2000:], "final": r.final,
         "param_groups": r.extra.get("param_groups"),  # what the trial's optimizer trained with
+        "first_step_time": r.extra.get("first_step_time"),
     }
     if r.ok and precise and has_batchnorm(model):
         with torch.random.fork_rng(devices=[]):

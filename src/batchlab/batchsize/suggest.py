@@ -27,8 +27,9 @@ Five stages, each a function returning a dataclass the report renders:
    baseline by more than its seed noise, it is marked not supported. Then :func:`climb`: the
    recommendation's double, at the last rung's budget and seeds, replaces it while the two are not
    separable (halving leaves two batches, so the fastest of the tied may never have been compared).
-5. :func:`advise`: LR by the optimizer's rule (and the optimizer's other hyperparameters co-scaled,
-   :func:`~batchlab.train.scale_hparams`), micro-batch x accumulation when the batch does not
+5. :func:`advise`: LR by the optimizer's rule, as the trials ran it (for Adam, the beta2 that keeps
+   its half-life in examples, :func:`~batchlab.train.scale_hparams`, is offered apart, as not
+   measured), micro-batch x accumulation when the batch does not
    fit, ``bn_health`` of the recommendation's final model, and for a small per-device batch with
    BatchNorm the alternatives (GroupNorm, Ghost BN) measured at the last rung's budget, with
    advice only when that budget separates them from BatchNorm.
@@ -117,6 +118,16 @@ class Prediction:
     ranked: list[int]  # every candidate, best predicted first
     selected: list[int]  # those the search starts with
     notes: list[str] = field(default_factory=list)
+    #: examples/s each searched batch trained at in the search's own runs (data loading included, the
+    #: first step left out), filled rung by rung; preferred to the throughput measurement where present
+    measured_speed: dict[str, float] = field(default_factory=dict)
+
+    def speed(self, b: int) -> float:
+        """Examples per second of batch ``b``: as measured in the search's runs, else as the throughput
+        measurement (timed or extrapolated) predicts."""
+        if str(b) in self.measured_speed:
+            return self.measured_speed[str(b)]
+        return next((c["examples_per_sec"] for c in self.candidates if c["batch_size"] == b), math.nan)
 
 
 @dataclass
@@ -161,7 +172,7 @@ class Advice:
     critical: dict[str, Any] | None
     lines: list[str]
     examples: int = 0
-    hparams: dict[str, Any] | None = None  # the optimizer's lr/betas/eps co-scaled to the batch (scale_hparams)
+    hparams: dict[str, Any] | None = None  # lr/betas/eps at the batch as the trials ran them; "alternative": Adam's half-life beta2
 
 
 @dataclass
@@ -394,20 +405,32 @@ def predict(task: Task, rng: BatchRange, m: Measurements, objective: Objective, 
 
 
 # ------------------------------------------------------------------------------------ stage 3
-def _examples_at(p: Prediction, objective: Objective, b: int, budget: float) -> int:
-    """Training examples a run of batch ``b`` gets at a rung's ``budget`` (examples, or seconds at b's speed)."""
+def _examples_at(p: Prediction, objective: Objective, b: int, budget: float, max_speed: float = math.inf) -> int:
+    """Training examples a run of batch ``b`` gets at a rung's ``budget`` (examples, or seconds at b's
+    speed, :meth:`Prediction.speed`, at most ``max_speed``: the speed the cost plan was made with)."""
     if objective.kind != "time":
         return int(budget)
-    eps = next(c["examples_per_sec"] for c in p.candidates if c["batch_size"] == b)
-    return int(budget * eps)
+    return int(budget * min(p.speed(b), max_speed))
+
+
+def _trial_speed(t: RungTrial) -> float:
+    """Examples per second of one run, its first step (warm-up, DataLoader start) left out when recorded."""
+    first = t.extra.get("first_step_time")
+    per_step = t.examples / max(1, t.steps)
+    if first is not None and t.steps >= 2 and t.seconds > first:
+        return (t.examples - per_step) / (t.seconds - first)
+    return t.examples / t.seconds if t.seconds > 0 else math.nan
 
 
 def _rung_runner(task: Task, p: Prediction, m: Measurements, objective: Objective, *, device: str, store: Any,
-                 runner: Any, backend: Any, trial_fn: Any) -> Any:
+                 runner: Any, backend: Any, trial_fn: Any, max_speed: float = math.inf) -> Any:
     """``run(batches, budget, seeds, rung) -> [RungTrial]``: short runs at a rung's budget, each batch at
-    the LR the optimizer's rule scales to it, split into micro-batches where memory needs it."""
+    the LR the optimizer's rule scales to it, split into micro-batches where memory needs it. Each
+    batch's speed in its runs (median over all its runs so far) goes into ``p.measured_speed``, so
+    in "time" mode the next rung's examples and the fastest-of-tied choice use what the runs took."""
     rule = default_lr_rule(task.optimizer)
     fn = trial_fn or fit_trial
+    speeds: dict[int, list[float]] = {}
 
     def run(batches: list[int], budget: float, rung_seeds: list[int], k: int) -> list[RungTrial]:
         cfgs, meta = [], []
@@ -416,17 +439,25 @@ def _rung_runner(task: Task, p: Prediction, m: Measurements, objective: Objectiv
             lr = scale_lr(task.lr, task.batch_size, b, rule)
             for s in rung_seeds:
                 cfgs.append(TrainConfig(batch_size=sp.micro, accumulation=sp.accumulation, lr=lr,
-                                        optimizer=task.optimizer, max_examples=max(1, _examples_at(p, objective, b, budget)),
+                                        optimizer=task.optimizer,
+                                        max_examples=max(1, _examples_at(p, objective, b, budget, max_speed)),
                                         seed=s, device=device, eval_train=False))
                 meta.append((b, s, lr, sp.accumulation))
         payloads = run_trials(task, cfgs, fn, store, kind="batchsize-halving", runner=runner, backend=backend)
         out = []
         for (b, s, lr, acc), c, d in zip(meta, cfgs, payloads):
-            extra = {k: d[k] for k in ("metric_stale", "bn_health", "error", "precise_bn_examples") if d.get(k) is not None}
+            extra = {k: d[k] for k in ("metric_stale", "bn_health", "error", "precise_bn_examples", "first_step_time")
+                     if d.get(k) is not None}
             out.append(RungTrial(batch=b, seed=s, rung=k, metric=float(d.get("metric", math.nan)),
                                  status=str(d.get("status", "failed")), examples=int(d.get("examples", 0)),
                                  seconds=float(d.get("time", 0.0)), steps=int(d.get("steps", 0)), lr=lr,
                                  accumulation=acc, budget_examples=c.max_examples, extra=extra))
+        for t in out:
+            v = _trial_speed(t) if t.status == "ok" else math.nan
+            if math.isfinite(v) and v > 0:
+                speeds.setdefault(t.batch, []).append(v)
+        for b, vs in speeds.items():
+            p.measured_speed[str(b)] = statistics.median(vs)
         return out
 
     return run
@@ -441,9 +472,10 @@ def search(task: Task, p: Prediction, m: Measurements, objective: Objective, ava
     cands = {c["batch_size"]: c for c in p.candidates}
     eps = {b: c["examples_per_sec"] for b, c in cands.items()}
     time_mode = objective.kind == "time"
+    top_eps = math.inf  # in "time" mode: the fastest selected candidate's predicted speed, which the plan is made with
 
     def examples_at(b: int, budget: float) -> int:
-        return _examples_at(p, objective, b, budget)
+        return _examples_at(p, objective, b, budget, top_eps)
 
     def testable(b: int, budget: float) -> bool:
         return examples_at(b, budget) >= MIN_STEPS * b
@@ -491,7 +523,7 @@ def search(task: Task, p: Prediction, m: Measurements, objective: Objective, ava
         budgets = [ex for _, ex in plan]
     trial_seeds = [[seeds[0]]] * (len(plan) - 1) + [list(seeds)]
     run = _rung_runner(task, p, m, objective, device=device, store=store, runner=runner, backend=backend,
-                       trial_fn=trial_fn)
+                       trial_fn=trial_fn, max_speed=top_eps)
 
     rungs, trials, survivors = successive_halving(sorted(selected, key=p.ranked.index), budgets, run, objective,
                                                   trial_seeds, testable=testable, eta=eta,
@@ -508,6 +540,11 @@ def search(task: Task, p: Prediction, m: Measurements, objective: Objective, ava
                     for r in rungs)
         + (" (BatchNorm models scored after precise BN)" if any("metric_stale" in t.extra for t in trials) else "")
     )
+    if p.measured_speed:
+        notes.append("speeds in the search's runs (examples/s, data loading included, first step left out; the "
+                     "throughput measurement's in brackets), used for the rungs' time budgets and the fastest of the "
+                     "tied: " + ", ".join(f"{b}: {v:.4g} ({eps.get(int(b), math.nan):.4g})"
+                                          for b, v in sorted(p.measured_speed.items(), key=lambda kv: int(kv[0]))))
     return SearchResult(plan=[[c, b] for c, b in zip([c for c, _ in plan], budgets)], unit=unit,
                         rungs=[r.to_dict() for r in rungs], trials=[asdict(t) for t in trials], survivors=survivors,
                         examples=examples, seconds=sum(t.seconds for t in trials), notes=notes,
@@ -531,10 +568,11 @@ def confirm(s: SearchResult, m: Measurements, p: Prediction, objective: Objectiv
     best = objective.best_of({b: st[b]["mean"] for b in ok})
     stats = {b: SeedStats(st[b]["mean"], st[b]["se"], int(st[b]["n"]), int(st[b]["failed"])) for b in ok}
     ses_ok = [stats[b].se for b in ok if math.isfinite(stats[b].se)]
-    floor = statistics.fmean(ses_ok) if ses_ok else 0.0  # the seed noise where a batch has one usable seed
+    # the seed noise for a batch with one usable seed: the median of the others' (one blown-up seed
+    # elsewhere must not inflate it)
+    floor = statistics.median(ses_ok) if ses_ok else 0.0
     tied = [b for b in ok if objective.gap(stats[best].mean, stats[b].mean) <= se_of_difference(stats[best], stats[b], floor)]
-    eps = {c["batch_size"]: c["examples_per_sec"] for c in p.candidates}
-    pick = max(tied, key=lambda b: (eps.get(b, 0.0) if math.isfinite(eps.get(b, math.nan)) else 0.0, b))
+    pick = max(tied, key=lambda b: (p.speed(b) if math.isfinite(p.speed(b)) else 0.0, b))
     separable = len(tied) == 1 and len(ok) > 1
     # the recommendation itself (the fastest of the tied, not necessarily the best) must beat the baseline
     margin = objective.gap(stats[pick].mean, m.baseline)  # > 0: it beats the baseline
@@ -574,12 +612,11 @@ def climb(task: Task, s: SearchResult, c: Confirmation, m: Measurements, p: Pred
         return c
     run = _rung_runner(task, p, m, objective, device=device, store=store, runner=runner, backend=backend,
                        trial_fn=trial_fn)
-    eps = {r["batch_size"]: r["examples_per_sec"] for r in p.candidates}
     used = 0
     while c.batch is not None:
         last = next(r for r in reversed(s.rungs) if r["tested"])
         up = c.batch * 2
-        if up > high or not math.isfinite(eps.get(up, math.nan)) or str(up) in last["stats"]:
+        if up > high or not math.isfinite(p.speed(up)) or str(up) in last["stats"]:
             break  # past the range, not measured, or already compared on the last rung
         examples = _examples_at(p, objective, up, last["budget"])
         if examples < MIN_STEPS * up:
@@ -656,11 +693,11 @@ def advise(task: Task, c: Confirmation, s: SearchResult, m: Measurements, object
     lr = scale_lr(task.lr, task.batch_size, b, rule)
     lines = [f"learning rate {lr:.4g}: the task's {task.lr:g} at batch {task.batch_size}, {rule} scaling"]
     hparams = _co_scaled(task, b)
-    if hparams is not None and "betas" in hparams["from"] and hparams["to"]["betas"] != hparams["from"]["betas"]:
-        (_, b2), (_, b2n) = hparams["from"]["betas"], hparams["to"]["betas"]
-        lines.append(f"Adam's beta2 {b2n:.6g} for batch {b} (the task's {b2:g} at batch {task.batch_size}, "
-                     f"{hparams['rule']}: the same half-life in examples, Marek et al. 2025); the search's trials "
-                     f"kept {b2:g}")
+    alt = (hparams or {}).get("alternative")
+    if alt is not None:
+        (_, b2), (_, b2n) = hparams["from"]["betas"], alt["betas"]
+        lines.append(f"Adam's betas as the trials ran them (beta2 {b2:g}); keeping beta2's half-life in examples "
+                     f"(Marek et al. 2025, rule {alt['rule']}) would give beta2 {b2n:.6g} at batch {b}, not measured here")
     if sp.accumulation > 1:
         lines.append(f"batch {b} does not fit: {sp.accumulation} micro-batches of {sp.micro} (gradient accumulation)")
     mine = [t for t in s.trials if t["batch"] == b and t["rung"] == max(tt["rung"] for tt in s.trials if tt["batch"] == b)]
@@ -680,16 +717,23 @@ def advise(task: Task, c: Confirmation, s: SearchResult, m: Measurements, object
 
 
 def _co_scaled(task: Task, batch: int) -> dict[str, Any] | None:
-    """The task's optimizer hyperparameters (lr, betas, eps, as its optimizer is built) co-scaled from
-    the task's batch to ``batch`` by the optimizer's default rule (:func:`scale_hparams`)."""
+    """The task's optimizer hyperparameters (lr, betas, eps, as its optimizer is built) at ``batch`` as
+    the search's trials ran them (``to``: the LR by the optimizer's LR rule, the rest unchanged), and for
+    Adam-like optimizers the ``alternative`` that also keeps beta2's half-life in examples (not measured)."""
     try:
         opt = task.build_optimizer(task.make_model(), task.lr)
     except Exception:  # noqa: BLE001 - advice only: without a model there is no optimizer to read
         return None
     base = optimizer_hparams(opt)
-    rule = default_hparam_rule(task.optimizer)
-    to = scale_hparams(task.optimizer, base, task.batch_size, batch, rule)
-    return {"rule": rule, "from_batch": task.batch_size, "to_batch": batch, "from": base, "to": to}
+    rule = default_lr_rule(task.optimizer)
+    out: dict[str, Any] = {"rule": rule, "from_batch": task.batch_size, "to_batch": batch, "from": base,
+                           "to": scale_hparams(task.optimizer, base, task.batch_size, batch, rule)}
+    full = default_hparam_rule(task.optimizer)
+    if full != rule and "betas" in base:
+        alt = scale_hparams(task.optimizer, base, task.batch_size, batch, full)
+        if alt.get("betas") != base["betas"]:
+            out["alternative"] = {**alt, "rule": full}
+    return out
 
 
 def _norm_check(task: Task, b: int, sp: Split, lr: float, bn_trials: list[dict[str, Any]], objective: Objective,

@@ -64,7 +64,7 @@ from batchlab.batchsize.state import Snapshot, preserved_state
 from batchlab.train import default_lr_rule, is_oom, scale_lr
 from batchlab.train.config import LR_RULES
 from batchlab.train.oom import free_memory
-from batchlab.train.optim import optimizer_name
+from batchlab.train.optim import lr_schedulers, optimizer_name
 
 __all__ = ["ExecutableBatch", "evaluation", "executable_batch_size"]
 
@@ -159,6 +159,7 @@ def executable_batch_size(
     probe_batches: Sequence[int] = (2, 4, 8),
     memory_limit: int | None = None,
     margin: float = DEFAULT_MARGIN,
+    scheduler: Any = None,
 ) -> Any:
     """Decorate ``function(batch_size, ...)`` to run it with the largest batch that fits.
 
@@ -168,7 +169,8 @@ def executable_batch_size(
         effective_batch_size: examples per optimizer step to keep (default: ``starting_batch_size``).
         low: the smallest micro-batch considered.
         model, optimizer: restored after each failed try (and ``optimizer``'s LR co-scaled).
-        learning_rate: the LR for ``effective_batch_size`` (default: ``optimizer``'s first group's).
+        learning_rate: the LR for ``effective_batch_size`` (default: ``optimizer``'s first group's
+            configured LR, its ``initial_lr`` when an LR scheduler has already scaled ``lr``).
         lr_rule: "linear", "sqrt" or "none" (default: "sqrt" for Adam/AdamW, else "linear").
         starting_eval_batch_size: the first evaluation batch, when the function takes
             ``eval_batch_size`` (default: ``starting_batch_size``).
@@ -178,6 +180,8 @@ def executable_batch_size(
         probe_batches: the small batches probed for the memory fit.
         memory_limit: bytes a probe may use (default on CUDA: what the device can hold).
         margin: a probe fits within ``(1 - margin) * memory_limit``.
+        scheduler: the torch LR scheduler driving ``optimizer``, if any: its base LRs are co-scaled
+            with the optimizer's (else its next ``step()`` would undo the co-scaling).
 
     Returns:
         The wrapped function; it returns ``function``'s value, and ``wrapper.result`` is the
@@ -188,7 +192,7 @@ def executable_batch_size(
             executable_batch_size, starting_batch_size=starting_batch_size, effective_batch_size=effective_batch_size,
             low=low, model=model, optimizer=optimizer, learning_rate=learning_rate, lr_rule=lr_rule,
             starting_eval_batch_size=starting_eval_batch_size, probe=probe, probe_batches=probe_batches,
-            memory_limit=memory_limit, margin=margin,
+            memory_limit=memory_limit, margin=margin, scheduler=scheduler,
         )
     if not callable(function):
         raise TypeError(f"function must be callable, got {type(function).__name__}")
@@ -211,8 +215,12 @@ def executable_batch_size(
         raise TypeError(f"{function.__name__} must take batch_size as its first argument")
     takes = {k: k in params for k in ("gradient_accumulation_steps", "learning_rate", "eval_batch_size")}
     base_lr = learning_rate
-    if base_lr is None and optimizer is not None:
-        base_lr = float(optimizer.param_groups[0]["lr"])
+    if base_lr is None and optimizer is not None:  # torch's schedulers keep the configured LR as "initial_lr"
+        base_lr = float(optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"]))
+    scheds = lr_schedulers(scheduler)
+    if scheduler is not None and not scheds:
+        raise TypeError(f"scheduler must be a torch LR scheduler (with base_lrs), got {type(scheduler).__name__}")
+    sched_bases = [list(sch.base_lrs) for sch in scheds]
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -244,6 +252,10 @@ def executable_batch_size(
             if optimizer is not None and factor != 1.0:
                 for g in optimizer.param_groups:
                     g["lr"] = g["lr"] * factor
+                    if "initial_lr" in g:
+                        g["initial_lr"] = g["initial_lr"] * factor
+            for sch, bases in zip(scheds, sched_bases):  # from the original bases on every try
+                sch.base_lrs = [b * factor for b in bases]
             call_kw = dict(kwargs)
             if takes["gradient_accumulation_steps"]:
                 call_kw["gradient_accumulation_steps"] = acc

@@ -558,6 +558,8 @@ def _fit(
             loss_count += 1
             now = time.perf_counter()
             train_time += now - t_step
+            if ctx.step == 1:  # allocator and kernel warm-up, DataLoader start: speeds are read without it
+                result.extra["first_step_time"] = train_time
             for cb in callbacks:
                 cb.on_step_end(ctx)
             bar.update(1)

@@ -133,19 +133,47 @@ def lr_ratios(optimizer: torch.optim.Optimizer) -> list[float]:
     return [float(g["lr"]) / ref if ref else 1.0 for g in groups]
 
 
+def lr_schedulers(scheduler: Any) -> list[Any]:
+    """``scheduler`` and, for ``SequentialLR`` / ``ChainedScheduler``, the schedulers inside it, that
+    keep ``base_lrs`` (the LRs their factors multiply)."""
+    if scheduler is None:
+        return []
+    inner = getattr(scheduler, "_schedulers", None)
+    out = [scheduler] if hasattr(scheduler, "base_lrs") else []
+    return out + [s for sub in (inner or []) for s in lr_schedulers(sub)]
+
+
 def set_hparams(optimizer: torch.optim.Optimizer, hparams: Mapping[str, Any],
-                ratios: Sequence[float] | None = None) -> None:
+                ratios: Sequence[float] | None = None, scheduler: Any = None) -> None:
     """Write lr, betas and eps of ``hparams`` into every parameter group that has them. ``lr`` is
     the first group's (as :func:`optimizer_hparams` reads it); other groups keep their LR ratio to
     it (``ratios``, default :func:`lr_ratios` now), so per-group learning rates (a smaller LR
-    for a pretrained backbone, layer-wise decay) are scaled, not overwritten."""
+    for a pretrained backbone, layer-wise decay) are scaled, not overwritten.
+
+    With a torch LR ``scheduler`` driving the optimizer, ``lr`` is the base LR the schedule's factor
+    multiplies (what the scheduler was built with): each group's ``base_lrs`` entry and
+    ``initial_lr`` become the new base (ratios default to the scheduler's base ratios) and the
+    current LR is rescaled by new base / old base, so the warmup or decay goes on from the new base
+    instead of the scheduler's next ``step()`` overwriting it."""
     groups = optimizer.param_groups
+    scheds = lr_schedulers(scheduler)
+    if scheduler is not None and not scheds:
+        raise TypeError(f"scheduler must be a torch LR scheduler (with base_lrs), got {type(scheduler).__name__}")
     if "lr" in hparams:
+        if ratios is None and scheds and scheds[0].base_lrs and scheds[0].base_lrs[0]:
+            ratios = [b / scheds[0].base_lrs[0] for b in scheds[0].base_lrs]
         ratios = lr_ratios(optimizer) if ratios is None else list(ratios)
         if len(ratios) != len(groups):
             raise ValueError(f"ratios must have one entry per parameter group ({len(groups)}), got {len(ratios)}")
     for i, group in enumerate(groups):
-        if "lr" in hparams and "lr" in group:
+        if "lr" in hparams and "lr" in group and scheds:
+            new = hparams["lr"] * ratios[i]
+            old = scheds[0].base_lrs[i]
+            group["lr"] = group["lr"] * (new / old) if old else new
+            group["initial_lr"] = new
+            for sch in scheds:
+                sch.base_lrs[i] = new
+        elif "lr" in hparams and "lr" in group:
             group["lr"] = hparams["lr"] * ratios[i]
         if "betas" in hparams and "betas" in group:
             group["betas"] = tuple(hparams["betas"])

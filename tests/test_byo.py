@@ -222,6 +222,23 @@ def _factory_raises():
     raise RuntimeError("weights file missing")
 
 
+class _InputIdsOnly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lin(input_ids)
+
+
+class _Dicts(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": torch.randn(4), "labels": torch.tensor(i % 2)}
+
+
 @pytest.mark.parametrize("kw,message", [
     (dict(model=_factory_raises), r"task 'bad': the model factory raised RuntimeError: weights file missing"),
     (dict(loss=lambda out, batch: out.sum(dim=1)), r"task 'bad': the loss must be a scalar .* shape \(4,\)"),
@@ -236,6 +253,9 @@ def _factory_raises():
     (dict(model=lambda: _LossOnly()), r"task 'bad': the model returned a scalar \(.*\), not logits; if it is the loss, "
      r"give loss=lambda out, batch: out"),
     (dict(val=_Pairs(dim=3)), r"task 'bad': the model rejected a validation batch \(\[tensor\(4, 3\) float32, tensor\(4,\) int64\]\): RuntimeError"),
+    # a dict batch whose model takes no 'labels' keyword: the way out is named
+    (dict(model=lambda: _InputIdsOnly(), train=_Dicts(), val=_Dicts()),
+     r"unexpected keyword argument 'labels'; a mapping batch is passed as model\(\*\*batch\).*Task.from_torch\(forward="),
 ])
 def test_bad_user_tasks_fail_before_training_naming_task_and_problem(kw, message):
     args = dict(name="bad", model=lambda: nn.Linear(4, 2), train=_Pairs(), val=_Pairs())

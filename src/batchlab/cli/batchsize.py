@@ -103,7 +103,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     print(s.summary())
     print(f"report: {index}")
     print(f"examples processed: {s.total_examples} (bound {s.cost_budget}; {s.budget_examples} per full training run); "
-          f"{s.wall_time:.1f} s")
+          f"{s.wall_time:.1f} s in suggest (measurements and runs; building the task and the report not counted)")
     return 0 if s.status == "ok" else 1
 
 

@@ -540,8 +540,14 @@ class Task:
             except TaskError:
                 raise
             except Exception as e:  # noqa: BLE001
+                hint = ""
+                if (self.forward is None and isinstance(batch, Mapping) and isinstance(e, TypeError)
+                        and "unexpected keyword argument" in str(e)):
+                    hint = (f"; a mapping batch is passed as model(**batch), every key ({', '.join(map(str, batch))}) "
+                            "a keyword: give Task.from_torch(forward=lambda model, batch: model(batch['input_ids'], "
+                            "...)) to feed it your way")
                 raise TaskError(f"task {name!r}: the model rejected a {split} batch ({describe_batch(batch)}): "
-                                f"{type(e).__name__}: {e}") from e
+                                f"{type(e).__name__}: {e}{hint}") from e
             default_loss = self.batch_loss is None and self.loss is F.cross_entropy and carried_loss(out) is None
             default_metric = self.batch_metric is None and self.metric is accuracy and self.metric_name == "accuracy"
             if default_loss or default_metric:

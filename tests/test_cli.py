@@ -120,9 +120,15 @@ def test_out_folders_are_never_taken_over_by_another_command_or_settings(tmp_pat
 
     claim_out(tmp_path, ns("suggest", task="digits-mlp", seeds=2))
     claim_out(tmp_path, ns("suggest", task="digits-mlp", seeds=2, threads=2))  # a rerun resumes; threads don't count
-    with pytest.raises(CliError, match=r"with other settings \(task='digits-mlp' \(now 'mnist1d-mlp'\)\); results are "
+    # no result yet (a run refused on its arguments, or stopped before its first trial): another setting may use it
+    claim_out(tmp_path, ns("suggest", task="mnist1d-mlp", seeds=2))
+    from batchlab.store import Store
+
+    with Store(tmp_path / "batchlab.db") as store:  # one finished trial: now the folder is the run's
+        store.put("k", {"status": "ok"}, kind="x")
+    with pytest.raises(CliError, match=r"with other settings \(task='mnist1d-mlp' \(now 'digits-mlp'\)\); results are "
                                        r"never overwritten"):
-        claim_out(tmp_path, ns("suggest", task="mnist1d-mlp", seeds=2))
+        claim_out(tmp_path, ns("suggest", task="digits-mlp", seeds=2))
     with pytest.raises(CliError, match=r"holds the results of `batchlab suggest`; results are never overwritten"):
         claim_out(tmp_path, ns("reproduce", quick=True, seeds=None, device="cpu"), keys=("quick", "seeds", "device"))
     # a folder from before the owner file: its results say whose it is
@@ -136,12 +142,13 @@ def test_out_folders_are_never_taken_over_by_another_command_or_settings(tmp_pat
     done.mkdir()
     (done / "critical_batch.json").write_text('{"measured": "earlier"}')
     r = run_cli("critical-batch", "--task", "digits-mlp", "--quick", "--out", str(done))
-    assert r.returncode == 2 and "already holds critical_batch.json; it is never overwritten" in r.stderr, r.stderr
+    assert r.returncode == 2 and "already holds a critical_batch.json that cannot be read" in r.stderr, r.stderr
     assert (done / "critical_batch.json").read_text() == '{"measured": "earlier"}'
-    # a run refused on its arguments leaves no mark: the corrected command can use the folder
+    # a run refused on its arguments leaves no result: the corrected command can use the folder
     fresh = tmp_path / "cb2"
     r = run_cli("critical-batch", "--task", "digits-mlp", "--quick", "--out", str(fresh), "--batch-size", "5000")
-    assert r.returncode == 2 and "batch_size" in r.stderr and not (fresh / ".batchlab-command.json").exists()
+    assert r.returncode == 2 and "batch_size" in r.stderr and not (fresh / "critical_batch.json").exists()
+    claim_out(fresh, ns("critical-batch", task="digits-mlp", quick=True, batch_size=64))
 
 
 def test_an_unknown_option_is_named_by_the_command_and_not_taken_as_an_abbreviation() -> None:

@@ -259,8 +259,77 @@ def test_cli_critical_batch(cli, tmp_path):
     for measured in (back, data):
         sched = BatchSizeSchedule.from_critical_batch(measured, 8, rule=data["rule"], max_batch=1438)
         assert [list(p) for p in sched.stages] == data["schedule"]["stages"]
+    # the same command again: the finished measurement is shown, nothing run, nothing overwritten
+    before = (tmp_path / "out" / "critical_batch.json").read_bytes()
+    again = cli("critical-batch", "--task", "digits-mlp", "--batch-size", "8", "--checkpoints", "0,0.02",
+                "--factors", "1,2,4", "--seeds", "2", "--branch-examples", "64", "--budget", "2",
+                "--gns-groups", "2", "--out", str(tmp_path / "out"), "--threads", "1", "--quiet")
+    assert again.returncode == 0 and "nothing was run" in again.stdout and "critical batch" in again.stdout
+    assert (tmp_path / "out" / "critical_batch.json").read_bytes() == before
     bad = cli("critical-batch", "--task", "digits-mlp", "--factors", "2,4", "--quiet")
     assert bad.returncode == 2 and "factors must be increasing integers starting at 1" in bad.stderr
+
+
+def test_an_interrupted_measurement_resumes_from_its_store(tmp_path, toy_task, monkeypatch):
+    import batchlab.batchsize.critical as C
+    from batchlab.store import Store
+
+    kw = dict(batch_size=4, checkpoints=(0.0, 0.5), factors=(1, 2), branch_examples=16, seeds=2, gns_groups=2,
+              budget_examples=64, store=tmp_path)
+    real, calls = C._branch, []
+
+    def stop_after_five(*a, **k):
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # the user's Ctrl-C in the sixth branch
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(C, "_branch", stop_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        critical_batch(toy_task, **kw)
+    assert len(Store(tmp_path / "batchlab.db")) == 5  # the finished branches are kept
+    counted = []
+    monkeypatch.setattr(C, "_branch", lambda *a, **k: counted.append(1) or real(*a, **k))
+    resumed = critical_batch(toy_task, **kw)
+    assert len(counted) == 3  # only the 8 - 5 missing branches ran
+    whole = critical_batch(toy_task, **{**kw, "store": None})
+    assert [p.losses for p in resumed.points] == [p.losses for p in whole.points]
+
+
+class _NanAfter(torch.nn.Module):
+    """A model whose outputs become NaN after ``after`` training forwards (a user's model going bad)."""
+
+    def __init__(self, after: int, batch: int | None = None) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 3)  # the toy task's 8 features, 3 classes
+        self.after, self.batch, self.calls = after, batch, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+        out = self.lin(x.flatten(1))
+        if self.batch is not None and x.shape[0] == self.batch and self.training:
+            raise RuntimeError(f"this model cannot take batch {self.batch}")
+        return out * math.nan if self.calls > self.after else out
+
+
+def test_failed_branches_are_named_and_a_failed_base_gives_no_critical_batch(toy_task):
+    import dataclasses
+
+    # branches at batch 16 raise: counted as not within tolerance, and named
+    t = dataclasses.replace(toy_task, model_fn=lambda **kw: _NanAfter(10**9, batch=16), model_kwargs=False)
+    r = critical_batch(t, batch_size=4, checkpoints=(0.0,), factors=(1, 2, 4), branch_examples=32, seeds=2,
+                       gns_groups=2, budget_examples=64)
+    p = r.points[0]
+    assert p.defined and p.critical_batch <= 8 and len(p.failed) == 2 and "batch 16 seed 0: failed" in p.failed[0]
+    assert any("2 branch(es) failed (counted as not within tolerance)" in n for n in r.notes)
+    # every branch goes NaN: the base branch too, so there is nothing to compare with
+    t = dataclasses.replace(toy_task, model_fn=lambda **kw: _NanAfter(1), model_kwargs=False)
+    r = critical_batch(t, batch_size=4, checkpoints=(0.0,), factors=(1, 2), branch_examples=16, seeds=2,
+                       gns_groups=2, budget_examples=64)
+    p = r.points[0]
+    assert not p.defined and "none (base branch failed)" in r.table()
+    assert BatchSizeSchedule.from_critical_batch(r, 4).stages == ()
 
 
 def test_quick_mode_for_suggest(toy_task):

@@ -43,6 +43,7 @@ batch-size warmup.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import numbers
@@ -55,6 +56,7 @@ from typing import Any
 import torch
 
 from batchlab.batchsize.noise import GradientNoiseScale
+from batchlab.runs import open_store, trial_key
 from batchlab.tasks import Task, get_task
 from batchlab.train import (
     Callback,
@@ -94,6 +96,12 @@ class CriticalPoint:
     b_simple: float  # gradient noise scale at the checkpoint
     ratio: float  # critical_batch / b_simple (NaN when B_simple is not positive)
     capped: bool  # the largest batch tried was within tolerance: the critical batch is at least this
+    #: branches that did not end "ok" with a finite loss: "batch B seed S: status (error)"; a failed larger
+    #: branch counts as not within tolerance
+    failed: list[str] = field(default_factory=list)
+    #: False when a base-batch branch failed: there is nothing to compare with, so no critical batch
+    #: (critical_batch is then the base batch, and schedules skip the point)
+    defined: bool = True
 
 
 @dataclass
@@ -137,6 +145,8 @@ class CriticalBatchResult:
         rows = []
         for p in self.points:
             crit = f">={p.critical_batch}" if p.capped else str(p.critical_batch)
+            if not p.defined:
+                crit = "none (base branch failed)"
             rows.append([str(p.examples), f"{p.val_loss:.4f}", crit, f"{p.critical_low}-{p.critical_high}",
                          f"{p.b_simple:.1f}", f"{p.ratio:.2f}"])
         if markdown:
@@ -157,12 +167,13 @@ class CriticalBatchResult:
 
         fig = ax.figure if ax is not None else plt.figure(figsize=(5.5, 3.8))
         ax = ax if ax is not None else fig.add_subplot(1, 1, 1)
-        x = [p.examples for p in self.points]
-        crit = [p.critical_batch for p in self.points]
-        lo = [p.critical_batch - p.critical_low for p in self.points]
-        hi = [p.critical_high - p.critical_batch for p in self.points]
+        points = [p for p in self.points if p.defined]  # a point whose base branch failed has no critical batch
+        x = [p.examples for p in points]
+        crit = [p.critical_batch for p in points]
+        lo = [p.critical_batch - p.critical_low for p in points]
+        hi = [p.critical_high - p.critical_batch for p in points]
         ax.errorbar(x, crit, yerr=[lo, hi], marker="o", capsize=3, label="critical batch (branches; seed range)")
-        capped = [(xi, c) for xi, c, p in zip(x, crit, self.points) if p.capped]
+        capped = [(xi, c) for xi, c, p in zip(x, crit, points) if p.capped]
         if capped:
             ax.scatter(*zip(*capped), marker="^", s=60, color="C0", label="largest tried (lower bound)")
         bs = [(xi, p.b_simple) for xi, p in zip(x, self.points) if math.isfinite(p.b_simple) and p.b_simple > 0]
@@ -300,6 +311,7 @@ def critical_batch(
     device: str = "cpu",
     quick: bool = False,
     progress: bool = False,
+    store: Any = None,
 ) -> CriticalBatchResult:
     """Measure the critical batch over training by branching (Merrill et al. 2025), beside B_simple.
 
@@ -330,6 +342,10 @@ def critical_batch(
         quick: the cheap mode for ``suggest``: 2 checkpoints, factors up to 8, 8 B_simple groups
             (arguments given explicitly win).
         progress: print one line per checkpoint.
+        store: a :class:`batchlab.store.Store` or a path (a folder gets ``batchlab.db``) keeping each
+            branch's result, so an interrupted measurement resumes: the base run is repeated (it is
+            seeded, so its checkpoints are the same) and the stored branches are loaded, not rerun.
+            None keeps nothing.
 
     Returns:
         A :class:`CriticalBatchResult`.
@@ -407,24 +423,42 @@ def critical_batch(
         budget_examples=int(budget_examples), notes=notes,
     )
     batches = [k * B for k in factors]
+    kept = open_store(store)
     for saved in ckpt.saved:
         model, opt_state = saved["model"], saved["optimizer"]
         result.hparams = _base_hparams(base_lr, opt_state)
         val_loss, _ = evaluate(model, task.val_source, task, device=device)
         losses = []
+        failed: list[str] = []
         for b in batches:  # the branches: the checkpoint's model and optimizer state, co-scaled hyperparameters
             hp = scale_hparams(opt, result.hparams, B, b, rule)
             row = []
             for s in seed_list:
                 cfg = TrainConfig(batch_size=b, lr=hp["lr"], max_examples=int(branch_examples), seed=int(s), **common)
-                r = fit(task, cfg, model=copy.deepcopy(model), callbacks=[_ResumeOptimizer(opt_state, hp)],
-                        raise_errors=False)
-                processed += r.examples
-                row.append(float(r.final.get("val_loss", math.nan)) if r.status == "ok" else math.inf)
+                key = trial_key(task, cfg, kind="critical-branch", base=base_cfg.to_dict(),
+                                checkpoint=int(saved["examples"]), hparams=hp)
+                r = kept.run_or_load(key, functools.partial(_branch, task, cfg, model, opt_state, hp),
+                                     kind="critical-branch")
+                processed += int(r["examples"])
+                loss = float(r["val_loss"]) if r["status"] == "ok" and r["val_loss"] is not None else math.nan
+                if not math.isfinite(loss):
+                    why = r.get("error") or "validation loss not finite"
+                    failed.append(f"batch {b} seed {s}: {r['status'] if r['status'] != 'ok' else 'nan'} ({why})")
+                row.append(loss if math.isfinite(loss) else math.inf)  # a failed branch is not within tolerance
             losses.append(row)
         b_simple, used = _b_simple_at(task, model, micro, gns_accumulation, groups, seed, device)
         processed += used
         point = _decide(saved, float(val_loss), batches, losses, float(tolerance), float(b_simple))
+        point.failed = failed
+        if not all(math.isfinite(v) for v in losses[0]):
+            point.defined = False
+            point.critical_batch = point.critical_low = point.critical_high = B
+            point.capped, point.ratio = False, math.nan
+        if failed:
+            result.notes.append(f"at {point.examples} examples, {len(failed)} branch(es) failed"
+                                + (" (the base batch's among them: no critical batch there)" if not point.defined else
+                                   " (counted as not within tolerance)") + ": " + "; ".join(failed[:4])
+                                + (" ..." if len(failed) > 4 else ""))
         result.points.append(point)
         if progress:
             crit = f">={point.critical_batch}" if point.capped else str(point.critical_batch)
@@ -433,6 +467,16 @@ def critical_batch(
     result.examples_processed = int(processed)
     result.wall_time = time.perf_counter() - t0
     return result
+
+
+def _branch(task: Task, cfg: TrainConfig, model: torch.nn.Module, opt_state: dict[str, Any],
+            hp: dict[str, Any]) -> dict[str, Any]:
+    """One branch from a checkpoint: its status, final validation loss and examples (JSON)."""
+    r = fit(task, cfg, model=copy.deepcopy(model), callbacks=[_ResumeOptimizer(opt_state, hp)], raise_errors=False)
+    loss = float(r.final.get("val_loss", math.nan)) if r.status == "ok" else math.nan
+    error = ((r.error or "").strip().splitlines() or [""])[-1][:200] or None
+    return {"status": r.status, "val_loss": loss if math.isfinite(loss) else None, "examples": int(r.examples),
+            "error": error}
 
 
 def _decide(saved: dict[str, Any], val_loss: float, batches: list[int], losses: list[list[float]], tolerance: float,

@@ -157,7 +157,7 @@ class BatchSizeSchedule:
             measured = CriticalBatchResult.from_dict(measured)
         points = getattr(measured, "points", None)
         if points is not None:
-            pairs = [(int(p.examples), getattr(p, use)) for p in points]
+            pairs = [(int(p.examples), getattr(p, use)) for p in points if getattr(p, "defined", True)]
         else:
             if isinstance(measured, (str, bytes)) or not isinstance(measured, Sequence):
                 raise ValueError("measured must be a CriticalBatchResult, its dict (critical_batch.json) or a sequence of (examples, critical batch) "

@@ -187,9 +187,19 @@ def cmd_critical_batch(args: argparse.Namespace) -> int:
     task = load_task(args)
     out = prepare_out(args.out) if args.out else None
     if out is not None:
-        if (out / "critical_batch.json").exists():
-            raise CliError(f"--out {out} already holds critical_batch.json; it is never overwritten: choose another folder")
-        claim_out(out, args, mark=False)  # marked when the results are written: a refused run leaves nothing
+        claim_out(out, args)  # branches are kept in its store as they finish: an interrupted run resumes
+        if (out / "critical_batch.json").exists():  # finished with these settings: nothing to do, nothing overwritten
+            from batchlab.batchsize.critical import CriticalBatchResult
+
+            try:
+                done = CriticalBatchResult.from_dict(json.loads((out / "critical_batch.json").read_text()))
+            except (OSError, ValueError, TypeError) as e:
+                raise CliError(f"--out {out} already holds a critical_batch.json that cannot be read ({e}); it is never "
+                               "overwritten: choose another folder") from e
+            print(done.table())
+            print(f"--out {out} already holds this measurement (critical_batch.json, same settings); it is never "
+                  "overwritten: nothing was run")
+            return 0
     n = task.size("train")  # None for an IterableDataset without a length: the budget must come in examples
     if args.budget is not None and args.budget_examples is not None:
         raise CliError(f"give --budget (epochs) or --budget-examples, not both; got --budget {args.budget} and "
@@ -204,6 +214,7 @@ def cmd_critical_batch(args: argparse.Namespace) -> int:
             budget_examples=budget, checkpoints=args.checkpoints, factors=args.factors,
             branch_examples=args.branch_examples, seeds=args.seeds, tolerance=args.tolerance,
             gns_groups=args.gns_groups, device=args.device, quick=args.quick, progress=not args.quiet,
+            store=out,
         )
     except ValueError as e:
         raise CliError(str(e)) from e
@@ -215,7 +226,6 @@ def cmd_critical_batch(args: argparse.Namespace) -> int:
           f" ({r.rule} co-scaling)")
     print(f"examples processed: {r.examples_processed}; {r.wall_time:.1f} s")
     if out is not None:
-        claim_out(out, args)
         d = r.to_dict()
         d["schedule"] = schedule.state_dict()
         atomic_write(out / "critical_batch.json", _json(d))
@@ -223,6 +233,11 @@ def cmd_critical_batch(args: argparse.Namespace) -> int:
         with atomic_open(out / "critical_batch.png", "wb") as f:
             fig.savefig(f, format="png", dpi=120)
         print(f"wrote {out / 'critical_batch.json'} and {out / 'critical_batch.png'}")
+    undefined = [p.examples for p in r.points if not p.defined]
+    if undefined:
+        print(f"batchlab critical-batch: no critical batch at {', '.join(map(str, undefined))} examples: the base "
+              "batch's branches failed there (see the notes)", file=sys.stderr)
+        return 1
     return 0
 
 

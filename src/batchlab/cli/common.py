@@ -147,7 +147,7 @@ def claim_out(out: Path, args: argparse.Namespace, keys: Sequence[str] | None = 
             raise CliError(f"--out {out} holds the results of `batchlab {owner.get('command')}`; results are never "
                            "overwritten: choose another folder")
         theirs = owner.get("settings")
-        if theirs is not None and theirs != mine["settings"]:
+        if theirs is not None and theirs != mine["settings"] and _holds_results(out):
             diff = ", ".join(f"{k}={theirs.get(k)!r} (now {mine['settings'].get(k)!r})" for k in sorted(set(theirs) | set(mine["settings"]))
                              if theirs.get(k) != mine["settings"].get(k))
             raise CliError(f"--out {out} holds the results of `batchlab {args.command}` with other settings ({diff}); "
@@ -155,6 +155,24 @@ def claim_out(out: Path, args: argparse.Namespace, keys: Sequence[str] | None = 
                            "to resume")
     if mark:
         atomic_write(owner_path, json.dumps(mine, indent=1, sort_keys=True))
+
+
+def _holds_results(out: Path) -> bool:
+    """Whether ``out`` holds anything a run finished: a result file, a claim's outcome, or a trial in
+    its results store (a run refused on its arguments or stopped before its first trial holds none,
+    so its folder may be used again with other settings)."""
+    if any(out.glob("*/outcome.json")) or any((out / f).exists() for f, _ in _RESULT_FILES):
+        return True
+    db = out / "batchlab.db"
+    if not db.is_file():
+        return False
+    from batchlab.store import Store
+
+    try:
+        with Store(db, readonly=True) as store:
+            return len(store) > 0
+    except Exception:  # noqa: BLE001 - an unreadable store is kept as if it held results
+        return True
 
 
 def _plain(v: Any) -> Any:

@@ -379,11 +379,11 @@ def test_the_climb_recommends_a_faster_batch_tied_with_the_winner_and_stays_with
 
 
 def test_the_rungs_use_the_speeds_their_runs_measured(toy_task) -> None:
-    """In "time" mode a rung's seconds become each batch's examples at the speed its earlier runs took
-    (first step left out), never above the speed the cost plan was made with."""
+    """In "time" mode a rung's batches get equal time at the speeds their earlier runs took (first step
+    left out), the fastest of them the examples the cost plan gave the rung."""
     from types import SimpleNamespace
 
-    from batchlab.batchsize.suggest import Prediction, _rung_runner
+    from batchlab.batchsize.suggest import Prediction, _examples_at, _rung_runner
 
     class Timed(FakeRunner):
         def run(self, trials, store=None, *, kind="", progress=False, retry_failed=False):
@@ -412,5 +412,9 @@ def test_the_rungs_use_the_speeds_their_runs_measured(toy_task) -> None:
     assert p.measured_speed["8"] == pytest.approx(400.0) and p.measured_speed["16"] == pytest.approx(1000.0)
     runner.trials.clear()
     run([8, 16], 1.0, [0], 1)
-    # next rung: 8 gets what it runs in a second; 16 is capped at the plan's speed (the cost bound)
-    assert [t.config.max_examples for t in runner.trials] == [400, 800]
+    # next rung: the fastest (16) gets the planned 800 examples (the cost plan), 8 what it runs in the same time
+    assert [t.config.max_examples for t in runner.trials] == [320, 800]
+    # every measured speed ten times below the prediction (data loading): the same examples, more seconds,
+    # not a tenth of the planned examples
+    p.measured_speed.update({"8": 40.0, "16": 80.0})
+    assert _examples_at(p, obj, 16, 1.0, 800.0, [8, 16]) == 800 and _examples_at(p, obj, 8, 1.0, 800.0, [8, 16]) == 400

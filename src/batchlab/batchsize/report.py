@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from batchlab.batchsize.suggest import last_error_line
+
 MIB = 2**20
 
 
@@ -93,7 +95,8 @@ def write_suggestion_report(suggestion: Any, out_dir: str | Path) -> Path:
     m, p, se, c, a = s["measure"], s["predict"], s["search"], s["confirm"], s["advise"]
     trial_rows = [{"rung": t["rung"], "batch size": t["batch"], "seed": t["seed"], "lr": t["lr"], "metric": t["metric"],
                    "metric before precise BN": t["extra"].get("metric_stale", math.nan), "status": t["status"],
-                   "examples": t["examples"], "steps": t["steps"], "train s": t["seconds"]} for t in se["trials"]]
+                   "examples": t["examples"], "steps": t["steps"], "train s": t["seconds"],
+                   "error": last_error_line(t["extra"].get("error")) if t["status"] != "ok" else ""} for t in se["trials"]]
     pred_rows = [{k: r[k] for k in ("batch_size", "micro_batch", "accumulation", "step_time", "examples_per_sec",
                                     "predicted_steps", "predicted_time")} for r in p["candidates"]]
     sections = [

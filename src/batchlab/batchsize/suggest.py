@@ -333,18 +333,25 @@ def measure(task: Task, rng: BatchRange, cost_budget: int, *, device: str, memor
     ncfg = {"micro_batch": micro, "accumulation": acc, "steps": max_steps, "device": device,
             "until_stable": NOISE_TOLERANCE * (1.5 if quick else 1.0), "window": 8 if quick else 10,
             "min_steps": min(max_steps, 10), "seed": seed}
-    noise = open_store(store).run_or_load(
-        trial_key(task, ncfg, kind="batchsize-noise-v2"),
-        lambda: noise_scale(task, progress=progress, **ncfg), kind="batchsize-noise-v2",
-    )
+    def measure_noise() -> dict[str, Any]:
+        try:
+            return noise_scale(task, progress=progress, **ncfg)
+        except TaskError as e:  # the user's model failing at this batch is a result, stored like a failed trial
+            return {"status": "failed", "error": str(e)[-500:], "b_simple": math.nan, "steps": 0, "examples_processed": 0}
+
+    noise = open_store(store).run_or_load(trial_key(task, ncfg, kind="batchsize-noise-v2"), measure_noise,
+                                          kind="batchsize-noise-v2")
     b_noise = float(noise.get("b_simple", math.nan))
+    if noise.get("status", "ok") != "ok":  # diverged or failed: an estimate from before that is not used
+        b_noise = math.nan
     if math.isfinite(b_noise) and b_noise > 0:
         how = (f"stable within {ncfg['until_stable']:.0%} after {noise.get('stable_at')} steps" if noise.get("stable")
                else f"not yet stable after {noise.get('steps')} steps (the cost cap); it only orders the candidates")
         notes.append(f"gradient noise scale B_simple ~ {b_noise:.0f} at {micro} x {acc} (McCandlish et al. 2018), {how}")
     else:
         why = (f"the estimate came out {b_noise:.3g} after {noise.get('steps')} steps, not a usable positive number"
-               if noise.get("status") == "ok" else f"status {noise.get('status')!r}")
+               if noise.get("status", "ok") == "ok" else
+               f"its run at {micro} x {acc} ended {noise.get('status')!r}: {last_error_line(noise.get('error'))}")
         notes.append(f"the gradient noise scale could not be measured ({why}); candidates "
                      "are ordered by their distance from the task's own batch")
     baseline, kind = _baseline(task, device, seed)
@@ -405,12 +412,35 @@ def predict(task: Task, rng: BatchRange, m: Measurements, objective: Objective, 
 
 
 # ------------------------------------------------------------------------------------ stage 3
-def _examples_at(p: Prediction, objective: Objective, b: int, budget: float, max_speed: float = math.inf) -> int:
-    """Training examples a run of batch ``b`` gets at a rung's ``budget`` (examples, or seconds at b's
-    speed, :meth:`Prediction.speed`, at most ``max_speed``: the speed the cost plan was made with)."""
+def last_error_line(error: Any) -> str:
+    """The last line of a stored error (a traceback's is the exception), or "no error recorded"."""
+    lines = [ln for ln in str(error or "").strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else "no error recorded"
+
+
+def _rung_size(rung: dict[str, Any], objective: Objective) -> float:
+    """A rung's run length as the objective counts it: examples, or in "time" mode the seconds its
+    runs took (the longest batch's mean; the planned seconds are rescaled to the measured speeds)."""
+    if objective.kind != "time":
+        return float(rung["budget"])
+    secs = [st["seconds"] for st in rung["stats"].values() if math.isfinite(st.get("seconds", math.nan))]
+    return max(secs) if secs else float(rung["budget"])
+
+
+def _examples_at(p: Prediction, objective: Objective, b: int, budget: float, max_speed: float = math.inf,
+                 group: Sequence[int] = ()) -> int:
+    """Training examples a run of batch ``b`` gets at a rung's ``budget``: the budget itself (examples),
+    or in "time" mode seconds at b's speed (:meth:`Prediction.speed`). ``max_speed``: the speed the
+    cost plan turned its examples into seconds with; with it, the seconds are rescaled so that the
+    fastest of ``group`` (the rung's batches) gets exactly the planned examples when the speeds
+    measured in the runs differ from the prediction (all slower: the same examples, more seconds)."""
     if objective.kind != "time":
         return int(budget)
-    return int(budget * min(p.speed(b), max_speed))
+    speed = p.speed(b)
+    ref = max([v for v in map(p.speed, group) if math.isfinite(v)] or [speed])
+    if math.isfinite(max_speed) and math.isfinite(ref) and ref > 0:
+        return int(budget * max_speed * min(speed, ref) / ref)
+    return int(budget * speed)
 
 
 def _trial_speed(t: RungTrial) -> float:
@@ -432,15 +462,16 @@ def _rung_runner(task: Task, p: Prediction, m: Measurements, objective: Objectiv
     fn = trial_fn or fit_trial
     speeds: dict[int, list[float]] = {}
 
-    def run(batches: list[int], budget: float, rung_seeds: list[int], k: int) -> list[RungTrial]:
+    def run(batches: list[int], budget: float, rung_seeds: list[int], k: int,
+            examples: dict[int, int] | None = None) -> list[RungTrial]:
         cfgs, meta = [], []
         for b in batches:
             sp = Split.of(b, m.micro_max)
             lr = scale_lr(task.lr, task.batch_size, b, rule)
+            ex = examples[b] if examples and b in examples else _examples_at(p, objective, b, budget, max_speed, batches)
             for s in rung_seeds:
                 cfgs.append(TrainConfig(batch_size=sp.micro, accumulation=sp.accumulation, lr=lr,
-                                        optimizer=task.optimizer,
-                                        max_examples=max(1, _examples_at(p, objective, b, budget, max_speed)),
+                                        optimizer=task.optimizer, max_examples=max(1, ex),
                                         seed=s, device=device, eval_train=False))
                 meta.append((b, s, lr, sp.accumulation))
         payloads = run_trials(task, cfgs, fn, store, kind="batchsize-halving", runner=runner, backend=backend)
@@ -474,8 +505,8 @@ def search(task: Task, p: Prediction, m: Measurements, objective: Objective, ava
     time_mode = objective.kind == "time"
     top_eps = math.inf  # in "time" mode: the fastest selected candidate's predicted speed, which the plan is made with
 
-    def examples_at(b: int, budget: float) -> int:
-        return _examples_at(p, objective, b, budget, top_eps)
+    def examples_at(b: int, budget: float) -> int:  # (whether a rung can give b its steps; the searched as the group)
+        return _examples_at(p, objective, b, budget, top_eps, selected)
 
     def testable(b: int, budget: float) -> bool:
         return examples_at(b, budget) >= MIN_STEPS * b
@@ -532,8 +563,9 @@ def search(task: Task, p: Prediction, m: Measurements, objective: Objective, ava
     unit = "seconds" if time_mode else "examples"
     notes.append(
         f"successive halving over {', '.join(map(str, sorted(selected)))}: "
-        + "; ".join(f"rung {r.index} ({r.budget:.3g} {unit} per run, seeds {r.seeds}): "
-                    + (", ".join(f"{b} {r.stats[str(b)]['mean']:.4g}" for b in r.tested) if r.tested
+        + "; ".join(f"rung {r.index} ({_rung_size(r.to_dict(), objective):.3g} {unit} per run, seeds {r.seeds}): "
+                    + (", ".join(f"{b} {r.stats[str(b)]['mean']:.4g}" if not r.stats[str(b)]["failed"] else
+                                 f"{b} failed" for b in r.tested) if r.tested
                        else "none run")
                     + (f" ({', '.join(map(str, r.byes))} {'go' if len(r.byes) > 1 else 'goes'} on to the next rung "
                        "untested: too few steps at this budget)" if r.byes else "")
@@ -579,20 +611,21 @@ def confirm(s: SearchResult, m: Measurements, p: Prediction, objective: Objectiv
     noise = stats[pick].se if math.isfinite(stats[pick].se) else 0.0
     supported = margin > noise
     unit = "s" if objective.kind == "time" else " examples"
+    per_run = f"{_rung_size(last, objective):.3g}{unit}"
     if len(ok) == 1:
-        msg = f"only batch {best} reached the last rung ({last['budget']:.3g}{unit} per run)"
+        msg = f"only batch {best} reached the last rung ({per_run} per run)"
     elif separable:
-        msg = (f"last rung ({last['budget']:.3g}{unit} per run, seeds {last['seeds']}): batch {best} is better than "
+        msg = (f"last rung ({per_run} per run, seeds {last['seeds']}): batch {best} is better than "
                f"{', '.join(str(b) for b in ok if b != best)} by more than the seed noise")
     else:
-        msg = (f"last rung ({last['budget']:.3g}{unit} per run, seeds {last['seeds']}): batches "
+        msg = (f"last rung ({per_run} per run, seeds {last['seeds']}): batches "
                f"{', '.join(map(str, sorted(tied)))} are not separable by more than their seed noise (one standard "
                f"error of the difference); the fastest of them, {pick}, is recommended")
     msg += "; " + ", ".join(f"batch {b}: {objective.metric} {stats[b].mean:.4g} +- {stats[b].se:.2g}" for b in ok)
     if not supported:
         msg += (f". Recommendation not supported: batch {pick}'s validation {objective.metric} {stats[pick].mean:.4g} does not "
                 f"beat the trivial baseline, {m.baseline_kind}, by more than its seed noise. The last rung's runs "
-                f"({last['budget']:.3g}{unit} each, cut to fit the cost bound) may be too short to learn; a larger "
+                f"({per_run} each, cut to fit the cost bound) may be too short to learn; a larger "
                 "--cost-budget (cost_budget=) lengthens them")
     return Confirmation(pick, best, sorted(tied), separable, supported, means, ses, last["budget"], msg)
 
@@ -619,6 +652,10 @@ def climb(task: Task, s: SearchResult, c: Confirmation, m: Measurements, p: Pred
         if up > high or not math.isfinite(p.speed(up)) or str(up) in last["stats"]:
             break  # past the range, not measured, or already compared on the last rung
         examples = _examples_at(p, objective, up, last["budget"])
+        if objective.kind == "time":  # the time the recommendation's runs took on the last rung, at up's speed
+            mine = [t for t in s.trials if t["batch"] == c.batch and t["rung"] == last["index"] and t["status"] == "ok"]
+            if mine and math.isfinite(p.speed(up)) and math.isfinite(p.speed(c.batch)) and p.speed(c.batch) > 0:
+                examples = int(statistics.fmean(t["examples"] for t in mine) * p.speed(up) / p.speed(c.batch))
         if examples < MIN_STEPS * up:
             s.notes.append(f"climb: batch {up} would get fewer than {MIN_STEPS} steps at the last rung's budget")
             break
@@ -627,7 +664,7 @@ def climb(task: Task, s: SearchResult, c: Confirmation, m: Measurements, p: Pred
             s.notes.append(f"climb: no budget left to compare batch {up} with {c.batch} ({cost:.0f} examples needed, "
                            f"{available - used:.0f} left)")
             break
-        trials = run([up], last["budget"], list(last["seeds"]), int(last["index"]))
+        trials = run([up], last["budget"], list(last["seeds"]), int(last["index"]), examples={up: examples})
         spent = sum(t.examples + int(t.extra.get("precise_bn_examples", 0)) for t in trials)
         used += spent
         st, last["stats"][str(up)] = batch_stats(trials)
@@ -644,8 +681,10 @@ def climb(task: Task, s: SearchResult, c: Confirmation, m: Measurements, p: Pred
             outcome = f"not separable from {prev}, so the faster {up} is recommended"
         else:
             outcome = f"better than {prev} by more than the seed noise, so {up} is recommended"
-        s.notes.append(f"climb: batch {up} at the last rung's budget, seeds {last['seeds']}: {objective.metric} "
-                       f"{st.mean:.4g} +- {st.se:.2g}; {outcome}")
+        bad = [t for t in trials if t.status != "ok"]
+        got = (f"{objective.metric} {st.mean:.4g} +- {st.se:.2g}" if not bad else
+               f"{len(bad)} of {len(trials)} runs ended {bad[0].status!r} ({last_error_line(bad[0].extra.get('error'))})")
+        s.notes.append(f"climb: batch {up} at the last rung's budget, seeds {last['seeds']}: {got}; {outcome}")
         if c.batch != up:
             break
     return c

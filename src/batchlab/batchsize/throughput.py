@@ -85,7 +85,8 @@ class ThroughputResult:
     """Per batch size: seconds per step (minimum over interleaved timed steps), examples per second, seconds per epoch.
 
     Lists are aligned with ``batch_sizes``; a size that ran out of memory has NaN entries and
-    ``status`` "oom".
+    ``status`` "oom"; one whose step raised anything else has NaN entries, ``status`` "failed" and
+    the error in ``errors`` (the other sizes are still measured).
     """
 
     batch_sizes: list[int]
@@ -102,6 +103,7 @@ class ThroughputResult:
     step_times_all: list[list[float]] = field(default_factory=list)
     step_time_median: list[float] = field(default_factory=list)
     step_time_raw: list[float] = field(default_factory=list)  # per-size minimum before the monotone repair
+    errors: list[str | None] = field(default_factory=list)  # per size: the error of a "failed" step, else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -209,6 +211,7 @@ def _throughput(task: Task, sizes: list[int], dev: torch.device, warmup: int, re
     batches = {b: task.sample_batch(b, seed=0, device=dev) for b in sizes}
     times: dict[int, list[float]] = {b: [] for b in sizes}
     failed: set[int] = set()
+    errors: dict[int, str] = {}
     processed = 0
 
     def one_step(b: int, timed: bool) -> None:
@@ -227,10 +230,11 @@ def _throughput(task: Task, sizes: list[int], dev: torch.device, warmup: int, re
             processed += b
             if timed:
                 times[b].append(dt)
-        except Exception as e:  # noqa: BLE001
-            if not is_oom(e):
-                raise
-            free_memory()
+        except Exception as e:  # noqa: BLE001 - a size that fails is recorded; the others are still measured
+            if is_oom(e):
+                free_memory()
+            else:
+                errors[b] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
             failed.add(b)
 
     from tqdm.auto import tqdm
@@ -258,12 +262,12 @@ def _throughput(task: Task, sizes: list[int], dev: torch.device, warmup: int, re
     raw = [min(times[b]) if b not in failed and times[b] else math.nan for b in sizes]
     step_time = monotone_step_times(sizes, raw)
     median = [statistics.median(times[b]) if b not in failed and times[b] else math.nan for b in sizes]
-    status = ["oom" if b in failed else "ok" for b in sizes]
+    status = [("failed" if b in errors else "oom") if b in failed else "ok" for b in sizes]
     eps = [b / t if math.isfinite(t) and t > 0 else math.nan for b, t in zip(sizes, step_time)]
     epoch = [math.ceil(n / b) * t for b, t in zip(sizes, step_time)]
     return ThroughputResult(
         batch_sizes=sizes, step_time=step_time, examples_per_sec=eps, epoch_time=epoch, status=status,
         knee=find_knee(sizes, eps), n_train=n, device=str(dev), warmup=warmup, repeats=repeats,
         examples_processed=processed, step_times_all=[times[b] for b in sizes], step_time_median=median,
-        step_time_raw=raw,
+        step_time_raw=raw, errors=[errors.get(b) for b in sizes],
     )

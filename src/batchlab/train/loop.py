@@ -285,6 +285,13 @@ class _Batches:
         if not self.direct:
             self.stream = source.stream(self._indices())
 
+    def close(self) -> None:
+        """Shut a DataLoader's workers down now. Left to garbage collection (an exception's traceback
+        keeps the stream alive), a later forked worker could collect the iterator and fail with
+        "can only test a child process"."""
+        if not self.direct:
+            self.stream.close()
+
     def _local(self, idx: torch.Tensor) -> torch.Tensor:
         """This process's share of a micro-batch's indices (all of them without a shard)."""
         if self.shard is None:
@@ -590,7 +597,7 @@ def _fit(
             result.error = traceback.format_exc(limit=20)
     finally:
         bar.close()
-        del batches  # shuts down DataLoader workers
+        batches.close()  # shuts down DataLoader workers
     result.steps, result.examples = ctx.step, ctx.examples
     result.train_time = train_time
     result.wall_time = time.perf_counter() - t_start

@@ -21,7 +21,7 @@ from batchlab.train import TrainConfig
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAS_RAY, reason="the 'ray' extra is not installed (pip install 'batchlab[ray]')")
-TIMING = {"wall_time", "train_time", "eval_time"}
+TIMING = {"wall_time", "train_time", "eval_time", "first_step_time"}
 
 
 @pytest.fixture(scope="module")  # one Ray session for the module: ~30 s to start on a busy 2-core machine

@@ -124,6 +124,11 @@ def test_unknown_task_and_bad_entry_points() -> None:
         get_task("batchlab.tasks:nope")
     with pytest.raises(ValueError, match=r"returned int, expected batchlab.tasks.Task"):
         get_task(f"{__name__}:not_a_task")
+    # an argument it does not have, against a TypeError raised inside it by a bad value
+    with pytest.raises(ValueError, match=r"does not take these arguments \(m\): .*unexpected keyword argument 'm'"):
+        get_task(f"{__name__}:user_task", m=3)
+    with pytest.raises(ValueError, match=r"user_task' raised TypeError with arguments n='x'"):
+        get_task(f"{__name__}:user_task", n="x")
 
 
 def test_user_task_entry_point() -> None:

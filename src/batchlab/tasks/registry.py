@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -59,9 +60,16 @@ def _load_entry_point(spec: str, **kwargs: Any) -> Task:
     if not callable(fn):
         raise ValueError(f"task entry point {spec!r} is not callable")
     try:
+        inspect.signature(fn).bind(**kwargs)
+    except TypeError as e:  # the arguments themselves do not fit (a TypeError inside the function is its own)
+        raise ValueError(f"task entry point {spec!r} does not take these arguments ({', '.join(kwargs) or 'none'}): {e}") from e
+    except ValueError:
+        pass  # no signature to check (a builtin): the call says
+    try:
         task = fn(**kwargs)
     except TypeError as e:
-        raise ValueError(f"task entry point {spec!r} does not take these arguments ({', '.join(kwargs) or 'none'}): {e}") from e
+        raise ValueError(f"task entry point {spec!r} raised TypeError with arguments "
+                         f"{', '.join(f'{k}={v!r}' for k, v in kwargs.items()) or 'none'}: {e}") from e
     except (ValueError, FileNotFoundError):
         raise
     except Exception as e:  # noqa: BLE001 - the user's code: one line naming the entry point

@@ -63,6 +63,19 @@ def test_c22_supported_refuted_inconclusive_invalid():
     assert _v(_task(64, 1000), _task(200, 150, reached=few)) == "refuted"
 
 
+def test_c22_notes_a_fastest_lr_at_the_grid_edge_without_changing_the_verdict():
+    t = _task(64, 70)
+    for b in ("8", "16"):  # the grid's largest LR (0.2) is the fastest there
+        t["runs"][b]["0.2"] = {s: {**r, "steps_to_target": r["steps_to_target"] - 100}
+                               for s, r in t["runs"][b]["0.05"].items()}
+    e = CriticalBatch()
+    r = e.judge_task(t, P)
+    assert r["lr_at_grid_edge"] == {"8": "largest", "16": "largest"}
+    assert "the fastest LR is the grid's largest at B = 8, 16, so S(B) there is an upper bound" in r["text"]
+    assert e.judge_task(_task(64, 70), P)["lr_at_grid_edge"] == {}  # two LRs: no interior to speak of
+    assert _v(t, _task(200, 150)) == _v(_task(64, 70), _task(200, 150))
+
+
 def _suggested(batch: int | None, status: str = "ok") -> dict[str, Any]:
     return {"status": status, "batch_size": batch, "lr": 0.1, "b_noise": 50.0, "tied": [], "examples": 1000,
             "cost_budget": 2000, "wall_time": 1.0, "headline": "x"}

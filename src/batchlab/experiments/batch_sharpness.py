@@ -85,8 +85,8 @@ class SharpMinima(Experiment):
         "seed, with a finite sharpness (otherwise sharpness compares points on a slope)."
     }
     PUBLISHED = {"source": "Keskar et al. 2017, Table 3-4 (epsilon-sharpness, eps 1e-3 and 5e-4, six networks)",
-                 "published": "large-batch sharpness several times to two orders of magnitude above small-batch on "
-                 "every network, with a larger generalization gap (numbers: see the paper; not restated here)"}
+                 "published": "large-batch sharpness above small-batch on every network, with a larger "
+                 "generalization gap (numbers: see the paper's tables; not restated here)"}
 
     def params(self, quick: bool) -> dict[str, Any]:
         return {"task": TASK, "small": 16, "large": 256, "lr": 0.05, "schedule": "cosine", "steps": 1500, "eps": [1e-3, 5e-4],

@@ -216,6 +216,25 @@ class CriticalBatch(Experiment):
                 out.setdefault(b, {})[s] = float(min(hits)) if hits else math.inf
         return out
 
+    @staticmethod
+    def lr_at_grid_edge(task_data: dict[str, Any]) -> dict[str, str]:
+        """Batches whose fastest LR (fewest steps to the target, in some seed) is the grid's smallest or
+        largest: a faster LR may lie outside the grid, so S(B) is only an upper bound there."""
+        out: dict[str, str] = {}
+        for b, per_lr in task_data["runs"].items():
+            lrs = sorted(per_lr, key=float)
+            if len(lrs) < 3:
+                continue
+            seeds = {s for runs in per_lr.values() for s in runs}
+            for s in seeds:
+                hits = {lr: r[s]["steps_to_target"] for lr, r in per_lr.items()
+                        if s in r and r[s].get("status") == "ok" and r[s].get("steps_to_target") is not None}
+                if hits:
+                    best = min(hits, key=lambda lr: (hits[lr], float(lr)))
+                    if best in (lrs[0], lrs[-1]):
+                        out[b] = "largest" if best == lrs[-1] else "smallest"
+        return out
+
     def judge_task(self, task_data: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
         per_b = self.steps_per_b(task_data)
         bs = sorted(per_b, key=int)
@@ -230,8 +249,12 @@ class CriticalBatch(Experiment):
                "examples_median": {b: int(b) * s for b, s in med.items()}}
         span = max(med.values()) / min(med.values()) if med else math.nan
         res["steps_span"] = span
+        edge = self.lr_at_grid_edge(task_data)
+        res["lr_at_grid_edge"] = edge
         txt = (f"S_min {f['s_min']:.4g}, B_crit {f['b_noise']:.4g}, E_min {f['e_min']:.4g}, R^2(log S) "
-               f"{f['r2_log']:.3f} on {f['n']} B; B_simple {fmt_spread(bsim)} (ratio B_simple/B_crit {ratio:.3g})")
+               f"{f['r2_log']:.3f} on {f['n']} B; B_simple {fmt_spread(bsim)} (ratio B_simple/B_crit {ratio:.3g})"
+               + (f"; note (not part of the rule): the fastest LR is the grid's {'/'.join(sorted(set(edge.values())))} "
+                  f"at B = {', '.join(sorted(edge, key=int))}, so S(B) there is an upper bound" if edge else ""))
         res["text"] = txt
         res["suggest"] = self.suggest_vs_b_crit(task_data.get("suggest"), f["b_noise"], self.WITHIN)
         if len(reached) < params["min_points"] or not span >= params["min_span"]:

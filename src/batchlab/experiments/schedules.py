@@ -59,7 +59,7 @@ class BatchGrowth(Experiment):
     #: by the factor the LR would have been divided by, the curves match at fewer parameter updates
     PUBLISHED16 = {"source": "Smith, Kindermans, Ying & Le 2018 (CIFAR-10 ResNet, Fig. 2-3)",
                    "published": "growth and decay reach the same test accuracy (within noise); growth takes fewer "
-                   "parameter updates (about 2x fewer in their schedule)"}
+                   "parameter updates (how many fewer: see their figures; not restated here)"}
 
     def params(self, quick: bool) -> dict[str, Any]:
         base = {"task": "mnist1d-mlp", "task_kwargs": {"n_samples": 10000}, "batch0": 16, "lr0": 0.1, "k": 5,

@@ -650,3 +650,18 @@ def test_bn_health_sees_an_activation_module_called_twice_and_hardswish() -> Non
         hs[1].bias.fill_(-10.0)
     rep = N.bn_health(hs, torch.randn(8, 3, 6, 6)).layers[0]
     assert any("hardswish: y <= -3" in p for p in rep.problems)
+
+
+def test_convert_norm_warns_when_a_trained_model_gets_another_normalization() -> None:
+    import warnings
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    model(torch.randn(4, 3, 8, 8))  # one training batch: its statistics are trained
+    with pytest.warns(UserWarning, match=r"1 trained batch norm\(s\) \(1\) replaced by 'group'.*outputs change"):
+        N.convert_norm(model, "group")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same statistics, same outputs: no warning
+        trained = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        trained(torch.randn(4, 3, 8, 8))
+        N.convert_norm(trained, "ghost")
+        N.convert_norm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), "group")  # fresh: nothing to lose

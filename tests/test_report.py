@@ -295,3 +295,19 @@ def test_rewrite_can_embed_its_own_previous_figures(tmp_path):
     again = write_report(tmp_path, "T", [{"title": "b", "figures": old}])
     assert again == first and check_self_contained(again) == [data]
     assert [p.name for p in (tmp_path / "figures").glob("*.png")] == ["fig-01-b.png"]
+
+
+def test_report_from_dir_names_every_differing_setting(tmp_path):
+    d = tmp_path / "runs"
+    d.mkdir()
+    base = fake_run(32, 0.05)
+    for i, change in enumerate([{}, {"grad_clip": 1.0}, {"norm": "group"}, {"accumulation": 2}, {"amp": True},
+                                {"weight_decay": 1e-4}]):
+        r = RunResult.from_dict(base.to_dict())
+        r.config = {**r.config, **change}
+        (d / f"run{i}.json").write_text(r.to_json())
+    page = report_from_dir(d).read_text()
+    overview = page[page.index("Runs differ in"):][:300]
+    for key in ("grad_clip", "norm", "accumulation", "amp", "weight_decay"):  # not only the first three
+        assert f"<code>{key}</code>" in overview, (key, overview)
+        assert re.search(rf"<th( class=num)?>{key}</th>", page)  # and a column each in the summary table

@@ -265,3 +265,9 @@ def test_evaluation_builds_no_autograd_graph_and_results_record_the_optimizer(to
     (g,) = r.extra["param_groups"]
     assert g["weight_decay"] == 0.05 and g["betas"] == [0.9, 0.999] and g["params"] == sum(
         p.numel() for p in toy_task.make_model().parameters())
+
+
+def test_training_a_fresh_model_with_frozen_batch_norms_is_warned(toy_task):
+    with pytest.warns(UserWarning, match="norm 'frozen' on a model whose batch norms hold their initial statistics"):
+        r = fit(toy_task, TrainConfig(batch_size=16, max_steps=2, norm="frozen"))
+    assert "meant for pretrained weights" in r.extra["warning"]

@@ -616,7 +616,7 @@ def max_batch_size(
             agreed_guess = agree.minimum(guess if guess is not None else 0)
             guess = agreed_guess if agreed_guess > 0 else None
             best, _ = search_max_batch(try_fn, power_candidates(low, cap), guess=guess)
-    if best is not None and best < cap:
+    if best is None or best < cap:  # nothing fits (not even low) is memory's limit too
         capped_by = "memory"
     return MaxBatchResult(
         batch_size=best, device=str(dev), memory_limit=memory_limit, fixed_bytes=fixed, per_sample_bytes=slope,

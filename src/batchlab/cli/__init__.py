@@ -6,6 +6,7 @@ Each sub-module registers its commands on the parser; the table below is the who
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 
@@ -54,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # written: one line naming the argument or file, exit status 2; anything else is a bug
         if not isinstance(e, (CliError, StoreError, OutputError, *_task_errors())):
             raise
-        message = " ".join(str(e).split())  # one line, even when a library's message has several
+        message = _with_flags(" ".join(str(e).split()), parser, args.command)  # one line, with the flags' names
         sys.stderr.write(f"batchlab {args.command}: error: {message}\n")
         return 2
     except KeyboardInterrupt:
@@ -66,5 +67,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 #: commands whose trials go to a results store in --out, so a rerun resumes
-_RESUMABLE = ("suggest", "reproduce")
+_RESUMABLE = ("suggest", "reproduce", "critical-batch")
+
+
+def _with_flags(message: str, parser: argparse.ArgumentParser, command: str) -> str:
+    """``message`` with the library's argument names (``eval_every``, ``memory_limit``) followed by the
+    command's flag that sets them, once each, so a CLI user knows which option to change."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices[command]._actions:
+        flags = [o for o in action.option_strings if o.startswith("--")]
+        if not flags or "_" not in action.dest:
+            continue
+        message = re.sub(rf"(?<![\w-]){re.escape(action.dest)}\b(?! \(--)", f"{action.dest} ({flags[0]})", message, count=1)
+    return message
 

@@ -130,7 +130,12 @@ def cmd_find_max_batch(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CliError(str(e)) from e
     print(_json(r.to_dict()))
-    return 0 if r.batch_size is not None else 1
+    if r.batch_size is None:
+        limit = f"{r.memory_limit} bytes" if r.memory_limit is not None else "the device's memory"
+        print(f"batchlab find-max-batch: not even a batch of --low {args.low} fits in {limit} (one step needs about "
+              f"{r.fixed_bytes + r.per_sample_bytes * args.low:.3g} bytes)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_throughput(args: argparse.Namespace) -> int:

@@ -64,8 +64,13 @@ def cmd_bn_health(args: argparse.Namespace) -> int:
             state = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
         except Exception as e:  # noqa: BLE001 - any load failure is a usage error here
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]  # torch's load errors run to many lines
-            raise CliError(f"--checkpoint {args.checkpoint!r} does not load into {task.name}'s model: {first}") from e
+            # torch's load_state_dict error: a header line, then one line per kind of mismatch (missing keys,
+            # unexpected keys, size mismatches): the kinds are what tells the user what is wrong
+            lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+            what = " ".join(lines[:4])
+            if len(what) > 600:
+                what = what[:600] + " ..."
+            raise CliError(f"--checkpoint {args.checkpoint!r} does not load into {task.name}'s model: {what}") from e
     elif args.epochs > 0:
         result = fit(task, TrainConfig(batch_size=min(task.batch_size, task.size("train") or task.batch_size), epochs=args.epochs,
                                        seed=args.seed, norm=args.norm, activation=args.activation),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -181,7 +182,23 @@ def convert_norm(
         return layer.to(device=ref.device).train(old.training)
 
     _refuse_in_torch_transformer_layers(model, pred, to, _for_last_dim_norm)  # before anything is replaced
-    return replace_modules(model, pred, make)
+    trained = [n for n, m in model.named_modules() if pred(m) and _has_trained_statistics(m)]
+    out = replace_modules(model, pred, make)
+    if trained and not (isinstance(to, str) and to.lower() in _KEEPS_OUTPUTS):
+        warnings.warn(f"convert_norm: {len(trained)} trained batch norm(s) ({', '.join(trained[:3])}"
+                      f"{', ...' if len(trained) > 3 else ''}) replaced by {to!r}, another normalization: the model's "
+                      "outputs change, so train or fine-tune it after the conversion", stacklevel=2)
+    return out
+
+
+#: targets that normalize with a batch norm's statistics the same way (a trained model's eval outputs stay)
+_KEEPS_OUTPUTS = ("batch", "batch_act", "ghost", "renorm", "sync", "frozen", "caffe")
+
+
+def _has_trained_statistics(m: nn.Module) -> bool:
+    """A batch norm that has seen training batches (its running statistics are no longer a fresh layer's)."""
+    n = getattr(m, "num_batches_tracked", None)
+    return is_batchnorm(m) and n is not None and int(n) > 0
 
 
 def _refuse_in_torch_transformer_layers(model: nn.Module, pred: Callable[[nn.Module], bool], to: NormSpec,

@@ -472,14 +472,18 @@ def report_from_dir(run_dir: str | Path, out_dir: str | Path | None = None, titl
     results, skipped = load_results(run_dir)
     root = Path(run_dir).resolve()
     out = Path(out_dir) if out_dir is not None else root / "report"
-    varying = plots.varying_config_keys([d for _, d in results], limit=3)
+    varying = plots.varying_config_keys([d for _, d in results], limit=None)  # every one: none is hidden
     # order runs by the config values that differ (batch size 16 before 128), then by file name
     results.sort(key=lambda nd: (tuple(_order((nd[1].get("config") or {}).get(k)) for k in varying), nd[0]))
     names = [n for n, _ in results]
     runs = [d for _, d in results]
     # legend: the config fields that differ between runs, else the file names
     named = [{**d, "_file": n} for n, d in results]
-    label: Any = varying if varying else (lambda run: str(run["_file"]))
+    several_tasks = len({str(d.get("task")) for d in runs}) > 1
+    label_keys = (["task"] if several_tasks else []) + varying
+    label: Any = label_keys if label_keys else (lambda run: str(run["_file"]))
+    if label_keys and len({plots.run_label(r, label_keys, "") for r in named}) < len(named):
+        label = lambda run: str(run["_file"])  # noqa: E731 - runs the differing fields do not tell apart
 
     history_keys: set[str] = set()
     for r in runs:

@@ -99,15 +99,16 @@ def _short(v: Any) -> str:
     return str(v)
 
 
-def varying_config_keys(runs: Sequence[Mapping[str, Any]], limit: int = 4) -> list[str]:
-    """Config fields whose values differ between ``runs`` (at most ``limit`` of them, in order)."""
+def varying_config_keys(runs: Sequence[Mapping[str, Any]], limit: int | None = 4) -> list[str]:
+    """Config fields whose values differ between ``runs`` (at most ``limit`` of them, in order; None:
+    all)."""
     keys: list[str] = []
     for run in runs:
         for k in (run.get("config") or {}):
             if k not in keys:
                 keys.append(k)
     varying = [k for k in keys if len({repr((r.get("config") or {}).get(k)) for r in runs}) > 1]
-    return varying[:limit]
+    return varying if limit is None else varying[:limit]
 
 
 def run_label(run: Mapping[str, Any], label_by: str | Sequence[str] | Callable[[dict], str] | None,

@@ -21,6 +21,7 @@ import contextlib
 import math
 import time
 import traceback
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 
 from batchlab.data.arrays import ArrayDataset
 from batchlab.data.sources import ArraySource, LoaderSource, Source, batch_size_of, make_source, move_to_device
+from batchlab.norm import FrozenBatchNorm
 from batchlab.tasks import Task, TaskError, get_task
 from batchlab.tasks.task import is_pooled_metric
 from batchlab.train.config import RunResult, TrainConfig
@@ -271,6 +273,12 @@ def _plan_steps(cfg: TrainConfig, sampler: _Sampler, total_examples: int | None)
         yield plan
 
 
+def _frozen_at_init(model: nn.Module) -> bool:
+    """Whether every frozen batch norm of ``model`` still holds a fresh layer's statistics."""
+    frozen = [m for m in model.modules() if isinstance(m, FrozenBatchNorm)]
+    return bool(frozen) and all(bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all()) for m in frozen)
+
+
 class _Batches:
     """Pairs each planned step with its fetched micro-batches (in-memory: fetched on demand;
     DataLoader: streamed, the loader consuming the plan ahead of the loop)."""
@@ -404,6 +412,12 @@ def _fit(
                               "higher_is_better": task.higher_is_better})
     if model is None:
         model = task.make_model(norm=cfg.norm, activation=cfg.activation)
+        if cfg.norm == "frozen" and _frozen_at_init(model):
+            note = ("norm 'frozen' on a model whose batch norms hold their initial statistics (mean 0, variance 1): "
+                    "freezing keeps them, and gamma as initialized, for the whole run; it is meant for pretrained "
+                    "weights (a model factory that loads them)")
+            warnings.warn(note, stacklevel=3)
+            result.extra["warning"] = note
     model = model.to(device)
     model.train()
     optimizer = task.build_optimizer(model, base_lr, opt_name, momentum=cfg.momentum, weight_decay=cfg.weight_decay,

@@ -138,6 +138,51 @@ def test_throughput_min_over_interleaved_repeats_and_time_bound() -> None:
     assert len(r.step_times_all[0]) == 2 and r.knee == 8
 
 
+class _SlowPairs(torch.utils.data.Dataset):
+    """A Dataset whose every item takes ``delay`` seconds (decoding, augmentation)."""
+
+    def __init__(self, n: int, delay: float, fail_at: int | None = None) -> None:
+        self.n, self.delay = n, delay
+        self.x, self.y = torch.randn(n, 8), torch.randint(0, 3, (n,))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        import time
+
+        time.sleep(self.delay)
+        return self.x[i], self.y[i]
+
+
+class _FailsAt16(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 16:
+            raise RuntimeError("this model cannot take 16")
+        return self.lin(x)
+
+
+def test_throughput_reports_the_data_pipeline_and_a_failing_size_apart() -> None:
+    from batchlab import Task
+    from batchlab.batchsize import throughput
+
+    slow = Task.from_torch("slow", lambda: torch.nn.Linear(8, 3), _SlowPairs(128, 0.004), _SlowPairs(16, 0.0),
+                           batch_size=8, lr=0.1)
+    r = throughput(slow, [4, 8], warmup=0, repeats=1)
+    # 4 ms per item read in this process: at most 250 examples/s, whatever the step time says
+    assert r.data_batch == 8 and 60 < r.data_examples_per_sec < 260
+    assert all(e > r.data_examples_per_sec for e in r.examples_per_sec)  # the steps alone are faster
+    assert throughput(make_toy_task(n_train=64), [4], warmup=0, repeats=1).data_examples_per_sec is None  # in memory
+    bad = Task.from_torch("bad", _FailsAt16, _SlowPairs(64, 0.0), _SlowPairs(16, 0.0), batch_size=8, lr=0.1)
+    r = throughput(bad, [8, 16, 32], warmup=0, repeats=1)
+    assert r.status == ["ok", "failed", "ok"] and "RuntimeError: this model cannot take 16" in r.errors[1]
+    assert math.isnan(r.step_time_raw[1]) and math.isfinite(r.step_time[2])
+
+
 def test_monotone_step_times_and_settling() -> None:
     from batchlab.batchsize.throughput import _settled, monotone_step_times
 

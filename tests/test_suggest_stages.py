@@ -418,3 +418,10 @@ def test_the_rungs_use_the_speeds_their_runs_measured(toy_task) -> None:
     # not a tenth of the planned examples
     p.measured_speed.update({"8": 40.0, "16": 80.0})
     assert _examples_at(p, obj, 16, 1.0, 800.0, [8, 16]) == 800 and _examples_at(p, obj, 8, 1.0, 800.0, [8, 16]) == 400
+    # a batch not run yet is predicted at the measured batches' median measured/predicted ratio (here 1/20 and
+    # 1/10: 0.075), not at the throughput's compute-only speed that would make it the rung's reference
+    p.candidates.append({"batch_size": 32, "examples_per_sec": 1600.0})
+    assert p.speed(32) == pytest.approx(1600.0 * 0.075)
+    # calibrated, 32 (120/s) is the rung's fastest: it gets the planned 800, 16 two thirds of it (equal time)
+    assert _examples_at(p, obj, 32, 1.0, 800.0, [8, 16, 32]) == 800
+    assert _examples_at(p, obj, 16, 1.0, 800.0, [8, 16, 32]) == 533  # (uncalibrated: 800 * 80 / 1600 = 40)

@@ -124,10 +124,15 @@ class Prediction:
 
     def speed(self, b: int) -> float:
         """Examples per second of batch ``b``: as measured in the search's runs, else as the throughput
-        measurement (timed or extrapolated) predicts."""
+        measurement (timed or extrapolated) predicts, times the median ratio of measured to predicted
+        speed of the batches measured so far (the throughput measurement leaves data loading out, so an
+        unmeasured batch must not look faster than it will run next to measured ones)."""
         if str(b) in self.measured_speed:
             return self.measured_speed[str(b)]
-        return next((c["examples_per_sec"] for c in self.candidates if c["batch_size"] == b), math.nan)
+        predicted = {c["batch_size"]: c["examples_per_sec"] for c in self.candidates}
+        ratios = [v / predicted[int(k)] for k, v in self.measured_speed.items()
+                  if math.isfinite(predicted.get(int(k), math.nan)) and predicted[int(k)] > 0]
+        return predicted.get(b, math.nan) * (statistics.median(ratios) if ratios else 1.0)
 
 
 @dataclass
@@ -322,6 +327,14 @@ def measure(task: Task, rng: BatchRange, cost_budget: int, *, device: str, memor
         trial_key(task, tcfg, kind="batchsize-throughput"),
         lambda: {"status": "ok", "result": throughput(task, progress=progress, **tcfg).to_dict()},
         kind="batchsize-throughput")["result"])
+    if tp.data_examples_per_sec is not None:
+        bound = [b for b, e in zip(tp.batch_sizes, tp.examples_per_sec) if math.isfinite(e) and e > tp.data_examples_per_sec]
+        notes.append(f"data pipeline: {tp.data_examples_per_sec:.4g} examples/s at batch {tp.data_batch}"
+                     + (f", slower than the steps at batch {', '.join(map(str, bound))}: there the runs wait for data "
+                        "(the rungs use the speeds their runs measured)" if bound else ""))
+    for b, err in zip(tp.batch_sizes, tp.errors):
+        if err:
+            notes.append(f"throughput: batch {b} failed ({err}); it is not a candidate")
     # noise scale, measured until stable within SHARE_NOISE of the budget
     n = task.n_train
     micro, acc = max(1, min(16, pow2_floor(n // 8), pow2_floor(micro_max or 16))), 4

@@ -13,6 +13,7 @@ import torch
 
 from batchlab.batchsize.batches import check_positive_int
 from batchlab.batchsize.state import preserved_state
+from batchlab.data.sources import ArraySource, batch_size_of
 from batchlab.tasks import Task, get_task
 from batchlab.train import is_oom
 from batchlab.train.oom import free_memory
@@ -104,6 +105,11 @@ class ThroughputResult:
     step_time_median: list[float] = field(default_factory=list)
     step_time_raw: list[float] = field(default_factory=list)  # per-size minimum before the monotone repair
     errors: list[str | None] = field(default_factory=list)  # per size: the error of a "failed" step, else None
+    #: examples/s the task's data pipeline delivers (its Dataset, collate_fn and DataLoader workers), read
+    #: at ``data_batch``; None for in-memory arrays. Step times above exclude it: a step faster than
+    #: ``data_batch / data_examples_per_sec`` waits for data in a real run.
+    data_examples_per_sec: float | None = None
+    data_batch: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -259,6 +265,7 @@ def _throughput(task: Task, sizes: list[int], dev: torch.device, warmup: int, re
             break
         for b in todo:
             one_step(b, timed=True)
+    data_eps, data_b = _data_rate(task, [b for b in sizes if b not in failed] or sizes)
     raw = [min(times[b]) if b not in failed and times[b] else math.nan for b in sizes]
     step_time = monotone_step_times(sizes, raw)
     median = [statistics.median(times[b]) if b not in failed and times[b] else math.nan for b in sizes]
@@ -269,5 +276,33 @@ def _throughput(task: Task, sizes: list[int], dev: torch.device, warmup: int, re
         batch_sizes=sizes, step_time=step_time, examples_per_sec=eps, epoch_time=epoch, status=status,
         knee=find_knee(sizes, eps), n_train=n, device=str(dev), warmup=warmup, repeats=repeats,
         examples_processed=processed, step_times_all=[times[b] for b in sizes], step_time_median=median,
-        step_time_raw=raw, errors=[errors.get(b) for b in sizes],
+        step_time_raw=raw, errors=[errors.get(b) for b in sizes], data_examples_per_sec=data_eps, data_batch=data_b,
     )
+
+
+def _data_rate(task: Task, sizes: list[int], seconds: float = 2.0, max_batches: int = 20) -> tuple[float | None, int | None]:
+    """Examples/s of the task's training data pipeline at the median timed size: batches streamed
+    as training reads them (workers, collate), the first left out (worker start-up), for about
+    ``seconds`` or ``max_batches`` batches. None for in-memory arrays (nothing to wait for)."""
+    source = task.train_source
+    if isinstance(source, ArraySource) or not source.indexable:
+        return None, None
+    b = sorted(sizes)[len(sizes) // 2]
+    n = len(source)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    batches = [order[(i * b) % n:(i * b) % n + b] for i in range(max_batches)]
+    batches = [idx for idx in batches if idx.numel() == b]
+    stream = source.stream(iter(batches))
+    try:
+        next(stream)  # worker start-up and the first fetch: not the steady rate
+        t0, got = time.perf_counter(), 0
+        for batch in stream:
+            got += batch_size_of(batch)
+            if time.perf_counter() - t0 > seconds:
+                break
+        dt = time.perf_counter() - t0
+    except StopIteration:
+        return None, None
+    finally:
+        stream.close()
+    return (got / dt if got and dt > 0 else None), b

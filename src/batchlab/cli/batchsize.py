@@ -158,6 +158,14 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     for b, t, e, ep, st in zip(r.batch_sizes, r.step_time, r.examples_per_sec, r.epoch_time, r.status):
         print(f"{b:>7} {t * 1e3:>10.3f} {e:>12.0f} {ep:>9.3f}  {st}" if math.isfinite(t) else f"{b:>7} {'-':>10} {'-':>12} {'-':>9}  {st}")
     print(f"knee (smallest batch at 90% of the peak examples/s): {r.knee}")
+    for b, err in zip(r.batch_sizes, r.errors):
+        if err:
+            print(f"batch {b} failed: {err}")
+    if r.data_examples_per_sec is not None:
+        slower = [b for b, e in zip(r.batch_sizes, r.examples_per_sec) if math.isfinite(e) and e > r.data_examples_per_sec]
+        print(f"data pipeline (Dataset, collate, DataLoader workers): {r.data_examples_per_sec:.4g} examples/s at batch "
+              f"{r.data_batch}; the step times above leave it out"
+              + (f"; at batch {', '.join(map(str, slower))} training waits for data" if slower else ""))
     return 0
 
 

@@ -124,6 +124,18 @@ def test_halving_on_a_loss_picks_the_lowest_and_gives_large_batches_a_bye() -> N
     assert all(t[0] != 64 or t[1] >= 400 for t in c.calls)
 
 
+def test_a_batch_whose_runs_all_failed_gives_its_place_to_a_bye() -> None:
+    def run(batches, budget, seeds, rung):
+        return [RungTrial(batch=b, seed=s, rung=rung, metric=math.nan if b == 4 else 0.8,
+                          status="failed" if b == 4 else "ok", examples=int(budget)) for b in batches for s in seeds]
+
+    rungs, _, survivors = successive_halving([4, 64], [100, 400], run, ACC, [[0], [0, 1]],
+                                             testable=lambda b, budget: budget >= 4 * b)
+    assert rungs[0].tested == [4] and rungs[0].byes == [64]
+    assert rungs[0].promoted == [64]  # the failed 4 is not run again with two seeds
+    assert survivors == [64]
+
+
 # ----------------------------------------------------------------------------- confirm: verdicts
 def _confirm(stats: dict[int, tuple[float, float]], baseline: float, objective: Objective = ACC, eps=None,
              measured=None):
@@ -425,3 +437,26 @@ def test_the_rungs_use_the_speeds_their_runs_measured(toy_task) -> None:
     # calibrated, 32 (120/s) is the rung's fastest: it gets the planned 800, 16 two thirds of it (equal time)
     assert _examples_at(p, obj, 32, 1.0, 800.0, [8, 16, 32]) == 800
     assert _examples_at(p, obj, 16, 1.0, 800.0, [8, 16, 32]) == 533  # (uncalibrated: 800 * 80 / 1600 = 40)
+
+
+def test_a_model_failing_at_a_probed_batch_leaves_memory_unmeasured_and_the_baseline_says_why() -> None:
+    from batchlab import Task
+    from batchlab.batchsize.suggest import _baseline, _memory
+
+    class FailsFrom16(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] >= 16:
+                raise RuntimeError("cannot take 16 or more")
+            return self.lin(x)
+
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    data = torch.utils.data.TensorDataset(x, y)
+    task = Task.from_torch("fails16", FailsFrom16, data, data, batch_size=8, lr=0.1)
+    mem, micro_max, used, line = _memory(task, "cpu", None, BatchRange(2, 64), cap=10**6)
+    assert mem is None and micro_max is None and "a probe step failed" in line and "cannot take 16" in line
+    value, kind = _baseline(task, "cpu", 0)  # evaluated at batch 8 (a DataLoader task): it works
+    assert math.isfinite(value)

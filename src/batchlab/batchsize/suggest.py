@@ -121,6 +121,7 @@ class Prediction:
     #: examples/s each searched batch trained at in the search's own runs (data loading included, the
     #: first step left out), filled rung by rung; preferred to the throughput measurement where present
     measured_speed: dict[str, float] = field(default_factory=dict)
+    speed_samples: dict[str, list[float]] = field(default_factory=dict)  # every run's speed, by batch
 
     def speed(self, b: int) -> float:
         """Examples per second of batch ``b``: as measured in the search's runs, else as the throughput
@@ -246,8 +247,12 @@ def _baseline(task: Task, device: str, seed: int) -> tuple[float, str]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = task.make_model().to(device)
-    _, untrained = evaluate(model, task.val_source, task, device=device)
-    best, kind = float(untrained), f"the untrained model's validation {task.metric_name} ({untrained:.4g})"
+    try:
+        _, untrained = evaluate(model, task.val_source, task, device=device)
+        best, kind = float(untrained), f"the untrained model's validation {task.metric_name} ({untrained:.4g})"
+    except Exception as e:  # noqa: BLE001 - the user's model failing here fails its trials' evaluation too
+        best = -math.inf if task.higher_is_better else math.inf
+        kind = f"none: the untrained model could not be evaluated ({last_error_line(str(e))})"
     if task.metric_name == "accuracy":
         counts: dict[int, int] = {}
         try:
@@ -276,6 +281,9 @@ def _memory(task: Task, device: str, memory_limit: int | None, rng: BatchRange,
     except (AttributeError, TypeError, NotImplementedError) as e:  # a task the memory probe cannot feed
         return None, None, 0, (f"memory maximum not measured ({type(e).__name__}: {str(e)[:120]}); a trial that runs "
                                "out of memory counts as a failure of its batch")
+    except Exception as e:  # noqa: BLE001 - the user's model failing at a probed batch: its trials will fail too
+        return None, None, 0, (f"memory maximum not measured: a probe step failed ({last_error_line(str(e))}); a "
+                               "trial that fails or runs out of memory counts as a failure of its batch")
     if mem.batch_size is None:
         raise ValueError(f"not even a batch of low={rng.low} fits in memory ({mem.memory_limit} bytes); lower low or "
                          "raise memory_limit")
@@ -407,7 +415,9 @@ def predict_candidates(sizes: Sequence[int], tp: dict[str, Any], micro_max: int 
 def predict(task: Task, rng: BatchRange, m: Measurements, objective: Objective, max_candidates: int) -> Prediction:
     """Stage 2: rank every candidate by predicted time to target; keep the ``max_candidates`` best
     (always with the task's own batch, the incumbent, when it is in range)."""
-    sizes = rng.sizes()
+    tp = m.throughput
+    failed = {b for b, st in zip(tp.get("batch_sizes", []), tp.get("status", [])) if st == "failed"}
+    sizes = [b for b in rng.sizes() if Split.of(b, m.micro_max).micro not in failed]  # (the measure notes say why)
     cands = predict_candidates(sizes, m.throughput, m.micro_max, m.b_noise, objective.budget_examples, task.batch_size)
     incumbent = rng.clamp(pow2_floor(task.batch_size))
     if all(math.isfinite(c.predicted_time) for c in cands):
@@ -433,11 +443,12 @@ def last_error_line(error: Any) -> str:
 
 def _rung_size(rung: dict[str, Any], objective: Objective) -> float:
     """A rung's run length as the objective counts it: examples, or in "time" mode the seconds its
-    runs took (the longest batch's mean; the planned seconds are rescaled to the measured speeds)."""
+    runs took (the median of its batches' mean run times; the planned seconds are rescaled to the
+    measured speeds)."""
     if objective.kind != "time":
         return float(rung["budget"])
     secs = [st["seconds"] for st in rung["stats"].values() if math.isfinite(st.get("seconds", math.nan))]
-    return max(secs) if secs else float(rung["budget"])
+    return statistics.median(secs) if secs else float(rung["budget"])
 
 
 def _examples_at(p: Prediction, objective: Objective, b: int, budget: float, max_speed: float = math.inf,
@@ -473,7 +484,6 @@ def _rung_runner(task: Task, p: Prediction, m: Measurements, objective: Objectiv
     in "time" mode the next rung's examples and the fastest-of-tied choice use what the runs took."""
     rule = default_lr_rule(task.optimizer)
     fn = trial_fn or fit_trial
-    speeds: dict[int, list[float]] = {}
 
     def run(batches: list[int], budget: float, rung_seeds: list[int], k: int,
             examples: dict[int, int] | None = None) -> list[RungTrial]:
@@ -499,9 +509,8 @@ def _rung_runner(task: Task, p: Prediction, m: Measurements, objective: Objectiv
         for t in out:
             v = _trial_speed(t) if t.status == "ok" else math.nan
             if math.isfinite(v) and v > 0:
-                speeds.setdefault(t.batch, []).append(v)
-        for b, vs in speeds.items():
-            p.measured_speed[str(b)] = statistics.median(vs)
+                p.speed_samples.setdefault(str(t.batch), []).append(v)
+                p.measured_speed[str(t.batch)] = statistics.median(p.speed_samples[str(t.batch)])
         return out
 
     return run
@@ -585,11 +594,6 @@ def search(task: Task, p: Prediction, m: Measurements, objective: Objective, ava
                     for r in rungs)
         + (" (BatchNorm models scored after precise BN)" if any("metric_stale" in t.extra for t in trials) else "")
     )
-    if p.measured_speed:
-        notes.append("speeds in the search's runs (examples/s, data loading included, first step left out; the "
-                     "throughput measurement's in brackets), used for the rungs' time budgets and the fastest of the "
-                     "tied: " + ", ".join(f"{b}: {v:.4g} ({eps.get(int(b), math.nan):.4g})"
-                                          for b, v in sorted(p.measured_speed.items(), key=lambda kv: int(kv[0]))))
     return SearchResult(plan=[[c, b] for c, b in zip([c for c, _ in plan], budgets)], unit=unit,
                         rungs=[r.to_dict() for r in rungs], trials=[asdict(t) for t in trials], survivors=survivors,
                         examples=examples, seconds=sum(t.seconds for t in trials), notes=notes,
@@ -957,6 +961,9 @@ def _suggest(task: Task, rng: BatchRange, cap_note: str | None, seeds: list[int]
     own = rng.clamp(pow2_floor(task.batch_size))
     sp = Split.of(own, m.micro_max)
     t_own = sp.accumulation * _time_per_step(m.throughput, sp.micro)
+    data_eps = m.throughput.get("data_examples_per_sec")
+    if data_eps:  # a step cannot be faster than its data arrives (the throughput's step times leave loading out)
+        t_own = max(t_own, own / data_eps)
     if kind == "time":
         if time_budget is None:
             time_budget = budget * t_own / own
@@ -982,6 +989,13 @@ def _suggest(task: Task, rng: BatchRange, cap_note: str | None, seeds: list[int]
     c = confirm(s, m, p, obj)
     c = climb(task, s, c, m, p, obj, search_budget - s.examples, rng.high, device=device, store=st, runner=runner,
               backend=backend, trial_fn=trial_fn, precise=precise)
+    if p.measured_speed:  # after the climb: every run of the search and the climb counted
+        predicted = {r["batch_size"]: r["examples_per_sec"] for r in p.candidates}
+        use = "the rungs' time budgets and the fastest of the tied" if kind == "time" else "the fastest of the tied"
+        s.notes.append(f"speeds in the search's runs (examples/s, median over a batch's runs, data loading included, "
+                       f"first step left out; the throughput measurement's in brackets), used for {use}: "
+                       + ", ".join(f"{b}: {v:.4g} ({predicted.get(int(b), math.nan):.4g})"
+                                   for b, v in sorted(p.measured_speed.items(), key=lambda kv: int(kv[0]))))
     a = advise(task, c, s, m, obj, seeds, cost - used - s.examples, device=device, store=st, runner=runner,
                backend=backend, small_batch=small_batch, check_norms=check_norms, critical=critical, max_batch=rng.high)
     status = "failed" if c.batch is None else ("ok" if c.supported else "not supported")

@@ -127,7 +127,8 @@ def test_halving_on_a_loss_picks_the_lowest_and_gives_large_batches_a_bye() -> N
 def test_a_batch_whose_runs_all_failed_gives_its_place_to_a_bye() -> None:
     def run(batches, budget, seeds, rung):
         return [RungTrial(batch=b, seed=s, rung=rung, metric=math.nan if b == 4 else 0.8,
-                          status="failed" if b == 4 else "ok", examples=int(budget)) for b in batches for s in seeds]
+                          status="failed" if b == 4 else "ok", examples=int(budget), seconds=1.0)
+                for b in batches for s in seeds]
 
     rungs, _, survivors = successive_halving([4, 64], [100, 400], run, ACC, [[0], [0, 1]],
                                              testable=lambda b, budget: budget >= 4 * b)

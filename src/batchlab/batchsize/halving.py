@@ -151,6 +151,6 @@ def successive_halving(
         if tested:
             last_tested = ranked
         alive = promoted
-        if len(alive) <= 1 and not final:
+        if len(alive) <= 1 and not final and set(alive) <= set(tested):  # one left, already judged: done
             break
     return rungs, trials, last_tested

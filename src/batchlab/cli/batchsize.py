@@ -88,7 +88,8 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     claim_out(out, args)
     stored = _stored_results(out)
     if stored:
-        print(f"resuming: {stored} stored result(s) in {out} are reused, not rerun")
+        print(f"resuming: the store in {out} holds {stored} result(s); those this run needs (same task code, data "
+              "and settings) are loaded, not rerun")
     try:
         s = suggest(
             task, device=args.device, low=args.low, high=args.high, seeds=tuple(range(args.seeds)),

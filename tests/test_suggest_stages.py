@@ -167,6 +167,9 @@ def test_not_separable_prefers_the_fastest() -> None:
     c = _confirm({64: (1.248, 0.033), 128: (1.223, 0.0042), 256: (0.9731, 0.023), 512: (4.0, 2.48)}, baseline=2.0,
                  objective=LOSS)
     assert c.best == 256 and c.tied == [256] and c.batch == 256
+    # every batch down to one usable seed: no noise estimate, so nothing is separated (the fastest is taken)
+    c = _confirm({8: (0.80, math.nan), 32: (0.70, math.nan)}, baseline=0.1)
+    assert c.tied == [8, 32] and c.batch == 32 and not c.separable
 
 
 def test_no_better_than_the_baseline_is_not_supported() -> None:

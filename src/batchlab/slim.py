@@ -295,6 +295,7 @@ def slim(
         handler = dg.get_pruner_of_module(bn).prune_out_channels
         group = dg.get_pruning_group(bn, handler, idxs=idxs)
         # Coupled BN layers in the same group (residual sums): keep a channel unless all agree.
+        coupled: list[str] = []
         for dep, tidxs in _group_items(group):
             other = dep.target.module
             if other is bn or other not in pending or not _is_out_fn(dg, dep.handler):
@@ -305,11 +306,12 @@ def slim(
                 idxs = []
                 break
             idxs = [i for i in idxs if bool(pending[other][i])]
+            coupled.append(name_of[other])
+        if len(idxs) != len(torch.nonzero(mask)) and coupled:
+            notes.append(f"{name_of[bn]}: {int(mask.sum()) - len(idxs)} of its {int(mask.sum())} selected channel(s) kept "
+                         f"because a coupled BN layer ({', '.join(dict.fromkeys(coupled))}) needs them")
         if not idxs:
             continue
-        if len(idxs) != len(torch.nonzero(mask)):
-            notes.append(f"{name_of[bn]}: {int(mask.sum()) - len(idxs)} selected channel(s) kept because a coupled "
-                         f"BN layer needs them")
         group = dg.get_pruning_group(bn, handler, idxs=idxs)
         if not dg.check_pruning_group(group):
             notes.append(f"{name_of[bn]}: Torch-Pruning refused to prune {len(idxs)} channel(s) (would empty a layer)")

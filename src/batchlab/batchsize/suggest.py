@@ -619,7 +619,8 @@ def confirm(s: SearchResult, m: Measurements, p: Prediction, objective: Objectiv
     ses_ok = [stats[b].se for b in ok if math.isfinite(stats[b].se)]
     # the seed noise for a batch with one usable seed: the median of the others' (one blown-up seed
     # elsewhere must not inflate it)
-    floor = statistics.median(ses_ok) if ses_ok else 0.0
+    # (no batch with two usable seeds: no noise to separate them by, so none is separated)
+    floor = statistics.median(ses_ok) if ses_ok else math.inf
     tied = [b for b in ok if objective.gap(stats[best].mean, stats[b].mean) <= se_of_difference(stats[best], stats[b], floor)]
     pick = max(tied, key=lambda b: (p.speed(b) if math.isfinite(p.speed(b)) else 0.0, b))
     separable = len(tied) == 1 and len(ok) > 1

@@ -292,6 +292,7 @@ def test_an_interrupted_measurement_resumes_from_its_store(tmp_path, toy_task, m
     monkeypatch.setattr(C, "_branch", lambda *a, **k: counted.append(1) or real(*a, **k))
     resumed = critical_batch(toy_task, **kw)
     assert len(counted) == 3  # only the 8 - 5 missing branches ran
+    assert any("resumed: 5 of 8 branches were loaded from the store" in n for n in resumed.notes)
     whole = critical_batch(toy_task, **{**kw, "store": None})
     assert [p.losses for p in resumed.points] == [p.losses for p in whole.points]
 

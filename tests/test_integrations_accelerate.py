@@ -245,3 +245,26 @@ def test_a_user_lr_scheduler_keeps_the_co_scaled_lr_and_the_base_is_the_configur
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([1.25e-4, 6.25e-5])
     with pytest.raises(TypeError, match="scheduler must be a torch LR scheduler"):
         executable_batch_size(lambda batch_size: None, scheduler=object())
+
+
+def test_a_failed_try_puts_the_users_lr_scheduler_back_where_it_was() -> None:
+    model = nn.Linear(4, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 5))  # 5-step warmup
+    seen: list[list[float]] = []
+
+    @executable_batch_size(starting_batch_size=64, effective_batch_size=64, model=model, optimizer=opt, scheduler=sched)
+    def train(batch_size: int, gradient_accumulation_steps: int) -> None:
+        lrs = []
+        for step in range(4):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+            if step == 2 and batch_size > 16:  # OOM after three scheduler steps
+                raise torch.OutOfMemoryError(OOM)
+        seen.append(lrs)
+
+    train()
+    # the try that ran starts the warmup from its first step again: 0.2, 0.4, 0.6, 0.8 of 1e-3
+    assert seen[-1] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4])
+    assert train.result.batch_size == 16 and train.result.gradient_accumulation_steps == 4

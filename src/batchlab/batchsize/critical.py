@@ -424,6 +424,7 @@ def critical_batch(
     )
     batches = [k * B for k in factors]
     kept = open_store(store)
+    loaded = 0  # branches read back from the store (a resumed measurement)
     for saved in ckpt.saved:
         model, opt_state = saved["model"], saved["optimizer"]
         result.hparams = _base_hparams(base_lr, opt_state)
@@ -437,6 +438,7 @@ def critical_batch(
                 cfg = TrainConfig(batch_size=b, lr=hp["lr"], max_examples=int(branch_examples), seed=int(s), **common)
                 key = trial_key(task, cfg, kind="critical-branch", base=base_cfg.to_dict(),
                                 checkpoint=int(saved["examples"]), hparams=hp)
+                loaded += kept.record(key) is not None
                 r = kept.run_or_load(key, functools.partial(_branch, task, cfg, model, opt_state, hp),
                                      kind="critical-branch")
                 processed += int(r["examples"])
@@ -464,6 +466,9 @@ def critical_batch(
             crit = f">={point.critical_batch}" if point.capped else str(point.critical_batch)
             print(f"[critical-batch] {task.name} at {point.examples} examples: critical {crit} "
                   f"({point.critical_low}-{point.critical_high}), B_simple {b_simple:.1f}", flush=True)
+    if loaded:
+        result.notes.append(f"resumed: {loaded} of {len(ckpt.saved) * len(batches) * len(seed_list)} branches were "
+                            "loaded from the store, not rerun (examples_processed counts them as the measurement's cost)")
     result.examples_processed = int(processed)
     result.wall_time = time.perf_counter() - t0
     return result

@@ -242,10 +242,10 @@ def cmd_critical_batch(args: argparse.Namespace) -> int:
     if out is not None:
         d = r.to_dict()
         d["schedule"] = schedule.state_dict()
-        atomic_write(out / "critical_batch.json", _json(d))
         fig = r.plot()
-        with atomic_open(out / "critical_batch.png", "wb") as f:
+        with atomic_open(out / "critical_batch.png", "wb") as f:  # the figure first: the JSON marks the run done
             fig.savefig(f, format="png", dpi=120)
+        atomic_write(out / "critical_batch.json", _json(d))
         print(f"wrote {out / 'critical_batch.json'} and {out / 'critical_batch.png'}")
     undefined = [p.examples for p in r.points if not p.defined]
     if undefined:

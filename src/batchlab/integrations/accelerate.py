@@ -48,6 +48,7 @@ here to have them restored.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import math
@@ -181,7 +182,8 @@ def executable_batch_size(
         memory_limit: bytes a probe may use (default on CUDA: what the device can hold).
         margin: a probe fits within ``(1 - margin) * memory_limit``.
         scheduler: the torch LR scheduler driving ``optimizer``, if any: its base LRs are co-scaled
-            with the optimizer's (else its next ``step()`` would undo the co-scaling).
+            with the optimizer's (else its next ``step()`` would undo the co-scaling), and its position
+            is restored after a failed try, as the model and optimizer are.
 
     Returns:
         The wrapped function; it returns ``function``'s value, and ``wrapper.result`` is the
@@ -243,8 +245,11 @@ def executable_batch_size(
             candidates = [c for c in candidates if c <= best]
         eval_cands = power_candidates(1, starting_eval_batch_size or starting_batch_size) if takes["eval_batch_size"] else [None]
         snap = Snapshot(model, optimizer)
+        sched_states = [copy.deepcopy(sch.state_dict()) for sch in scheds]  # position, last LRs: restored per try
         i, j = len(candidates) - 1, len(eval_cands) - 1
         while True:
+            for sch, state in zip(scheds, sched_states):
+                sch.load_state_dict(copy.deepcopy(state))
             micro, acc = _plan(candidates[i], target, takes["gradient_accumulation_steps"])
             effective = micro * acc
             factor = 1.0 if effective == target else scale_lr(1.0, target, effective, rule)

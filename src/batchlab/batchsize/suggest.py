@@ -462,6 +462,8 @@ def _examples_at(p: Prediction, objective: Objective, b: int, budget: float, max
         return int(budget)
     speed = p.speed(b)
     ref = max([v for v in map(p.speed, group) if math.isfinite(v)] or [speed])
+    if not math.isfinite(speed) or speed <= 0:
+        return 0  # no speed known for b: it cannot be given a time (so it is not testable)
     if math.isfinite(max_speed) and math.isfinite(ref) and ref > 0:
         return int(budget * max_speed * min(speed, ref) / ref)
     return int(budget * speed)

@@ -154,3 +154,16 @@ def test_out_folders_are_never_taken_over_by_another_command_or_settings(tmp_pat
 def test_an_unknown_option_is_named_by_the_command_and_not_taken_as_an_abbreviation() -> None:
     r = run_cli("critical-batch", "--task", "digits-mlp", "--seed", "1")  # --seed is not --seeds
     assert r.returncode == 2 and r.stderr.strip() == "batchlab critical-batch: error: unrecognized arguments: --seed 1"
+
+
+def test_retry_failed_forgets_only_failed_and_oom_results(tmp_path, capsys) -> None:
+    from batchlab.cli.batchsize import _forget_failures
+    from batchlab.store import Store
+
+    with Store(tmp_path / "batchlab.db") as st:
+        for key, status in (("a", "ok"), ("b", "failed"), ("c", "oom"), ("d", "diverged")):
+            st.put(key, {"status": status}, kind="x")
+    _forget_failures(tmp_path)
+    assert "2 stored failed or out-of-memory result(s) will run again" in capsys.readouterr().out
+    with Store(tmp_path / "batchlab.db", readonly=True) as st:
+        assert sorted(r.key for r in st.records()) == ["a", "d"]  # a diverged run is a result of its settings

@@ -240,3 +240,19 @@ def test_markdown_block_is_regenerated_from_the_outcomes(tmp_path: Path):
         markdown_table(tmp_path / "empty")
     assert main([str(out), "--markdown", str(tmp_path / "t.md")]) == 0
     assert (tmp_path / "t.md").read_text() == table
+
+
+def test_retry_failed_runs_a_stored_failure_again(tmp_path) -> None:
+    from batchlab.experiments.base import ExperimentContext
+    from batchlab.store import Store
+    from batchlab.train.config import TrainConfig
+
+    store = Store(tmp_path / "batchlab.db")
+    cfg = TrainConfig(batch_size=32, max_steps=2, eval_train=False)
+    ctx = ExperimentContext("x", True, [0], "cpu", store, tmp_path)
+    trial = ctx.trial("digits-mlp", cfg)
+    store.put(trial.key(), {"status": "failed", "error": "a cause since fixed"}, kind="experiment:x")
+    assert ctx.fit("digits-mlp", cfg).status == "failed" and ctx.trials_run == 0  # loaded, not rerun
+    again = ExperimentContext("x", True, [0], "cpu", store, tmp_path, retry_failed=True)
+    assert again.fit("digits-mlp", cfg).status == "ok" and again.trials_run == 1
+    assert store.record(trial.key()).status == "ok"

@@ -86,6 +86,8 @@ def cmd_suggest(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from e
     out = prepare_out(args.out)
     claim_out(out, args)
+    if args.retry_failed:
+        _forget_failures(out)
     stored = _stored_results(out)
     if stored:
         print(f"resuming: the store in {out} holds {stored} result(s); those this run needs (same task code, data "
@@ -106,6 +108,19 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     print(f"examples processed: {s.total_examples} (bound {s.cost_budget}; {s.budget_examples} per full training run); "
           f"{s.wall_time:.1f} s in suggest (measurements and runs; building the task and the report not counted)")
     return 0 if s.status == "ok" else 1
+
+
+def _forget_failures(out: Path) -> None:
+    """Remove the stored results that ended "failed" or "oom", so this run tries them again
+    (``--retry-failed``, after the user fixed the cause); "diverged" stays a result."""
+    from batchlab.store import DEFAULT_FILENAME, RETRYABLE_STATUSES, Store
+
+    if not (out / DEFAULT_FILENAME).is_file():
+        return
+    with Store(out) as st:
+        gone = [r.key for r in st.records(status=RETRYABLE_STATUSES) if st.delete(r.key)]
+    if gone:
+        print(f"--retry-failed: {len(gone)} stored failed or out-of-memory result(s) will run again")
 
 
 def _stored_results(out: Path) -> int:
@@ -272,6 +287,8 @@ def register(sub: Any) -> None:
                    help="also measure the critical batch over training and offer a batch-size warmup (extra cost)")
     p.add_argument("--memory-limit", type=memory_size, default=None, help="bytes a step may use, e.g. 4G (CPU default: half the available RAM)")
     p.add_argument("--out", default="batchlab-suggest", help="output folder: index.html, suggestion.json, batchlab.db")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="run again the stored results that failed or ran out of memory (after fixing the cause)")
     p.add_argument("--quick", action="store_true", help="shorter measurements, at most 4 candidates")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     from batchlab.distributed.ray_backend import add_backend_args

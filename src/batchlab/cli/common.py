@@ -114,7 +114,7 @@ _RESULT_FILES = (("suggestion.json", "suggest"), ("critical_batch.json", "critic
                  ("index.html", "report"))
 _OWNER_FILE = ".batchlab-command.json"
 #: settings that do not change what a command computes
-_NOT_IDENTITY = {"func", "command", "quiet", "threads", "out", "markdown", "markdown_block", "list", "backend",
+_NOT_IDENTITY = {"func", "command", "quiet", "threads", "out", "markdown", "markdown_block", "list", "backend", "retry_failed",
                  "address", "cpus_per_trial", "gpus_per_trial"}
 
 

@@ -19,6 +19,9 @@ def register(sub: Any) -> None:
     p.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="run again the stored trials that failed or ran out of memory (after fixing the cause); "
+                        "diverged trials are kept")
     p.add_argument("--markdown", default=None, metavar="FILE",
                    help="also write the run's verdict table as Markdown to FILE (every run writes OUT/verdicts.md)")
     p.add_argument("--markdown-block", default=None, metavar="NAME",
@@ -68,6 +71,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     except (ValueError, ImportError) as e:
         raise CliError(str(e)) from e
     outcomes = reproduce(only=only, quick=args.quick, out=args.out, seeds=args.seeds, device=args.device,
+                         retry_failed=args.retry_failed,
                          progress=not args.quiet, backend=backend)
     print_summary(outcomes, Path(args.out))
     if args.markdown is not None:

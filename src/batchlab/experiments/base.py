@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from batchlab.runs import LocalRunner, Trial, results
-from batchlab.store import Store, run_key
+from batchlab.store import RETRYABLE_STATUSES, Store, run_key
 from batchlab.tasks import Task, get_task
 from batchlab.train.config import RunResult, TrainConfig
 
@@ -136,6 +136,7 @@ class ExperimentContext:
     progress: bool = False
     backend: Any = None  # a trial runner (batchlab.runs.Runner, e.g. the Ray backend); None: in-process
     bar: Any = None  # a tqdm bar counting this experiment's trials (set by the runner)
+    retry_failed: bool = False  # run again stored trials whose status is "failed" or "oom"
     _tasks: dict[str, Task] = field(default_factory=dict)
     trials_run: int = 0
     trials_loaded: int = 0
@@ -169,8 +170,10 @@ class ExperimentContext:
     def run_trials(self, trials: Sequence[Trial]) -> list[RunResult]:
         """Run ``trials`` with the context's runner (in this process, or the backend's, e.g. Ray),
         through the store, counting trials run and loaded on the experiment's progress bar."""
-        before = sum(1 for t in trials if self.store.record(t.key()) is None)
-        payloads = (self.backend or LocalRunner()).run(trials, self.store, kind=f"experiment:{self.experiment_id}")
+        before = sum(1 for t in trials if (rec := self.store.record(t.key())) is None
+                     or (self.retry_failed and rec.status in RETRYABLE_STATUSES))
+        payloads = (self.backend or LocalRunner()).run(trials, self.store, kind=f"experiment:{self.experiment_id}",
+                                                       retry_failed=self.retry_failed)
         self.trials_run += before
         self.trials_loaded += len(trials) - before
         if self.bar is not None:
@@ -187,7 +190,8 @@ class ExperimentContext:
             ran = True
             return fn()
 
-        payload = self.store.run_or_load(key, run, kind=f"experiment:{self.experiment_id}")
+        payload = self.store.run_or_load(key, run, kind=f"experiment:{self.experiment_id}",
+                                         retry_failed=self.retry_failed)
         if ran:
             self.trials_run += 1
         else:

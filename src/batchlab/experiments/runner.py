@@ -47,7 +47,7 @@ def rerun_command(exp: type[Experiment], quick: bool, out: Path) -> str:
 
 def run_experiment(
     exp_cls: type[Experiment], *, quick: bool, seeds: list[int], device: str, store: Store, out: Path, progress: bool,
-    backend: Any = None,
+    backend: Any = None, retry_failed: bool = False,
 ) -> Outcome:
     """Run one experiment and write ``out/<id>/{data.json, outcome.json, *.png}``.
 
@@ -58,7 +58,8 @@ def run_experiment(
     folder.mkdir(parents=True, exist_ok=True)
     params = exp.params_for(quick, device)
     params = {**params, "seeds": seeds}
-    ctx = ExperimentContext(exp.id, quick, seeds, device, store, folder, progress, backend=backend)
+    ctx = ExperimentContext(exp.id, quick, seeds, device, store, folder, progress, backend=backend,
+                            retry_failed=retry_failed)
     ctx.bar = tqdm(desc=f"  {exp.id} trials", unit="trial", disable=not progress, leave=False)
     t0 = time.perf_counter()
     figures: list[str] = []
@@ -128,6 +129,7 @@ def reproduce(
     device: str = "cpu",
     progress: bool = True,
     backend: Any = None,
+    retry_failed: bool = False,
 ) -> list[Outcome]:
     """Run the claim experiments and write ``out/index.html``.
 
@@ -140,6 +142,8 @@ def reproduce(
         device: ``"cpu"`` or ``"cuda"``.
         progress: progress bars on stderr.
         backend: where ``ctx.fit_many`` trials run (e.g. ``RayBackend``); None: in this process.
+        retry_failed: run again the stored trials that ended "failed" or "oom" (after fixing their
+            cause); "diverged" is a property of the configuration and is kept.
     """
     n_seeds = seeds if seeds is not None else (DEFAULT_SEEDS_QUICK if quick else DEFAULT_SEEDS_FULL)
     if not isinstance(n_seeds, int) or isinstance(n_seeds, bool) or n_seeds < 2:
@@ -157,7 +161,7 @@ def reproduce(
         bar.set_postfix_str(f"{exp_cls.id} ({','.join(exp_cls.claims)})")
         outcomes.append(
             run_experiment(exp_cls, quick=quick, seeds=list(range(n_seeds)), device=device, store=store, out=out,
-                           progress=progress, backend=backend)
+                           progress=progress, backend=backend, retry_failed=retry_failed)
         )
     from batchlab.experiments.report import write_markdown, write_reproduce_report
 

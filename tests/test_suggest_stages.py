@@ -150,7 +150,7 @@ def _confirm(stats: dict[int, tuple[float, float]], baseline: float, objective: 
     m = SimpleNamespace(baseline=baseline, baseline_kind="the majority-class rate")
     eps = eps or {b: float(b) for b in stats}
     p = Prediction(objective={}, candidates=[{"batch_size": b, "examples_per_sec": e} for b, e in eps.items()],
-                   ranked=list(stats), selected=list(stats), measured_speed=measured or {})
+                   ranked=list(stats), selected=list(stats), speed_samples={b: [v] for b, v in (measured or {}).items()})
     return confirm(s, m, p, objective)
 
 
@@ -432,7 +432,7 @@ def test_the_rungs_use_the_speeds_their_runs_measured(toy_task) -> None:
     assert [t.config.max_examples for t in runner.trials] == [320, 800]
     # every measured speed ten times below the prediction (data loading): the same examples, more seconds,
     # not a tenth of the planned examples
-    p.measured_speed.update({"8": 40.0, "16": 80.0})
+    p.speed_samples.update({"8": [40.0], "16": [80.0]})
     assert _examples_at(p, obj, 16, 1.0, 800.0, [8, 16]) == 800 and _examples_at(p, obj, 8, 1.0, 800.0, [8, 16]) == 400
     # a batch not run yet is predicted at the measured batches' median measured/predicted ratio (here 1/20 and
     # 1/10: 0.075), not at the throughput's compute-only speed that would make it the rung's reference

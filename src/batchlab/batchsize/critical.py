@@ -67,6 +67,7 @@ from batchlab.train import (
     evaluate,
     fit,
     iterate_batches,
+    last_error_line,
     scale_hparams,
     scale_lr,
     set_hparams,
@@ -438,9 +439,10 @@ def critical_batch(
                 cfg = TrainConfig(batch_size=b, lr=hp["lr"], max_examples=int(branch_examples), seed=int(s), **common)
                 key = trial_key(task, cfg, kind="critical-branch", base=base_cfg.to_dict(),
                                 checkpoint=int(saved["examples"]), hparams=hp)
-                loaded += kept.record(key) is not None
-                r = kept.run_or_load(key, functools.partial(_branch, task, cfg, model, opt_state, hp),
-                                     kind="critical-branch")
+                stored = kept.record(key)
+                loaded += stored is not None
+                r = stored.payload if stored is not None else kept.run_or_load(
+                    key, functools.partial(_branch, task, cfg, model, opt_state, hp), kind="critical-branch")
                 processed += int(r["examples"])
                 loss = float(r["val_loss"]) if r["status"] == "ok" and r["val_loss"] is not None else math.nan
                 if not math.isfinite(loss):
@@ -479,7 +481,7 @@ def _branch(task: Task, cfg: TrainConfig, model: torch.nn.Module, opt_state: dic
     """One branch from a checkpoint: its status, final validation loss and examples (JSON)."""
     r = fit(task, cfg, model=copy.deepcopy(model), callbacks=[_ResumeOptimizer(opt_state, hp)], raise_errors=False)
     loss = float(r.final.get("val_loss", math.nan)) if r.status == "ok" else math.nan
-    error = ((r.error or "").strip().splitlines() or [""])[-1][:200] or None
+    error = last_error_line(r.error) if r.error else None
     return {"status": r.status, "val_loss": loss if math.isfinite(loss) else None, "examples": int(r.examples),
             "error": error}
 

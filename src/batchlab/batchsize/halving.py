@@ -143,7 +143,7 @@ def successive_halving(
             n_keep = counts[k + 1] - len(byes)
         keep = ranked[: max(1, n_keep)] if not final else ranked
         if byes and not final:  # a batch whose runs all failed is not promoted while a bye can take its place
-            keep = [b for b in keep if stats[b].ok or stats[b].n > 0]
+            keep = [b for b in keep if stats[b].n > 0]
         promoted = sorted(keep + byes, key=order.get) if not final else ranked
         rungs.append(Rung(
             k, budget, list(seeds[k]), tested, byes, {str(b): entry for b, (_, entry) in per_batch.items()}, promoted,

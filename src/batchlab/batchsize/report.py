@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from batchlab.batchsize.suggest import last_error_line
+from batchlab.train import last_error_line
 
 MIB = 2**20
 

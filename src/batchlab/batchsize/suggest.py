@@ -64,6 +64,7 @@ from batchlab.train import (
     default_hparam_rule,
     default_lr_rule,
     evaluate,
+    last_error_line,
     optimizer_hparams,
     scale_hparams,
     scale_lr,
@@ -118,20 +119,26 @@ class Prediction:
     ranked: list[int]  # every candidate, best predicted first
     selected: list[int]  # those the search starts with
     notes: list[str] = field(default_factory=list)
-    #: examples/s each searched batch trained at in the search's own runs (data loading included, the
-    #: first step left out), filled rung by rung; preferred to the throughput measurement where present
-    measured_speed: dict[str, float] = field(default_factory=dict)
-    speed_samples: dict[str, list[float]] = field(default_factory=dict)  # every run's speed, by batch
+    #: examples/s of every run of the search, by batch (data loading included, the first step left out),
+    #: filled rung by rung
+    speed_samples: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def measured_speed(self) -> dict[str, float]:
+        """Each searched batch's median speed over its runs so far; preferred to the throughput
+        measurement where present."""
+        return {b: statistics.median(v) for b, v in self.speed_samples.items() if v}
 
     def speed(self, b: int) -> float:
         """Examples per second of batch ``b``: as measured in the search's runs, else as the throughput
         measurement (timed or extrapolated) predicts, times the median ratio of measured to predicted
         speed of the batches measured so far (the throughput measurement leaves data loading out, so an
         unmeasured batch must not look faster than it will run next to measured ones)."""
-        if str(b) in self.measured_speed:
-            return self.measured_speed[str(b)]
+        measured = self.measured_speed
+        if str(b) in measured:
+            return measured[str(b)]
         predicted = {c["batch_size"]: c["examples_per_sec"] for c in self.candidates}
-        ratios = [v / predicted[int(k)] for k, v in self.measured_speed.items()
+        ratios = [v / predicted[int(k)] for k, v in measured.items()
                   if math.isfinite(predicted.get(int(k), math.nan)) and predicted[int(k)] > 0]
         return predicted.get(b, math.nan) * (statistics.median(ratios) if ratios else 1.0)
 
@@ -336,7 +343,7 @@ def measure(task: Task, rng: BatchRange, cost_budget: int, *, device: str, memor
         lambda: {"status": "ok", "result": throughput(task, progress=progress, **tcfg).to_dict()},
         kind="batchsize-throughput")["result"])
     if tp.data_examples_per_sec is not None:
-        bound = [b for b, e in zip(tp.batch_sizes, tp.examples_per_sec) if math.isfinite(e) and e > tp.data_examples_per_sec]
+        bound = tp.data_bound()
         notes.append(f"data pipeline: {tp.data_examples_per_sec:.4g} examples/s at batch {tp.data_batch}"
                      + (f", slower than the steps at batch {', '.join(map(str, bound))}: there the runs wait for data "
                         "(the rungs use the speeds their runs measured)" if bound else ""))
@@ -435,12 +442,6 @@ def predict(task: Task, rng: BatchRange, m: Measurements, objective: Objective, 
 
 
 # ------------------------------------------------------------------------------------ stage 3
-def last_error_line(error: Any) -> str:
-    """The last line of a stored error (a traceback's is the exception), or "no error recorded"."""
-    lines = [ln for ln in str(error or "").strip().splitlines() if ln.strip()]
-    return lines[-1][:300] if lines else "no error recorded"
-
-
 def _rung_size(rung: dict[str, Any], objective: Objective) -> float:
     """A rung's run length as the objective counts it: examples, or in "time" mode the seconds its
     runs took (the median of its batches' mean run times; the planned seconds are rescaled to the
@@ -461,9 +462,9 @@ def _examples_at(p: Prediction, objective: Objective, b: int, budget: float, max
     if objective.kind != "time":
         return int(budget)
     speed = p.speed(b)
-    ref = max([v for v in map(p.speed, group) if math.isfinite(v)] or [speed])
     if not math.isfinite(speed) or speed <= 0:
         return 0  # no speed known for b: it cannot be given a time (so it is not testable)
+    ref = max([v for v in map(p.speed, group) if math.isfinite(v)] or [speed])
     if math.isfinite(max_speed) and math.isfinite(ref) and ref > 0:
         return int(budget * max_speed * min(speed, ref) / ref)
     return int(budget * speed)
@@ -482,7 +483,7 @@ def _rung_runner(task: Task, p: Prediction, m: Measurements, objective: Objectiv
                  runner: Any, backend: Any, trial_fn: Any, max_speed: float = math.inf) -> Any:
     """``run(batches, budget, seeds, rung) -> [RungTrial]``: short runs at a rung's budget, each batch at
     the LR the optimizer's rule scales to it, split into micro-batches where memory needs it. Each
-    batch's speed in its runs (median over all its runs so far) goes into ``p.measured_speed``, so
+    batch's speed in each run goes into ``p.speed_samples`` (``p.measured_speed``: their medians), so
     in "time" mode the next rung's examples and the fastest-of-tied choice use what the runs took."""
     rule = default_lr_rule(task.optimizer)
     fn = trial_fn or fit_trial
@@ -512,7 +513,6 @@ def _rung_runner(task: Task, p: Prediction, m: Measurements, objective: Objectiv
             v = _trial_speed(t) if t.status == "ok" else math.nan
             if math.isfinite(v) and v > 0:
                 p.speed_samples.setdefault(str(t.batch), []).append(v)
-                p.measured_speed[str(t.batch)] = statistics.median(p.speed_samples[str(t.batch)])
         return out
 
     return run
@@ -620,8 +620,7 @@ def confirm(s: SearchResult, m: Measurements, p: Prediction, objective: Objectiv
     stats = {b: SeedStats(st[b]["mean"], st[b]["se"], int(st[b]["n"]), int(st[b]["failed"])) for b in ok}
     ses_ok = [stats[b].se for b in ok if math.isfinite(stats[b].se)]
     # the seed noise for a batch with one usable seed: the median of the others' (one blown-up seed
-    # elsewhere must not inflate it)
-    # (no batch with two usable seeds: no noise to separate them by, so none is separated)
+    # elsewhere must not inflate it); with no batch at two usable seeds there is no noise to separate by
     floor = statistics.median(ses_ok) if ses_ok else math.inf
     tied = [b for b in ok if objective.gap(stats[best].mean, stats[b].mean) <= se_of_difference(stats[best], stats[b], floor)]
     pick = max(tied, key=lambda b: (p.speed(b) if math.isfinite(p.speed(b)) else 0.0, b))

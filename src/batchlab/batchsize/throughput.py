@@ -114,6 +114,13 @@ class ThroughputResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def data_bound(self) -> list[int]:
+        """The sizes whose steps alone run faster than the data pipeline delivers (a real run waits for data)."""
+        if self.data_examples_per_sec is None:
+            return []
+        return [b for b, e in zip(self.batch_sizes, self.examples_per_sec)
+                if math.isfinite(e) and e > self.data_examples_per_sec]
+
     def time_per_step(self, batch: int) -> float:
         """Measured seconds per step at ``batch`` (log-log interpolation between measured sizes)."""
         pts = [(b, t) for b, t in zip(self.batch_sizes, self.step_time) if math.isfinite(t)]

@@ -178,7 +178,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
         if err:
             print(f"batch {b} failed: {err}")
     if r.data_examples_per_sec is not None:
-        slower = [b for b, e in zip(r.batch_sizes, r.examples_per_sec) if math.isfinite(e) and e > r.data_examples_per_sec]
+        slower = r.data_bound()
         print(f"data pipeline (Dataset, collate, DataLoader workers): {r.data_examples_per_sec:.4g} examples/s at batch "
               f"{r.data_batch}; the step times above leave it out"
               + (f"; at batch {', '.join(map(str, slower))} training waits for data" if slower else ""))

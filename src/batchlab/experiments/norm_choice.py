@@ -170,6 +170,15 @@ class NormBatch(Experiment):
     #: the optimizer batch of the per-device arm (D = TOTAL / g devices of g examples each)
     TOTAL = 32
 
+    @classmethod
+    def per_device_runs(cls, acc: dict[str, Any], devices: dict[str, Any] | None) -> dict[str, Any]:
+        """BN's runs by examples per device g; g = TOTAL is the equal-epochs arm's BN run at B = TOTAL (one
+        device of TOTAL), when there is one."""
+        runs = dict(devices or {})
+        if str(cls.TOTAL) in acc.get("batch", {}):
+            runs[str(cls.TOTAL)] = acc["batch"][str(cls.TOTAL)]
+        return runs
+
     def _per_device(self, ctx: ExperimentContext, task: Any, params: dict[str, Any], g: int, seed: int) -> Any:
         """BN with statistics over ``g`` examples per emulated device, the optimizer batch fixed at 32 (lr32)."""
         cfg = TrainConfig(batch_size=self.TOTAL, lr=params["lr32"], optimizer="momentum", epochs=params["epochs"],
@@ -195,8 +204,7 @@ class NormBatch(Experiment):
                     out[s] = vals[2]  # a diverged small-batch run counts as accuracy 0
             return out
 
-        # the per-device arm's g = 32 is the equal-epochs arm's BN at B = 32 (one device of 32)
-        per_device = {**(devices or {}), "32": acc.get("batch", {}).get("32", {})}
+        per_device = self.per_device_runs(acc, devices)
         bn, gn = drop(per_device), drop(acc.get("group", {}))
         bn_one = drop(acc.get("batch", {}))
         gn_means = {b: spread(v.values())["mean"] for b, v in acc.get("group", {}).items() if int(b) <= 32}
@@ -272,10 +280,10 @@ class NormBatch(Experiment):
         return [self._plot_task(name, t, self.task_params(params, name)) for name, t in data["tasks"].items()]
 
     def _per_device_curve(self, data: dict[str, Any]) -> dict[int, float]:
-        """BN's seed-mean accuracy by examples per device g (g = 32: the equal-epochs arm's B = 32 run)."""
-        runs = {**data.get("devices", {})}
-        if runs and "32" in data["acc"].get("batch", {}):
-            runs[str(self.TOTAL)] = data["acc"]["batch"]["32"]
+        """BN's seed-mean accuracy by examples per device g (none without per-device runs)."""
+        if not data.get("devices"):
+            return {}
+        runs = self.per_device_runs(data["acc"], data["devices"])
         return {int(g): spread(v.values())["mean"] for g, v in sorted(runs.items(), key=lambda kv: int(kv[0]))}
 
     def _plot_task(self, name: str, data: dict[str, Any], params: dict[str, Any]) -> Any:

@@ -220,8 +220,6 @@ def executable_batch_size(
     if base_lr is None and optimizer is not None:  # torch's schedulers keep the configured LR as "initial_lr"
         base_lr = float(optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"]))
     scheds = lr_schedulers(scheduler)
-    if scheduler is not None and not scheds:
-        raise TypeError(f"scheduler must be a torch LR scheduler (with base_lrs), got {type(scheduler).__name__}")
     sched_bases = [list(sch.base_lrs) for sch in scheds]
 
     @functools.wraps(function)

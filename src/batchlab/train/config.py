@@ -185,6 +185,13 @@ def _check_real(name: str, value: Any, allowed: str, ok: Callable[[float], bool]
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
+def last_error_line(error: Any) -> str:
+    """The last line of a stored error (a traceback's is the exception), at most 300 characters, or
+    "no error recorded"."""
+    lines = [ln for ln in str(error or "").strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else "no error recorded"
+
+
 @dataclass
 class RunResult:
     """What one training run produced. Plain data: serializes to JSON and back."""

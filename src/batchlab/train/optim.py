@@ -135,12 +135,19 @@ def lr_ratios(optimizer: torch.optim.Optimizer) -> list[float]:
 
 def lr_schedulers(scheduler: Any) -> list[Any]:
     """``scheduler`` and, for ``SequentialLR`` / ``ChainedScheduler``, the schedulers inside it, that
-    keep ``base_lrs`` (the LRs their factors multiply)."""
+    keep ``base_lrs`` (the LRs their factors multiply); none for None.
+
+    Raises:
+        TypeError: ``scheduler`` is neither None nor a torch LR scheduler.
+    """
     if scheduler is None:
         return []
     inner = getattr(scheduler, "_schedulers", None)
     out = [scheduler] if hasattr(scheduler, "base_lrs") else []
-    return out + [s for sub in (inner or []) for s in lr_schedulers(sub)]
+    out += [s for sub in (inner or []) for s in lr_schedulers(sub)]
+    if not out:
+        raise TypeError(f"scheduler must be a torch LR scheduler (with base_lrs), got {type(scheduler).__name__}")
+    return out
 
 
 def set_hparams(optimizer: torch.optim.Optimizer, hparams: Mapping[str, Any],
@@ -157,8 +164,6 @@ def set_hparams(optimizer: torch.optim.Optimizer, hparams: Mapping[str, Any],
     instead of the scheduler's next ``step()`` overwriting it."""
     groups = optimizer.param_groups
     scheds = lr_schedulers(scheduler)
-    if scheduler is not None and not scheds:
-        raise TypeError(f"scheduler must be a torch LR scheduler (with base_lrs), got {type(scheduler).__name__}")
     if "lr" in hparams:
         if ratios is None and scheds and scheds[0].base_lrs and scheds[0].base_lrs[0]:
             ratios = [b / scheds[0].base_lrs[0] for b in scheds[0].base_lrs]

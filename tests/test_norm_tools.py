@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 import json
 
 import numpy as np
@@ -665,3 +666,79 @@ def test_convert_norm_warns_when_a_trained_model_gets_another_normalization() ->
         trained(torch.randn(4, 3, 8, 8))
         N.convert_norm(trained, "ghost")
         N.convert_norm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), "group")  # fresh: nothing to lose
+
+
+def test_conversions_keep_the_parameter_objects_an_optimizer_holds() -> None:
+    # as torch's convert_sync_batchnorm: an optimizer built before the conversion goes on training them
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+    held = {id(p) for p in torch.optim.SGD(m.parameters(), lr=0.1).param_groups[0]["params"]}
+    m = N.convert_sync_batchnorm(m)
+    assert {id(p) for p in m.parameters()} == held
+    m = N.convert_norm(m, "group", num_groups=2)
+    assert isinstance(m[1], nn.GroupNorm) and {id(p) for p in m.parameters()} == held
+    m = N.convert_norm(nn.Sequential(nn.BatchNorm2d(4)).double(), "ghost", virtual_batch_size=2)
+    assert m[0].weight.dtype == torch.float64
+
+
+def test_convert_norm_is_all_or_nothing_and_converts_a_shared_layer_once() -> None:
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                      nn.BatchNorm2d(4, track_running_stats=False))
+    kinds = [type(x) for x in m]
+    with pytest.raises(ValueError, match="needs a batch norm with running statistics"):
+        N.convert_norm(m, "frozen")
+    assert [type(x) for x in m] == kinds  # the first BN was not replaced before the second one raised
+    with pytest.raises(ValueError, match="freeze_bn needs running statistics"):
+        N.freeze_bn(m)
+    assert [type(x) for x in m] == kinds
+    shared = nn.BatchNorm2d(4)
+    m = N.convert_norm(nn.Sequential(nn.Conv2d(3, 4, 1), shared, nn.Conv2d(4, 4, 1), shared), "group", num_groups=2)
+    assert isinstance(m[3], nn.GroupNorm) and m[1] is m[3]  # both places, one layer, as before
+
+
+def test_numpy_integers_are_channel_counts_as_torch_takes_them() -> None:
+    bn = N.BatchNorm2d(np.int64(8))
+    assert bn(torch.randn(2, 8, 3, 3)).shape == (2, 8, 3, 3)
+    m = N.convert_norm(nn.Sequential(nn.BatchNorm2d(np.int64(8))), "ghost", virtual_batch_size=2)
+    assert m[0](torch.randn(4, 8, 2, 2)).shape == (4, 8, 2, 2)
+
+
+def test_a_norm_class_of_the_users_own_is_refused_with_what_convert_norm_does() -> None:
+    class OwnLayerNorm(nn.Module):  # nanoGPT's LayerNorm with an optional bias
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(n))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.layer_norm(x, self.weight.shape, self.weight, None, 1e-5)
+
+    m = nn.Sequential(nn.Linear(4, 4), OwnLayerNorm(4))
+    with pytest.raises(ValueError, match=r"replaces batch norms .* and nn.LayerNorm / nn.RMSNorm .*norm\.replace_modules"):
+        N.convert_norm(m, "rms", predicate=lambda x: isinstance(x, OwnLayerNorm))
+
+
+def test_bn_health_on_a_model_without_batch_norm_says_so() -> None:
+    with pytest.warns(UserWarning, match="has no batch-norm layer, so there is nothing to check"):
+        report = N.bn_health(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), torch.randn(8, 4))
+    assert not report.layers
+
+
+def test_fold_bn_warns_that_an_unchecked_linear_fold_assumes_n_f_inputs() -> None:
+    class Seq(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.bn = nn.Linear(6, 6), nn.BatchNorm1d(6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.fc(x))
+
+    m = Seq()
+    m(torch.randn(16, 6, 6) * 3 + 1)
+    m.eval()
+    x = torch.randn(4, 6, 6)  # (N, L, F) with L == F: BatchNorm1d normalizes L, not the Linear's outputs
+    with pytest.warns(UserWarning, match="assuming \\(N, F\\) inputs"):
+        fold = N.fold_bn(m)
+    assert float((fold(x) - m(x)).abs().max()) > 1e-3  # what the warning is about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        checked = N.fold_bn(m, example_input=x)
+    assert torch.allclose(checked(x), m(x))

@@ -54,7 +54,7 @@ def check_momentum(value: Any) -> None:
 
 
 def check_positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:  # numpy integers too, as torch
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 

@@ -23,6 +23,10 @@ def replace_modules(model: nn.Module, predicate: Callable[[nn.Module], bool], ma
     Returns:
         ``model``, or the replacement when ``model`` itself matches. A replacement takes the old
         module's mode (train or eval), so a converted model in eval mode stays in eval mode.
+
+    All or nothing: every replacement is made before the first is put in, so when ``make`` raises
+    for one layer the model is left exactly as it was. A module that appears at several places
+    (one layer shared by two branches) gets one replacement, shared the same way.
     """
 
     def swap(name: str, old: nn.Module) -> nn.Module:
@@ -30,28 +34,47 @@ def replace_modules(model: nn.Module, predicate: Callable[[nn.Module], bool], ma
 
     if predicate(model):
         return swap("", model)
+    made: dict[int, nn.Module] = {}
+    plan: list[tuple[nn.Module, str, nn.Module]] = []
 
     def visit(parent: nn.Module, prefix: str) -> None:
-        for name, child in list(parent.named_children()):
+        for name, child in list(parent._modules.items()):  # every place, not named_children's first of each module
+            if child is None:
+                continue
             full = f"{prefix}.{name}" if prefix else name
             if predicate(child):
-                setattr(parent, name, swap(full, child))
+                if id(child) not in made:
+                    made[id(child)] = swap(full, child)
+                plan.append((parent, name, made[id(child)]))
             else:
                 visit(child, full)
 
     visit(model, "")
+    for parent, name, new in plan:
+        setattr(parent, name, new)
     return model
 
 
 def copy_state(old: nn.Module, new: nn.Module) -> None:
-    """Copy every parameter/buffer that both modules have with the same name and shape."""
+    """Give ``new`` every parameter and buffer of ``old`` with the same name and shape.
+
+    A parameter whose dtype and device also match is the same ``nn.Parameter`` object afterwards
+    (as torch's ``SyncBatchNorm.convert_sync_batchnorm`` does), so an optimizer built before the
+    conversion goes on updating it; otherwise, and for buffers, the values are copied, and the new
+    parameter takes the old one's ``requires_grad``.
+    """
+    old_params = dict(old.named_parameters())
+    for key, p in list(new.named_parameters()):
+        src = old_params.get(key)
+        if src is not None and src.shape == p.shape and src.dtype == p.dtype and src.device == p.device:
+            owner, _, leaf = key.rpartition(".")
+            setattr(new.get_submodule(owner) if owner else new, leaf, src)
     old_sd = old.state_dict()
     with torch.no_grad():
         for key, value in new.state_dict().items():
             src = old_sd.get(key)
-            if src is not None and src.shape == value.shape:
+            if src is not None and src.shape == value.shape and src.data_ptr() != value.data_ptr():
                 value.copy_(src)
-    old_params = dict(old.named_parameters())
     for key, p in new.named_parameters():
         if key in old_params:
             p.requires_grad_(old_params[key].requires_grad)

@@ -125,7 +125,10 @@ def convert_norm(
     def _for_batch_norm(name: str, old: nn.Module) -> nn.Module:
         num = getattr(old, "num_features", None) or getattr(old, "num_channels", None)
         if num is None:
-            raise ValueError(f"cannot convert {name or 'model'} ({type(old).__name__}): no num_features attribute")
+            raise ValueError(
+                f"cannot convert {name or 'model'} ({type(old).__name__}): convert_norm replaces batch norms (which "
+                "have num_features) and nn.LayerNorm / nn.RMSNorm over the last dimension, and this layer is neither; "
+                "for a norm class of your own use batchlab.norm.replace_modules(model, predicate, make)")
         args = dict(kw)
         for key in _inherited_keys(to):
             present, value = _setting(old, key)

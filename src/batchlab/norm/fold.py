@@ -9,6 +9,7 @@ in eval mode.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch.nn as nn
@@ -212,6 +213,12 @@ def fold_bn(model: nn.Module, example_input: object = None) -> nn.Module:
             "torch.nn.utils.parametrizations.weight_norm, or torch.nn.utils.remove_weight_norm first"
         ) from e
     pairs, method = find_foldable_pairs(new)
+    unchecked = [a for a, _ in pairs if isinstance(new.get_submodule(a), nn.Linear)] if example_input is None else []
+    if unchecked:  # shapes are not known without an input: on (N, L, F) with L == F the fold would be silently wrong
+        warnings.warn(f"fold_bn: Linear + BatchNorm1d folded without example_input ({', '.join(unchecked[:3])}"
+                      f"{', ...' if len(unchecked) > 3 else ''}), assuming (N, F) inputs; on (N, L, F) inputs "
+                      "BatchNorm1d normalizes L, not the Linear's features, and the fold is wrong: pass "
+                      "example_input= to have every fold checked", stacklevel=2)
     if method == "fx" or not pairs:
         folded = copy.deepcopy(new) if example_input is not None and pairs else new
         for layer_name, bn_name in pairs:

@@ -30,6 +30,8 @@ The model is left exactly as found: modes, buffers and the RNG state are restore
 
 from __future__ import annotations
 
+import warnings
+
 import dataclasses
 import json
 import math
@@ -181,6 +183,9 @@ def bn_health(model: nn.Module, batch: Any, thresholds: HealthThresholds | None 
 
         n_examples = _examples(batch)
     layers = {name: m for name, m in model.named_modules() if _is_norm_layer(m)}
+    if not layers:
+        warnings.warn(f"bn_health: {type(model).__name__} has no batch-norm layer, so there is nothing to check and the "
+                      "report is empty", stacklevel=2)
     succ, method = direct_successors(model)
     modes = {m: m.training for m in model.modules()}
     state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, Tensor)}

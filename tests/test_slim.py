@@ -13,6 +13,7 @@ from batchlab.experiments.slimming import Slimming
 from batchlab.norm import BatchNorm2d, create_norm
 from batchlab.slim import (
     SparsityCallback,
+    add_l1_subgradient,
     bn_layers,
     count_macs,
     count_params,
@@ -265,3 +266,68 @@ def test_cli_slim_end_to_end(tmp_path, capsys: pytest.CaptureFixture[str]) -> No
     assert out["params"][1] < out["params"][0] and out["flops"][1] < out["flops"][0]
     assert (tmp_path / "index.html").is_file() and (tmp_path / "gamma_hist.png").is_file()
     assert (tmp_path / "result.json").is_file() and abs(out["fold_max_diff"]) < 1e-4
+
+
+class _Block(nn.Module):
+    """torchvision's BasicBlock without a downsample: out = relu(bn2(conv2(relu(bn1(conv1(x))))) + x)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + x)
+
+
+class _ResNetStage(nn.Module):
+    """A stem and a stage of two blocks: bn1, layer.0.bn2 and layer.1.bn2 are coupled by the residual sums."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.layer = nn.Sequential(_Block(c), _Block(c))
+        self.fc = nn.Linear(c, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer(torch.relu(self.bn1(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_channel_every_coupled_bn_selected_is_removed_from_a_stage_of_two_blocks() -> None:
+    # channel 2 is selected in all three coupled BNs, 5 and 6 in only some of them: 2 goes, 5 and 6 stay
+    # (the check used to compare each coupled BN with the list already narrowed by the one before, call the
+    # plain identity coupling "non-identity" and keep everything)
+    torch.manual_seed(0)
+    m = _ResNetStage().eval()
+    with torch.no_grad():
+        for bn in (m.bn1, m.layer[0].bn1, m.layer[0].bn2, m.layer[1].bn1, m.layer[1].bn2):
+            bn.weight.uniform_(0.5, 1.5)
+        for bn, chans in ((m.bn1, [2, 5]), (m.layer[0].bn2, [2, 6]), (m.layer[1].bn2, [2, 5])):
+            bn.weight[chans] = 0.0
+    total = sum(b.num_features for b in m.modules() if isinstance(b, nn.BatchNorm2d))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = slim(m, torch.randn(2, 3, 8, 8), prune=6 / total)
+    assert r.channels_after["bn1"] == r.channels_after["layer.0.bn2"] == r.channels_after["layer.1.bn2"] == 7
+    assert not any("non-identity" in str(w.message) for w in caught)
+    assert r.model(torch.randn(2, 3, 8, 8)).shape == (2, 4)
+
+
+def test_slim_keeps_frozen_parameters_frozen_and_l1_leaves_frozen_gammas_alone() -> None:
+    torch.manual_seed(0)
+    m = _ResNetStage().eval()
+    with torch.no_grad():
+        m.layer[0].bn1.weight[:3] = 0.0
+    frozen = ["layer.0.bn1.weight", "layer.0.bn1.bias", "layer.0.conv1.weight"]
+    for name, p in m.named_parameters():
+        p.requires_grad_(name not in frozen)
+    r = slim(m, torch.randn(2, 3, 8, 8), prune=3 / 40)
+    assert r.channels_after["layer.0.bn1"] == 5  # pruned, so Torch-Pruning made new Parameters
+    assert {n for n, p in r.model.named_parameters() if not p.requires_grad} == set(frozen)
+    # the L1 subgradient on a frozen gamma would move it under an optimizer with momentum or decay
+    m.train()
+    m(torch.randn(4, 3, 8, 8)).sum().backward()
+    add_l1_subgradient(m, 0.01)
+    assert m.layer[0].bn1.weight.grad is None and m.bn1.weight.grad is not None

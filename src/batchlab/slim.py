@@ -88,10 +88,13 @@ def add_l1_subgradient(model: nn.Module, lam: float) -> None:
     """Add ``lam * sign(gamma)`` to the gradient of every BN scale of ``model`` (in place).
 
     This is the subgradient of ``lam * sum |gamma|`` (0 at gamma == 0). Call it after
-    ``loss.backward()`` and before ``optimizer.step()``.
+    ``loss.backward()`` and before ``optimizer.step()``. Scales with ``requires_grad=False`` are
+    left alone (an optimizer with weight decay would otherwise move a frozen layer).
     """
     for _, m in bn_layers(model):
         w = m.weight
+        if not w.requires_grad:  # a frozen gamma stays where it is
+            continue
         if w.grad is None:
             w.grad = torch.zeros_like(w)
         w.grad.add_(torch.sign(w), alpha=lam)
@@ -287,6 +290,7 @@ def slim(
     dg = tp.DependencyGraph().build_dependency(
         net, example_inputs=example_inputs, ignored_layers=list(ignored_layers), verbose=False,
     )
+    frozen = {n for n, p in net.named_parameters() if not p.requires_grad}  # Torch-Pruning makes new Parameters
     for _, bn in layers:
         mask = pending[bn]
         idxs = torch.nonzero(mask).flatten().tolist()
@@ -296,11 +300,12 @@ def slim(
         group = dg.get_pruning_group(bn, handler, idxs=idxs)
         # Coupled BN layers in the same group (residual sums): keep a channel unless all agree.
         coupled: list[str] = []
+        selected = sorted(idxs)
         for dep, tidxs in _group_items(group):
             other = dep.target.module
             if other is bn or other not in pending or not _is_out_fn(dg, dep.handler):
                 continue
-            if sorted(tidxs) != sorted(idxs):
+            if sorted(tidxs) != selected:  # against this BN's own selection, not the list narrowed so far
                 notes.append(f"{name_of[bn]} is coupled to {name_of[other]} through a non-identity index mapping; "
                              f"its channels were left in place")
                 idxs = []
@@ -323,6 +328,9 @@ def slim(
             keep = torch.ones(pending[mod].numel(), dtype=torch.bool)
             keep[t] = False
             pending[mod] = pending[mod][keep]
+    for n, p in net.named_parameters():
+        if n in frozen:
+            p.requires_grad_(False)
     net.train(was_training)
     with torch.no_grad():
         was = net.training

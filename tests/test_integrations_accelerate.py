@@ -268,3 +268,42 @@ def test_a_failed_try_puts_the_users_lr_scheduler_back_where_it_was() -> None:
     # the try that ran starts the warmup from its first step again: 0.2, 0.4, 0.6, 0.8 of 1e-3
     assert seen[-1] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4])
     assert train.result.batch_size == 16 and train.result.gradient_accumulation_steps == 4
+
+
+def test_calling_the_function_again_does_not_scale_the_lr_again() -> None:
+    # a loop calling the decorated function once per epoch: the same batch every time, and the LR
+    # co-scaled once from the configured one (it used to be multiplied by the factor on every call)
+    model, opt = _setup()
+
+    @executable_batch_size(starting_batch_size=128, model=model, optimizer=opt)
+    def train(batch_size, learning_rate):  # type: ignore[no-untyped-def]
+        if batch_size > 40:
+            raise RuntimeError(OOM)
+        return learning_rate, opt.param_groups[0]["lr"]
+
+    first = train()
+    assert first == (pytest.approx(0.1 * 32 / 128), pytest.approx(0.1 * 32 / 128))
+    assert train() == first and train() == first
+
+
+def test_probes_leave_the_users_lr_scheduler_where_it_was() -> None:
+    # a probe is one training step, scheduler step included: the function must start at the warmup's
+    # first step, not after the probes' steps
+    model, opt = _setup()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
+
+    def probe(b: int) -> float:
+        _train(model, opt, b, steps=1)
+        sched.step()
+        return 1000.0 + 100.0 * b
+
+    seen = []
+
+    @executable_batch_size(starting_batch_size=64, model=model, optimizer=opt, scheduler=sched, probe=probe,
+                           memory_limit=8000)
+    def train(batch_size, gradient_accumulation_steps):  # type: ignore[no-untyped-def]
+        seen.append((sched.last_epoch, opt.param_groups[0]["lr"]))
+
+    train()
+    assert sum(t[2] == "probe" for t in train.result.tried) >= 3
+    assert seen == [(0, pytest.approx(0.1 / 10))]

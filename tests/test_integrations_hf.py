@@ -268,3 +268,69 @@ def test_a_padded_causal_lm_is_scored_per_token_whatever_the_evaluation_batch() 
         y = full["labels"][:, 1:]
         want_acc = float(((pred == y) & (y != -100)).sum() / (y != -100).sum())  # next-token accuracy
     assert [evaluate(model, seqs, task, batch_size=b)[1] for b in (1, 5, 48)] == pytest.approx([want_acc] * 3)
+
+
+class _FakeSuggestion:
+    """What suggest returns, reduced to what suggest_for_trainer reads."""
+
+    def __init__(self, micro: int = 16, accumulation: int = 1, lr: float = 1e-3, status: str = "ok") -> None:
+        self.batch_size, self.micro_batch, self.accumulation = micro * accumulation, micro, accumulation
+        self.lr, self.status, self.rule = lr, status, "sqrt"
+        self.rationale = ["no candidate beat the trivial baseline"] if status != "ok" else []
+
+
+def _fake_suggest(monkeypatch, suggestion: _FakeSuggestion) -> None:
+    import batchlab.batchsize as bs
+
+    monkeypatch.setattr(bs, "suggest", lambda *a, **k: suggestion)
+
+
+def test_apply_after_train_reaches_the_optimizer_the_trainer_reuses(tmp_path, monkeypatch) -> None:
+    # the documented sequence train() -> suggest_for_trainer(apply=True) -> train(): the Trainer keeps its
+    # optimizer (and would build its scheduler again from the optimizer's stale "initial_lr")
+    trainer = _trainer(tmp_path, 1, 2, lr=5e-4)
+    trainer.train()
+    _fake_suggest(monkeypatch, _FakeSuggestion(micro=16, lr=1e-3))
+    s = suggest_for_trainer(trainer, apply=True)
+    assert s.learning_rate == 1e-3 and trainer.args.learning_rate == 1e-3
+    assert all(g["initial_lr"] == pytest.approx(1e-3) for g in trainer.optimizer.param_groups)
+    trainer.train()
+    assert trainer.lr_scheduler.base_lrs == pytest.approx([1e-3] * len(trainer.optimizer.param_groups))
+
+
+def test_apply_leaves_the_trainer_alone_when_the_recommendation_is_not_supported(tmp_path, monkeypatch) -> None:
+    trainer = _trainer(tmp_path, 1, 2, lr=5e-4)
+    _fake_suggest(monkeypatch, _FakeSuggestion(micro=64, lr=1e-2, status="not supported"))
+    with pytest.warns(UserWarning, match="the recommendation is 'not supported'.*left as they were"):
+        s = suggest_for_trainer(trainer, apply=True)
+    assert s.per_device_train_batch_size == 64  # returned, not applied
+    assert trainer.args.per_device_train_batch_size == MICRO and trainer.args.learning_rate == 5e-4
+
+
+def test_a_model_init_taking_the_trial_as_hugging_face_documents_it(tmp_path) -> None:
+    calls = []
+
+    def model_init(trial):  # type: ignore[no-untyped-def]
+        calls.append(trial)
+        return BertForSequenceClassification(_config())
+
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=MICRO, report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model_init=model_init, args=args, train_dataset=Tokens(32, 1), eval_dataset=Tokens(8, 2),
+                      data_collator=pad_collate)
+    model = task_from_trainer(trainer).make_model()
+    assert isinstance(model, BertForSequenceClassification) and calls[-1] is None
+
+
+@pytest.mark.parametrize("micro, per_device, lr", [(64, 32, 1e-3), (63, 31, 1e-3 * (62 / 63) ** 0.5)])
+def test_under_torchrun_the_global_micro_batch_is_shared_by_the_devices(tmp_path, monkeypatch, micro, per_device, lr) -> None:
+    # the task's batch counts every process, so its recommendation is the examples all devices take together
+    import batchlab.integrations.huggingface as hf
+
+    trainer = _trainer(tmp_path, 1, 2, lr=5e-4)
+    _fake_suggest(monkeypatch, _FakeSuggestion(micro=micro, lr=1e-3))
+    monkeypatch.setattr(hf, "_distributed", lambda: (2, 0))
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda box, src=0: None)
+    s = suggest_for_trainer(trainer)
+    assert s.per_device_train_batch_size == per_device and s.gradient_accumulation_steps == 1
+    assert s.learning_rate == pytest.approx(lr)  # 2 x 31 = 62 examples, the LR by the task's rule (sqrt)

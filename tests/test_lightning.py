@@ -291,3 +291,55 @@ def test_tuner_suggest_mode_capped_by_max_batch_keeps_the_step_and_rescales_the_
 def test_the_tuner_takes_a_scheduler_built_from_the_trainer_and_its_configured_lr(tmp_path: Path, monkeypatch) -> None:
     task = _task_suggest_gets(tmp_path, monkeypatch, module_cls=WarmupTiny)  # not "not attached to a Trainer"
     assert task.lr == pytest.approx(0.1)  # the configured LR, not the warmup's first tenth of it
+
+
+def test_memory_mode_with_a_schedule_sized_from_the_trainer_trains_at_the_new_batch(tmp_path: Path) -> None:
+    # configure_optimizers reading trainer.estimated_stepping_batches makes Lightning build the training
+    # loader before any callback runs; the tuner must have it rebuilt at the new batch, and the schedule
+    # sized from the new batch's steps (it used to train at the old batch with the LR for the new one, and
+    # memory mode raised "not attached to a Trainer")
+    steps = []
+
+    class Sized(WarmupTiny):
+        def configure_optimizers(self):  # type: ignore[no-untyped-def]
+            steps.append(self.trainer.estimated_stepping_batches)
+            return super().configure_optimizers()
+
+    free = BatchSizeTuner(memory_limit=2**40, max_batch=32)
+    module, dm, seen, _, trainer = _tune(tmp_path, free, n=256, steps=-1, module_cls=Sized, max_epochs=1)
+    assert free.result["batch_size"] == 32 == dm.batch_size
+    assert seen.sizes == [32] * 8  # 256 examples at 32, not 64 steps at the old 4
+    assert steps[-1] == 8 and trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(0.1 * 32 / 4)
+
+
+class OneCycleTiny(Tiny):
+    """An LR the module keeps under a name of its own, and OneCycleLR (which keeps max_lr / 25 as initial_lr)."""
+
+    def __init__(self, lr: float) -> None:
+        super().__init__(lr)
+        del self.lr
+        self.peak = lr
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        opt = torch.optim.SGD(self.parameters(), lr=self.peak)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.peak, total_steps=1000)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_the_configured_lr_of_a_one_cycle_schedule_is_its_max_lr(tmp_path: Path, monkeypatch) -> None:
+    task = _task_suggest_gets(tmp_path, monkeypatch, module_cls=OneCycleTiny)
+    assert task.lr == pytest.approx(0.1)  # not OneCycleLR's starting 0.1 / 25
+
+
+def test_a_module_without_an_lr_attribute_is_told_its_lr_was_not_scaled(tmp_path: Path) -> None:
+    tuner = BatchSizeTuner(memory_limit=2**40, max_batch=32)
+    with pytest.warns(UserWarning, match="no 'lr' or 'learning_rate' attribute, so the learning rate was left"):
+        _tune(tmp_path, tuner, n=64, module_cls=OneCycleTiny)
+    assert tuner.result["batch_size"] == 32 and tuner.result["lr"] is None
+
+
+def test_tuner_memory_arguments_are_checked_when_it_is_made() -> None:
+    with pytest.raises(ValueError, match=r"margin must be a number in \[0, 1\), got 2"):
+        BatchSizeTuner(margin=2)
+    with pytest.raises(ValueError, match="memory_limit must be a positive number of bytes, got -5"):
+        BatchSizeTuner(memory_limit=-5)

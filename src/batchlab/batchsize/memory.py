@@ -444,6 +444,18 @@ class RankAgreement:
 FITS, NO_FIT, ERROR = 0, 1, 2
 
 
+def check_margin(margin: Any) -> None:
+    """``margin``: the fraction of the memory limit kept free, a number in [0, 1)."""
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
+        raise ValueError(f"margin must be a number in [0, 1), got {margin!r}")
+
+
+def check_memory_limit(memory_limit: Any) -> None:
+    """``memory_limit``: None (the device's) or a positive number of bytes."""
+    if memory_limit is not None and (isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or memory_limit <= 0):
+        raise ValueError(f"memory_limit must be a positive number of bytes, got {memory_limit!r}")
+
+
 def max_batch_size(
     task: Task | str,
     *,
@@ -498,8 +510,7 @@ def max_batch_size(
     task = get_task(task)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
-        raise ValueError(f"margin must be a number in [0, 1), got {margin!r}")
+    check_margin(margin)
     if not isinstance(scan, int) or isinstance(scan, bool) or scan < 1:
         raise ValueError(f"scan must be a positive integer, got {scan!r}")
     source = task.train_source if mode == "train" else task.val_source
@@ -519,8 +530,7 @@ def max_batch_size(
         raise ValueError(f"low must be an integer in [1, {top}] (the {split}-set size), got {low!r}")
     if high is not None and (not isinstance(high, int) or isinstance(high, bool) or high < low):
         raise ValueError(f"high must be an integer >= low ({low}), got {high!r}")
-    if memory_limit is not None and (isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or memory_limit <= 0):
-        raise ValueError(f"memory_limit must be a positive number of bytes, got {memory_limit!r}")
+    check_memory_limit(memory_limit)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available")

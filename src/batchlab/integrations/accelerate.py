@@ -60,7 +60,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from batchlab.batchsize.memory import DEFAULT_MARGIN, fit_line, power_candidates, predict_max_batch, search_max_batch
+from batchlab.batchsize.memory import DEFAULT_MARGIN, check_margin, check_memory_limit, fit_line, power_candidates, predict_max_batch, search_max_batch
 from batchlab.batchsize.state import Snapshot, preserved_state
 from batchlab.train import default_lr_rule, is_oom, scale_lr
 from batchlab.train.config import LR_RULES
@@ -209,8 +209,8 @@ def executable_batch_size(
     rule = lr_rule if lr_rule is not None else _default_rule(optimizer)
     if rule not in LR_RULES:
         raise ValueError(f"lr_rule must be one of {', '.join(LR_RULES)}, got {lr_rule!r}")
-    if not 0 <= margin < 1:
-        raise ValueError(f"margin must be in [0, 1), got {margin!r}")
+    check_margin(margin)
+    check_memory_limit(memory_limit)
     params = inspect.signature(function).parameters
     names = list(params)
     if not names:
@@ -221,6 +221,7 @@ def executable_batch_size(
         base_lr = float(optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"]))
     scheds = lr_schedulers(scheduler)
     sched_bases = [list(sch.base_lrs) for sch in scheds]
+    applied = [1.0]  # the LR factor the last call left in the optimizer's param groups
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -233,30 +234,44 @@ def executable_batch_size(
         tried: list[list[Any]] = []
         probes: list[list[float]] = []
         predicted: int | None = None
+        sched_states = [copy.deepcopy(sch.state_dict()) for sch in scheds]  # position, last LRs: restored per try
+
+        def restore_schedulers() -> None:
+            for sch, state in zip(scheds, sched_states):
+                sch.load_state_dict(copy.deepcopy(state))
+
         # a micro-batch above the effective batch is never needed
         candidates = power_candidates(low, max(low, min(starting_batch_size, target)))
         if probe is not None:
             best, probes, predicted = _probe_search(probe, candidates, tried, probe_batches, memory_limit, margin,
-                                                    model, optimizer)
+                                                    model, optimizer, restore_schedulers)
             if best is None:
                 raise RuntimeError(f"no executable batch size: a probe at batch {low} (low) ran out of memory")
             candidates = [c for c in candidates if c <= best]
         eval_cands = power_candidates(1, starting_eval_batch_size or starting_batch_size) if takes["eval_batch_size"] else [None]
+        # the optimizer's LRs as configured for the effective batch: a factor an earlier call applied is taken
+        # out (a loop calling the function once per epoch would otherwise scale the LR again every time)
+        if optimizer is not None:
+            for g in optimizer.param_groups:
+                g["lr"] = g["lr"] / applied[0]
+                if "initial_lr" in g:
+                    g["initial_lr"] = g["initial_lr"] / applied[0]
+            applied[0] = 1.0
+        group_lrs = [(g["lr"], g.get("initial_lr")) for g in optimizer.param_groups] if optimizer is not None else []
         snap = Snapshot(model, optimizer)
-        sched_states = [copy.deepcopy(sch.state_dict()) for sch in scheds]  # position, last LRs: restored per try
         i, j = len(candidates) - 1, len(eval_cands) - 1
         while True:
-            for sch, state in zip(scheds, sched_states):
-                sch.load_state_dict(copy.deepcopy(state))
+            restore_schedulers()
             micro, acc = _plan(candidates[i], target, takes["gradient_accumulation_steps"])
             effective = micro * acc
             factor = 1.0 if effective == target else scale_lr(1.0, target, effective, rule)
             lr = None if base_lr is None else base_lr * factor
-            if optimizer is not None and factor != 1.0:
-                for g in optimizer.param_groups:
-                    g["lr"] = g["lr"] * factor
-                    if "initial_lr" in g:
-                        g["initial_lr"] = g["initial_lr"] * factor
+            if optimizer is not None:  # from the configured LRs on every try
+                for g, (glr, ginit) in zip(optimizer.param_groups, group_lrs):
+                    g["lr"] = glr * factor
+                    if ginit is not None:
+                        g["initial_lr"] = ginit * factor
+                applied[0] = factor
             for sch, bases in zip(scheds, sched_bases):  # from the original bases on every try
                 sch.base_lrs = [b * factor for b in bases]
             call_kw = dict(kwargs)
@@ -306,10 +321,11 @@ def executable_batch_size(
 def _probe_search(
     probe: Callable[[int], float | None], candidates: list[int], tried: list[list[Any]],
     probe_batches: Sequence[int], memory_limit: int | None, margin: float,
-    model: nn.Module | None, optimizer: torch.optim.Optimizer | None,
+    model: nn.Module | None, optimizer: torch.optim.Optimizer | None, restore_schedulers: Callable[[], None],
 ) -> tuple[int | None, list[list[float]], int | None]:
     """Find the largest candidate whose probe step fits: a memory fit from small probes predicts
-    it, :func:`search_max_batch` checks it. Every probe runs inside restored state."""
+    it, :func:`search_max_batch` checks it. Every probe runs inside restored state (the LR
+    schedulers' positions too)."""
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     budget = None
     if memory_limit is not None:
@@ -334,6 +350,8 @@ def _probe_search(
                 raise
             free_memory()
             return None
+        finally:
+            restore_schedulers()
         return math.nan if used is None else float(used)
 
     points: list[tuple[int, float]] = []

@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -261,6 +262,20 @@ def _model_factory(model: nn.Module) -> Any:
     return make
 
 
+def _trainer_model_init(trainer: Any) -> Any:
+    """The Trainer's own ``model_init`` as a zero-argument factory (Hugging Face lets it take the
+    hyperparameter-search trial, which is None outside a search), or None."""
+    init = getattr(trainer, "model_init", None)
+    if init is None:
+        return None
+
+    def make() -> nn.Module:
+        return trainer.call_model_init(None) if hasattr(trainer, "call_model_init") else init()
+
+    make.__qualname__ = getattr(init, "__qualname__", "model_init")
+    return make
+
+
 class _ColumnCollator:
     """The Trainer's data collator, fed only the columns the model's forward takes (what the Trainer
     does with ``remove_unused_columns``)."""
@@ -326,7 +341,7 @@ def task_from_trainer(trainer: Any, *, model_init: Any = None, name: str | None 
         raise ValueError("suggest_for_trainer: the Trainer has no eval_dataset; batchlab's suggestion checks "
                          "generalization on it (pass eval_dataset= to the Trainer)")
     model = trainer.model
-    factory = model_init or getattr(trainer, "model_init", None) or _model_factory(model)
+    factory = model_init or _trainer_model_init(trainer) or _model_factory(model)
     keep = None
     if getattr(args, "remove_unused_columns", True):
         keep = set(inspect.signature(model.forward).parameters) | {"label", "label_ids", "labels"}
@@ -363,13 +378,33 @@ class TrainerSuggestion:
     suggestion: Any
 
     def apply(self, trainer: Any) -> None:
-        """Set them on ``trainer.args`` (and the Trainer's own copy of the batch size)."""
+        """Set them on ``trainer.args`` (and the Trainer's own copy of the batch size). When the
+        Trainer already has an optimizer (an earlier ``train()``, or one given to it), which its next
+        ``train()`` reuses, the new LR is written into it too: every parameter group keeps its ratio
+        to the first, and the LR scheduler's base LRs (``initial_lr``) follow, so a scheduler the
+        Trainer builds again starts from the new LR."""
+        from batchlab.train.optim import set_hparams
+
         args = trainer.args
         args.per_device_train_batch_size = self.per_device_train_batch_size
         args.gradient_accumulation_steps = self.gradient_accumulation_steps
         args.learning_rate = self.learning_rate
         if hasattr(trainer, "_train_batch_size"):
             trainer._train_batch_size = args.train_batch_size
+        optimizer = getattr(trainer, "optimizer", None)
+        if optimizer is not None:
+            sched = getattr(trainer, "lr_scheduler", None)
+            sched = sched if sched is not None and hasattr(sched, "base_lrs") else None
+            if sched is not None:  # the scheduler's base LRs: the configured ones, whatever the decay did since
+                ratios = [b / sched.base_lrs[0] if sched.base_lrs[0] else 1.0 for b in sched.base_lrs]
+            else:
+                firsts = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
+                ratios = [f / firsts[0] if firsts[0] else 1.0 for f in firsts]
+            set_hparams(optimizer, {"lr": self.learning_rate}, ratios=ratios, scheduler=sched)
+            for g, r in zip(optimizer.param_groups, ratios):
+                g["initial_lr"] = self.learning_rate * r
+                if sched is None:
+                    g["lr"] = self.learning_rate * r
 
     def to_dict(self) -> dict[str, Any]:
         return {"per_device_train_batch_size": self.per_device_train_batch_size,
@@ -392,17 +427,52 @@ def suggest_for_trainer(trainer: Any, *, device: str | None = None, quick: bool 
 
     Returns:
         A :class:`TrainerSuggestion`; raises ``RuntimeError`` when ``suggest`` recommends nothing.
+        ``apply=True`` with a recommendation that is not supported by its evidence (status "not
+        supported": no candidate beat a trivial baseline) warns and leaves the Trainer as it was.
+
+    Under ``torchrun`` (a process group initialized, as the Trainer does) the measurement runs on
+    rank 0 only and every rank gets its result; the batch the task trains counts all processes,
+    so ``per_device_train_batch_size`` is the recommended micro-batch divided by the world size.
+    The other ranks wait in the broadcast meanwhile, so the process group's timeout
+    (``TrainingArguments(ddp_timeout=...)``) must be longer than the measurement; or run it on one
+    device before launching ``torchrun``.
     """
     from batchlab.batchsize import suggest
+    from batchlab.train import scale_lr
 
     task = task_from_trainer(trainer, model_init=model_init, metric=metric, higher_is_better=higher_is_better)
     dev = device or trainer.args.device.type
-    s = suggest(task, device=dev, quick=quick, store=store, progress=progress, **suggest_kwargs)
+    world, rank = _distributed()
+    s = None
+    if rank == 0:  # one measurement: ranks measuring on their own would time and decide differently
+        s = suggest(task, device=dev, quick=quick, store=store, progress=progress, **suggest_kwargs)
+    if world > 1:
+        box = [s]
+        torch.distributed.broadcast_object_list(box, src=0)
+        s = box[0]
     if s.batch_size is None or s.micro_batch is None or s.lr is None or not math.isfinite(s.lr):
         raise RuntimeError(f"suggest_for_trainer: batchlab could not recommend a batch size for {task.name} "
                            f"(status {s.status!r}): " + "; ".join(s.rationale))
-    out = TrainerSuggestion(per_device_train_batch_size=int(s.micro_batch), gradient_accumulation_steps=int(s.accumulation),
-                            learning_rate=float(s.lr), suggestion=s)
+    # the task's batch counts every process (per device x accumulation x world size): the recommended
+    # micro-batch is the examples all processes take together, so each device gets its share
+    micro, acc, lr = int(s.micro_batch), int(s.accumulation), float(s.lr)
+    per_device = max(1, micro // world)
+    if per_device * world != micro:  # the step's examples change: the LR goes with them, by the task's rule
+        lr = scale_lr(lr, micro * acc, per_device * world * acc, s.rule)
+    out = TrainerSuggestion(per_device_train_batch_size=per_device, gradient_accumulation_steps=acc,
+                            learning_rate=lr, suggestion=s)
     if apply:
-        out.apply(trainer)
+        if s.status != "ok":
+            warnings.warn(f"suggest_for_trainer(apply=True): the recommendation is {s.status!r} ("
+                          + "; ".join(s.rationale[:2]) + "), so the Trainer's settings were left as they were; "
+                          "set them from the returned values yourself if you want them", stacklevel=2)
+        else:
+            out.apply(trainer)
     return out
+
+
+def _distributed() -> tuple[int, int]:
+    """(world size, rank) of the default process group; (1, 0) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0

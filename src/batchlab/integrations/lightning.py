@@ -275,6 +275,42 @@ def _first_optimizer(configured: Any) -> torch.optim.Optimizer:
     raise TypeError(f"configure_optimizers returned {type(configured).__name__}; BatchSizeTuner needs an optimizer")
 
 
+def _configured_optimizer(model: pl.LightningModule, trainer: pl.Trainer) -> torch.optim.Optimizer:
+    """The first optimizer of ``model.configure_optimizers()``, run with ``trainer`` attached (it may read
+    ``self.trainer.estimated_stepping_batches`` and the like)."""
+    model._trainer = trainer
+    try:
+        return _first_optimizer(model.configure_optimizers())
+    finally:
+        model._trainer = None
+
+
+def _configured_lr(pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> float:
+    """The LR the user configured: the module's ``lr`` / ``learning_rate`` when it has one (what the
+    tuner sets), else the optimizer's before any scheduler moved it: OneCycleLR keeps it as "max_lr"
+    (its "initial_lr" is max_lr / div_factor), torch's other schedulers as "initial_lr"."""
+    attr = next((a for a in ("lr", "learning_rate") if lightning_hasattr(pl_module, a)), None)
+    if attr is not None:
+        try:
+            return float(lightning_getattr(pl_module, attr))
+        except (TypeError, ValueError):
+            pass
+    group = optimizer.param_groups[0]
+    return float(group.get("max_lr", group.get("initial_lr", group["lr"])))
+
+
+def _reload_dataloaders(trainer: pl.Trainer) -> None:
+    """Make the fit loop build its DataLoaders again (with the new batch size): Lightning keeps the
+    ones it built, and ``configure_optimizers`` reading ``trainer.estimated_stepping_batches`` builds
+    them before any callback runs (what Lightning's own BatchSizeFinder resets)."""
+    loop = trainer.fit_loop
+    if hasattr(loop, "_combined_loader"):
+        loop._combined_loader = None
+    val_loop = getattr(getattr(loop, "epoch_loop", None), "val_loop", None)
+    if val_loop is not None and hasattr(val_loop, "_combined_loader"):
+        val_loop._combined_loader = None
+
+
 def _loaders(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Any, Any]:
     """The training and validation DataLoaders of the DataModule, the module, or ``fit``'s arguments."""
     holders = [h for h in (trainer.datamodule, pl_module) if h is not None]
@@ -325,14 +361,8 @@ def task_from_lightning(trainer: pl.Trainer, pl_module: pl.LightningModule, *, b
 
     factory.__qualname__ = f"{type(pl_module).__qualname__}.copy"
     model = factory()
-    model._trainer = trainer  # configure_optimizers may read self.trainer (estimated_stepping_batches, ...)
-    try:
-        optimizer = _first_optimizer(model.configure_optimizers())
-    finally:
-        model._trainer = None
-    # a scheduler built in configure_optimizers may already have moved the LR (a warmup starts at a
-    # fraction of it); torch's schedulers keep the configured one as "initial_lr"
-    lr = float(optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"]))
+    optimizer = _configured_optimizer(model, trainer)
+    lr = _configured_lr(pl_module, optimizer)
     batch = int(lightning_getattr(pl_module, batch_arg_name)) if lightning_hasattr(pl_module, batch_arg_name) else 32
     # the optimizer's LR goes with the examples per optimizer step: the loader's batch times the
     # Trainer's gradient accumulation (as the Hugging Face integration counts it)
@@ -383,6 +413,10 @@ class BatchSizeTuner(pl.Callback):
             raise ValueError(f"lr_rule must be one of {', '.join(LR_RULES)}, got {lr_rule!r}")
         if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        from batchlab.batchsize.memory import check_margin, check_memory_limit
+
+        check_margin(margin)
+        check_memory_limit(memory_limit)
         self.mode, self.batch_arg_name, self.lr_attr = mode, batch_arg_name, lr_attr
         self.scale_lr, self.lr_rule, self.max_batch = scale_lr, lr_rule, max_batch
         self.margin, self.memory_limit = margin, memory_limit
@@ -416,7 +450,7 @@ class BatchSizeTuner(pl.Callback):
         accumulation = int(trainer.accumulate_grad_batches)
         if self.mode == "memory":
             model = model.to(pl_module.device)
-            optimizer = _first_optimizer(model.configure_optimizers())
+            optimizer = _configured_optimizer(model, trainer)
             high = self.max_batch
             if accumulation > 1:  # one optimizer step takes `accumulation` loader batches: leave room for them
                 n = task.size("train")
@@ -448,10 +482,18 @@ class BatchSizeTuner(pl.Callback):
                 lr = scale_lr(lr, step, batch * accumulation, s.rule)
             measured = s.to_dict()
         lightning_setattr(pl_module, self.batch_arg_name, batch)
-        if lr_attr is not None:
-            lightning_setattr(pl_module, lr_attr, lr)
-            trainer.strategy.setup_optimizers(trainer)  # configure_optimizers again, with the new LR
+        _reload_dataloaders(trainer)  # the loaders Lightning built have the old batch
         if self.mode == "suggest":
             trainer.accumulate_grad_batches = accumulation
+        if lr_attr is not None:
+            lightning_setattr(pl_module, lr_attr, lr)
+        else:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(f"BatchSizeTuner: the batch size is now {batch} (was {old_batch}), but the module has no "
+                           f"'lr' or 'learning_rate' attribute, so the learning rate was left as configure_optimizers "
+                           f"sets it (for batch {batch} it would be {lr:.3g}); pass lr_attr= to name yours")
+        # configure_optimizers again: the new LR, and schedules whose length comes from the new batch
+        trainer.strategy.setup_optimizers(trainer)
         self.result = {"mode": self.mode, "batch_size": batch, "old_batch_size": old_batch, "lr": lr if lr_attr else None,
                        "old_lr": old_lr if lr_attr else None, "accumulation": accumulation, "measured": measured}

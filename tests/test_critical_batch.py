@@ -235,6 +235,7 @@ def test_scale_hparams_bad_inputs(args, message):
     ({"optimizer": "lbfgs"}, "optimizer must not be 'lbfgs'"),
     ({"rule": "adam-sde"}, "rule 'adam-sde' is for Adam"),
     ({"seeds": 0}, "seeds must be a positive count"),
+    ({"budget_examples": 3}, r"budget_examples must be an integer >= the batch size 4 \(one step of the base run"),
 ])
 def test_critical_batch_bad_inputs(toy_task, kw, message):
     args = dict(batch_size=4, checkpoints=(0.0,), factors=(1, 2), branch_examples=16, seeds=1, gns_groups=1)
@@ -351,3 +352,30 @@ def test_factors_past_the_training_set_are_dropped_with_a_note(toy_task):
     assert r.factors == [1, 2]
     assert len(r.notes) == 1 and "factors 8 left out" in r.notes[0] and "256 examples" in r.notes[0]
     assert CriticalBatchResult.from_dict(r.to_dict()).notes == r.notes
+
+
+def test_branches_co_scale_each_parameter_groups_own_betas() -> None:
+    # a head with its own beta2: at factor k its branch trains with 0.95**k, not the first group's 0.99**k
+    seen: list[tuple[float, float]] = []
+
+    class Recording(torch.optim.AdamW):
+        def step(self, closure=None):  # type: ignore[no-untyped-def]
+            seen.append(tuple(g["betas"][1] for g in self.param_groups))
+            return super().step(closure)
+
+    def two_groups(model, lr):  # type: ignore[no-untyped-def]
+        p = list(model.parameters())
+        return Recording([{"params": p[:1], "betas": (0.9, 0.99)}, {"params": p[1:], "lr": 10 * lr,
+                                                                       "betas": (0.9, 0.95)}], lr=lr)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 4, generator=g)
+    data = torch.utils.data.TensorDataset(x, x @ torch.ones(4))
+    task = Task.from_torch("two-groups", lambda: torch.nn.Linear(4, 1), data, data, loss=_half_mse, metric="loss",
+                           optimizer=two_groups, lr=1e-3, batch_size=8)
+    r = critical_batch(task, batch_size=8, budget_examples=64, checkpoints=[0.0], factors=[1, 2], seeds=1,
+                       branch_examples=32, gns_groups=2)
+    assert r.points
+    for want in ((0.99, 0.95), (0.99**2, 0.95**2)):  # the base branch, and the branch at twice the batch
+        assert any(s == pytest.approx(want, rel=1e-12) for s in seen), want
+    assert not any(s[1] == pytest.approx(0.99**2, rel=1e-12) for s in seen)  # the head never gets the first's

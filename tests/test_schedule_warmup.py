@@ -274,3 +274,46 @@ def test_apply_to_with_a_user_lr_scheduler_co_scales_its_base() -> None:
     assert all(a == pytest.approx(b) for a, b in zip(lrs, want))
     assert sched.base_lrs == pytest.approx([1e-3 * root2, 5e-4 * root2])
     assert opt.param_groups[0]["betas"][1] == pytest.approx(0.999 ** 2)  # Adam's default rule: half-life kept
+
+
+def _two_group_adamw(model, lr):  # type: ignore[no-untyped-def]
+    """A head with its own LR (10x) and its own beta2, as a user's optimizer factory writes it."""
+    params = list(model.parameters())
+    return torch.optim.AdamW([{"params": params[:-2], "betas": (0.9, 0.99)},
+                              {"params": params[-2:], "lr": 10 * lr, "betas": (0.9, 0.95)}], lr=lr)
+
+
+def test_fit_co_scales_each_parameter_groups_own_betas():
+    # each group's beta2 keeps its own half-life in examples (it used to get the first group's, 0.99**k)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 4, generator=g)
+    data = torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long())
+    task = Task.from_torch("two-groups", lambda: torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
+                                                                    torch.nn.Linear(8, 2)),
+                           data, data, optimizer=_two_group_adamw, lr=1e-3, batch_size=16)
+    seen = []
+
+    class Groups(Callback):
+        def on_before_step(self, ctx):  # type: ignore[no-untyped-def]
+            seen.append((ctx.batch_size, [(g["lr"], g["betas"][1]) for g in ctx.optimizer.param_groups]))
+
+    cfg = BatchSizeSchedule(16, stages=((64, 32),)).apply(TrainConfig(lr=1e-3, max_examples=192, eval_train=False))
+    assert fit(task, cfg, callbacks=[Groups()]).ok
+    at16 = [g for b, g in seen if b == 16][0]
+    at32 = [g for b, g in seen if b == 32][0]
+    assert [b2 for _, b2 in at16] == pytest.approx([0.99, 0.95])
+    assert [b2 for _, b2 in at32] == pytest.approx([0.99**2, 0.95**2])
+    assert at32[1][0] / at32[0][0] == pytest.approx(10.0)  # the head's LR ratio stays
+
+
+def test_apply_to_with_one_mapping_per_group_keeps_each_groups_betas() -> None:
+    from batchlab.train import group_hparams
+
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW([{"params": a.parameters(), "betas": (0.9, 0.99)},
+                             {"params": b.parameters(), "lr": 1e-4, "betas": (0.8, 0.95)}], lr=1e-3)
+    base = group_hparams(opt)
+    hp = BatchSizeSchedule(base=32, stages=((0, 128),)).apply_to(opt, base)
+    assert hp["lr"] == pytest.approx(2e-3)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-3, 2e-4])
+    assert [g["betas"] for g in opt.param_groups] == [pytest.approx((0.9, 0.99**4)), pytest.approx((0.8, 0.95**4))]

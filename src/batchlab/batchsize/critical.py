@@ -68,6 +68,7 @@ from batchlab.train import (
     fit,
     iterate_batches,
     last_error_line,
+    scale_group_hparams,
     scale_hparams,
     scale_lr,
     set_hparams,
@@ -249,8 +250,8 @@ class _ResumeOptimizer(Callback):
     """Loads a saved optimizer state at the start of a branch, then sets the branch's scaled
     hyperparameters (loading restores the saved ones)."""
 
-    def __init__(self, state: dict[str, Any], hparams: dict[str, Any]) -> None:
-        self.state, self.hparams = state, hparams
+    def __init__(self, state: dict[str, Any], hparams: dict[str, Any] | list[dict[str, Any]]) -> None:
+        self.state, self.hparams = state, hparams  # one mapping, or one per parameter group
 
     def on_train_begin(self, ctx: StepContext) -> None:
         ctx.optimizer.load_state_dict(copy.deepcopy(self.state))
@@ -398,8 +399,9 @@ def critical_batch(
         if n is None:
             raise ValueError(f"budget_examples is needed for task {task.name!r}: its training set has no length")
         budget_examples = max(1, round(task.epochs * n))
-    if not isinstance(budget_examples, numbers.Integral) or isinstance(budget_examples, bool) or budget_examples < 1:
-        raise ValueError(f"budget_examples must be a positive integer, got {budget_examples!r}")
+    if not isinstance(budget_examples, numbers.Integral) or isinstance(budget_examples, bool) or budget_examples < B:
+        raise ValueError(f"budget_examples must be an integer >= the batch size {B} (one step of the base run; the "
+                         f"checkpoints are fractions of it), got {budget_examples!r}")
     largest = factors[-1] * B
     if branch_examples is None:
         branch_examples = 8 * largest
@@ -432,17 +434,20 @@ def critical_batch(
         val_loss, _ = evaluate(model, task.val_source, task, device=device)
         losses = []
         failed: list[str] = []
+        base_groups = _base_group_hparams(base_lr, opt_state)
         for b in batches:  # the branches: the checkpoint's model and optimizer state, co-scaled hyperparameters
             hp = scale_hparams(opt, result.hparams, B, b, rule)
+            # each parameter group's own betas/eps co-scaled (the first group's are hp's); one group: hp itself
+            hp_groups = scale_group_hparams(opt, base_groups, B, b, rule) if len(base_groups) > 1 else hp
             row = []
             for s in seed_list:
                 cfg = TrainConfig(batch_size=b, lr=hp["lr"], max_examples=int(branch_examples), seed=int(s), **common)
                 key = trial_key(task, cfg, kind="critical-branch", base=base_cfg.to_dict(),
-                                checkpoint=int(saved["examples"]), hparams=hp)
+                                checkpoint=int(saved["examples"]), hparams=hp_groups)
                 stored = kept.record(key)
                 loaded += stored is not None
                 r = stored.payload if stored is not None else kept.run_or_load(
-                    key, functools.partial(_branch, task, cfg, model, opt_state, hp), kind="critical-branch")
+                    key, functools.partial(_branch, task, cfg, model, opt_state, hp_groups), kind="critical-branch")
                 processed += int(r["examples"])
                 loss = float(r["val_loss"]) if r["status"] == "ok" and r["val_loss"] is not None else math.nan
                 if not math.isfinite(loss):
@@ -477,7 +482,7 @@ def critical_batch(
 
 
 def _branch(task: Task, cfg: TrainConfig, model: torch.nn.Module, opt_state: dict[str, Any],
-            hp: dict[str, Any]) -> dict[str, Any]:
+            hp: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
     """One branch from a checkpoint: its status, final validation loss and examples (JSON)."""
     r = fit(task, cfg, model=copy.deepcopy(model), callbacks=[_ResumeOptimizer(opt_state, hp)], raise_errors=False)
     loss = float(r.final.get("val_loss", math.nan)) if r.status == "ok" else math.nan
@@ -502,6 +507,21 @@ def _decide(saved: dict[str, Any], val_loss: float, batches: list[int], losses: 
         base_loss_std=sd if n_seeds > 1 else math.nan, noise=noise, b_simple=b_simple,
         ratio=crit / b_simple if b_simple > 0 else math.nan, capped=capped,
     )
+
+
+def _base_group_hparams(lr: float, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every parameter group's base lr/betas/eps: the first group's lr is the base LR ``lr``, the
+    others keep their ratio to it in the checkpoint; betas and eps as saved."""
+    groups = state.get("param_groups") or []
+    first = float(groups[0].get("lr", 0.0)) if groups else 0.0
+    out = []
+    for g in groups:
+        hp: dict[str, Any] = {"lr": float(lr) * (float(g["lr"]) / first if first else 1.0)}
+        for k in ("betas", "eps"):
+            if k in g:
+                hp[k] = tuple(g[k]) if k == "betas" else g[k]
+        out.append(hp)
+    return out or [{"lr": float(lr)}]
 
 
 def _base_hparams(lr: float, state: dict[str, Any]) -> dict[str, Any]:

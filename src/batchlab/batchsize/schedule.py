@@ -270,7 +270,7 @@ class BatchSizeSchedule:
             raise ValueError(f"examples must be an integer >= 0, got {examples!r}")
         self.examples += int(examples)
 
-    def apply_to(self, optimizer: torch.optim.Optimizer, hparams: Mapping[str, Any],
+    def apply_to(self, optimizer: torch.optim.Optimizer, hparams: Mapping[str, Any] | Sequence[Mapping[str, Any]],
                  total_examples: int | None = None, ratios: Sequence[float] | None = None,
                  scheduler: Any = None) -> dict[str, Any]:
         """Set ``optimizer``'s lr/betas/eps to ``hparams`` (tuned for ``base``) co-scaled to the
@@ -281,9 +281,16 @@ class BatchSizeSchedule:
         schedules ignore it). ``scheduler``: the torch LR scheduler driving the optimizer, if any; then
         ``hparams["lr"]`` is its base LR and the co-scaled LR becomes the scheduler's base, so its
         warmup and decay go on multiplying it (without it, the scheduler's next ``step()`` would
-        overwrite the co-scaled LR; see :func:`batchlab.train.optim.set_hparams`)."""
+        overwrite the co-scaled LR; see :func:`batchlab.train.optim.set_hparams`). ``hparams`` may be
+        one mapping per parameter group (``batchlab.train.group_hparams(optimizer)`` taken at the
+        start), so groups with their own betas or eps keep them, each co-scaled; with one mapping its
+        betas and eps go to every group."""
         if not self.stages and self.milestones and total_examples is None:
             raise self._needs_budget("BatchSizeSchedule.apply_to")
+        if isinstance(hparams, Sequence) and not isinstance(hparams, (str, bytes)):  # one per parameter group
+            hps = [self.hparams_at(self.examples, h, optimizer, total_examples) for h in hparams]
+            set_hparams(optimizer, hps, scheduler=scheduler)
+            return hps[0]
         hp = self.hparams_at(self.examples, hparams, optimizer, total_examples)
         set_hparams(optimizer, hp, ratios, scheduler)
         return hp

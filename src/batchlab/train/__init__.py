@@ -7,9 +7,11 @@ from batchlab.train.optim import (
     LR_RULES,
     default_hparam_rule,
     default_lr_rule,
+    group_hparams,
     lr_factor,
     make_optimizer,
     optimizer_hparams,
+    scale_group_hparams,
     scale_hparams,
     scale_lr,
     set_hparams,
@@ -18,5 +20,5 @@ from batchlab.train.optim import (
 __all__ = [
     "OPTIMIZERS", "SCALE_RULES", "SCHEDULES", "LR_RULES", "RunResult", "TrainConfig", "Callback", "StepContext",
     "evaluate", "fit", "iterate_batches", "is_oom", "default_hparam_rule", "default_lr_rule", "lr_factor",
-    "make_optimizer", "optimizer_hparams", "scale_hparams", "scale_lr", "set_hparams", "last_error_line",
+    "make_optimizer", "optimizer_hparams", "group_hparams", "scale_hparams", "scale_group_hparams", "scale_lr", "set_hparams", "last_error_line",
 ]

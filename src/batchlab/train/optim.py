@@ -125,6 +125,29 @@ def optimizer_hparams(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     return {k: (tuple(group[k]) if k == "betas" else group[k]) for k in ("lr", "betas", "eps") if k in group}
 
 
+def group_hparams(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Every parameter group's lr and, where it has them, betas and eps (per-group values, e.g. a
+    head with its own Adam betas): what :func:`scale_group_hparams` scales and :func:`set_hparams`
+    takes back."""
+    return [{k: (tuple(g[k]) if k == "betas" else g[k]) for k in ("lr", "betas", "eps") if k in g}
+            for g in optimizer.param_groups]
+
+
+def scale_group_hparams(optimizer: str | torch.optim.Optimizer | None, groups: Sequence[Mapping[str, Any]],
+                        from_batch: int, to_batch: int, rule: str | None = None) -> list[dict[str, Any]]:
+    """:func:`scale_hparams` applied to each parameter group's own values (``groups``, as
+    :func:`group_hparams` gives them), so a group with other betas keeps its own, co-scaled; a group
+    at LR 0 (frozen, or at the start of a warmup) stays at 0."""
+    out = []
+    for g in groups:
+        lr = g.get("lr", 0.0)
+        hp = scale_hparams(optimizer, {**g, "lr": lr if lr and lr > 0 else 1.0}, from_batch, to_batch, rule)
+        if not (lr and lr > 0):
+            hp["lr"] = lr
+        out.append(hp)
+    return out
+
+
 def lr_ratios(optimizer: torch.optim.Optimizer) -> list[float]:
     """Each parameter group's LR relative to the first group's (1.0 for every group when the
     first group's LR is 0): what :func:`set_hparams` keeps."""
@@ -150,7 +173,7 @@ def lr_schedulers(scheduler: Any) -> list[Any]:
     return out
 
 
-def set_hparams(optimizer: torch.optim.Optimizer, hparams: Mapping[str, Any],
+def set_hparams(optimizer: torch.optim.Optimizer, hparams: Mapping[str, Any] | Sequence[Mapping[str, Any]],
                 ratios: Sequence[float] | None = None, scheduler: Any = None) -> None:
     """Write lr, betas and eps of ``hparams`` into every parameter group that has them. ``lr`` is
     the first group's (as :func:`optimizer_hparams` reads it); other groups keep their LR ratio to
@@ -161,8 +184,26 @@ def set_hparams(optimizer: torch.optim.Optimizer, hparams: Mapping[str, Any],
     multiplies (what the scheduler was built with): each group's ``base_lrs`` entry and
     ``initial_lr`` become the new base (ratios default to the scheduler's base ratios) and the
     current LR is rescaled by new base / old base, so the warmup or decay goes on from the new base
-    instead of the scheduler's next ``step()`` overwriting it."""
+    instead of the scheduler's next ``step()`` overwriting it.
+
+    ``hparams`` may also be one mapping per parameter group (:func:`scale_group_hparams`): each
+    group then gets its own lr, betas and eps, and ``ratios`` is not used."""
     groups = optimizer.param_groups
+    if isinstance(hparams, Sequence) and not isinstance(hparams, (str, bytes)):
+        per = list(hparams)
+        if len(per) != len(groups):
+            raise ValueError(f"hparams: one mapping per parameter group ({len(groups)}), got {len(per)}")
+        first = per[0].get("lr")
+        if first:  # the LRs through the one-mapping path (schedulers' bases), each group's ratio to the first
+            set_hparams(optimizer, {"lr": first}, [p.get("lr", first) / first for p in per], scheduler)
+        for group, hp in zip(groups, per):
+            if not first and "lr" in hp and "lr" in group:
+                group["lr"] = hp["lr"]
+            if "betas" in hp and "betas" in group:
+                group["betas"] = tuple(hp["betas"])
+            if "eps" in hp and "eps" in group:
+                group["eps"] = hp["eps"]
+        return
     scheds = lr_schedulers(scheduler)
     if "lr" in hparams:
         if ratios is None and scheds and scheds[0].base_lrs and scheds[0].base_lrs[0]:

@@ -4,6 +4,7 @@ on the command line and through the API, and the errors a user task can make."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -158,6 +159,20 @@ def test_an_iterable_dataset_trains_by_steps_and_epochs_need_a_length():
     assert small_task("char_gpt").size("val") == len(small_task("char_gpt").val_set)
     with pytest.raises(TaskError, match="task 'stream': _Stream has no length; give a budget in steps or examples"):
         fit(task, TrainConfig(batch_size=16, epochs=1))
+    # no epochs to end: "every epoch" (eval_every=0) evaluates ten times over the run, not once at its end
+    r = fit(task, TrainConfig(batch_size=16, max_steps=20))
+    assert [row["step"] for row in r.history] == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
+
+
+def test_throughput_and_noise_scale_measure_a_stream_without_a_length():
+    # neither needs the training-set size: throughput times steps, noise_scale trains for `steps`
+    from batchlab.batchsize import noise_scale, throughput
+
+    task = Task.from_torch(name="stream", model=lambda: nn.Linear(4, 2), train=_Stream(), val=_Stream(), lr=0.1)
+    t = throughput(task, [8, 32], repeats=2, max_repeats=2)
+    assert t.status == ["ok", "ok"] and t.n_train is None and all(math.isnan(e) for e in t.epoch_time)
+    r = noise_scale(task, micro_batch=4, accumulation=2, steps=10)
+    assert len(r.history) >= 1
 
 
 def test_suggest_on_a_stream_without_length_says_what_it_needs():
@@ -191,6 +206,57 @@ def test_cli_critical_batch_on_a_stream_takes_its_budget_in_examples(tmp_path):
                        timeout=120, env=env)
     assert p.returncode == 0, p.stderr
     assert "warmup schedule (examples seen, batch) from B=8" in p.stdout
+
+
+def test_a_finished_folder_is_not_taken_for_a_changed_model(tmp_path):
+    # critical-batch used to print the old table ("same settings; nothing was run") after the model changed
+    code = ("import torch, torch.nn as nn\n"
+            "from batchlab import Task\n"
+            "def make_task():\n"
+            "    g = torch.Generator().manual_seed(0)\n"
+            "    x = torch.randn(256, 4, generator=g)\n"
+            "    data = torch.utils.data.TensorDataset(x, (x.sum(1) > 0).long())\n"
+            "    return Task.from_torch(name='tiny', model=lambda: nn.Sequential(nn.Linear(4, WIDTH), nn.ReLU(), "
+            "nn.Linear(WIDTH, 2)), train=data, val=data, lr=0.1, batch_size=8)\n")
+    (tmp_path / "tinytask.py").write_text(code.replace("WIDTH", "16"))
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "batchlab.cli", "critical-batch", "--task", "tinytask:make_task", "--quick",
+           "--threads", "1", "--quiet", "--budget-examples", "256", "--factors", "1,2", "--out", str(tmp_path / "out")]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert again.returncode == 0 and "already holds this measurement" in again.stdout, again.stderr
+    (tmp_path / "tinytask.py").write_text(code.replace("WIDTH", "4"))
+    changed = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert changed.returncode == 2, changed.stdout
+    assert "for another version of task 'tiny' (its model, data or code changed since)" in changed.stderr
+
+
+class _Augmented(Dataset):
+    """Random flips in __getitem__, as torchvision transforms do (drawn in the DataLoader's workers)."""
+
+    def __init__(self) -> None:
+        self.x = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):  # type: ignore[no-untyped-def]
+        return (self.x[i].flip(0) if torch.rand(()) < 0.5 else self.x[i]), int(self.x[i, 0] > 0)
+
+
+def test_raw_batches_do_not_depend_on_which_runs_came_before():
+    # fit used to set its seed on the task's shared DataLoader source, so the worker seeds (and the
+    # augmentation) of a later tool reading batches (the noise scale at a critical-batch checkpoint)
+    # depended on which branch had run last: a resumed measurement differed from an uninterrupted one
+    from batchlab.train import iterate_batches
+
+    task = Task.from_torch(name="aug", model=lambda: nn.Linear(6, 2), train=_Augmented(), val=_Augmented(),
+                           num_workers=2, lr=0.1, batch_size=8)
+    first = next(iterate_batches(task, 8, seed=3))
+    fit(task, TrainConfig(batch_size=8, max_steps=2, seed=5, eval_every=0))
+    again = next(iterate_batches(task, 8, seed=3))
+    assert torch.equal(first[0], again[0])
 
 
 # --------------------------------------------------------------------------- bad user tasks

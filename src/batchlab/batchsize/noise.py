@@ -306,10 +306,10 @@ def noise_scale(
         until_stable, window, min_steps: stop early once B_simple is stable (see above).
     """
     task = get_task(task)
-    n = task.n_train
+    n = task.size("train")  # None: a stream without a length (the run is bounded by ``steps``)
     if not isinstance(accumulation, int) or accumulation < 2:
         raise ValueError(f"accumulation must be an integer >= 2 (B_simple needs two batch sizes), got {accumulation!r}")
-    if not isinstance(micro_batch, int) or not 1 <= micro_batch * accumulation <= n:
+    if not isinstance(micro_batch, int) or not 1 <= micro_batch * accumulation <= (n if n is not None else micro_batch * accumulation):
         raise ValueError(
             f"micro_batch * accumulation must be in [1, {n}] (the training-set size), got {micro_batch!r} * {accumulation}"
         )

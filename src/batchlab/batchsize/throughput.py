@@ -96,7 +96,7 @@ class ThroughputResult:
     epoch_time: list[float]
     status: list[str]
     knee: int | None
-    n_train: int
+    n_train: int | None
     device: str
     warmup: int
     repeats: int
@@ -194,12 +194,12 @@ def throughput(
         progress: show a progress bar.
     """
     task = get_task(task)
-    n = task.n_train
+    n = task.size("train")  # None: a stream without a length (any batch it can fill)
     sizes = [int(b) for b in batch_sizes]
     if not sizes:
         raise ValueError("batch_sizes must not be empty")
     for b in sizes:
-        if not 1 <= b <= n:
+        if not 1 <= b <= (n if n is not None else b):
             raise ValueError(f"batch_sizes must be in [1, {n}] (the training-set size); got {b}")
     check_positive_int("repeats", repeats)
     if not isinstance(warmup, int) or warmup < 0:
@@ -217,7 +217,7 @@ def throughput(
 def _throughput(task: Task, sizes: list[int], dev: torch.device, warmup: int, repeats: int, max_repeats: int,
                 min_time: float, time_limit: float, allowance: int, norm: str | None, model: torch.nn.Module | None,
                 progress: bool) -> ThroughputResult:
-    n = task.n_train
+    n = task.size("train")  # None: a stream without a length (no epoch time)
     task.check(dev)
     model = (model if model is not None else task.make_model(norm=norm)).to(dev)
     optimizer = task.build_optimizer(model, task.lr)
@@ -278,7 +278,7 @@ def _throughput(task: Task, sizes: list[int], dev: torch.device, warmup: int, re
     median = [statistics.median(times[b]) if b not in failed and times[b] else math.nan for b in sizes]
     status = [("failed" if b in errors else "oom") if b in failed else "ok" for b in sizes]
     eps = [b / t if math.isfinite(t) and t > 0 else math.nan for b, t in zip(sizes, step_time)]
-    epoch = [math.ceil(n / b) * t for b, t in zip(sizes, step_time)]
+    epoch = [math.ceil(n / b) * t if n is not None else math.nan for b, t in zip(sizes, step_time)]
     return ThroughputResult(
         batch_sizes=sizes, step_time=step_time, examples_per_sec=eps, epoch_time=epoch, status=status,
         knee=find_knee(sizes, eps), n_train=n, device=str(dev), warmup=warmup, repeats=repeats,

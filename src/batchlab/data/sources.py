@@ -106,8 +106,9 @@ class Source:
         """The batch of the examples at ``idx`` (a 1-D long tensor), made in this process."""
         raise NotImplementedError
 
-    def stream(self, index_batches: Iterable[torch.Tensor]) -> Iterator[Any]:
-        """The batches of ``index_batches`` in order (the iterable may be consumed ahead)."""
+    def stream(self, index_batches: Iterable[torch.Tensor], seed: int | None = None) -> Iterator[Any]:
+        """The batches of ``index_batches`` in order (the iterable may be consumed ahead). ``seed``:
+        seeds a DataLoader's worker seeds (default: ``self.seed`` where there is one)."""
         for idx in index_batches:
             yield self.fetch(idx)
 
@@ -171,7 +172,7 @@ class LoaderSource(Source):
             except TypeError:
                 length = None
         self.length = length
-        self.seed = 0  # seeds the DataLoader's worker seeds (fit sets it to the run's seed)
+        self.seed = 0  # seeds the DataLoader's worker seeds when stream() is given none (fit and iterate_batches give theirs)
         self._ordered: tuple[tuple[int, int], DataLoader[Any]] | None = None  # the evaluation loader
 
     def __getstate__(self) -> dict[str, Any]:
@@ -193,7 +194,7 @@ class LoaderSource(Source):
             return next(self.stream([idx]))
         return self.collate_fn([self.dataset[i] for i in idx.tolist()])
 
-    def stream(self, index_batches: Iterable[torch.Tensor]) -> Iterator[Any]:
+    def stream(self, index_batches: Iterable[torch.Tensor], seed: int | None = None) -> Iterator[Any]:
         if self.indexable:
             if self.num_workers == 0 and not self.pin_memory:
                 yield from super().stream(index_batches)
@@ -201,7 +202,7 @@ class LoaderSource(Source):
             # a generator of its own: creating the loader's iterator must not draw from the global
             # RNG (that would shift the model's dropout masks by the worker count); worker seeds
             # still differ from run to run through the indices' own seeded order
-            gen = torch.Generator().manual_seed(self.seed)
+            gen = torch.Generator().manual_seed(self.seed if seed is None else seed)
             yield from self._loader(batch_sampler=_IndexLists(index_batches), generator=gen)
             return
         # an IterableDataset: examples in its own order, re-read from the start when exhausted

@@ -48,7 +48,7 @@ class TrainConfig:
     batch_schedule: tuple[tuple[int, int], ...] = ()
     batch_scale_rule: str | None = None  # co-scaling rule for batch_schedule (SCALE_RULES); None: the optimizer's default
     accumulation: int = 1  # micro-batches per optimizer step (each of batch_size examples)
-    eval_every: int = 0  # evaluate every N steps; 0: at the end of every epoch
+    eval_every: int = 0  # evaluate every N steps; 0: at the end of every epoch (a stream without a length: 10 times)
     eval_train: bool = True  # also record loss/accuracy on (a fixed subset of) the training set
     seed: int = 0
     norm: str | None = None  # norm layer of the model (see batchlab.norm.create_norm); None: the task's default

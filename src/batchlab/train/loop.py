@@ -31,7 +31,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from batchlab.data.arrays import ArrayDataset
-from batchlab.data.sources import ArraySource, LoaderSource, Source, batch_size_of, make_source, move_to_device
+from batchlab.data.sources import ArraySource, Source, batch_size_of, make_source, move_to_device
 from batchlab.norm import FrozenBatchNorm
 from batchlab.tasks import Task, TaskError, get_task
 from batchlab.tasks.task import is_pooled_metric
@@ -40,9 +40,11 @@ from batchlab.train.oom import free_memory, is_oom
 from batchlab.train.optim import (
     batch_factor,
     default_hparam_rule,
+    group_hparams,
     lr_factor,
     lr_ratios,
     optimizer_hparams,
+    scale_group_hparams,
     scale_hparams,
     scheduled_batch,
     set_hparams,
@@ -284,14 +286,14 @@ class _Batches:
     DataLoader: streamed, the loader consuming the plan ahead of the loop)."""
 
     def __init__(self, source: Source, plans: Iterator[_StepPlan], device: torch.device, non_blocking: bool,
-                 shard: Any = None) -> None:
+                 shard: Any = None, seed: int | None = None) -> None:
         self.device, self.non_blocking, self.shard = device, non_blocking, shard
         self.pending: collections.deque[_StepPlan] = collections.deque()
         self.plans = plans
         self.direct = isinstance(source, ArraySource)
         self.source = source
         if not self.direct:
-            self.stream = source.stream(self._indices())
+            self.stream = source.stream(self._indices(), seed=seed)  # workers seeded by the run, not shared state
 
     def close(self) -> None:
         """Shut a DataLoader's workers down now. Left to garbage collection (an exception's traceback
@@ -427,6 +429,7 @@ def _fit(
     result.extra["optimizer_class"] = type(optimizer).__name__
     result.extra["param_groups"] = _group_settings(optimizer)  # what it trains with (a task's own optimizer too)
     base_hp = optimizer_hparams(optimizer)
+    base_groups = group_hparams(optimizer)  # each group's own betas/eps (a head with other betas keeps them)
     ratios = lr_ratios(optimizer)  # per-group LRs (a user's optimizer factory) keep their ratio to the first
     scale_rule = (cfg.batch_scale_rule or default_hparam_rule(opt_name)) if cfg.batch_schedule else None
     hp = scale_hparams(opt_name, base_hp, cfg.batch_size, cfg.batch_size, scale_rule) if scale_rule else base_hp
@@ -467,6 +470,8 @@ def _fit(
 
     ctx = StepContext(task=task, config=cfg, model=model, optimizer=optimizer, accumulation=cfg.accumulation)
     est_steps = cfg.max_steps or math.ceil(total_examples / (cfg.batch_size * cfg.accumulation))
+    # "every epoch" on a stream without a length (no epochs): ten evaluations over the run instead of one
+    stream_every = max(1, est_steps // 10) if not n and not cfg.eval_every else 0
     label = f"B={cfg.batch_size}" if cfg.accumulation == 1 else f"B={cfg.batch_size}x{cfg.accumulation}"
     bar = tqdm(total=est_steps, desc=f"{task.name} {label}", unit="step", disable=not progress, leave=False)
     loss_sum, loss_count = 0.0, 0
@@ -501,9 +506,9 @@ def _fit(
     ctx.lr = base_lr * lr_factor(cfg.schedule, 0.0, 0, warmup_steps=cfg.warmup_steps, milestones=cfg.milestones, gamma=cfg.gamma)
     for cb in callbacks:
         cb.on_train_begin(ctx)
-    if isinstance(train_src, LoaderSource):
-        train_src.seed = cfg.seed  # the DataLoader's worker seeds follow the run's seed
-    batches = _Batches(train_src, _plan_steps(cfg, sampler, total_examples), device, non_blocking, shard)
+    # the DataLoader's worker seeds follow the run's seed (passed, not set on the task's shared source:
+    # what another tool reads from it afterwards must not depend on which runs came before)
+    batches = _Batches(train_src, _plan_steps(cfg, sampler, total_examples), device, non_blocking, shard, seed=cfg.seed)
     try:
         if cfg.eval_every:
             record()
@@ -513,7 +518,7 @@ def _fit(
             ctx.epoch, ctx.batch_size = plan.epoch, step_n
             if scale_rule is not None and plan.batch != hp_batch:
                 hp, hp_batch = scale_hparams(opt_name, base_hp, cfg.batch_size, plan.batch, scale_rule), plan.batch
-                set_hparams(optimizer, hp, ratios)
+                set_hparams(optimizer, scale_group_hparams(opt_name, base_groups, cfg.batch_size, plan.batch, scale_rule))
             ctx.lr = hp["lr"] * lr_factor(
                 cfg.schedule, plan.frac, ctx.step, warmup_steps=cfg.warmup_steps, milestones=cfg.milestones, gamma=cfg.gamma
             )
@@ -586,7 +591,8 @@ def _fit(
             bar.update(1)
             if progress and ctx.step % 10 == 0:
                 bar.set_postfix(loss=f"{step_loss:.3f}", refresh=False)
-            if (cfg.eval_every and ctx.step % cfg.eval_every == 0) or (not cfg.eval_every and plan.epoch_ended):
+            if ((cfg.eval_every and ctx.step % cfg.eval_every == 0) or (not cfg.eval_every and plan.epoch_ended)
+                    or (stream_every and ctx.step % stream_every == 0)):
                 record()
             if ctx.stop:
                 break
@@ -654,5 +660,5 @@ def iterate_batches(task: Task, batch_size: int, seed: int = 0, device: torch.de
     if n is not None and batch_size > n:
         raise ValueError(f"batch_size ({batch_size}) is larger than the training set of task {task.name!r} ({n} examples)")
     sampler = _Sampler(n, torch.Generator().manual_seed(seed), drop_last=True, shuffle=source.indexable)
-    for batch in source.stream(iter(lambda: sampler.take(batch_size), None)):
+    for batch in source.stream(iter(lambda: sampler.take(batch_size), None), seed=seed):
         yield move_to_device(batch, device)

@@ -85,7 +85,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     except (ValueError, ImportError) as e:
         raise CliError(str(e)) from e
     out = prepare_out(args.out)
-    claim_out(out, args)
+    claim_out(out, args, task=task)
     if args.retry_failed:
         _forget_failures(out)
     stored = _stored_results(out)
@@ -216,7 +216,7 @@ def cmd_critical_batch(args: argparse.Namespace) -> int:
     task = load_task(args)
     out = prepare_out(args.out) if args.out else None
     if out is not None:
-        claim_out(out, args)  # branches are kept in its store as they finish: an interrupted run resumes
+        claim_out(out, args, task=task)  # branches are kept in its store as they finish: an interrupted run resumes
         if (out / "critical_batch.json").exists():  # finished with these settings: nothing to do, nothing overwritten
             from batchlab.batchsize.critical import CriticalBatchResult
 

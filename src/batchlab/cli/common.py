@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -118,7 +119,8 @@ _NOT_IDENTITY = {"func", "command", "quiet", "threads", "out", "markdown", "mark
                  "address", "cpus_per_trial", "gpus_per_trial"}
 
 
-def claim_out(out: Path, args: argparse.Namespace, keys: Sequence[str] | None = None, *, mark: bool = True) -> None:
+def claim_out(out: Path, args: argparse.Namespace, keys: Sequence[str] | None = None, *, mark: bool = True,
+              task: Any = None) -> None:
     """Refuse an ``--out`` folder that holds another command's results, or this command's for
     other settings (results are never overwritten), and mark the folder as this run's.
 
@@ -126,11 +128,17 @@ def claim_out(out: Path, args: argparse.Namespace, keys: Sequence[str] | None = 
     those that only change how it runs); a rerun with the same ones resumes or refreshes.
     ``mark=False``: only check (a command that writes its results at the end checks before its
     long work and marks when it writes, so a run refused on its arguments leaves no mark).
+    ``task``: the loaded task, whose fingerprint (a user task's model and data code, a built-in's
+    data) is part of the settings, so a folder measured with other code is not taken for this one's
+    (a folder claimed before the fingerprint was recorded is checked on its arguments alone).
     """
     from batchlab.fileio import atomic_write
 
     names = sorted(k for k in vars(args) if k not in _NOT_IDENTITY) if keys is None else list(keys)
     mine = {"command": args.command, "settings": {k: _plain(getattr(args, k, None)) for k in names}}
+    if task is not None:
+        digest = hashlib.blake2b(json.dumps(task.fingerprint(), sort_keys=True, default=str).encode(), digest_size=8)
+        mine["settings"]["task_version"] = digest.hexdigest()
     owner_path = out / _OWNER_FILE
     owner: dict[str, Any] | None = None
     if owner_path.is_file():
@@ -147,9 +155,15 @@ def claim_out(out: Path, args: argparse.Namespace, keys: Sequence[str] | None = 
             raise CliError(f"--out {out} holds the results of `batchlab {owner.get('command')}`; results are never "
                            "overwritten: choose another folder")
         theirs = owner.get("settings")
+        if theirs is not None and "task_version" not in theirs:
+            theirs = {**theirs, "task_version": mine["settings"].get("task_version")}
         if theirs is not None and theirs != mine["settings"] and _holds_results(out):
             diff = ", ".join(f"{k}={theirs.get(k)!r} (now {mine['settings'].get(k)!r})" for k in sorted(set(theirs) | set(mine["settings"]))
                              if theirs.get(k) != mine["settings"].get(k))
+            if set(d for d in set(theirs) | set(mine["settings"]) if theirs.get(d) != mine["settings"].get(d)) == {"task_version"}:
+                raise CliError(f"--out {out} holds the results of `batchlab {args.command}` for another version of task "
+                               f"{getattr(task, 'name', '?')!r} (its model, data or code changed since); results are never "
+                               "overwritten: choose another folder")
             raise CliError(f"--out {out} holds the results of `batchlab {args.command}` with other settings ({diff}); "
                            "results are never overwritten: choose another folder, or rerun with the same settings "
                            "to resume")

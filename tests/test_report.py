@@ -230,6 +230,23 @@ def test_report_from_dir(run_dir):
     assert len(results) == 4 and len(skipped) == 2
 
 
+def test_report_shows_the_tasks_own_metric_with_its_direction(tmp_path):
+    # a regression task scored by MAE (lower is better): fit writes val_metric, and extra names it
+    d = tmp_path / "runs"
+    d.mkdir()
+    for b, mae in ((16, 0.32), (32, 0.31), (64, 0.41)):
+        r = fake_run(b, 0.05)
+        for row in r.history:
+            row.pop("val_acc")
+            row["val_metric"] = mae + 1.0 / (1 + row["step"])
+        r.final = dict(r.history[-1])
+        r.extra = {"metric": "mae", "higher_is_better": False}
+        (d / f"bs{b}.json").write_text(r.to_json())
+    page = report_from_dir(d).read_text()
+    assert "Best final validation mae (lower is better): <strong>0.3423</strong> (<code>bs32</code>)" in page
+    assert "<figcaption>Validation mae (lower is better) of every run" in page and ">val_metric</th>" in page
+
+
 def test_report_from_dir_fails_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="run_dir '.*nowhere' does not exist"):
         report_from_dir(tmp_path / "nowhere")

@@ -445,7 +445,18 @@ def load_results(run_dir: str | Path) -> tuple[list[tuple[str, dict[str, Any]]],
     return results, skipped
 
 
-_SUMMARY_METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
+_SUMMARY_METRICS = ("val_acc", "val_metric", "val_loss", "train_acc", "train_metric", "train_loss")
+
+
+def _own_metric(runs: Sequence[Mapping[str, Any]]) -> tuple[str, bool | None]:
+    """The name and direction of the task's own metric (``val_metric``: a user metric such as MAE), as
+    the runs record it in ``extra``; ("metric", None) when they do not say or do not agree."""
+    seen = {((r.get("extra") or {}).get("metric"), (r.get("extra") or {}).get("higher_is_better")) for r in runs
+            if "val_metric" in (r.get("final") or {})}
+    if len(seen) == 1:
+        name, higher = next(iter(seen))
+        return str(name or "metric"), higher if isinstance(higher, bool) else None
+    return "metric", None
 
 
 def report_from_dir(run_dir: str | Path, out_dir: str | Path | None = None, title: str | None = None) -> Path:
@@ -497,12 +508,16 @@ def report_from_dir(run_dir: str | Path, out_dir: str | Path | None = None, titl
     overview = [
         f"{len(runs)} run(s) read from `{root}`: " + ", ".join(f"{v} {k}" for k, v in sorted(statuses.items())) + ".",
     ]
-    scored = [(r.get("final", {}).get("val_acc"), names[i]) for i, r in enumerate(runs)
-              if r.get("status") == "ok" and isinstance(r.get("final", {}).get("val_acc"), (int, float))]
-    scored = [(v, n) for v, n in scored if math.isfinite(v)]
-    if scored:
-        best_v, best_n = max(scored)
-        overview.append(f"Best final validation accuracy: **{best_v:.4g}** (`{best_n}`).")
+    metric_name, higher = _own_metric(runs)
+    for key, what, up in (("val_acc", "validation accuracy", True), ("val_metric", f"validation {metric_name}", higher)):
+        scored = [(r.get("final", {}).get(key), names[i]) for i, r in enumerate(runs)
+                  if r.get("status") == "ok" and isinstance(r.get("final", {}).get(key), (int, float))]
+        scored = [(v, n) for v, n in scored if math.isfinite(v)]
+        if scored and up is not None:
+            best_v, best_n = max(scored) if up else min(scored)
+            overview.append(f"Best final {what} ({'higher' if up else 'lower'} is better): **{best_v:.4g}** "
+                            f"(`{best_n}`).")
+            break
     if varying:
         overview.append("Runs differ in: " + ", ".join(f"`{k}`" for k in varying) + ".")
 
@@ -510,7 +525,8 @@ def report_from_dir(run_dir: str | Path, out_dir: str | Path | None = None, titl
     x = "step" if "step" in history_keys else ("epoch" if "epoch" in history_keys else None)
     figures = []
     if x is not None:
-        for y, cap in (("val_acc", "Validation accuracy"), ("val_loss", "Validation loss")):
+        own = f"Validation {metric_name}" + ("" if higher is None else f" ({'higher' if higher else 'lower'} is better)")
+        for y, cap in (("val_acc", "Validation accuracy"), ("val_metric", own), ("val_loss", "Validation loss")):
             if y not in history_keys and y == "val_loss" and "train_loss" in history_keys:
                 y, cap = "train_loss", "Training loss"
             if y in history_keys:
@@ -542,7 +558,10 @@ def report_from_dir(run_dir: str | Path, out_dir: str | Path | None = None, titl
         row["examples"] = r.get("examples")
         row["wall time (s)"] = r.get("wall_time")
         rows.append(row)
-    sections.append(Section(title="Summary", text="Final metrics (last evaluation) of each run.",
+    own_text = (f" `val_metric` / `train_metric` are the task's own metric ({metric_name}"
+                + ("" if higher is None else f", {'higher' if higher else 'lower'} is better") + ")."
+                if any(k in row for row in rows for k in ("val_metric", "train_metric")) else "")
+    sections.append(Section(title="Summary", text="Final metrics (last evaluation) of each run." + own_text,
                             tables={"rows": rows}))
 
     bad = [{"run": n, "status": r.get("status"), "failed step": r.get("failed_step"),

@@ -45,6 +45,8 @@ AXIS_LABELS: dict[str, str] = {
     "train_acc": "training accuracy (fraction correct)",
     "val_loss": "validation loss (the task's loss, mean)",
     "train_loss": "training loss (the task's loss, mean)",
+    "val_metric": "validation metric (the task's own)",
+    "train_metric": "training metric (the task's own)",
     "batch_loss": "mini-batch loss (the task's loss)",
     "lr": "learning rate",
     "batch_size": "batch size (examples)",

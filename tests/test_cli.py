@@ -87,6 +87,13 @@ def test_report_of_a_missing_folder_exits_2(cli, tmp_path: Path):
     assert r.returncode == 2 and "is not a folder" in r.stderr
 
 
+def test_reproduce_markdown_file_that_cannot_be_written_is_refused_before_any_run(cli, tmp_path: Path):
+    r = cli("reproduce", "--quick", "--only", "C10", "--out", str(tmp_path / "out"), "--markdown",
+            str(tmp_path / "missing" / "x.md"))
+    assert r.returncode == 2 and "--markdown" in r.stderr and "does not exist" in r.stderr
+    assert not (tmp_path / "out" / "data.json").exists() and not list((tmp_path / "out").glob("*/outcome.json"))
+
+
 def test_reproduce_only_unknown_claim_exits_2(cli, tmp_path: Path):
     r = cli("reproduce", "--only", "C99", "--out", str(tmp_path))
     assert r.returncode == 2 and "--only 'C99' matches no experiment" in r.stderr

@@ -192,8 +192,29 @@ def test_an_interrupted_sweep_stores_what_finished_and_says_a_rerun_resumes(tmp_
     tune = SimpleNamespace(with_parameters=lambda f, items, **kw: items, with_resources=lambda t, r: t,
                            Tuner=Tuner, grid_search=lambda xs: xs, TuneConfig=lambda **kw: None,
                            RunConfig=lambda **kw: None)
-    monkeypatch.setattr(rb, "_import_ray", lambda: (SimpleNamespace(is_initialized=lambda: True), tune))
+    ray = SimpleNamespace(is_initialized=lambda: True, cluster_resources=lambda: {"CPU": 2.0})
+    monkeypatch.setattr(rb, "_import_ray", lambda: (ray, tune))
     store = Store(tmp_path / "s.db")
     with pytest.raises(RuntimeError, match=r"Ray Tune stopped before 1 of 2 trial\(s\) finished .* a rerun"):
         RayBackend().map_trials(store, [("k0", 0), ("k1", 1)], fn=lambda a: {"status": "ok"})
     assert store.get("k0") == {"status": "ok", "value": 1} and store.get("k1") is None
+
+
+def test_an_address_nothing_answers_is_refused_at_once() -> None:
+    # ray.init would retry for minutes with warnings only
+    from batchlab.distributed.ray_backend import _check_reachable
+
+    with pytest.raises(ValueError, match=r"address \(--address\) '127.0.0.1:1': nothing answers there"):
+        _check_reachable("127.0.0.1:1")
+    _check_reachable("auto")  # other forms are Ray's to resolve
+
+
+@pytest.mark.slow
+@needs_ray
+def test_more_gpus_per_trial_than_the_cluster_has_is_refused(backend: RayBackend) -> None:
+    # Ray would wait for the GPU forever (a warning a minute); the local Ray here has none
+    wanting = RayBackend(num_cpus=2, gpus_per_trial=1)
+    with pytest.raises(ValueError, match=r"gpus_per_trial \(--gpus-per-trial\) is 1, more than the Ray cluster has "
+                                         r"\(0 GPUs\): no trial could ever start"):
+        wanting.check_resources()
+    RayBackend(num_cpus=2, cpus_per_trial=1).check_resources()  # what it has is fine

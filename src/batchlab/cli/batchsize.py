@@ -82,7 +82,9 @@ def cmd_suggest(args: argparse.Namespace) -> int:
 
     try:
         backend = backend_from_args(args)
-    except (ValueError, ImportError) as e:
+        if backend is not None:
+            backend.check_resources()  # an unreachable cluster, or more CPUs/GPUs per trial than it has: now
+    except (ValueError, ImportError, ConnectionError) as e:
         raise CliError(str(e)) from e
     out = prepare_out(args.out)
     claim_out(out, args, task=task)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +63,22 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
         if not has_block(args.markdown, args.markdown_block):
             raise CliError(f"--markdown {args.markdown!r} has no <!-- reproduce:{args.markdown_block}:begin/end --> block")
+    if args.markdown is not None and args.markdown_block is None:  # written at the end: checked now
+        target = Path(args.markdown)
+        folder = target.parent
+        if not folder.is_dir():
+            raise CliError(f"--markdown {args.markdown!r}: its folder {str(folder)!r} does not exist")
+        if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+            raise CliError(f"--markdown {args.markdown!r} cannot be written (no permission)")
     # a folder gathers claims run with one configuration (--only may add claims to it)
     claim_out(prepare_out(args.out), args, keys=("quick", "seeds", "device"))
     from batchlab.distributed.ray_backend import backend_from_args
 
     try:
         backend = backend_from_args(args)
-    except (ValueError, ImportError) as e:
+        if backend is not None:
+            backend.check_resources()  # an unreachable cluster, or more CPUs/GPUs per trial than it has: now
+    except (ValueError, ImportError, ConnectionError) as e:
         raise CliError(str(e)) from e
     outcomes = reproduce(only=only, quick=args.quick, out=args.out, seeds=args.seeds, device=args.device,
                          retry_failed=args.retry_failed,

@@ -45,6 +45,7 @@ import argparse
 import datetime
 import inspect
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -406,6 +407,12 @@ def maybe_run_distributed(args: argparse.Namespace, task: Task, config: TrainCon
     """
     env = dist_env()
     if env is None or env.world_size < 2:
+        given = [f for f, set_ in (("--lr-rule", getattr(args, "lr_rule", None) is not None),
+                                   ("--no-sync-bn", getattr(args, "no_sync_bn", False)),
+                                   ("--no-gns", getattr(args, "no_gns", False))) if set_]
+        if given:
+            print(f"note: {', '.join(given)} only apply under torchrun with 2+ processes; this run is one process, "
+                  "so they change nothing", file=sys.stderr)
         return None
     result = fit_ddp(
         task, config, lr_rule=getattr(args, "lr_rule", None), sync_bn=not getattr(args, "no_sync_bn", False),

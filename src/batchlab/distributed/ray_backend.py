@@ -45,6 +45,22 @@ def _import_ray() -> tuple[Any, Any]:
     return ray, tune
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A ``host:port`` (or ``ray://host:port``) address must answer a TCP connection: ``ray.init``
+    would otherwise retry for minutes with warnings only. "auto" and other forms are left to Ray."""
+    import re
+    import socket
+
+    m = re.fullmatch(r"(?:ray://)?([^:/\s]+):(\d+)", address.strip())
+    if m is None:
+        return
+    try:
+        socket.create_connection((m.group(1), int(m.group(2))), timeout=timeout).close()
+    except OSError as e:
+        raise ValueError(f"address (--address) {address!r}: nothing answers there ({e.strerror or e}); start the Ray "
+                         "cluster first (ray start --head) or leave --address out for a local Ray") from e
+
+
 def _trial(config: dict[str, Any], *, items: list[tuple[str, Any]], fn: Callable[[Any], Any], store_path: str | None,
            kind: str, retry_failed: bool, threads: int) -> dict[str, Any]:
     """The Tune trainable: one item of ``items`` (chosen by ``config["trial"]``)."""
@@ -121,7 +137,19 @@ class RayBackend:
             ray.init(num_cpus=self.num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
         else:
+            _check_reachable(self.address)
             ray.init(address=self.address, log_to_driver=False, configure_logging=False)
+
+    def check_resources(self) -> None:
+        """Refuse a trial that asks for more CPUs or GPUs than the whole cluster has: Ray would wait for
+        them forever (a warning a minute, no error). Starts or connects to Ray (:meth:`init`)."""
+        ray, _ = _import_ray()
+        self.init()
+        have = ray.cluster_resources()
+        for flag, kind, per in (("cpus_per_trial", "CPU", self.cpus_per_trial), ("gpus_per_trial", "GPU", self.gpus_per_trial)):
+            if per > have.get(kind, 0.0):
+                raise ValueError(f"{flag} (--{flag.replace('_', '-')}) is {per:g}, more than the Ray cluster has "
+                                 f"({have.get(kind, 0.0):g} {kind}s): no trial could ever start")
 
     def shutdown(self) -> None:
         """Stop the local Ray (or disconnect from the cluster)."""
@@ -171,6 +199,7 @@ class RayBackend:
     def _run(self, store: Store, todo: list[tuple[str, Any]], fn: Callable[[Any], Any], kind: str, retry_failed: bool) -> None:
         ray, tune = _import_ray()
         self.init()
+        self.check_resources()
         threads = max(1, int(self.cpus_per_trial))
         trainable = tune.with_parameters(
             _trial, items=todo, fn=fn, store_path=str(store.path) if self.shared_store else None, kind=kind,

@@ -464,3 +464,28 @@ def test_a_model_failing_at_a_probed_batch_leaves_memory_unmeasured_and_the_base
     assert mem is None and micro_max is None and "a probe step failed" in line and "cannot take 16" in line
     value, kind = _baseline(task, "cpu", 0)  # evaluated at batch 8 (a DataLoader task): it works
     assert math.isfinite(value)
+
+
+def test_the_report_says_planned_and_taken_seconds_and_full_runs_at_the_measured_speed() -> None:
+    # a short run's seconds include the first step and a DataLoader's start-up, which the plan's step times
+    # leave out: the text says both (suggestion.json keeps the plan as the rung's budget), and a full run
+    # is predicted at the speed the candidate's own runs measured
+    from batchlab.batchsize.report import candidate_rows
+    from batchlab.batchsize.suggest import _rung_text
+
+    time_obj = Objective(kind="time", metric="accuracy", higher_is_better=True, budget_examples=3072, time_budget=2.5)
+    rung = {"budget": 0.158, "stats": {"16": {"seconds": 0.70}, "32": {"seconds": 0.69}}}
+    assert _rung_text(rung, time_obj) == "0.158 s planned per run, 0.695 s taken"
+    assert _rung_text({**rung, "stats": {"16": {"seconds": 0.16}}}, time_obj) == "0.158 s per run"
+    ex_obj = Objective(kind="epochs", metric="accuracy", higher_is_better=True, budget_examples=3072, time_budget=None)
+    assert _rung_text({"budget": 170, "stats": {}}, ex_obj) == "170 examples per run"
+    s = {"objective": {"metric": "accuracy", "budget_examples": 3072}, "batch_size": 16,
+         "search": {"rungs": [{"index": 0, "stats": {"16": {"mean": 0.5, "se": 0.1, "seconds": 0.7}}}],
+                    "searched": [16, 32]},
+         "confirm": {"tied": [16]},
+         "predict": {"candidates": [{"batch_size": 16, "examples_per_sec": 2000.0},
+                                    {"batch_size": 32, "examples_per_sec": 4000.0}],
+                     "selected": [16, 32], "speed_samples": {"16": [1000.0, 1048.0, 1024.0]}}}
+    rows = {r["batch size"]: r for r in candidate_rows(s)}
+    assert rows[16]["full run s"] == pytest.approx(3.0) and rows[16]["speed from"] == "its runs"
+    assert rows[32]["full run s"] == pytest.approx(0.768) and rows[32]["speed from"] == "throughput step"

@@ -7,6 +7,7 @@ stage (objective, measurements, prediction, successive halving, confirmation, ad
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,12 @@ def candidate_rows(s: dict[str, Any]) -> list[dict[str, Any]]:
                         "train s per run": st["seconds"]})
         else:
             row.update({"last rung": "-", f"validation {metric}": math.nan, "+- (se)": math.nan, "train s per run": math.nan})
-        full = s["objective"]["budget_examples"] / cand["examples_per_sec"] if _fin(cand["examples_per_sec"]) and cand["examples_per_sec"] else math.nan
-        row["full run s (measured speed)"] = full
+        # the speed its own search runs measured (data loading in) where it ran, else the throughput step's
+        samples = [v for v in (s["predict"].get("speed_samples") or {}).get(str(b), []) if _fin(v) and v > 0]
+        speed = statistics.median(samples) if samples else cand["examples_per_sec"]
+        full = s["objective"]["budget_examples"] / speed if _fin(speed) and speed else math.nan
+        row["full run s"] = full
+        row["speed from"] = "its runs" if samples else ("throughput step" if _fin(full) else "-")
         role = []
         if b == s["batch_size"]:
             role.append("recommended")
@@ -103,7 +108,9 @@ def write_suggestion_report(suggestion: Any, out_dir: str | Path) -> Path:
         Section("Recommendation", text=[f"**{s['headline']}**", f"Status: {s['status']}."]),
         Section("Candidates: time and quality", text=(
             "Each candidate at the furthest successive-halving rung it reached (later rungs had larger budgets); "
-            "full-run seconds from the measured throughput."), tables=[candidate_rows(s)],
+            "train s per run: training seconds of each run there (first step and DataLoader start-up included); full "
+            "run s: the objective's examples at the speed the candidate's own runs measured (data loading in, first "
+            "step out), or at the throughput step's where it did not run."), tables=[candidate_rows(s)],
             figures=[f for k, f in figs.items() if k == "halving"]),
         Section("Objective", text=_objective_text(s["objective"])),
         Section("Evidence: measurements", text=["- " + n for n in m["notes"]],

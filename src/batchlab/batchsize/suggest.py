@@ -31,7 +31,7 @@ Five stages, each a function returning a dataclass the report renders:
    its half-life in examples, :func:`~batchlab.train.scale_hparams`, is offered apart, as not
    measured), micro-batch x accumulation when the batch does not
    fit, ``bn_health`` of the recommendation's final model, and for a small per-device batch with
-   BatchNorm the alternatives (GroupNorm, Ghost BN) measured at the last rung's budget, with
+   BatchNorm the alternatives (GroupNorm, Batch Renorm) measured at the last rung's budget, with
    advice only when that budget separates them from BatchNorm.
 
 Cost: everything (measurements, search, advice) is bounded by ``cost_budget`` examples, by
@@ -452,6 +452,19 @@ def _rung_size(rung: dict[str, Any], objective: Objective) -> float:
     return statistics.median(secs) if secs else float(rung["budget"])
 
 
+def _rung_text(rung: dict[str, Any], objective: Objective) -> str:
+    """A rung's run length for the report: examples; in "time" mode the seconds planned per run (the
+    ``budget`` suggestion.json keeps) and, when they differ, the training seconds the runs took (the
+    first step and a DataLoader's worker start-up included, which the plan's step times leave out)."""
+    if objective.kind != "time":
+        return f"{float(rung['budget']):.3g} examples per run"
+    took = _rung_size(rung, objective)
+    planned = float(rung["budget"])
+    if not math.isfinite(took) or abs(took - planned) <= 0.1 * planned:
+        return f"{planned:.3g} s per run"
+    return f"{planned:.3g} s planned per run, {took:.3g} s taken"
+
+
 def _examples_at(p: Prediction, objective: Objective, b: int, budget: float, max_speed: float = math.inf,
                  group: Sequence[int] = ()) -> int:
     """Training examples a run of batch ``b`` gets at a rung's ``budget``: the budget itself (examples),
@@ -587,7 +600,7 @@ def search(task: Task, p: Prediction, m: Measurements, objective: Objective, ava
     unit = "seconds" if time_mode else "examples"
     notes.append(
         f"successive halving over {', '.join(map(str, sorted(selected)))}: "
-        + "; ".join(f"rung {r.index} ({_rung_size(r.to_dict(), objective):.3g} {unit} per run, seeds {r.seeds}): "
+        + "; ".join(f"rung {r.index} ({_rung_text(r.to_dict(), objective)}, seeds {r.seeds}): "
                     + (", ".join(f"{b} {r.stats[str(b)]['mean']:.4g}" if not r.stats[str(b)]["failed"] else
                                  f"{b} failed" for b in r.tested) if r.tested
                        else "none run")
@@ -629,22 +642,21 @@ def confirm(s: SearchResult, m: Measurements, p: Prediction, objective: Objectiv
     margin = objective.gap(stats[pick].mean, m.baseline)  # > 0: it beats the baseline
     noise = stats[pick].se if math.isfinite(stats[pick].se) else 0.0
     supported = margin > noise
-    unit = "s" if objective.kind == "time" else " examples"
-    per_run = f"{_rung_size(last, objective):.3g}{unit}"
+    per_run = _rung_text(last, objective)
     if len(ok) == 1:
-        msg = f"only batch {best} reached the last rung ({per_run} per run)"
+        msg = f"only batch {best} reached the last rung ({per_run})"
     elif separable:
-        msg = (f"last rung ({per_run} per run, seeds {last['seeds']}): batch {best} is better than "
+        msg = (f"last rung ({per_run}, seeds {last['seeds']}): batch {best} is better than "
                f"{', '.join(str(b) for b in ok if b != best)} by more than the seed noise")
     else:
-        msg = (f"last rung ({per_run} per run, seeds {last['seeds']}): batches "
+        msg = (f"last rung ({per_run}, seeds {last['seeds']}): batches "
                f"{', '.join(map(str, sorted(tied)))} are not separable by more than their seed noise (one standard "
                f"error of the difference); the fastest of them, {pick}, is recommended")
     msg += "; " + ", ".join(f"batch {b}: {objective.metric} {stats[b].mean:.4g} +- {stats[b].se:.2g}" for b in ok)
     if not supported:
         msg += (f". Recommendation not supported: batch {pick}'s validation {objective.metric} {stats[pick].mean:.4g} does not "
                 f"beat the trivial baseline, {m.baseline_kind}, by more than its seed noise. The last rung's runs "
-                f"({per_run} each, cut to fit the cost bound) may be too short to learn; a larger "
+                f"({per_run}, cut to fit the cost bound) may be too short to learn; a larger "
                 "--cost-budget (cost_budget=) lengthens them")
     return Confirmation(pick, best, sorted(tied), separable, supported, means, ses, last["budget"], msg)
 
@@ -797,18 +809,20 @@ def _co_scaled(task: Task, batch: int) -> dict[str, Any] | None:
 def _norm_check(task: Task, b: int, sp: Split, lr: float, bn_trials: list[dict[str, Any]], objective: Objective,
                 seeds: Sequence[int], remaining: float, device: str, store: Any, runner: Any,
                 backend: Any) -> tuple[dict[str, Any], int]:
-    """GroupNorm and Ghost BN at the recommendation's last-rung budget, against its (precise-BN)
-    BatchNorm runs; advice only when the difference exceeds one standard error."""
+    """GroupNorm (Wu & He 2018) and Batch Renormalization (Ioffe 2017), the two made for small
+    batches, at the recommendation's last-rung budget, against its (precise-BN) BatchNorm runs;
+    advice only when the difference exceeds one standard error. (Ghost BN is for large batches: at a
+    per-device batch at or below its virtual batch it is BatchNorm itself.)"""
     from batchlab.norm import known_norms
 
-    alts = [nm for nm in ("group", "ghost") if nm in known_norms()]
+    alts = [nm for nm in ("group", "renorm") if nm in known_norms()]
     budget = max(t["budget_examples"] for t in bn_trials)
     cost = len(alts) * len(seeds) * budget
     bn = SeedStats.of([t["metric"] if t["status"] == "ok" else math.nan for t in bn_trials])
     out: dict[str, Any] = {"per_device_batch": sp.micro, "batchnorm": bn.mean, "alternatives": {}, "budget_examples": budget}
     head = f"the per-device batch {sp.micro} is small for BatchNorm (Wu & He 2018)"
     if cost > remaining:
-        out["message"] = (f"{head}; GroupNorm/Ghost BN not measured: the cost budget has {remaining:.0f} examples left, "
+        out["message"] = (f"{head}; GroupNorm/Batch Renorm not measured: the cost budget has {remaining:.0f} examples left, "
                           f"{cost} needed at the last rung's budget; no normalization advice")
         return out, 0
     examples = 0

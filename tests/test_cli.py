@@ -138,6 +138,13 @@ def test_out_folders_are_never_taken_over_by_another_command_or_settings(tmp_pat
         claim_out(tmp_path, ns("suggest", task="digits-mlp", seeds=2))
     with pytest.raises(CliError, match=r"holds the results of `batchlab suggest`; results are never overwritten"):
         claim_out(tmp_path, ns("reproduce", quick=True, seeds=None, device="cpu"), keys=("quick", "seeds", "device"))
+    # a command without a task (reproduce, report) reruns into its own folder with the same settings
+    again = tmp_path / "again"
+    again.mkdir()
+    claim_out(again, ns("reproduce", quick=True, seeds=None, device="cpu"), keys=("quick", "seeds", "device"))
+    with Store(again / "batchlab.db") as store:
+        store.put("k", {"status": "ok"}, kind="x")
+    claim_out(again, ns("reproduce", quick=True, seeds=None, device="cpu"), keys=("quick", "seeds", "device"))
     # a folder from before the owner file: its results say whose it is
     legacy = tmp_path / "legacy"
     legacy.mkdir()

@@ -155,8 +155,8 @@ def claim_out(out: Path, args: argparse.Namespace, keys: Sequence[str] | None = 
             raise CliError(f"--out {out} holds the results of `batchlab {owner.get('command')}`; results are never "
                            "overwritten: choose another folder")
         theirs = owner.get("settings")
-        if theirs is not None and "task_version" not in theirs:
-            theirs = {**theirs, "task_version": mine["settings"].get("task_version")}
+        if theirs is not None and "task_version" not in theirs and "task_version" in mine["settings"]:
+            theirs = {**theirs, "task_version": mine["settings"]["task_version"]}  # claimed before it was recorded
         if theirs is not None and theirs != mine["settings"] and _holds_results(out):
             diff = ", ".join(f"{k}={theirs.get(k)!r} (now {mine['settings'].get(k)!r})" for k in sorted(set(theirs) | set(mine["settings"]))
                              if theirs.get(k) != mine["settings"].get(k))

@@ -284,7 +284,9 @@ def _memory(task: Task, device: str, memory_limit: int | None, rng: BatchRange,
 
     high = min(rng.high, max(rng.low, pow2_floor(cap / 3)))
     try:
-        mem = max_batch_size(task, device=device, memory_limit=memory_limit, low=rng.low, high=high)
+        # one process measures (under torchrun, rank 0 for all: the other ranks are not in this search, so
+        # no rank agreement, which would wait for them)
+        mem = max_batch_size(task, device=device, memory_limit=memory_limit, low=rng.low, high=high, distributed=False)
     except (AttributeError, TypeError, NotImplementedError) as e:  # a task the memory probe cannot feed
         return None, None, 0, (f"memory maximum not measured ({type(e).__name__}: {str(e)[:120]}); a trial that runs "
                                "out of memory counts as a failure of its batch")

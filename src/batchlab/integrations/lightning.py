@@ -466,7 +466,11 @@ class BatchSizeTuner(pl.Callback):
             lr = scale_lr(old_lr, old_batch, batch, rule) if self.scale_lr else old_lr
             measured: dict[str, Any] = r.to_dict()
         else:
-            s = suggest(task, device=device, quick=self.quick, store=self.store, progress=False, **self.suggest_kwargs)
+            # one measurement, on rank 0, for every rank (ranks measuring on their own would time and decide
+            # differently); the others wait for it in the broadcast
+            s = (suggest(task, device=device, quick=self.quick, store=self.store, progress=False, **self.suggest_kwargs)
+                 if trainer.is_global_zero else None)
+            s = trainer.strategy.broadcast(s, src=0)
             if s.micro_batch is None or s.lr is None or not math.isfinite(s.lr):
                 raise RuntimeError(f"BatchSizeTuner: batchlab could not recommend a batch size (status {s.status!r}): "
                                    + "; ".join(s.rationale) + f" (here the cost budget is set with BatchSizeTuner("

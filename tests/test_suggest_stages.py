@@ -489,3 +489,19 @@ def test_the_report_says_planned_and_taken_seconds_and_full_runs_at_the_measured
     rows = {r["batch size"]: r for r in candidate_rows(s)}
     assert rows[16]["full run s"] == pytest.approx(3.0) and rows[16]["speed from"] == "its runs"
     assert rows[32]["full run s"] == pytest.approx(0.768) and rows[32]["speed from"] == "throughput step"
+
+
+def test_a_cut_inside_an_exact_tie_is_said() -> None:
+    # rung 0 of a probe: 16, 8 and 4 all at the majority-class rate; 16 went on by the predicted order alone
+    from types import SimpleNamespace
+
+    from batchlab.batchsize.suggest import _tie_note
+
+    st = {str(b): {"mean": 0.09766, "failed": False} for b in (16, 8, 4)}
+    r = SimpleNamespace(index=0, tested=[16, 8, 4], promoted=[16, 32], stats=st)
+    assert _tie_note(r) == (" (4, 8, 16 tied exactly at 0.09766: the cut among them followed the predicted order, "
+                            "not the metric)")
+    st["8"]["mean"] = 0.08
+    st["4"]["mean"] = 0.07
+    assert _tie_note(r) == ""  # a cut by the metric
+    assert _tie_note(SimpleNamespace(index=1, tested=[16, 8], promoted=[16, 8], stats=st)) == ""  # the last rung

@@ -454,6 +454,21 @@ def _rung_size(rung: dict[str, Any], objective: Objective) -> float:
     return statistics.median(secs) if secs else float(rung["budget"])
 
 
+def _tie_note(r: Any) -> str:
+    """Said when a rung's cut fell inside an exact tie (equal means, e.g. every candidate still at the
+    majority-class rate): the promoted ones were taken in the predicted order, not by their metric."""
+    if not r.tested or set(r.promoted) >= set(r.tested):
+        return ""
+    means = {b: r.stats[str(b)]["mean"] for b in r.tested if not r.stats[str(b)]["failed"]}
+    cut = [b for b in r.tested if b not in r.promoted and b in means]
+    tied = sorted({b for b in means for c in cut if b in r.promoted and means[b] == means[c]} | {
+        c for c in cut for b in means if b in r.promoted and means[b] == means[c]})
+    if not tied:
+        return ""
+    return (f" ({', '.join(map(str, tied))} tied exactly at {means[tied[0]]:.4g}: the cut among them followed the "
+            "predicted order, not the metric)")
+
+
 def _rung_text(rung: dict[str, Any], objective: Objective) -> str:
     """A rung's run length for the report: examples; in "time" mode the seconds planned per run (the
     ``budget`` suggestion.json keeps) and, when they differ, the training seconds the runs took (the
@@ -608,6 +623,7 @@ def search(task: Task, p: Prediction, m: Measurements, objective: Objective, ava
                        else "none run")
                     + (f" ({', '.join(map(str, r.byes))} {'go' if len(r.byes) > 1 else 'goes'} on to the next rung "
                        "untested: too few steps at this budget)" if r.byes else "")
+                    + _tie_note(r)
                     for r in rungs)
         + (" (BatchNorm models scored after precise BN)" if any("metric_stale" in t.extra for t in trials) else "")
     )

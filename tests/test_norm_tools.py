@@ -742,3 +742,10 @@ def test_fold_bn_warns_that_an_unchecked_linear_fold_assumes_n_f_inputs() -> Non
         warnings.simplefilter("error")
         checked = N.fold_bn(m, example_input=x)
     assert torch.allclose(checked(x), m(x))
+
+
+def test_bn_health_says_when_a_batch_of_one_left_the_gap_unmeasured() -> None:
+    m = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    text = N.format_bn_health(N.bn_health(m, torch.randn(1, 4)))
+    assert "train-vs-eval gap NOT MEASURED (batch size 1" in text and "no problems found among the checks that ran" in text
+    assert "NOT MEASURED" not in N.format_bn_health(N.bn_health(m, torch.randn(8, 4)))

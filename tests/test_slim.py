@@ -331,3 +331,29 @@ def test_slim_keeps_frozen_parameters_frozen_and_l1_leaves_frozen_gammas_alone()
     m(torch.randn(4, 3, 8, 8)).sum().backward()
     add_l1_subgradient(m, 0.01)
     assert m.layer[0].bn1.weight.grad is None and m.bn1.weight.grad is not None
+
+
+def test_count_macs_counts_transposed_convolutions_as_torch_does() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ConvTranspose2d(8, 4, 2, stride=2),
+                      nn.ConvTranspose2d(4, 6, 3, padding=1, groups=2), nn.Flatten(), nn.Linear(6 * 16 * 16, 3))
+    x = torch.randn(1, 3, 8, 8)
+    with FlopCounterMode(display=False) as fc:
+        m(x)
+    assert count_macs(m, x) == fc.get_total_flops() // 2  # a U-Net's up-convolutions were left out
+
+
+def test_slim_task_measures_before_and_after_folded_and_names_the_metric(toy_task) -> None:  # type: ignore[no-untyped-def]
+    from batchlab.slim import slim_task
+
+    r = slim_task(toy_task, sparsity=1e-4, prune=0.3, epochs=1, finetune_epochs=0, baseline=False, latency_repeats=3)
+    # both folded: the parameter drop is pruning's, not folding's (the BN parameters are gone on both sides)
+    import copy
+
+    from batchlab.norm import fold_bn
+
+    folded = fold_bn(copy.deepcopy(r.models["sparse"]).eval())
+    assert r.before["params"] == count_params(folded) < count_params(r.models["sparse"])
+    assert r.before["bn_channels"] > 0 and r.metric == toy_task.metric_name
+    assert r.to_dict()["higher_is_better"] == toy_task.higher_is_better

@@ -271,3 +271,12 @@ def test_training_a_fresh_model_with_frozen_batch_norms_is_warned(toy_task):
     with pytest.warns(UserWarning, match="norm 'frozen' on a model whose batch norms hold their initial statistics"):
         r = fit(toy_task, TrainConfig(batch_size=16, max_steps=2, norm="frozen"))
     assert "meant for pretrained weights" in r.extra["warning"]
+
+
+def test_schedule_settings_that_would_change_nothing_are_refused_or_warned(toy_task) -> None:
+    with pytest.raises(ValueError, match="milestones apply to schedule='step' only"):
+        TrainConfig(batch_size=16, epochs=1, milestones=(0.5,))
+    with pytest.raises(ValueError, match="schedule='step' needs milestones"):
+        TrainConfig(batch_size=16, epochs=1, schedule="step")
+    with pytest.warns(UserWarning, match="warmup_steps=1000 is longer than the run"):
+        fit(toy_task, TrainConfig(batch_size=16, max_steps=4, warmup_steps=1000))

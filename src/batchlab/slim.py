@@ -384,7 +384,7 @@ def count_params(model: nn.Module) -> int:
 @torch.no_grad()
 def count_macs(model: nn.Module, example_inputs: Any) -> int:
     """Multiply-accumulates of one forward pass over ``example_inputs``, per example, counted with
-    forward hooks on Conv1d/2d/3d and Linear (the layers that dominate; BN, activations and
+    forward hooks on Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear (the layers that dominate; BN, activations and
     pooling are a few operations per element and not counted). FLOPs ~ 2 x MACs.
     """
     total = 0
@@ -398,9 +398,15 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
         nonlocal total
         total += out.numel() * m.in_features
 
+    def transposed_hook(m: nn.Module, inp: Any, out: Tensor) -> None:
+        nonlocal total  # every input element is scattered to kernel x out_channels / groups outputs
+        total += inp[0].numel() * math.prod(m.kernel_size) * (m.out_channels // m.groups)
+
     handles = []
     for m in model.modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            handles.append(m.register_forward_hook(transposed_hook))
+        elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             handles.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear):
             handles.append(m.register_forward_hook(linear_hook))
@@ -500,7 +506,9 @@ class SlimTaskResult:
     """The measured outcome of :func:`slim_task` (plain data; ``models`` is not serialized).
 
     ``before`` is the sparsity-trained model, ``after`` the pruned, fine-tuned and BN-folded one,
-    ``baseline`` the unpruned model trained without the L1 term for epochs + finetune_epochs.
+    ``baseline`` the unpruned model trained without the L1 term for epochs + finetune_epochs; with
+    ``fold`` all three are measured folded, so their parameters, MACs and latency differ by pruning
+    alone. ``val_acc`` is the task's metric (``metric``, ``higher_is_better``), accuracy or not.
     """
 
     task: str
@@ -522,6 +530,8 @@ class SlimTaskResult:
     history_finetune: list[dict[str, Any]]
     wall_time: float
     models: dict[str, nn.Module] = field(default_factory=dict, repr=False)
+    metric: str = "accuracy"  # what val_acc holds: the task's metric (a loss, an IoU ...)
+    higher_is_better: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "models"} | {"models": sorted(self.models)}
@@ -584,12 +594,12 @@ def slim_task(
         r = fit(task, base.replace(epochs=epochs + finetune_epochs), model=bmodel)
         _check_run(r, "baseline training")
         models["baseline"] = bmodel
-        base_res = asdict(model_stats(bmodel, task, repeats=latency_repeats))
+        base_res = asdict(_stats(bmodel, task, latency_repeats, fold))
 
     r_sparse = fit(task, base, model=model, callbacks=[SparsityCallback(sparsity)])
     _check_run(r_sparse, "sparsity training")
     models["sparse"] = model
-    before = model_stats(model, task, repeats=latency_repeats)
+    before = _stats(model, task, latency_repeats, fold)  # folded like the final model: the comparison is pruning
     example = model_inputs(task, 2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the notes are kept in the result
@@ -618,8 +628,19 @@ def slim_task(
         gammas_baseline=sum(gamma_values(models["baseline"]).values(), []) if baseline else None,
         gammas_sparse=sum(gamma_values(model).values(), []), fold_max_diff=fold_diff, fold_note=fold_note,
         history_sparse=r_sparse.history, history_finetune=history_ft, wall_time=time.perf_counter() - t0,
-        models=models,
+        models=models, metric=task.metric_name, higher_is_better=task.higher_is_better,
     )
+
+
+def _stats(model: nn.Module, task: Task, repeats: int, fold: bool) -> ModelStats:
+    """:func:`model_stats` of ``model`` as the final model is measured: BN folded when ``fold`` (the BN
+    channels counted before folding), so parameters, MACs and latency differ by pruning alone."""
+    if not fold:
+        return model_stats(model, task, repeats=repeats)
+    channels = sum(int(m.num_features) for _, m in bn_layers(model))
+    stats = model_stats(_fold(copy.deepcopy(model), task)[0], task, repeats=repeats)
+    stats.bn_channels = channels
+    return stats
 
 
 def base_lr(task: Task, config: TrainConfig) -> float:

@@ -101,7 +101,8 @@ def _summary(d: dict[str, Any]) -> dict[str, Any]:
         "params": [b["params"], a["params"]], "macs": [b["macs"], a["macs"]], "flops": [2 * b["macs"], 2 * a["macs"]],
         "latency_ms_b1": [round(b["latency_ms_b1"], 4), round(a["latency_ms_b1"], 4)],
         "latency_ms_b64": [round(b["latency_ms_b64"], 4), round(a["latency_ms_b64"], 4)],
-        "val_acc": [b["val_acc"], a["val_acc"]],
+        "metric": d.get("metric", "accuracy"), "higher_is_better": d.get("higher_is_better", True),
+        "val_acc": [b["val_acc"], a["val_acc"]],  # the task's metric (named by "metric"), accuracy or not
         "val_acc_pruned_before_finetune": d["pruned_acc_before_finetune"],
         "baseline_val_acc": d["baseline"]["val_acc"] if d["baseline"] else None,
         "fold": d["fold_note"], "fold_max_diff": d["fold_max_diff"], "wall_time_s": round(d["wall_time"], 2),
@@ -117,22 +118,26 @@ def write_slim_report(d: dict[str, Any], out: Path) -> Path:
     with atomic_open(out / "gamma_hist.png") as f:
         fig.savefig(f, format="png", dpi=110)
     rows = []
+    folded = d["fold_max_diff"] is not None
+    metric = d.get("metric", "accuracy")
+    direction = "higher" if d.get("higher_is_better", True) else "lower"
     for label, key in (("baseline (no L1, unpruned)", "baseline"), ("sparsity-trained (before)", "before"),
-                       ("slimmed, fine-tuned, folded (after)", "after")):
+                       (f"slimmed, fine-tuned{', folded' if folded else ''} (after)", "after")):
         s = d[key]
         if s:
             rows.append({"model": label, "params": s["params"], "MACs / example": s["macs"], "FLOPs / example": 2 * s["macs"],
                          "BN channels": s["bn_channels"], "latency b=1 (ms)": f"{s['latency_ms_b1']:.3f}",
-                         "latency b=64 (ms)": f"{s['latency_ms_b64']:.3f}", "val acc": f"{s['val_acc']:.4f}"})
+                         "latency b=64 (ms)": f"{s['latency_ms_b64']:.3f}", f"val {metric}": f"{s['val_acc']:.4f}"})
     layers = [{"layer": n, "channels before": c, "channels after": d["slim"]["channels_after"].get(n)}
               for n, c in d["slim"]["channels_before"].items()]
     text = [
         f"Task **{d['task']}**, seed {d['seed']}: {d['epochs']:g} epochs of sparsity training (lambda = {d['sparsity']:g}), "
         f"remove {d['prune']:.0%} of all BN channels by one global |gamma| threshold "
-        f"({d['slim']['threshold']:.4g}), fine-tune {d['finetune_epochs']:g} epochs, fold BN.",
-        f"Channels removed: {d['slim']['removed_fraction']:.1%}. Accuracy right after pruning, before fine-tuning: "
-        f"{d['pruned_acc_before_finetune']:.4f}. BN folding: {d['fold_note']} (largest output difference "
-        f"{d['fold_max_diff'] if d['fold_max_diff'] is not None else float('nan'):.2g}).",
+        f"({d['slim']['threshold']:.4g}), fine-tune {d['finetune_epochs']:g} epochs" + (", fold BN." if folded else "."),
+        f"Channels removed: {d['slim']['removed_fraction']:.1%}. Validation {metric} ({direction} is better) right after "
+        f"pruning, before fine-tuning: {d['pruned_acc_before_finetune']:.4f}. BN folding: {d['fold_note']}"
+        + (f" (largest output difference {d['fold_max_diff']:.2g}; the baseline and the sparsity-trained model are "
+           "measured folded too, so the rows differ by pruning alone)." if folded else "."),
         "Latency is the median wall time of repeated forward passes on this machine's CPU with one torch thread; MACs are counted with "
         "forward hooks on conv and linear layers (FLOPs = 2 x MACs).",
     ] + [f"Note: {n}" for n in d["slim"]["notes"]]

@@ -362,5 +362,10 @@ def format_bn_health(report: BNHealth) -> str:
     lines.append("")
     lines.append(f"model train-vs-eval output gap: {f(report.output_gap)}  (batch size {report.batch_size}, graph: {report.graph_method})")
     problems = report.problems
-    lines.extend([f"PROBLEM {p}" for p in problems] if problems else ["no problems found"])
+    if report.layers and all(lh.train_eval_gap is None for lh in report.layers):
+        lines.append(f"train-vs-eval gap NOT MEASURED (batch size {report.batch_size}: the batch norms could not "
+                     "normalize with its statistics); give a larger batch to check the running statistics")
+    lines.extend([f"PROBLEM {p}" for p in problems] if problems else
+                 ["no problems found" + (" among the checks that ran" if report.layers and all(
+                     lh.train_eval_gap is None for lh in report.layers) else "")])
     return "\n".join(lines)

@@ -101,6 +101,12 @@ class TrainConfig:
             for i, m in enumerate(value):
                 _check_real(f"{name}[{i}]", m, "a fraction of the budget in [0, 1]", lambda v: 0 <= v <= 1)
             object.__setattr__(self, name, tuple(float(m) for m in value))
+        if self.milestones and self.schedule != "step":  # they would be kept in the config and never used
+            raise ValueError(f"milestones apply to schedule='step' only (the LR is multiplied by gamma at each); got "
+                             f"schedule={self.schedule!r} with milestones={self.milestones!r}")
+        if self.schedule == "step" and not self.milestones:
+            raise ValueError("schedule='step' needs milestones (fractions of the budget where the LR is multiplied by "
+                             "gamma, e.g. (0.5, 0.75)); got none, which would train at a constant LR")
         object.__setattr__(self, "batch_schedule", _check_batch_schedule(self.batch_schedule))
         if self.batch_schedule and self.batch_growth:
             raise ValueError("give batch_growth (fractions of the budget) or batch_schedule (examples seen), not both; "

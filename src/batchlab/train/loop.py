@@ -470,6 +470,9 @@ def _fit(
 
     ctx = StepContext(task=task, config=cfg, model=model, optimizer=optimizer, accumulation=cfg.accumulation)
     est_steps = cfg.max_steps or math.ceil(total_examples / (cfg.batch_size * cfg.accumulation))
+    if cfg.warmup_steps > est_steps:
+        warnings.warn(f"warmup_steps={cfg.warmup_steps} is longer than the run ({est_steps} steps): the LR ends at "
+                      f"{est_steps / cfg.warmup_steps:.0%} of its base value and never reaches it", stacklevel=2)
     # "every epoch" on a stream without a length (no epochs): ten evaluations over the run instead of one
     stream_every = max(1, est_steps // 10) if not n and not cfg.eval_every else 0
     label = f"B={cfg.batch_size}" if cfg.accumulation == 1 else f"B={cfg.batch_size}x{cfg.accumulation}"

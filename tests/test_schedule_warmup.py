@@ -317,3 +317,37 @@ def test_apply_to_with_one_mapping_per_group_keeps_each_groups_betas() -> None:
     assert hp["lr"] == pytest.approx(2e-3)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-3, 2e-4])
     assert [g["betas"] for g in opt.param_groups] == [pytest.approx((0.9, 0.99**4)), pytest.approx((0.8, 0.95**4))]
+
+
+def test_per_group_apply_to_keeps_a_frozen_group_at_zero_and_one_mapping_refuses_to_unfreeze_it() -> None:
+    from batchlab.train import group_hparams
+
+    w, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([{"params": [w]}, {"params": [b], "lr": 0.0}], lr=1e-3)
+    BatchSizeSchedule(16, stages=((0, 64),)).apply_to(opt, group_hparams(opt))
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-3, 0.0])
+    frozen_first = torch.optim.AdamW([{"params": [w], "lr": 0.0}, {"params": [b]}], lr=1e-3)
+    with pytest.raises(ValueError, match="the first parameter group's LR is 0 and another's is not"):
+        BatchSizeSchedule(16, stages=((0, 64),)).apply_to(frozen_first, {"lr": 1e-3})
+    assert [g["lr"] for g in frozen_first.param_groups] == [0.0, 1e-3]
+
+
+def test_a_one_cycle_scheduler_is_refused_rather_than_co_scaled_wrong() -> None:
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([w], lr=1e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=20)
+    with pytest.raises(TypeError, match="OneCycleLR computes its LR from max_lr"):
+        BatchSizeSchedule(16, stages=((0, 64),)).apply_to(opt, {"lr": 1e-3}, scheduler=sched)
+
+
+def test_from_critical_batch_takes_the_rule_the_branches_ran_with() -> None:
+    from batchlab.batchsize.critical import CriticalBatchResult, CriticalPoint
+
+    pt = CriticalPoint(examples=100, step=10, val_loss=1.0, batches=[16, 32], losses=[[1.0], [1.0]],
+                       mean_losses=[1.0, 1.0], critical_batch=32, critical_low=32, critical_high=32,
+                       base_loss_std=float("nan"), noise=0.0, b_simple=10.0, ratio=3.2, capped=False)
+    r = CriticalBatchResult(task="t", batch_size=16, optimizer="adamw", rule="sqrt", hparams={"lr": 1e-3},
+                            tolerance=0.1, branch_examples=64, factors=[1, 2], seeds=[0], budget_examples=1000,
+                            points=[pt])
+    assert BatchSizeSchedule.from_critical_batch(r, 16).rule == "sqrt"
+    assert BatchSizeSchedule.from_critical_batch(r, 16, rule="none").rule == "none"

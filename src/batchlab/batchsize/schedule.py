@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from batchlab.train import SCALE_RULES, TrainConfig, scale_hparams, scale_lr, set_hparams  # noqa: F401  (scale_lr re-exported by the package)
+from batchlab.train import SCALE_RULES, TrainConfig, scale_group_hparams, scale_hparams, scale_lr, set_hparams  # noqa: F401  (scale_lr re-exported by the package)
 from batchlab.train.optim import scheduled_batch
 
 _SMITH_MILESTONES = (0.5, 0.75)
@@ -142,7 +142,9 @@ class BatchSizeSchedule:
             base: the first batch (where the LR and other hyperparameters were tuned).
             factor: integer growth factor between stages (>= 2).
             max_batch: cap (memory maximum, training-set size).
-            rule: co-scaling rule (see :func:`batchlab.train.scale_hparams`).
+            rule: co-scaling rule (see :func:`batchlab.train.scale_hparams`); default: the rule the
+                measurement's branches ran with (a ``CriticalBatchResult``'s ``rule``), else the
+                optimizer's default.
             use: which estimate of a point to follow: ``"critical_batch"`` (from the seed-mean
                 losses) or ``"critical_low"`` (the smallest per-seed estimate: more cautious).
             lookahead: bound each point by the later measurements (see above).
@@ -156,6 +158,8 @@ class BatchSizeSchedule:
 
             measured = CriticalBatchResult.from_dict(measured)
         points = getattr(measured, "points", None)
+        if rule is None:  # the rule the branches were measured with: the critical batch holds for it
+            rule = getattr(measured, "rule", None)
         if points is not None:
             pairs = [(int(p.examples), getattr(p, use)) for p in points if getattr(p, "defined", True)]
         else:
@@ -288,7 +292,8 @@ class BatchSizeSchedule:
         if not self.stages and self.milestones and total_examples is None:
             raise self._needs_budget("BatchSizeSchedule.apply_to")
         if isinstance(hparams, Sequence) and not isinstance(hparams, (str, bytes)):  # one per parameter group
-            hps = [self.hparams_at(self.examples, h, optimizer, total_examples) for h in hparams]
+            hps = scale_group_hparams(optimizer, hparams, self.base, self.batch_at(self.examples, total_examples),
+                                      self.rule)  # a group at LR 0 stays at 0
             set_hparams(optimizer, hps, scheduler=scheduler)
             return hps[0]
         hp = self.hparams_at(self.examples, hparams, optimizer, total_examples)

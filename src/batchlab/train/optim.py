@@ -165,6 +165,10 @@ def lr_schedulers(scheduler: Any) -> list[Any]:
     """
     if scheduler is None:
         return []
+    if isinstance(scheduler, (torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_scheduler.CyclicLR)):
+        raise TypeError(f"scheduler: {type(scheduler).__name__} computes its LR from max_lr/base_lr of its own, not "
+                        "from base_lrs, so batchlab cannot co-scale it; build it again with the co-scaled LR as "
+                        "max_lr (e.g. schedule.hparams_at(...)['lr']) at each batch switch")
     inner = getattr(scheduler, "_schedulers", None)
     out = [scheduler] if hasattr(scheduler, "base_lrs") else []
     out += [s for sub in (inner or []) for s in lr_schedulers(sub)]
@@ -208,6 +212,10 @@ def set_hparams(optimizer: torch.optim.Optimizer, hparams: Mapping[str, Any] | S
     if "lr" in hparams:
         if ratios is None and scheds and scheds[0].base_lrs and scheds[0].base_lrs[0]:
             ratios = [b / scheds[0].base_lrs[0] for b in scheds[0].base_lrs]
+        if ratios is None and groups and not groups[0].get("lr") and any(g.get("lr") for g in groups[1:]):
+            raise ValueError("the first parameter group's LR is 0 and another's is not, so their ratio to it is "
+                             "unknown (a frozen first group would be unfrozen): pass ratios= (lr_ratios taken "
+                             "earlier) or one mapping per group (group_hparams(optimizer))")
         ratios = lr_ratios(optimizer) if ratios is None else list(ratios)
         if len(ratios) != len(groups):
             raise ValueError(f"ratios must have one entry per parameter group ({len(groups)}), got {len(ratios)}")

@@ -136,3 +136,40 @@ def test_convert_sync_batchnorm_keeps_state() -> None:
     assert not conv[1].training
     for k, v in conv.state_dict().items():
         assert torch.equal(v, sd[k]), k
+
+
+def _bf16_worker(rank: int, init: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        results = {}
+        for shape in ((4, 4, 3, 3), (6, 5)):
+            x, gy = _data(shape, 0)
+            layer = N.SyncBatchNorm(shape[1])
+            xl = x.chunk(2)[rank].bfloat16().requires_grad_()
+            y = layer(xl)
+            y.backward(gy.chunk(2)[rank].bfloat16())
+            results[str(len(shape))] = (y.detach(), xl.grad, layer.running_mean.clone())
+        torch.save(results, os.path.join(out_dir, f"bf16_r{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_bn_takes_bfloat16_input_on_two_ranks_as_torchs_batch_norm_does(tmp_path: Path) -> None:
+    # the global statistics were cast to bf16 next to fp32 parameters: "mixed dtype (CPU)" on 2+ ranks
+    mp.spawn(_bf16_worker, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2, join=True)
+    parts = [torch.load(tmp_path / f"bf16_r{r}.pt") for r in (0, 1)]
+    for shape in ((4, 4, 3, 3), (6, 5)):
+        x, gy = _data(shape, 0)
+        ref = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(shape[1])
+        xr = x.bfloat16().float().requires_grad_()
+        yr = ref(xr)
+        yr.backward(gy.bfloat16().float())
+        y = torch.cat([p[str(len(shape))][0] for p in parts])
+        dx = torch.cat([p[str(len(shape))][1] for p in parts])
+        assert y.dtype == torch.bfloat16 and dx.dtype == torch.bfloat16  # as torch's BN returns for bf16 input
+        scale = max(1.0, yr.abs().max().item())
+        assert (y.float() - yr).abs().max().item() <= 2e-2 * scale  # bf16 rounding of the output
+        assert (dx.float() - xr.grad).abs().max().item() <= 5e-2 * max(1.0, xr.grad.abs().max().item())
+        for p in parts:
+            assert torch.allclose(p[str(len(shape))][2], ref.running_mean, atol=1e-3)

@@ -74,14 +74,14 @@ def _normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias
     batch-norm kernel, except on ``(N, C)`` inputs, where that kernel is 2 to 5x slower on CPU than
     one broadcast ``addcmul`` (measured at (512, 512): 72 to 146 us against 27 to 32 us)."""
     if x.dim() != 2:
-        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)  # bf16 input, fp32 statistics: torch's mixed path
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight
     shift = -mean * scale
     if bias is not None:
         shift = shift + bias
-    return torch.addcmul(shift, x, scale)
+    return torch.addcmul(shift, x, scale).to(x.dtype)
 
 
 class _SyncBatchNormFn(torch.autograd.Function):
@@ -128,7 +128,9 @@ class _SyncBatchNormFn(torch.autograd.Function):
             # momentum may be a tensor (the cumulative average under torch.compile)
             running_mean.mul_(1 - momentum).add_((mean64 * momentum).to(running_mean.dtype))
             running_var.mul_(1 - momentum).add_((moments[1] * (momentum * unbias)).to(running_var.dtype))
-        mean, var = moments.to(x.dtype).unbind(0)
+        # statistics in the parameters' dtype (float32 for a bf16/fp16 input, as torch's batch norm keeps them)
+        stat_dtype = weight.dtype if weight is not None else torch.promote_types(x.dtype, torch.float32)
+        mean, var = moments.to(stat_dtype).unbind(0)
         y = _normalize(x, mean, var, weight, bias, eps)  # one pass with the global statistics
         ctx.save_for_backward(x, weight, mean, var)
         ctx.count, ctx.eps = count, eps
@@ -156,7 +158,7 @@ class _SyncBatchNormFn(torch.autograd.Function):
             k.mul_(weight.double())
         # dx = k * (dy - mean(dy) - xhat * mean(dy * xhat)) = k * dy + [inference BN of x with
         # weight -k * mean(dy * xhat) and bias -k * mean(dy)]
-        wb = packed.view(2, c).mul_(k).mul_(-1.0 / ctx.count).to(x.dtype)  # rows: bias, weight
+        wb = packed.view(2, c).mul_(k).mul_(-1.0 / ctx.count).to(mean.dtype)  # rows: bias, weight
         dx = _normalize(x, mean, var, wb[1], wb[0], eps)
         dx.addcmul_(gy, k.to(x.dtype).view((1, c) + (1,) * (x.dim() - 2)))
         if x.numel() == 0:

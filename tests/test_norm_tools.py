@@ -749,3 +749,20 @@ def test_bn_health_says_when_a_batch_of_one_left_the_gap_unmeasured() -> None:
     text = N.format_bn_health(N.bn_health(m, torch.randn(1, 4)))
     assert "train-vs-eval gap NOT MEASURED (batch size 1" in text and "no problems found among the checks that ran" in text
     assert "NOT MEASURED" not in N.format_bn_health(N.bn_health(m, torch.randn(8, 4)))
+
+
+@pytest.mark.parametrize("to", ["batch", "ghost", "sync"])
+def test_a_bn_whose_tracking_was_switched_off_after_construction_keeps_its_eval_outputs(to: str) -> None:
+    # torch's layer keeps its buffers and normalizes with them in eval mode; the converted one did not
+    torch.manual_seed(0)
+    m = nn.BatchNorm2d(3)
+    for _ in range(3):
+        m(torch.randn(4, 3, 5, 5) * 2 + 1)
+    m.track_running_stats = False
+    m.eval()
+    x = torch.randn(2, 3, 5, 5)
+    want = m(x)
+    c = N.convert_norm(nn.Sequential(m), to, **({"virtual_batch_size": 2} if to == "ghost" else {}))
+    assert torch.allclose(c(x), want) and c[0].track_running_stats is False and c[0].running_mean is not None
+    s = N.convert_sync_batchnorm(nn.Sequential(m))
+    assert torch.allclose(s(x), want)

@@ -134,7 +134,15 @@ def convert_norm(
             present, value = _setting(old, key)
             if present:
                 args.setdefault(key, value)
+        # track_running_stats switched off after construction: torch's layer keeps its buffers and still
+        # normalizes with them in eval mode; build the new layer with them, then switch it off the same way
+        switched_off = (getattr(old, "track_running_stats", True) is False and getattr(old, "running_mean", None) is not None
+                        and args.get("track_running_stats") is False and "track_running_stats" not in kw)
+        if switched_off:
+            args["track_running_stats"] = True
         new = create_norm(to, num, dims=batchnorm_dims(old), **args)
+        if switched_off and hasattr(new, "track_running_stats"):
+            new.track_running_stats = False
         if getattr(old, "track_running_stats", True) is False and getattr(new, "track_running_stats", False) is True:
             raise ValueError(
                 f"cannot convert {name or 'model'} ({type(old).__name__} with track_running_stats=False, which "

@@ -291,12 +291,15 @@ def convert_sync_batchnorm(model: nn.Module, process_group: Any = None) -> nn.Mo
 
     def make(name: str, old: nn.Module) -> nn.Module:
         ref = old.running_mean if old.running_mean is not None else old.weight
+        switched_off = not old.track_running_stats and old.running_mean is not None  # off after construction
         new = SyncBatchNorm(
-            old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats, process_group,
+            old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats or switched_off, process_group,
             device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype,
             bias=not old.affine or old.bias is not None,
         )
         copy_state(old, new)
+        if switched_off:  # torch's layer keeps the buffers and normalizes with them in eval mode: so does this one
+            new.track_running_stats = False
         if hasattr(old, "qconfig"):
             new.qconfig = old.qconfig
         return new

@@ -365,9 +365,11 @@ class _GhostBatchNorm(_CheckedBatchNorm):
         track = self.training and self.track_running_stats
         use_buffers = not self.training or self.track_running_stats
         use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        # eval without running statistics is torch's batch norm over the whole batch, not per virtual batch
+        vbs = self.virtual_batch_size if self.training else max(1, x.shape[0])
         return ghost_batch_norm(
             x, self.running_mean if use_buffers else None, self.running_var if use_buffers else None,
-            self.weight, self.bias, use_batch, self.momentum, self.eps, self.virtual_batch_size,
+            self.weight, self.bias, use_batch, self.momentum, self.eps, vbs,
             self.num_batches_tracked if track else None, self.impl,
         )
 

@@ -259,6 +259,35 @@ def test_raw_batches_do_not_depend_on_which_runs_came_before():
     assert torch.equal(first[0], again[0])
 
 
+class _LossInTraining(nn.Module):
+    """A torchvision-detection-style model: a loss dict in training mode, predictions in eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x, y=None):  # type: ignore[no-untyped-def]
+        out = self.lin(x)
+        if self.training:
+            return {"loss": F.cross_entropy(out, y)}
+        return out
+
+
+def test_the_preflight_check_scores_the_metric_on_eval_outputs_only():
+    # the metric is only ever computed on eval-mode outputs; a training output (the loss dict) must not be fed to it
+    data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
+
+    def correct(out, batch):  # type: ignore[no-untyped-def]
+        return float((out.argmax(1) == batch[1]).float().mean())
+
+    task = Task.from_torch(name="det-style", model=_LossInTraining, train=data, val=data,
+                           forward=lambda m, b: m(b[0], b[1]) if m.training else m(b[0]),
+                           loss=lambda out, b: out["loss"] if isinstance(out, dict) else F.cross_entropy(out, b[1]),
+                           metric=correct, higher_is_better=True, lr=0.1)
+    r = fit(task, TrainConfig(batch_size=8, max_steps=4, eval_every=2))
+    assert r.status == "ok" and 0.0 <= r.final["val_metric"] <= 1.0
+
+
 # --------------------------------------------------------------------------- bad user tasks
 
 

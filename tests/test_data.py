@@ -296,3 +296,17 @@ def test_a_dict_batch_counts_its_examples_by_its_targets_not_its_first_tensor() 
     assert batch_size_of({"input_ids": torch.zeros(4, 7), "attention_mask": torch.zeros(4, 7)}) == 4
     with pytest.raises(TypeError, match="a collate_fn must return tensors"):
         batch_size_of({"x": [1, 2, 3]})
+
+
+def test_batch_size_counts_examples_not_boxes_or_channels() -> None:
+    # detection-style batches: a dict with per-image target dicts, and torchvision's tuple(zip(*batch))
+    from batchlab.data.sources import batch_size_of
+
+    images = torch.randn(4, 3, 16, 16)
+    targets = [{"boxes": torch.randn(k, 4), "labels": torch.ones(k, dtype=torch.long)} for k in (1, 0, 2, 1)]
+    assert batch_size_of({"images": images, "targets": targets}) == 4  # was the first image's box count
+    assert batch_size_of((tuple(images[i, :, : 8 + i] for i in range(4)), tuple(targets))) == 4  # was 3 (channels)
+    assert batch_size_of((tuple(images), tuple(targets))) == 4
+    assert batch_size_of((torch.randn(5, 2), torch.zeros(5))) == 5
+    assert batch_size_of(((torch.randn(6, 2), torch.randn(6, 2)), torch.zeros(6))) == 6  # a pair input
+    assert batch_size_of({"x": torch.zeros(7, 9), "labels": list(range(7))}) == 7

@@ -74,18 +74,43 @@ def _first_tensor(batch: Any) -> torch.Tensor | None:
 TARGET_KEYS = ("labels", "label", "targets", "target", "y")
 
 
+def _per_example_items(v: Any) -> bool:
+    """A list/tuple holding one item per example: mappings (detection targets), or tensors of
+    different shapes (a torchvision-style ``tuple(zip(*batch))`` of images)."""
+    if not isinstance(v, (list, tuple)) or not v:
+        return False
+    if all(isinstance(i, Mapping) for i in v):
+        return True
+    return all(isinstance(i, torch.Tensor) for i in v) and len({tuple(i.shape) for i in v}) > 1
+
+
 def batch_size_of(batch: Any) -> int:
-    """Examples in ``batch``: the first dimension of its first tensor; for a mapping, of its targets
-    (``TARGET_KEYS``) when it has them, else the first dimension most of its tensors share (a
-    recommender's flat index list or offsets must not count as examples)."""
+    """Examples in ``batch``.
+
+    A mapping: the length of its targets (``TARGET_KEYS``: a tensor's first dimension, or the length
+    of a per-example list such as detection targets), else the first dimension most of its tensors
+    share (a recommender's flat index list or offsets must not count as examples). A tuple/list:
+    the first dimension of its first batched tensor (``(x, y)``, ``((x1, x2), y)``), else the length of
+    a per-example list (``(images, targets)`` as a torchvision detection collate makes them). Else
+    the first dimension of the first tensor found."""
     if isinstance(batch, Mapping):
         for k in TARGET_KEYS:
-            t = _first_tensor(batch.get(k))
+            v = batch.get(k)
+            if _per_example_items(v) or (isinstance(v, (list, tuple)) and v and not isinstance(v[0], (torch.Tensor, list, tuple))):
+                return len(v)
+            t = _first_tensor(v)
             if t is not None:
                 return int(t.shape[0])
         sizes = [int(t.shape[0]) for t in (_first_tensor(v) for v in batch.values()) if t is not None]
         if sizes:
             return max(dict.fromkeys(sizes), key=sizes.count)  # the most common; ties: the first seen
+    if isinstance(batch, (tuple, list)):
+        for v in batch:
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                return int(v.shape[0])
+        for v in batch:
+            if _per_example_items(v):
+                return len(v)
     t = _first_tensor(batch)
     if t is None:
         raise TypeError(f"cannot tell the number of examples of a batch of type {type(batch).__name__}: it holds no "

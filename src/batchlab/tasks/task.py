@@ -557,7 +557,9 @@ class Task:
             except TaskError:
                 raise
             except Exception as e:  # noqa: BLE001
-                raise TaskError(f"task {name!r}: the loss failed on a {split} batch ({describe_batch(batch)}): "
+                mode = ("the model in training mode" if split == "training" else
+                        "the model in eval mode, as batchlab computes the validation loss")
+                raise TaskError(f"task {name!r}: the loss failed on a {split} batch ({describe_batch(batch)}; {mode}): "
                                 f"{type(e).__name__}: {e}") from e
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
                 what = f"a tensor of shape {tuple(loss.shape)} and dtype {loss.dtype}" if isinstance(loss, torch.Tensor) \
@@ -566,6 +568,9 @@ class Task:
                                 f"got {what}")
             if split == "training" and not loss.requires_grad:
                 raise TaskError(f"task {name!r}: the loss does not depend on the model's parameters (no gradient)")
+            if split == "training":
+                continue  # the metric is only ever computed on eval-mode outputs (a detection model's training
+                # output is its loss dict): the validation batch checks it
             try:
                 value = self._metric_value(out, batch, nb)
             except TaskError:

@@ -500,7 +500,9 @@ def test_batch_size_commands_on_outside_models(name):
     for args in (["find-max-batch", "--high", "16"], ["throughput", "--batch-sizes", "4,8", "--json"],
                  ["noise-scale", "--steps", "3", "--micro-batch", "4", "--accumulation", "2", "--quiet"]):
         p = cli(*args, *task_arg(name), "--threads", "1")
-        assert p.returncode == 0, f"{args[0]}: {p.stderr}"
+        # 3 steps may leave B_simple undefined (|G|^2 <= 0): then noise-scale says so and exits 1
+        undefined = args[0] == "noise-scale" and p.returncode == 1 and "B_simple is not defined here" in p.stderr
+        assert p.returncode == 0 or undefined, f"{args[0]}: {p.stderr}"
         assert "Traceback" not in p.stderr
 
 

@@ -181,3 +181,14 @@ def test_retry_failed_forgets_only_failed_and_oom_results(tmp_path, capsys) -> N
     assert "2 stored failed or out-of-memory result(s) will run again" in capsys.readouterr().out
     with Store(tmp_path / "batchlab.db", readonly=True) as st:
         assert sorted(r.key for r in st.records()) == ["a", "d"]  # a diverged run is a result of its settings
+
+
+def test_noise_scale_without_a_defined_estimate_says_why_and_exits_1(cli, monkeypatch) -> None:
+    import batchlab.batchsize as bs
+    from batchlab.batchsize.noise import NoiseScaleResult
+
+    monkeypatch.setattr(bs, "noise_scale", lambda *a, **k: NoiseScaleResult(
+        b_simple=float("nan"), micro_batch=8, accumulation=4, steps=20, lr=0.1, beta=0.95, status="ok",
+        examples_processed=640))
+    r = cli("noise-scale", "--task", "digits-mlp", "--steps", "20")
+    assert r.returncode == 1 and "B_simple is not defined here: the estimate of |G|^2 stayed <= 0" in r.stderr

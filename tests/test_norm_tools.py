@@ -787,3 +787,10 @@ def test_precise_bn_of_bfloat16_activations_pools_the_statistics_unrounded() -> 
     assert bn[0].running_mean.dtype == torch.float32
     assert torch.allclose(bn[0].running_mean.double(), want_mean, rtol=1e-5)
     assert torch.allclose(bn[0].running_var.double(), want_var, rtol=1e-4)
+
+
+def test_fold_bn_keeps_a_frozen_model_frozen() -> None:
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)).eval()
+    m.requires_grad_(False)
+    folded = N.fold_bn(m)
+    assert not any(p.requires_grad for p in folded.parameters())  # the new conv bias too, as torch's fuse does

@@ -208,6 +208,11 @@ def cmd_noise_scale(args: argparse.Namespace) -> int:
     if not args.history:
         d.pop("history")
     print(_json(d))
+    if r.status == "ok" and not math.isfinite(r.b_simple):
+        print(f"B_simple is not defined here: the estimate of |G|^2 stayed <= 0 over {r.steps} steps (the gradient "
+              "signal is below the noise at these batch sizes); train longer (--steps), or use a larger --micro-batch "
+              "or --accumulation", file=sys.stderr)
+        return 1
     return 0 if r.status == "ok" else 1
 
 

@@ -92,8 +92,8 @@ def _fold_into(layer: nn.Module, scale: Tensor, shift: Tensor) -> None:
     b = layer.bias.double() if layer.bias is not None else torch.zeros_like(scale)
     new_b = b * scale + shift
     w.copy_(new_w.to(w.dtype))
-    if layer.bias is None:
-        layer.bias = nn.Parameter(new_b.to(device=w.device, dtype=w.dtype))
+    if layer.bias is None:  # a new bias follows the weight's requires_grad (a frozen model stays frozen)
+        layer.bias = nn.Parameter(new_b.to(device=w.device, dtype=w.dtype), requires_grad=w.requires_grad)
     else:
         layer.bias.copy_(new_b.to(layer.bias.dtype))
 

@@ -66,6 +66,7 @@ from batchlab.train import (
     default_lr_rule,
     evaluate,
     fit,
+    group_hparams,
     iterate_batches,
     last_error_line,
     scale_group_hparams,
@@ -430,11 +431,11 @@ def critical_batch(
     loaded = 0  # branches read back from the store (a resumed measurement)
     for saved in ckpt.saved:
         model, opt_state = saved["model"], saved["optimizer"]
-        result.hparams = _base_hparams(base_lr, opt_state)
+        base_groups = _base_group_hparams(base_lr, opt_state)
+        result.hparams = base_groups[0]
         val_loss, _ = evaluate(model, task.val_source, task, device=device)
         losses = []
         failed: list[str] = []
-        base_groups = _base_group_hparams(base_lr, opt_state)
         for b in batches:  # the branches: the checkpoint's model and optimizer state, co-scaled hyperparameters
             hp = scale_hparams(opt, result.hparams, B, b, rule)
             # each parameter group's own betas/eps co-scaled (the first group's are hp's); one group: hp itself
@@ -510,26 +511,9 @@ def _decide(saved: dict[str, Any], val_loss: float, batches: list[int], losses: 
 
 
 def _base_group_hparams(lr: float, state: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every parameter group's base lr/betas/eps: the first group's lr is the base LR ``lr``, the
-    others keep their ratio to it in the checkpoint; betas and eps as saved."""
-    groups = state.get("param_groups") or []
+    """Every parameter group's base lr/betas/eps (the first group's is the base batch's): the first
+    group's lr is the base LR ``lr``, the others keep their ratio to it in the checkpoint; betas and
+    eps as saved."""
+    groups = group_hparams(state.get("param_groups") or [])
     first = float(groups[0].get("lr", 0.0)) if groups else 0.0
-    out = []
-    for g in groups:
-        hp: dict[str, Any] = {"lr": float(lr) * (float(g["lr"]) / first if first else 1.0)}
-        for k in ("betas", "eps"):
-            if k in g:
-                hp[k] = tuple(g[k]) if k == "betas" else g[k]
-        out.append(hp)
-    return out or [{"lr": float(lr)}]
-
-
-def _base_hparams(lr: float, state: dict[str, Any]) -> dict[str, Any]:
-    """The base batch's lr/betas/eps: those of the checkpoint's optimizer (as saved)."""
-    groups = state.get("param_groups") or []
-    hp: dict[str, Any] = {"lr": float(lr)}
-    if groups:
-        for k in ("betas", "eps"):
-            if k in groups[0]:
-                hp[k] = tuple(groups[0][k]) if k == "betas" else groups[0][k]
-    return hp
+    return [{**g, "lr": float(lr) * (float(g["lr"]) / first if first else 1.0)} for g in groups] or [{"lr": float(lr)}]

@@ -460,9 +460,8 @@ def _tie_note(r: Any) -> str:
     if not r.tested or set(r.promoted) >= set(r.tested):
         return ""
     means = {b: r.stats[str(b)]["mean"] for b in r.tested if not r.stats[str(b)]["failed"]}
-    cut = [b for b in r.tested if b not in r.promoted and b in means]
-    tied = sorted({b for b in means for c in cut if b in r.promoted and means[b] == means[c]} | {
-        c for c in cut for b in means if b in r.promoted and means[b] == means[c]})
+    shared = {means[b] for b in means if b not in r.promoted} & {means[b] for b in means if b in r.promoted}
+    tied = sorted(b for b in means if means[b] in shared)
     if not tied:
         return ""
     return (f" ({', '.join(map(str, tied))} tied exactly at {means[tied[0]]:.4g}: the cut among them followed the "

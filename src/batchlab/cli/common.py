@@ -158,9 +158,9 @@ def claim_out(out: Path, args: argparse.Namespace, keys: Sequence[str] | None = 
         if theirs is not None and "task_version" not in theirs and "task_version" in mine["settings"]:
             theirs = {**theirs, "task_version": mine["settings"]["task_version"]}  # claimed before it was recorded
         if theirs is not None and theirs != mine["settings"] and _holds_results(out):
-            diff = ", ".join(f"{k}={theirs.get(k)!r} (now {mine['settings'].get(k)!r})" for k in sorted(set(theirs) | set(mine["settings"]))
-                             if theirs.get(k) != mine["settings"].get(k))
-            if set(d for d in set(theirs) | set(mine["settings"]) if theirs.get(d) != mine["settings"].get(d)) == {"task_version"}:
+            changed = [k for k in sorted(set(theirs) | set(mine["settings"])) if theirs.get(k) != mine["settings"].get(k)]
+            diff = ", ".join(f"{k}={theirs.get(k)!r} (now {mine['settings'].get(k)!r})" for k in changed)
+            if changed == ["task_version"]:
                 raise CliError(f"--out {out} holds the results of `batchlab {args.command}` for another version of task "
                                f"{getattr(task, 'name', '?')!r} (its model, data or code changed since); results are never "
                                "overwritten: choose another folder")

@@ -198,8 +198,7 @@ class RayBackend:
 
     def _run(self, store: Store, todo: list[tuple[str, Any]], fn: Callable[[Any], Any], kind: str, retry_failed: bool) -> None:
         ray, tune = _import_ray()
-        self.init()
-        self.check_resources()
+        self.check_resources()  # starts or connects to Ray first
         threads = max(1, int(self.cpus_per_trial))
         trainable = tune.with_parameters(
             _trial, items=todo, fn=fn, store_path=str(store.path) if self.shared_store else None, kind=kind,

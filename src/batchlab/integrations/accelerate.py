@@ -250,14 +250,10 @@ def executable_batch_size(
             candidates = [c for c in candidates if c <= best]
         eval_cands = power_candidates(1, starting_eval_batch_size or starting_batch_size) if takes["eval_batch_size"] else [None]
         # the optimizer's LRs as configured for the effective batch: a factor an earlier call applied is taken
-        # out (a loop calling the function once per epoch would otherwise scale the LR again every time)
-        if optimizer is not None:
-            for g in optimizer.param_groups:
-                g["lr"] = g["lr"] / applied[0]
-                if "initial_lr" in g:
-                    g["initial_lr"] = g["initial_lr"] / applied[0]
-            applied[0] = 1.0
-        group_lrs = [(g["lr"], g.get("initial_lr")) for g in optimizer.param_groups] if optimizer is not None else []
+        # out (a loop calling the function once per epoch would otherwise scale the LR again every time);
+        # every try sets the groups from these
+        group_lrs = [(g["lr"] / applied[0], g["initial_lr"] / applied[0] if "initial_lr" in g else None)
+                     for g in optimizer.param_groups] if optimizer is not None else []
         snap = Snapshot(model, optimizer)
         i, j = len(candidates) - 1, len(eval_cands) - 1
         while True:

@@ -400,11 +400,11 @@ class TrainerSuggestion:
             else:
                 firsts = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
                 ratios = [f / firsts[0] if firsts[0] else 1.0 for f in firsts]
+            # with a scheduler this also sets its base LRs and each group's initial_lr
             set_hparams(optimizer, {"lr": self.learning_rate}, ratios=ratios, scheduler=sched)
-            for g, r in zip(optimizer.param_groups, ratios):
-                g["initial_lr"] = self.learning_rate * r
-                if sched is None:
-                    g["lr"] = self.learning_rate * r
+            if sched is None:  # a scheduler the Trainer builds next takes initial_lr as its base
+                for g, r in zip(optimizer.param_groups, ratios):
+                    g["initial_lr"] = self.learning_rate * r
 
     def to_dict(self) -> dict[str, Any]:
         return {"per_device_train_batch_size": self.per_device_train_batch_size,

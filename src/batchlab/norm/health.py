@@ -30,11 +30,10 @@ The model is left exactly as found: modes, buffers and the RNG state are restore
 
 from __future__ import annotations
 
-import warnings
-
 import dataclasses
 import json
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -362,10 +361,10 @@ def format_bn_health(report: BNHealth) -> str:
     lines.append("")
     lines.append(f"model train-vs-eval output gap: {f(report.output_gap)}  (batch size {report.batch_size}, graph: {report.graph_method})")
     problems = report.problems
-    if report.layers and all(lh.train_eval_gap is None for lh in report.layers):
+    unmeasured = bool(report.layers) and all(lh.train_eval_gap is None for lh in report.layers)
+    if unmeasured:
         lines.append(f"train-vs-eval gap NOT MEASURED (batch size {report.batch_size}: the batch norms could not "
                      "normalize with its statistics); give a larger batch to check the running statistics")
     lines.extend([f"PROBLEM {p}" for p in problems] if problems else
-                 ["no problems found" + (" among the checks that ran" if report.layers and all(
-                     lh.train_eval_gap is None for lh in report.layers) else "")])
+                 ["no problems found" + (" among the checks that ran" if unmeasured else "")])
     return "\n".join(lines)

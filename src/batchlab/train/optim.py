@@ -121,16 +121,15 @@ def scale_hparams(
 def optimizer_hparams(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The scalable hyperparameters of ``optimizer``'s first parameter group: lr and, where the
     optimizer has them, betas and eps (the input :func:`scale_hparams` takes)."""
-    group = optimizer.param_groups[0]
-    return {k: (tuple(group[k]) if k == "betas" else group[k]) for k in ("lr", "betas", "eps") if k in group}
+    return group_hparams(optimizer)[0]
 
 
-def group_hparams(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+def group_hparams(optimizer: torch.optim.Optimizer | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Every parameter group's lr and, where it has them, betas and eps (per-group values, e.g. a
     head with its own Adam betas): what :func:`scale_group_hparams` scales and :func:`set_hparams`
-    takes back."""
-    return [{k: (tuple(g[k]) if k == "betas" else g[k]) for k in ("lr", "betas", "eps") if k in g}
-            for g in optimizer.param_groups]
+    takes back. ``optimizer``: a torch optimizer, or its ``param_groups`` (a saved state_dict's)."""
+    groups = getattr(optimizer, "param_groups", optimizer)  # wrapped optimizers (Accelerate's, Lightning's) too
+    return [{k: (tuple(g[k]) if k == "betas" else g[k]) for k in ("lr", "betas", "eps") if k in g} for g in groups]
 
 
 def scale_group_hparams(optimizer: str | torch.optim.Optimizer | None, groups: Sequence[Mapping[str, Any]],

@@ -202,6 +202,9 @@ def test_schedule_resumed_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path
     other = BatchSizeSchedule(8, stages=((48, 16),))
     with pytest.raises(ValueError, match="differs from this one in stages"):
         other.load_state_dict(json.loads(ck["sched"]))
+    # a key the schedule never saves (a typo, another object's state) is refused, as torch's strict load does
+    with pytest.raises(ValueError, match="does not save: exampels"):
+        sched3.load_state_dict({**json.loads(ck["sched"]), "exampels": 5})
 
 
 def test_fit_refuses_a_schedule_batch_larger_than_the_data(toy_task):

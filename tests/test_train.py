@@ -108,6 +108,15 @@ def test_step_schedule_and_batch_growth_in_history(toy_task):
     assert r.examples == 4 * 256
 
 
+def test_history_batch_size_is_the_setting_not_a_short_last_step(toy_task):
+    # 100 examples at batch 16 end with a step of 4: the row says the batch trained with (16) and
+    # how many examples its last step had (4)
+    r = fit(toy_task, TrainConfig(batch_size=16, max_examples=100, eval_every=0))
+    assert r.history[-1]["batch_size"] == 16 and r.history[-1]["step_examples"] == 4
+    r = fit(toy_task, TrainConfig(batch_size=8, accumulation=2, max_examples=100, eval_every=0))
+    assert r.history[-1]["batch_size"] == 16 and r.history[-1]["step_examples"] == 4
+
+
 def test_divergence_is_a_status_not_an_exception(toy_task):
     r = fit(toy_task, TrainConfig(batch_size=32, lr=1e6, epochs=3, norm="none"))
     assert r.status == "diverged"

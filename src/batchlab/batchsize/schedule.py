@@ -312,6 +312,10 @@ class BatchSizeSchedule:
         if not isinstance(state, Mapping) or "examples" not in state:
             raise ValueError(f"state must be a mapping from state_dict() with an 'examples' entry, got {state!r}")
         mine = self.state_dict()
+        unknown = sorted(str(k) for k in state if k not in mine)
+        if unknown:
+            raise ValueError(f"state has keys a BatchSizeSchedule does not save: {', '.join(unknown)} "
+                             f"(allowed: {', '.join(mine)})")
         differ = [k for k in mine if k != "examples" and k in state and _plain(state[k]) != _plain(mine[k])]
         if differ:
             raise ValueError("the checkpoint's schedule differs from this one in " + ", ".join(

@@ -205,7 +205,10 @@ class RunResult:
     task: str
     config: dict[str, Any]
     status: Status = "ok"
-    history: list[dict[str, Any]] = field(default_factory=list)  # one row per evaluation
+    # one row per evaluation: step, epoch, examples, wall_time, train_time, lr, batch_size (the latest
+    # step's batch setting, micro-batch x accumulation), step_examples (the examples it had: fewer at
+    # the end of the budget or an epoch), batch_loss, train/val loss and metric, callbacks' logs
+    history: list[dict[str, Any]] = field(default_factory=list)
     final: dict[str, float] = field(default_factory=dict)  # last evaluation's metrics
     wall_time: float = 0.0  # seconds spent in fit(), evaluation included
     train_time: float = 0.0  # seconds spent in training steps only

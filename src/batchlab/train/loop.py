@@ -491,7 +491,7 @@ def _fit(
         row: dict[str, Any] = {
             "step": ctx.step, "epoch": ctx.examples / n if n else math.nan, "examples": ctx.examples,
             "wall_time": time.perf_counter() - t_start, "train_time": train_time, "lr": ctx.lr,
-            "batch_size": ctx.batch_size, "batch_loss": loss_sum / loss_count if loss_count else float("nan"),
+            "batch_size": planned_batch, "step_examples": ctx.batch_size, "batch_loss": loss_sum / loss_count if loss_count else float("nan"),
             "train_loss": tr_loss, "train_metric": tr_metric, "val_loss": val_loss, "val_metric": val_metric,
         }
         if accuracy_names:
@@ -506,6 +506,9 @@ def _fit(
         t_eval += time.perf_counter() - t0
 
     t_eval = 0.0
+    # the batch setting of the latest step (micro-batch x accumulation, grown or scheduled); a step cut
+    # short by the end of the budget or of an epoch has fewer examples (``step_examples``)
+    planned_batch = 0
     ctx.lr = base_lr * lr_factor(cfg.schedule, 0.0, 0, warmup_steps=cfg.warmup_steps, milestones=cfg.milestones, gamma=cfg.gamma)
     for cb in callbacks:
         cb.on_train_begin(ctx)
@@ -519,6 +522,7 @@ def _fit(
         for plan, micro in batches:
             step_n = plan.examples
             ctx.epoch, ctx.batch_size = plan.epoch, step_n
+            planned_batch = plan.batch * cfg.accumulation
             if scale_rule is not None and plan.batch != hp_batch:
                 hp, hp_batch = scale_hparams(opt_name, base_hp, cfg.batch_size, plan.batch, scale_rule), plan.batch
                 set_hparams(optimizer, scale_group_hparams(opt_name, base_groups, cfg.batch_size, plan.batch, scale_rule))

@@ -172,6 +172,7 @@ def test_an_interrupted_sweep_stores_what_finished_and_says_a_rerun_resumes(tmp_
     """Ray Tune returns trials without metrics or error when it is interrupted: the finished ones are
     stored and the message says what happened (it said "Ray trial ? crashed ...: None")."""
     import json as _json
+    import signal
     from types import SimpleNamespace
 
     import batchlab.distributed.ray_backend as rb
@@ -187,6 +188,7 @@ def test_an_interrupted_sweep_stores_what_finished_and_says_a_rerun_resumes(tmp_
             self.todo = trainable
 
         def fit(self):  # type: ignore[no-untyped-def]
+            signal.signal(signal.SIGINT, lambda s, f: None)  # as Tune does; no SIGINT comes
             return fit_results(self.todo)
 
     tune = SimpleNamespace(with_parameters=lambda f, items, **kw: items, with_resources=lambda t, r: t,
@@ -218,3 +220,39 @@ def test_more_gpus_per_trial_than_the_cluster_has_is_refused(backend: RayBackend
                                          r"\(0 GPUs\): no trial could ever start"):
         wanting.check_resources()
     RayBackend(num_cpus=2, cpus_per_trial=1).check_resources()  # what it has is fine
+
+
+def test_a_sweep_stopped_by_ctrl_c_raises_keyboard_interrupt_after_storing_what_finished(tmp_path, monkeypatch) -> None:
+    """Ray Tune answers the first SIGINT itself: it stops the sweep, puts back the handler it found and
+    returns. That is an interruption (the CLI exits 130 and says a rerun resumes), not a RuntimeError
+    (exit 1 with a traceback); the handler in place before the sweep is restored."""
+    import json as _json
+    import signal
+    from types import SimpleNamespace
+
+    import batchlab.distributed.ray_backend as rb
+
+    class Tuner:  # Tune's _setup_signal_catching, then a SIGINT during the sweep
+        def __init__(self, trainable, param_space, tune_config, run_config):  # type: ignore[no-untyped-def]
+            self.todo = trainable
+
+        def fit(self):  # type: ignore[no-untyped-def]
+            original = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, lambda s, f: signal.signal(signal.SIGINT, original))
+            signal.raise_signal(signal.SIGINT)
+            done = SimpleNamespace(error=None, config={"trial": 0}, metrics={
+                "key": self.todo[0][0], "payload_json": _json.dumps({"status": "ok", "value": 1})})
+            return [done, SimpleNamespace(error=None, config={"trial": 1}, metrics={})]
+
+    tune = SimpleNamespace(with_parameters=lambda f, items, **kw: items, with_resources=lambda t, r: t,
+                           Tuner=Tuner, grid_search=lambda xs: xs, TuneConfig=lambda **kw: None,
+                           RunConfig=lambda **kw: None)
+    ray = SimpleNamespace(is_initialized=lambda: True, cluster_resources=lambda: {"CPU": 2.0})
+    monkeypatch.setattr(rb, "_import_ray", lambda: (ray, tune))
+    before = signal.getsignal(signal.SIGINT)
+    store = Store(tmp_path / "s.db")
+    with pytest.raises(KeyboardInterrupt):
+        RayBackend().map_trials(store, [("k0", 0), ("k1", 1)], fn=lambda a: {"status": "ok"})
+    assert store.get("k0") == {"status": "ok", "value": 1} and store.get("k1") is None
+    assert signal.getsignal(signal.SIGINT) is before
+

@@ -23,7 +23,9 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -206,6 +208,10 @@ class RayBackend:
         )
         trainable = tune.with_resources(trainable, {"cpu": self.cpus_per_trial, "gpu": self.gpus_per_trial})
         storage = self.storage_path or tempfile.mkdtemp(prefix="batchlab-ray-")
+        # Ray Tune catches the first Ctrl-C itself (it stops the sweep and returns the trials that
+        # finished) and then puts back the handler it found: finding our marker there afterwards is how
+        # an interrupted sweep is told from one whose trials the cluster lost
+        marker, saved_handler = _install_interrupt_marker()
         try:
             tuner = tune.Tuner(
                 trainable,
@@ -230,11 +236,17 @@ class RayBackend:
             if crashed:
                 raise RuntimeError(f"{len(crashed)} Ray trial(s) crashed before reporting a result (the finished ones "
                                    f"are stored; a rerun resumes): {crashed[0]}")
+            tune_catches_sigint = not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0") or 0)
+            if unfinished and tune_catches_sigint and marker is not None and signal.getsignal(signal.SIGINT) is marker:
+                raise KeyboardInterrupt(f"the Ray sweep was interrupted with {unfinished} of {len(todo)} trial(s) "
+                                        "unfinished; the finished ones are stored, and a rerun runs only the rest")
             if unfinished:
                 raise RuntimeError(f"Ray Tune stopped before {unfinished} of {len(todo)} trial(s) finished (interrupted, "
                                    "or the cluster lost them); the finished ones are stored, and a rerun of the same "
                                    "command runs only the rest")
         finally:
+            if marker is not None:
+                signal.signal(signal.SIGINT, saved_handler)
             if self.storage_path is None:
                 shutil.rmtree(storage, ignore_errors=True)
 
@@ -296,3 +308,18 @@ def backend_from_args(args: argparse.Namespace) -> RayBackend | None:
     cpus = 1.0 if args.cpus_per_trial is None else args.cpus_per_trial
     gpus = 0.0 if args.gpus_per_trial is None else args.gpus_per_trial
     return RayBackend(address=args.address, cpus_per_trial=cpus, gpus_per_trial=gpus)
+
+
+def _install_interrupt_marker() -> tuple[Any, Any]:
+    """Put a SIGINT handler of our own in place (it raises KeyboardInterrupt, as Python's default
+    does) and return it with the one it replaced; ``(None, None)`` off the main thread, where signal
+    handlers cannot be set."""
+    if threading.current_thread() is not threading.main_thread():
+        return None, None
+
+    def marker(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    saved = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, marker)
+    return marker, saved

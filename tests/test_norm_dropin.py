@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import batchlab.norm as N
 from batchlab.norm import functional as BF
@@ -592,6 +593,62 @@ def test_ghost_and_renorm_take_reduced_precision_on_cpu_as_torchs_bn(dtype) -> N
     out.float().square().sum().backward()
     out_ref.float().square().sum().backward()
     torch.testing.assert_close(xr.grad.float(), xb.grad.float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_renorm_and_caffe_keep_float32_statistics_of_reduced_precision_input_as_torchs_bn(dtype) -> None:  # type: ignore[no-untyped-def]
+    # a mean of 100 in bf16 is off by up to 0.25 when the statistics are rounded to the input's
+    # format; torch's BN with float32 buffers keeps its float32 accumulators, and so must these
+    torch.manual_seed(0)
+    x = (torch.randn(16, 8, 6, 6) * 3 + 100.0).to(dtype)
+    exact_mean = x.double().mean((0, 2, 3))
+    bn, renorm, caffe = nn.BatchNorm2d(8), N.BatchRenorm2d(8), N.CaffeBatchNorm(8)
+    out_ref, out = bn(x), renorm(x)
+    caffe(x)
+    torch.testing.assert_close(renorm.running_mean, bn.running_mean, rtol=0, atol=1e-5)
+    torch.testing.assert_close(renorm.running_var, bn.running_var, rtol=1e-5, atol=1e-5)
+    # no further from the exact result than torch's own output (both within the format's rounding)
+    exact = F.batch_norm(x.double(), None, None, None, None, True, 0.0, 1e-5)
+    assert (out.double() - exact).abs().max() <= (out_ref.double() - exact).abs().max() * 1.01
+    torch.testing.assert_close(caffe.mean.double(), exact_mean, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_vectorized_ghost_bn_returns_reduced_precision_as_native_does(dtype) -> None:  # type: ignore[no-untyped-def]
+    # it returned float32 for bf16 input and rounded its statistics to the input's format
+    torch.manual_seed(0)
+    x = (torch.randn(8, 4, 5, 5) * 3 + 50).to(dtype)
+    exact = torch.cat([F.batch_norm(x[i:i + 4].double(), None, None, training=True) for i in (0, 4)])
+    native, vec = N.GhostBatchNorm2d(4, 4, impl="native"), N.GhostBatchNorm2d(4, 4, impl="vectorized")
+    xn, xv = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yn, yv = native(xn), vec(xv)
+    assert yv.dtype == yn.dtype == dtype
+    assert (yv.double() - exact).abs().max() <= (yn.double() - exact).abs().max() * 1.01
+    torch.testing.assert_close(vec.running_mean, native.running_mean, rtol=0, atol=1e-4)
+    yn.float().square().sum().backward()
+    yv.float().square().sum().backward()
+    assert xv.grad.dtype == dtype
+    torch.testing.assert_close(xv.grad.float(), xn.grad.float(), rtol=0.02, atol=0.05)
+
+
+def test_torch_func_grad_through_batch_renorm_equals_torchs_batch_norm() -> None:
+    # torch.func needs autograd.Functions with a separate setup_context; at r = 1, d = 0 (the start
+    # of the schedule) Batch Renorm is a batch norm, so the gradients are torch's
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(0)
+    ours = nn.Sequential(nn.Conv2d(3, 4, 3), N.BatchRenorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
+    ref = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 3, 8, 8)
+
+    def loss(params, buffers, model):  # type: ignore[no-untyped-def]
+        return functional_call(model, (params, buffers), (x,)).square().sum()
+
+    g = [grad(loss)(dict(m.named_parameters()), {k: v.clone() for k, v in m.named_buffers()}, m) for m in (ours, ref)]
+    assert g[0].keys() == g[1].keys()
+    for k in g[0]:
+        torch.testing.assert_close(g[0][k], g[1][k], rtol=1e-5, atol=1e-5)
 
 
 def test_convert_norm_refuses_what_would_change_the_model_silently() -> None:

@@ -18,6 +18,7 @@ All functions take and return tensors shaped ``(N, C, *)`` (channel second), as 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,7 @@ def reduce_dims(x: Tensor) -> tuple[int, ...]:
 
 
 @torch.jit.unused  # try/except does not script; scripted callers use var_mean (instance_norm)
-def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+def batch_stats(x: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance over every dimension but 1, without gradient.
 
     Uses torch's batch-norm statistics kernel (``torch.batch_norm_update_stats``, the one the
@@ -51,17 +52,34 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
 
     Args:
         x: input ``(N, C, *)``.
+        dtype: the statistics' dtype (default: that of ``x``). The kernel accumulates bf16/fp16
+            input in float32; ``stats_dtype`` says when to keep that precision.
 
     Returns:
-        ``(mean, var)``, each ``(C,)`` in the dtype of ``x``.
+        ``(mean, var)``, each ``(C,)``.
     """
+    dtype = dtype or x.dtype
     with torch.no_grad():
         try:
-            mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
-            return mean.to(x.dtype), var.to(x.dtype)
+            # with no running buffers the kernel returns x's dtype (a bf16 mean of 100 is off by up to
+            # 0.25); given float32 ones (left as they are: momentum 0) it returns its float32 accumulators
+            wide = dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)
+            bufs = (x.new_zeros(x.shape[1], dtype=dtype), x.new_ones(x.shape[1], dtype=dtype)) if wide else (None, None)
+            mean, var = torch.batch_norm_update_stats(x, *bufs, 0.0)
+            return mean.to(dtype), var.to(dtype)
         except (RuntimeError, AttributeError, NotImplementedError):
-            var, mean = torch.var_mean(x, dim=reduce_dims(x), correction=0)
+            var, mean = torch.var_mean(x.to(dtype) if dtype != x.dtype else x, dim=reduce_dims(x), correction=0)
             return mean, var
+
+
+def stats_dtype(x: Tensor, buffer: Tensor | None) -> torch.dtype:
+    """The dtype batch statistics of ``x`` are kept in next to a layer's ``buffer`` (its running
+    mean): as torch's batch norm does under autocast, bf16/fp16 input with float32 buffers has
+    float32 statistics (rounding a mean of 100 to bf16 moves it by up to 0.25); otherwise
+    ``x``'s own dtype."""
+    if x.dtype in (torch.bfloat16, torch.float16) and buffer is not None and buffer.dtype == torch.float32:
+        return torch.float32
+    return x.dtype
 
 
 def check_batch_size(x: Tensor) -> None:
@@ -179,13 +197,14 @@ def batch_renorm(
     if x.numel() == 0:
         return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
     check_batch_size(x)
-    mean_x, var_x = batch_stats(x)
+    kd = stats_dtype(x, running_mean)  # the dtype the kernel gets statistics and affine in
+    mean_x, var_x = batch_stats(x, kd)
     with torch.no_grad():
         var_b = var_x.to(running_var.dtype)
         mean_b = mean_x.to(running_mean.dtype)
         inv = torch.rsqrt(running_var + eps)
-        r = torch.clamp(torch.sqrt(var_b + eps) * inv, 1.0 / rmax, rmax).to(x.dtype)
-        d = torch.clamp((mean_b - running_mean) * inv, -dmax, dmax).to(x.dtype)
+        r = torch.clamp(torch.sqrt(var_b + eps) * inv, 1.0 / rmax, rmax).to(kd)
+        d = torch.clamp((mean_b - running_mean) * inv, -dmax, dmax).to(kd)
         if update_running:
             m = x.numel() // x.shape[1]
             running_mean.mul_(1.0 - momentum).add_(mean_b * momentum)
@@ -206,13 +225,18 @@ class _NormGivenStats(torch.autograd.Function):
     variance too. Saves the second statistics pass that calling the training kernel would do.
     """
 
+    # forward and setup_context apart, so torch.func's transforms (grad, jacrev, functional_call
+    # inside them) can differentiate through it
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, eps: float):  # type: ignore[override]
-        y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, weight, bias, mean, var, eps = inputs
         ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
         ctx.eps = eps
         ctx.has_bias = bias is not None
-        return y
 
     @staticmethod
     def backward(ctx, gy: Tensor):  # type: ignore[override]

@@ -336,7 +336,10 @@ class _GhostNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float):  # type: ignore[override]
         n, c = x.shape[0], x.shape[1]
-        xv = x.reshape(groups, n // groups, c, -1)
+        # bf16/fp16 input is normalized in float32 and returned in its own dtype, as torch's batch
+        # norm does (statistics in the input's format are off by far more than its rounding)
+        xw = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+        xv = xw.reshape(groups, n // groups, c, -1)
         if xv.shape[3] > 1:
             # Row statistics over the contiguous last dim, combined exactly over V (equal counts).
             var_r, mean_r = torch.var_mean(xv, dim=3, correction=0)
@@ -362,7 +365,7 @@ class _GhostNormFn(torch.autograd.Function):
         ctx.has_bias, ctx.eps = bias is not None, eps
         var_u = var * (xv.shape[1] * xv.shape[3]) / max(xv.shape[1] * xv.shape[3] - 1, 1)
         ctx.mark_non_differentiable(mean, var_u)
-        return y.view(x.shape), mean.view(groups, c), var_u.view(groups, c)
+        return y.view(x.shape).to(x.dtype), mean.view(groups, c), var_u.view(groups, c)
 
     @staticmethod
     def backward(ctx, gy: Tensor, _gm: Tensor, _gv: Tensor):  # type: ignore[override]
@@ -371,7 +374,7 @@ class _GhostNormFn(torch.autograd.Function):
             sizes = [xhat.shape[1]] * xhat.shape[0]
             return (*_regrad(x, weight, bias, gy, sizes, ctx.eps, ctx.needs_input_grad[:3]), None, None)
         c = xhat.shape[2]
-        gv = gy.reshape(xhat.shape)
+        gv = gy.reshape(xhat.shape).to(xhat.dtype)
         m = xhat.shape[1] * xhat.shape[3]
         if xhat.shape[3] > 1:
             sg = gv.sum(3).sum(1, keepdim=True).unsqueeze(-1)
@@ -384,7 +387,7 @@ class _GhostNormFn(torch.autograd.Function):
         dx = torch.addcmul(-k1 * sg / m, xhat, -k1 * sgx / m).addcmul_(gv, k1)
         gw = sgx.sum((0, 1, 3)) if weight is not None and ctx.needs_input_grad[1] else None
         gb = sg.sum((0, 1, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx.view(gy.shape), gw, gb, None, None
+        return dx.view(gy.shape).to(gy.dtype), gw, gb, None, None
 
 
 def _ghost_vectorized(

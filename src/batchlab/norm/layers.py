@@ -453,7 +453,7 @@ class CaffeBatchNorm(nn.Module):
         if x.numel() == 0:  # nothing to normalize or accumulate (torch's kernel handles the shapes)
             return F.batch_norm(x, None, None, None, None, True, 0.0, self.eps)
         BF.check_batch_size(x)
-        mean_b, var_b = BF.batch_stats(x)
+        mean_b, var_b = BF.batch_stats(x, BF.stats_dtype(x, self.mean))
         if self.training:
             with torch.no_grad():
                 m = x.numel() // x.shape[1]

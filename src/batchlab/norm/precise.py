@@ -43,7 +43,7 @@ class _Pooled:
         x = x.detach()
         # a bf16/fp16 batch (under autocast): its statistics in float32 before pooling in float64, not
         # rounded to the input's precision first
-        mean_b, var_b = batch_stats(x.float() if x.dtype in (torch.bfloat16, torch.float16) else x)
+        mean_b, var_b = batch_stats(x, torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else None)
         mean_b, m2_b = mean_b.double(), var_b.double() * nb
         if self.mean is None or self.m2 is None:
             self.n, self.mean, self.m2 = nb, mean_b, m2_b

@@ -631,6 +631,33 @@ def test_vectorized_ghost_bn_returns_reduced_precision_as_native_does(dtype) -> 
     torch.testing.assert_close(xv.grad.float(), xn.grad.float(), rtol=0.02, atol=0.05)
 
 
+def test_vectorized_ghost_bn_takes_non_contiguous_input_as_native_does() -> None:
+    # a transposed or permuted batch raised "view size is not compatible"
+    torch.manual_seed(0)
+    for x0, make in [(torch.randn(5, 10).t(), lambda impl: N.GhostBatchNorm1d(5, 2, impl=impl)),
+                     (torch.randn(4, 3, 6, 6).permute(0, 1, 3, 2), lambda impl: N.GhostBatchNorm2d(3, 2, impl=impl))]:
+        got = []
+        for impl in ("native", "vectorized"):
+            x = x0.detach().requires_grad_()
+            y = make(impl)(x)
+            y.square().sum().backward()
+            got.append((y.detach(), x.grad))
+        torch.testing.assert_close(got[1][0], got[0][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1][1], got[0][1], rtol=1e-4, atol=1e-4)
+
+
+def test_ghost_bn_traces_with_torch_jit_trace_in_eval() -> None:
+    # eval read the batch size, which tracing turns into a tensor ("virtual_batch_size must be a
+    # positive int, got tensor(6)")
+    torch.manual_seed(0)
+    for g in (N.GhostBatchNorm2d(4, 2), N.GhostBatchNorm2d(4, 2, track_running_stats=False)):
+        g.train()(torch.randn(8, 4, 3, 3))
+        g.eval()
+        traced = torch.jit.trace(g, torch.randn(6, 4, 3, 3))
+        x = torch.randn(6, 4, 3, 3)
+        torch.testing.assert_close(traced(x), g(x), rtol=0, atol=0)
+
+
 def test_torch_func_grad_through_batch_renorm_equals_torchs_batch_norm() -> None:
     # torch.func needs autograd.Functions with a separate setup_context; at r = 1, d = 0 (the start
     # of the schedule) Batch Renorm is a batch norm, so the gradients are torch's

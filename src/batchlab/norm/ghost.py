@@ -365,7 +365,7 @@ class _GhostNormFn(torch.autograd.Function):
         ctx.has_bias, ctx.eps = bias is not None, eps
         var_u = var * (xv.shape[1] * xv.shape[3]) / max(xv.shape[1] * xv.shape[3] - 1, 1)
         ctx.mark_non_differentiable(mean, var_u)
-        return y.view(x.shape).to(x.dtype), mean.view(groups, c), var_u.view(groups, c)
+        return y.reshape(x.shape).to(x.dtype), mean.view(groups, c), var_u.view(groups, c)
 
     @staticmethod
     def backward(ctx, gy: Tensor, _gm: Tensor, _gv: Tensor):  # type: ignore[override]
@@ -387,7 +387,7 @@ class _GhostNormFn(torch.autograd.Function):
         dx = torch.addcmul(-k1 * sg / m, xhat, -k1 * sgx / m).addcmul_(gv, k1)
         gw = sgx.sum((0, 1, 3)) if weight is not None and ctx.needs_input_grad[1] else None
         gb = sg.sum((0, 1, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx.view(gy.shape).to(gy.dtype), gw, gb, None, None
+        return dx.reshape(gy.shape).to(gy.dtype), gw, gb, None, None
 
 
 def _ghost_vectorized(

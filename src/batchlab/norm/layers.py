@@ -365,8 +365,9 @@ class _GhostBatchNorm(_CheckedBatchNorm):
         track = self.training and self.track_running_stats
         use_buffers = not self.training or self.track_running_stats
         use_batch = self.training or (self.running_mean is None and self.running_var is None)
-        # eval without running statistics is torch's batch norm over the whole batch, not per virtual batch
-        vbs = self.virtual_batch_size if self.training else max(1, x.shape[0])
+        # eval without running statistics is torch's batch norm over the whole batch, not per virtual
+        # batch; with them the batch size plays no part (and is not read: torch.jit.trace makes it a tensor)
+        vbs = self.virtual_batch_size if self.training or not use_batch else max(1, int(x.shape[0]))
         return ghost_batch_norm(
             x, self.running_mean if use_buffers else None, self.running_var if use_buffers else None,
             self.weight, self.bias, use_batch, self.momentum, self.eps, vbs,

@@ -658,6 +658,39 @@ def test_ghost_bn_traces_with_torch_jit_trace_in_eval() -> None:
         torch.testing.assert_close(traced(x), g(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("case", ["tracked-train", "channels-last-eval", "switched-off-train", "switched-off-eval"])
+def test_instance_norm_buffers_and_layout_as_torchs(case: str) -> None:
+    # torch moves buffers that exist whenever the input's statistics are used (tracking switched off
+    # after construction too) and returns the contiguous layout in eval; batchlab left the buffers
+    # alone there and returned channels_last
+    torch.manual_seed(0)
+    ref, ours = nn.InstanceNorm2d(3, affine=True, track_running_stats=True), N.InstanceNorm2d(3, affine=True, track_running_stats=True)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 3, 5, 5) * 2 + 1
+    if case.startswith("switched-off"):
+        ref.track_running_stats = ours.track_running_stats = False
+    if case.endswith("eval"):
+        ref.eval()
+        ours.eval()
+    if case == "channels-last-eval":
+        x = x.to(memory_format=torch.channels_last)
+    want, got = ref(x), ours(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got.stride() == want.stride()
+    torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-6, atol=1e-7)
+
+
+def test_instance_norm_takes_an_empty_batch_with_running_statistics() -> None:
+    # batchlab raised "cannot reshape tensor of 0 elements"; torch raises for affine layers only
+    for affine in (False, True):
+        layer = N.InstanceNorm2d(3, affine=affine, track_running_stats=True)
+        x = torch.randn(0, 3, 4, 4, requires_grad=True)
+        y = layer(x)
+        y.sum().backward()
+        assert y.shape == x.shape and torch.equal(layer.running_mean, torch.zeros(3))
+
+
 def test_torch_func_grad_through_batch_renorm_equals_torchs_batch_norm() -> None:
     # torch.func needs autograd.Functions with a separate setup_context; at r = 1, d = 0 (the start
     # of the schedule) Batch Renorm is a batch norm, so the gradients are torch's

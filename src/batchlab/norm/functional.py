@@ -356,8 +356,10 @@ def instance_norm(
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise ValueError("use_input_stats=False needs running_mean and running_var, got None")
+        if not x.is_contiguous():  # torch's instance norm returns the contiguous layout here
+            return F.instance_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
-    if not x.is_contiguous():
+    if not x.is_contiguous() and x.numel() > 0:
         # channels_last: torch's instance norm (a batch norm over N*C channels) is the fast one
         # here (group norm with C groups is 2x slower); same numbers and buffer updates
         return F.instance_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
@@ -366,7 +368,7 @@ def instance_norm(
         spatial *= d
     if spatial <= 1:
         raise ValueError(f"Expected more than 1 spatial element when training, got input size {x.size()}")
-    if running_mean is not None and running_var is not None:
+    if running_mean is not None and running_var is not None and x.numel() > 0:  # an empty batch moves nothing
         n, c = x.shape[0], x.shape[1]
         if torch.jit.is_scripting():
             var, mean = torch.var_mean(x.detach().reshape(1, n * c, -1), dim=[0, 2], correction=0)

@@ -703,11 +703,11 @@ class _CheckedInstanceNorm:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)  # type: ignore[call-arg]
 
     def _apply_instance_norm(self, x: Tensor) -> Tensor:
+        # torch's rule: buffers, where there are any, move whenever the input's statistics are used
+        # (also with track_running_stats switched off after construction) and normalize otherwise
         use_input_stats = self.training or not self.track_running_stats
-        track = self.track_running_stats and self.training  # eval never moves the buffers
         return BF.instance_norm(
-            x, self.running_mean if track or not use_input_stats else None,  # type: ignore[attr-defined]
-            self.running_var if track or not use_input_stats else None,  # type: ignore[attr-defined]
+            x, self.running_mean, self.running_var,  # type: ignore[attr-defined]
             self.weight, self.bias, use_input_stats,  # type: ignore[attr-defined]
             self.momentum if self.momentum is not None else 0.0, self.eps,  # type: ignore[attr-defined]
         )

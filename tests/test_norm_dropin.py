@@ -691,6 +691,28 @@ def test_instance_norm_takes_an_empty_batch_with_running_statistics() -> None:
         assert y.shape == x.shape and torch.equal(layer.running_mean, torch.zeros(3))
 
 
+def test_conversions_refuse_a_parametrized_weight_instead_of_dropping_it() -> None:
+    # the weight of a parametrized BN lives in parametrizations.weight.original: the converted
+    # layer kept its initial 1s and the eval output changed by up to 4.7 (torch's SyncBN converter raises)
+    from torch.nn.utils import parametrize
+
+    class Exp(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return w.exp()
+
+    def model() -> nn.Module:
+        net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        parametrize.register_parametrization(net[1], "weight", Exp())
+        return net
+
+    for convert in (lambda m: N.convert_norm(m, "ghost", virtual_batch_size=2), lambda m: N.convert_norm(m, "renorm"),
+                    N.convert_sync_batchnorm):
+        net = model()
+        with pytest.raises(ValueError, match=r"cannot convert 1 \(ParametrizedBatchNorm2d\): its weight is parametrized"):
+            convert(net)
+        assert parametrize.is_parametrized(net[1]) and isinstance(net[1], nn.BatchNorm2d)  # nothing was converted
+
+
 def test_torch_func_grad_through_batch_renorm_equals_torchs_batch_norm() -> None:
     # torch.func needs autograd.Functions with a separate setup_context; at r = 1, d = 0 (the start
     # of the schedule) Batch Renorm is a batch norm, so the gradients are torch's

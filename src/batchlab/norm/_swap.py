@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 __all__ = ["copy_state", "replace_modules"]
 
@@ -55,14 +56,25 @@ def replace_modules(model: nn.Module, predicate: Callable[[nn.Module], bool], ma
     return model
 
 
-def copy_state(old: nn.Module, new: nn.Module) -> None:
+def copy_state(old: nn.Module, new: nn.Module, where: str = "") -> None:
     """Give ``new`` every parameter and buffer of ``old`` with the same name and shape.
+
+    A layer with a ``torch.nn.utils.parametrize`` parametrization is refused (its weight lives in
+    ``parametrizations.weight.original`` and would silently be left at its initial value), naming
+    ``where`` (the layer's qualified name) and the way out.
 
     A parameter whose dtype and device also match is the same ``nn.Parameter`` object afterwards
     (as torch's ``SyncBatchNorm.convert_sync_batchnorm`` does), so an optimizer built before the
     conversion goes on updating it; otherwise, and for buffers, the values are copied, and the new
     parameter takes the old one's ``requires_grad``.
     """
+    if parametrize.is_parametrized(old):
+        names = ", ".join(old.parametrizations.keys())  # type: ignore[union-attr]
+        raise ValueError(
+            f"cannot convert {where or 'model'} ({type(old).__name__}): its {names} is parametrized "
+            "(torch.nn.utils.parametrize), which the new layer would not carry over; remove the parametrization "
+            "first (parametrize.remove_parametrizations(layer, name, leave_parametrized=True)) and register it "
+            "again on the converted layer; nothing was converted")
     old_params = dict(old.named_parameters())
     for key, p in list(new.named_parameters()):
         src = old_params.get(key)

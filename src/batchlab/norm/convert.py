@@ -119,7 +119,7 @@ def convert_norm(
         if ref is not None:
             new = new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
         if copy_state:
-            _swap.copy_state(old, new)
+            _swap.copy_state(old, new, name)
         return new
 
     def _for_batch_norm(name: str, old: nn.Module) -> nn.Module:

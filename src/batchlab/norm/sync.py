@@ -297,7 +297,7 @@ def convert_sync_batchnorm(model: nn.Module, process_group: Any = None) -> nn.Mo
             device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype,
             bias=not old.affine or old.bias is not None,
         )
-        copy_state(old, new)
+        copy_state(old, new, name)
         if switched_off:  # torch's layer keeps the buffers and normalizes with them in eval mode: so does this one
             new.track_running_stats = False
         if hasattr(old, "qconfig"):

@@ -713,6 +713,17 @@ def test_conversions_refuse_a_parametrized_weight_instead_of_dropping_it() -> No
         assert parametrize.is_parametrized(net[1]) and isinstance(net[1], nn.BatchNorm2d)  # nothing was converted
 
 
+def test_renorm_and_caffe_second_derivatives_equal_torchs_batch_norm() -> None:
+    torch.manual_seed(0)
+    for layer in (N.BatchRenorm2d(3).double(), N.CaffeBatchNorm(3).double()):  # Renorm at r = 1, d = 0
+        x = torch.randn(4, 3, 2, 2, dtype=torch.double, requires_grad=True)
+        hess = []
+        for f in (layer, lambda t: F.batch_norm(t, None, None, training=True, eps=layer.eps)):
+            g, = torch.autograd.grad(f(x).pow(3).sum(), x, create_graph=True)
+            hess.append(torch.autograd.grad(g.sum(), x)[0])
+        torch.testing.assert_close(hess[0], hess[1], rtol=1e-10, atol=1e-10)
+
+
 def test_torch_func_grad_through_batch_renorm_equals_torchs_batch_norm() -> None:
     # torch.func needs autograd.Functions with a separate setup_context; at r = 1, d = 0 (the start
     # of the schedule) Batch Renorm is a batch norm, so the gradients are torch's

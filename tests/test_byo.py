@@ -106,6 +106,39 @@ def test_fingerprint_covers_model_and_data():
     assert v1.fingerprint()["data"] == v2.fingerprint()["data"] == {"version": "v1"}
 
 
+class _WeightedCE:
+    """A loss object as users write them: its class weights are state, not code."""
+
+    def __init__(self, w: list[float]) -> None:
+        self.w = torch.tensor(w)
+
+    def __call__(self, out, batch):  # type: ignore[no-untyped-def]
+        return torch.nn.functional.cross_entropy(out, batch[1], weight=self.w)
+
+
+def test_fingerprint_covers_what_the_loss_and_metric_hold():
+    # the same code with other class weights or label smoothing gave the same fingerprint, so suggest
+    # resumed the other setting's stored trials and train --out refused a run it had never made
+    base = small_task("cifar_resnet", loss=_WeightedCE([1.0] * 10)).fingerprint()
+    assert small_task("cifar_resnet", loss=_WeightedCE([1.0] * 10)).fingerprint() == base
+    assert small_task("cifar_resnet", loss=_WeightedCE([1.0] * 9 + [19.0])).fingerprint() != base
+    smooth = [small_task("cifar_resnet", loss=torch.nn.CrossEntropyLoss(label_smoothing=e)).fingerprint() for e in (0.0, 0.1)]
+    assert smooth[0] != smooth[1]
+    scale = [small_task("cifar_resnet", loss=lambda out, batch, k=k: k * torch.nn.functional.cross_entropy(out, batch[1]))
+             .fingerprint() for k in (1.0, 2.0)]
+    assert scale[0] != scale[1]
+
+
+def test_fingerprint_of_a_loss_object_is_the_same_in_another_process(tmp_path):
+    # digests by content, never by an object's address: an interrupted run must find its results again
+    code = ("import sys, json; sys.path[:0] = [{byo!r}, {tests!r}]; import torch; from test_byo import small_task, _WeightedCE; "
+            "print(json.dumps(small_task('cifar_resnet', loss=_WeightedCE([1.0] * 10), "
+            "metric=torch.nn.CrossEntropyLoss(label_smoothing=0.1), higher_is_better=False).fingerprint()['code']))").format(byo=str(BYO), tests=str(Path(__file__).parent))
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120) for _ in range(2)]
+    assert runs[0].returncode == 0, runs[0].stderr
+    assert runs[0].stdout == runs[1].stdout
+
+
 def test_norm_swap_on_a_plain_model_goes_through_convert_norm():
     task = small_task("cifar_resnet")
     model = task.make_model(norm="group")

@@ -641,9 +641,9 @@ class Task:
         else:
             fp = {
                 "name": self.name,
-                "model": _callable_id(self.model_fn),
+                "model": _callable_fingerprint(self.model_fn),
                 "model_structure": self._model_structure(),
-                "code": {k: _callable_id(v) for k, v in (("forward", self.forward), ("loss", self.batch_loss),
+                "code": {k: _callable_fingerprint(v) for k, v in (("forward", self.forward), ("loss", self.batch_loss),
                          ("metric", self.batch_metric), ("collate_fn", self.collate_fn),
                          ("optimizer", self.optimizer_fn)) if v is not None},
                 "metric": self.metric_name,
@@ -784,7 +784,7 @@ def _callable_id(fn: Any) -> str:
         args = [_callable_id(a) if callable(a) and not isinstance(a, nn.Module) else _short_repr(a) for a in fn.args]
         kwargs = {k: _short_repr(v) for k, v in sorted(fn.keywords.items())}
         return f"partial({_callable_id(fn.func)}, {args}, {kwargs})"
-    target = fn if inspect.isfunction(fn) or inspect.isclass(fn) or inspect.ismethod(fn) else type(fn)
+    target = fn if inspect.isfunction(fn) or inspect.isclass(fn) or inspect.ismethod(fn) or inspect.isbuiltin(fn) else type(fn)
     name = f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(target).__name__)}"
     if target is type(fn) and type(fn).__repr__ is not object.__repr__:
         name += f"[{_short_repr(fn)}]"  # a callable object that says what it holds (settings are part of it)
@@ -793,6 +793,91 @@ def _callable_id(fn: Any) -> str:
     except (OSError, TypeError):
         return name
     return f"{name}@{hashlib.blake2b(src.encode(), digest_size=6).hexdigest()}"
+
+
+def _callable_fingerprint(fn: Any) -> str:
+    """:func:`_callable_id` and a digest of what the callable holds beyond its code (see
+    :func:`_held_state`): a loss object's class weights, a closure's width, a partial's arguments.
+    Two tasks whose code is the same but whose loss weights differ must not share stored results."""
+    h = hashlib.blake2b(digest_size=6)
+    for key, value in _held_state(fn):
+        h.update(key.encode())
+        _digest_state(h, value, 0)
+    return f"{_callable_id(fn)}#{h.hexdigest()}"
+
+
+_PLAIN = (str, int, float, bool, complex, bytes, type(None))
+
+
+def _held_state(fn: Any) -> list[tuple[str, Any]]:
+    """What a callable holds: a partial's arguments (and its function's state); a function's default
+    arguments, closure cells and the plain module-level values its code reads (numbers, strings,
+    tensors: editing a constant changes the task); a bound method's object; a callable object's
+    attributes (an ``nn.Module``'s state_dict and settings)."""
+    if isinstance(fn, functools.partial):
+        return [("args", list(fn.args)), ("keywords", dict(fn.keywords)), *_held_state(fn.func)]
+    if inspect.ismethod(fn):
+        return [("self", fn.__self__), *_held_state(fn.__func__)]
+    if inspect.isfunction(fn):
+        code = fn.__code__
+        cells = [(f"closure.{name}", c.cell_contents) for name, c in zip(code.co_freevars, fn.__closure__ or ())
+                 if _cell_filled(c)]
+        glob = [(f"global.{n}", fn.__globals__[n]) for n in code.co_names
+                if n in fn.__globals__ and isinstance(fn.__globals__[n], (*_PLAIN, torch.Tensor, np.ndarray))]
+        return [("defaults", fn.__defaults__), ("kwdefaults", fn.__kwdefaults__), *cells, *glob]
+    if inspect.isclass(fn) or inspect.isbuiltin(fn):
+        return []
+    return [("object", fn)]
+
+
+def _cell_filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+    except ValueError:
+        return False
+    return True
+
+
+def _digest_state(h: Any, v: Any, depth: int, max_items: int = 64) -> None:
+    """Digest a value by content, never by identity (no ``<object at 0x...>`` repr, which differs
+    between processes and would stop an interrupted run from resuming): tensors and arrays by their
+    bytes, containers by up to ``max_items`` entries, modules by state_dict and settings, other
+    objects by their attributes down to depth 2, below that by type."""
+    if isinstance(v, (torch.Tensor, np.ndarray)):
+        _digest_value(h, v)
+    elif isinstance(v, _PLAIN):
+        h.update(repr(v).encode())
+    elif isinstance(v, Mapping):
+        h.update(f"map{len(v)}".encode())
+        for k in list(v)[:max_items]:
+            h.update(repr(k).encode() if isinstance(k, _PLAIN) else type(k).__qualname__.encode())
+            _digest_state(h, v[k], depth)
+    elif isinstance(v, (list, tuple, set, frozenset)):
+        items = sorted(v, key=repr) if isinstance(v, (set, frozenset)) else list(v)
+        h.update(f"seq{len(items)}".encode())
+        for x in items[:max_items]:
+            _digest_state(h, x, depth)
+    elif isinstance(v, nn.Module):
+        h.update(type(v).__qualname__.encode())
+        for k, t in v.state_dict().items():
+            h.update(k.encode())
+            _digest_tensor(h, t)
+        for k, x in sorted(vars(v).items()):  # settings such as label_smoothing, reduction, ignore_index
+            if not k.startswith("_") and k != "training" and isinstance(x, (*_PLAIN, tuple)):
+                h.update(f"{k}={x!r}".encode())
+    elif depth < 2 and (callable(v) or hasattr(v, "__dict__")):
+        h.update((_callable_id(v) if callable(v) else type(v).__qualname__).encode())
+        own = _is_plain_object(v)  # an object: its attributes; a function or partial: what it holds
+        for k, x in sorted(getattr(v, "__dict__", {}).items()) if own else _held_state(v):
+            h.update(str(k).encode())
+            _digest_state(h, x, depth + 1)
+    else:
+        h.update(type(v).__qualname__.encode())
+
+
+def _is_plain_object(v: Any) -> bool:
+    return not (inspect.isfunction(v) or inspect.ismethod(v) or isinstance(v, functools.partial)
+                or inspect.isclass(v) or inspect.isbuiltin(v))
 
 
 def _short_repr(v: Any) -> str:

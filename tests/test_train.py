@@ -289,3 +289,35 @@ def test_schedule_settings_that_would_change_nothing_are_refused_or_warned(toy_t
         TrainConfig(batch_size=16, epochs=1, schedule="step")
     with pytest.warns(UserWarning, match="warmup_steps=1000 is longer than the run"):
         fit(toy_task, TrainConfig(batch_size=16, max_steps=4, warmup_steps=1000))
+
+
+def test_accumulation_pools_padded_token_losses_as_one_batch() -> None:
+    # a padded LM's micro-batches hold different numbers of tokens: 8 x 2 and 4 x 4 must take the step
+    # 16 x 1 takes (the mean over all the step's tokens, as the Hugging Face Trainer's
+    # num_items_in_batch does), not a mean of micro-batch means weighted by examples
+    from batchlab.tasks import Task
+
+    vocab, length = 11, 12
+
+    class LM(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.out = torch.nn.Embedding(vocab, 16), torch.nn.Linear(16, vocab)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.emb(x))
+
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(64):
+        keep = int(torch.randint(3, length + 1, (1,), generator=g))
+        x = torch.randint(1, vocab, (length,), generator=g)
+        y = x.roll(-1).clone()
+        y[keep:] = -100  # padding
+        data.append((x, y))
+    task = Task.from_torch(name="padded-lm", model=LM, train=data, val=data[:32], metric="loss")
+    runs = [fit(task, TrainConfig(batch_size=b, accumulation=a, max_steps=2, optimizer="sgd", lr=1.0, eval_every=0))
+            for b, a in ((16, 1), (8, 2), (4, 4))]
+    for r in runs[1:]:
+        assert r.final["val_loss"] == pytest.approx(runs[0].final["val_loss"], rel=1e-6, abs=1e-6)
+        assert r.history[-1]["batch_loss"] == pytest.approx(runs[0].history[-1]["batch_loss"], rel=1e-6)

@@ -183,7 +183,7 @@ class GradientNoiseScale(Callback):
         if self.small == "first" and ctx.micro_batch > 0:
             return
         grads = self._grads(ctx)
-        weight = ctx.micro_batch_size / ctx.batch_size  # fit() scales each micro-batch loss by this
+        weight = ctx.micro_weight  # fit() scales each micro-batch's mean loss by this
         last = ctx.micro_batch == ctx.accumulation - 1 or self.small == "first"
         if self._prev is None:
             diff = grads

@@ -462,17 +462,24 @@ class Task:
         exactly: the token targets that count (not -100; for a Hugging Face causal LM, the labels
         after its shift) when the targets are per token (an integer tensor of 2 or more
         dimensions) and the loss is the default or the model's own; else the ``n`` examples."""
-        if self.batch_loss is not None:
-            return float(n)  # the user's loss: what it averages over is not known
-        try:
-            y = self.targets_of(batch)
-        except TaskError:
+        if not self.pools_by_tokens(batch):
             return float(n)
-        if not isinstance(y, torch.Tensor) or y.dim() < 2 or y.is_floating_point():
-            return float(n)
+        y = self.targets_of(batch)
         if shifts_labels(out):
             y = y[..., 1:]
         return float((y != -100).sum())
+
+    def pools_by_tokens(self, batch: Any) -> bool:
+        """Whether this task's loss is a mean over tokens: per-token targets (an integer tensor of 2
+        or more dimensions) with the default loss or the model's own (a user's loss averages over
+        what it likes, which batchlab cannot know: it pools by examples)."""
+        if self.batch_loss is not None:
+            return False
+        try:
+            y = self.targets_of(batch)
+        except TaskError:
+            return False
+        return isinstance(y, torch.Tensor) and y.dim() >= 2 and not y.is_floating_point()
 
     def metric_of(self, out: Any, batch: Any, n: int) -> tuple[float, float]:
         """The metric of one batch of ``n`` examples as ``(sum, weight)``, so that batches pool exactly.

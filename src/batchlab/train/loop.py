@@ -66,6 +66,10 @@ class StepContext:
     batch_size: int = 0  # examples in the current step (all micro-batches); 0 before the first step
     micro_batch: int = 0  # index of the current micro-batch in the step
     micro_batch_size: int = 0  # examples in the current micro-batch
+    # the factor the current micro-batch's mean loss was multiplied by before backward: its share of
+    # the step's examples, or with per-token targets its count of tokens (the step's gradient is
+    # divided by the total before the optimizer step)
+    micro_weight: float = 1.0
     accumulation: int = 1
     lr: float = 0.0
     loss: float = float("nan")  # mean training loss of the last step
@@ -544,6 +548,31 @@ def _fit(
                     return l
 
                 step_loss = float(optimizer.step(closure).detach())
+            elif shard is None and len(micro) > 1 and task.pools_by_tokens(micro[0]):
+                # per-token targets with batchlab's or the model's own loss (a mean over the tokens that
+                # count): micro-batches with padding hold different numbers of tokens, so the step's
+                # loss is the mean over all its tokens, as one batch of the same examples would give
+                # (the Hugging Face Trainer's num_items_in_batch), not a mean of micro-batch means
+                step_sum, total = 0.0, 0.0
+                for i, (idx, batch) in enumerate(zip(plan.micro, micro)):
+                    with autocast:
+                        out = task.forward_batch(model, batch)
+                        loss = task.loss_of(out, batch)
+                    w = task.loss_weight(out, batch, int(idx.shape[0]))
+                    (scaler.scale(loss * w) if scaler is not None else loss * w).backward()
+                    step_sum += loss.item() * w
+                    total += w
+                    if callbacks:
+                        ctx.micro_batch, ctx.micro_batch_size, ctx.micro_weight = i, int(idx.shape[0]), w
+                        for cb in callbacks:
+                            cb.on_micro_batch_end(ctx)
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                if grads and total > 0:
+                    torch._foreach_div_(grads, total)
+                step_loss = step_sum / total if total > 0 else math.nan
+                if not math.isfinite(step_loss) or step_loss > cfg.divergence_loss:
+                    raise _Diverged(step_loss)
+                _clip_and_step(cfg, model, optimizer, scaler, callbacks, ctx, bn_buffers, snapshot, result)
             else:
                 step_loss = 0.0
                 for i, (idx, batch) in enumerate(zip(plan.micro, micro)):
@@ -561,27 +590,12 @@ def _fit(
                         local = loss.item()
                     step_loss += (local if shard is None else shard.global_mean(local, hi - lo, n_micro)) * weight
                     if callbacks:
-                        ctx.micro_batch, ctx.micro_batch_size = i, int(idx.shape[0])
+                        ctx.micro_batch, ctx.micro_batch_size, ctx.micro_weight = i, int(idx.shape[0]), weight
                         for cb in callbacks:
                             cb.on_micro_batch_end(ctx)
                 if not math.isfinite(step_loss) or step_loss > cfg.divergence_loss:
                     raise _Diverged(step_loss)
-                if cfg.grad_clip is not None:
-                    if scaler is not None:
-                        scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                for cb in callbacks:
-                    cb.on_before_step(ctx)
-                if scaler is not None:
-                    scale_before = scaler.get_scale()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    if scaler.get_scale() < scale_before:  # step skipped: roll BN statistics back
-                        for buf, saved in zip(bn_buffers, snapshot):
-                            buf.copy_(saved)
-                        result.extra["skipped_steps"] = result.extra.get("skipped_steps", 0) + 1
-                else:
-                    optimizer.step()
+                _clip_and_step(cfg, model, optimizer, scaler, callbacks, ctx, bn_buffers, snapshot, result)
             if not math.isfinite(step_loss) or step_loss > cfg.divergence_loss:
                 raise _Diverged(step_loss)
             ctx.step += 1
@@ -657,6 +671,30 @@ class _Diverged(Exception):
     def __init__(self, loss: float) -> None:
         super().__init__(f"loss {loss}")
         self.loss = loss
+
+
+def _clip_and_step(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any,
+                   callbacks: Sequence[Callback], ctx: StepContext, bn_buffers: list[torch.Tensor],
+                   snapshot: list[torch.Tensor] | None, result: RunResult) -> None:
+    """The end of a step once its gradient is accumulated: clipping, the callbacks' on_before_step,
+    the optimizer step (through the GradScaler, BN statistics rolled back when it skips the step)."""
+    if cfg.grad_clip is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    for cb in callbacks:
+        cb.on_before_step(ctx)
+    if scaler is not None:
+        scale_before = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        if scaler.get_scale() < scale_before:  # step skipped: roll BN statistics back
+            assert snapshot is not None
+            for buf, saved in zip(bn_buffers, snapshot):
+                buf.copy_(saved)
+            result.extra["skipped_steps"] = result.extra.get("skipped_steps", 0) + 1
+    else:
+        optimizer.step()
 
 
 def iterate_batches(task: Task, batch_size: int, seed: int = 0, device: torch.device | str = "cpu") -> Iterator[Any]:

@@ -106,6 +106,8 @@ def test_fullgraph_compile_survives_a_new_batch_size(name: str) -> None:
         ya.backward(w)
         yb.backward(w)
         assert_close(xa.grad, xb.grad, 1e-5, 1e-4, f"{name}: input gradient at batch {n}")
+    for (k, a), b in zip(ours.named_parameters(), eager.parameters()):
+        assert_close(a.grad, b.grad, 1e-5, 1e-4, f"{name}: gradient of {k}")
 
 
 @pytest.mark.parametrize("dynamic", [None, True])

@@ -63,7 +63,7 @@ def batch_stats(x: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Te
         if torch.compiler.is_compiling():
             # the statistics kernel has no fake-tensor rule: with a batch size that changes
             # (dynamic shapes) the compiled graph could not be built
-            var, mean = torch.var_mean(x.to(dtype), dim=reduce_dims(x), correction=0)
+            var, mean = torch.var_mean(x.detach().to(dtype), dim=reduce_dims(x), correction=0)
             return mean, var
         try:
             # with no running buffers the kernel returns x's dtype (a bf16 mean of 100 is off by up to

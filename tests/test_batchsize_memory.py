@@ -241,3 +241,36 @@ def test_margin_and_scan_arguments() -> None:
         max_batch_size(task, margin=1.0)
     with pytest.raises(ValueError, match="scan must be a positive integer, got 0"):
         max_batch_size(task, scan=0)
+
+
+def _resident_peak_available() -> bool:
+    from batchlab.batchsize.memory import peak_rss_over
+
+    return peak_rss_over(lambda: None)[1] is not None
+
+
+@pytest.mark.skipif(not _resident_peak_available(), reason="needs Linux's /proc/self/clear_refs")
+def test_cpu_step_bytes_see_what_the_accounting_misses() -> None:
+    # a convolution's temporary buffers live inside one kernel: autograd never saves them, so the
+    # accounted bytes were ~60% of what the step held, and a --memory-limit was exceeded by that much
+    from batchlab.batchsize.memory import accounted_step_bytes, cpu_step_bytes, peak_rss_over
+    from batchlab.tasks import Task
+
+    _, delta = peak_rss_over(lambda: torch.empty(64 << 20, dtype=torch.uint8).fill_(1))
+    assert delta is not None and delta >= 64 << 20  # a known allocation is seen
+
+    def net() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(3, 64, 64, generator=g), i % 10) for i in range(40)]
+    task = Task.from_torch(name="conv64", model=net, train=data, val=data[:8])
+    torch.manual_seed(0)
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    batch = (torch.stack([x for x, _ in data[:32]]), torch.tensor([y for _, y in data[:32]]))
+    accounted_step_bytes(task, model, opt, batch)  # warm-up: the first step allocates more than the next
+    accounted = accounted_step_bytes(task, model, opt, batch)
+    measured = cpu_step_bytes(task, model, opt, batch)
+    assert measured > accounted * 1.2, (measured, accounted)

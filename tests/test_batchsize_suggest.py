@@ -115,6 +115,14 @@ def test_cli_commands(tmp_path, capsys) -> None:
     page = (out / "index.html").read_text()
     assert page.count("<img") >= 2 and "Successive halving" in page and "Candidates: time and quality" in page
     assert page.index("Recommendation") < page.index("Candidates: time and quality") < page.index("Evidence")
+    # the same command on the finished folder shows the answer and rewrites nothing (the wall time of
+    # the run that made it was replaced by the rerun's)
+    before = (out / "suggestion.json").read_bytes()
+    assert main(["suggest", "--task", TOY, "--out", str(out), "--quick", "--high", "32", "--budget", "8", "--quiet",
+                 "--objective", "epochs"]) == 0
+    again = capsys.readouterr().out
+    assert again.startswith(text.splitlines()[0]) and "nothing was run" in again
+    assert (out / "suggestion.json").read_bytes() == before
 
 
 def test_throughput_min_over_interleaved_repeats_and_time_bound() -> None:

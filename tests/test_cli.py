@@ -145,24 +145,60 @@ def test_out_folders_are_never_taken_over_by_another_command_or_settings(tmp_pat
     with Store(again / "batchlab.db") as store:
         store.put("k", {"status": "ok"}, kind="x")
     claim_out(again, ns("reproduce", quick=True, seeds=None, device="cpu"), keys=("quick", "seeds", "device"))
-    # a folder from before the owner file: its results say whose it is
+    # a folder with results but no owner file (an older version's, or the file deleted): whose results
+    # they are, with which settings, is unknown, so nothing may write there
     legacy = tmp_path / "legacy"
     legacy.mkdir()
     (legacy / "suggestion.json").write_text("{}")
     r = run_cli("report", str(tmp_path), "--out", str(legacy))
-    assert r.returncode == 2 and "holds the results of `batchlab suggest`" in r.stderr, r.stderr
+    assert r.returncode == 2 and "holds results (of `batchlab suggest`) but no .batchlab-command.json" in r.stderr, r.stderr
     assert (legacy / "suggestion.json").read_text() == "{}"
     done = tmp_path / "cb"
     done.mkdir()
     (done / "critical_batch.json").write_text('{"measured": "earlier"}')
-    r = run_cli("critical-batch", "--task", "digits-mlp", "--quick", "--out", str(done))
-    assert r.returncode == 2 and "already holds a critical_batch.json that cannot be read" in r.stderr, r.stderr
+    r = run_cli("critical-batch", "--task", "mnist1d-mlp", "--quick", "--out", str(done))
+    assert r.returncode == 2 and "holds results (of `batchlab critical-batch`) but no" in r.stderr, r.stderr
     assert (done / "critical_batch.json").read_text() == '{"measured": "earlier"}'
+    # a damaged owner file next to results: refused too (it used to switch the check off)
+    (legacy / ".batchlab-command.json").write_text("{bad")
+    r = run_cli("suggest", "--task", "digits-mlp", "--quick", "--out", str(legacy))
+    assert r.returncode == 2 and ".batchlab-command.json (which settings they were made with) cannot be read" in r.stderr
+    assert (legacy / "suggestion.json").read_text() == "{}"
     # a run refused on its arguments leaves no result: the corrected command can use the folder
     fresh = tmp_path / "cb2"
     r = run_cli("critical-batch", "--task", "digits-mlp", "--quick", "--out", str(fresh), "--batch-size", "5000")
     assert r.returncode == 2 and "batch_size" in r.stderr and not (fresh / "critical_batch.json").exists()
     claim_out(fresh, ns("critical-batch", task="digits-mlp", quick=True, batch_size=64))
+
+
+def test_a_folder_in_use_by_another_run_is_refused_and_freed_when_it_ends(tmp_path) -> None:
+    # two runs with other settings on one new folder both "succeeded" and one result was lost
+    import argparse
+
+    from batchlab.cli.common import _lock_out, release_out_locks
+
+    take = [sys.executable, "-c", f"from pathlib import Path; from batchlab.cli.common import _lock_out; _lock_out(Path({str(tmp_path)!r}))"]
+    _lock_out(tmp_path)  # this process is "the other run"
+    try:
+        r = run_cli("reproduce", "--quick", "--only", "C10", "--out", str(tmp_path))
+        assert r.returncode == 2 and "is in use by another batchlab run" in r.stderr, r.stderr
+        assert not (tmp_path / "C10").exists() and not (tmp_path / ".batchlab-command.json").exists()
+        assert subprocess.run(take, capture_output=True).returncode != 0
+    finally:
+        release_out_locks()
+    r = subprocess.run(take, capture_output=True, text=True)  # the lock went with the command
+    assert r.returncode == 0, r.stderr
+    assert argparse
+
+
+def test_report_of_another_folder_is_refused_and_of_the_same_refreshed(tmp_path) -> None:
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    for folder, batch in ((a, "32"), (b, "64")):
+        assert main(["train", "--task", "digits-mlp", "--batch-size", batch, "--epochs", "1", "--out", str(folder), "--quiet"]) == 0
+    assert run_cli("report", str(a), "--out", str(out)).returncode == 0
+    assert run_cli("report", str(a), "--out", str(out)).returncode == 0  # the same source: rebuilt
+    r = run_cli("report", str(b), "--out", str(out))
+    assert r.returncode == 2 and "with other settings (source=" in r.stderr, r.stderr
 
 
 def test_an_unknown_option_is_named_by_the_command_and_not_taken_as_an_abbreviation() -> None:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from batchlab import __version__
 from batchlab.cli import batchsize, experiments, norm, slim, train
-from batchlab.cli.common import CliError, _Parser
+from batchlab.cli.common import CliError, _Parser, release_out_locks
 from batchlab.fileio import OutputError
 from batchlab.store import StoreError
 
@@ -64,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             sys.stderr.write("interrupted; no result was written\n")
         return 130
+    finally:
+        release_out_locks()
 
 
 #: commands whose trials go to a results store in --out, so a rerun resumes

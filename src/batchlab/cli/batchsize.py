@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 from typing import Any
@@ -88,8 +89,23 @@ def cmd_suggest(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from e
     out = prepare_out(args.out)
     claim_out(out, args, task=task)
+    done = out / "suggestion.json"
+    if done.exists() and not args.retry_failed:  # finished with these settings: shown, never rewritten
+        from batchlab.batchsize.suggest import Suggestion
+
+        try:
+            finished = Suggestion.from_dict(json.loads(done.read_text()))
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise CliError(f"--out {out} already holds a suggestion.json that cannot be read ({e}); it is never "
+                           "overwritten: choose another folder") from e
+        print(finished.summary())
+        print(f"--out {out} already holds this suggestion (suggestion.json, same settings); it is never overwritten: "
+              "nothing was run (--retry-failed reruns the failed trials and keeps this file beside the new one)")
+        return 0 if finished.status == "ok" else 1
     if args.retry_failed:
         _forget_failures(out)
+        if done.exists():  # the earlier answer is kept under a numbered name
+            _keep_aside(done)
     stored = _stored_results(out)
     if stored:
         print(f"resuming: the store in {out} holds {stored} result(s); those this run needs (same task code, data "
@@ -110,6 +126,19 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     print(f"examples processed: {s.total_examples} (bound {s.cost_budget}; {s.budget_examples} per full training run); "
           f"{s.wall_time:.1f} s in suggest (measurements and runs; building the task and the report not counted)")
     return 0 if s.status == "ok" else 1
+
+
+def _keep_aside(path: Path) -> Path:
+    """Rename a finished result file to the first free ``name-N.suffix`` (never overwriting one)."""
+    for i in range(1, 1000):
+        target = path.with_name(f"{path.stem}-{i}{path.suffix}")
+        try:
+            os.link(path, target)  # fails if target exists: no race can overwrite it
+        except FileExistsError:
+            continue
+        path.unlink()
+        return target
+    raise CliError(f"--out: {path} and 999 numbered variants exist; nothing was overwritten")
 
 
 def _forget_failures(out: Path) -> None:

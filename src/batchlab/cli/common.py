@@ -139,17 +139,24 @@ def claim_out(out: Path, args: argparse.Namespace, keys: Sequence[str] | None = 
     if task is not None:
         digest = hashlib.blake2b(json.dumps(task.fingerprint(), sort_keys=True, default=str).encode(), digest_size=8)
         mine["settings"]["task_version"] = digest.hexdigest()
+    _lock_out(out)  # held until the command ends: a second run on this folder is refused, not mixed in
     owner_path = out / _OWNER_FILE
     owner: dict[str, Any] | None = None
     if owner_path.is_file():
         try:
             owner = json.loads(owner_path.read_text())
-        except (OSError, ValueError):
-            owner = None  # a torn owner file: infer from the results, as for an older folder
-    if owner is None:
+            if not isinstance(owner, dict):
+                raise ValueError("not a mapping")
+        except (OSError, ValueError) as e:
+            if _holds_results(out):
+                raise CliError(f"--out {out} holds results, but its {_OWNER_FILE} (which settings they were made with) "
+                               f"cannot be read ({e}); results are never overwritten: choose another folder") from e
+            owner = None  # nothing finished here: the folder is free
+    elif _holds_results(out):
         legacy = "reproduce" if any(out.glob("*/outcome.json")) else None
-        legacy = legacy or next((cmd for f, cmd in _RESULT_FILES if (out / f).exists()), None)
-        owner = None if legacy is None else {"command": legacy, "settings": None}
+        legacy = legacy or next((cmd for f, cmd in _RESULT_FILES if (out / f).exists()), "batchlab")
+        raise CliError(f"--out {out} holds results (of `batchlab {legacy}`) but no {_OWNER_FILE} saying which settings "
+                       "they were made with; results are never overwritten: choose another folder")
     if owner is not None:
         if owner.get("command") != args.command:
             raise CliError(f"--out {out} holds the results of `batchlab {owner.get('command')}`; results are never "
@@ -169,6 +176,40 @@ def claim_out(out: Path, args: argparse.Namespace, keys: Sequence[str] | None = 
                            "to resume")
     if mark:
         atomic_write(owner_path, json.dumps(mine, indent=1, sort_keys=True))
+
+
+#: --out folders this process has locked (path -> open lock file), released when the command ends
+_HELD: dict[str, Any] = {}
+_LOCK_FILE = ".batchlab.lock"
+
+
+def _lock_out(out: Path) -> None:
+    """An exclusive lock on ``out`` for the rest of this command (``flock``: the system drops it when
+    the process ends, however it ends); refused at once when another process holds it. Where
+    ``fcntl`` is missing (Windows) folders are not locked."""
+    key = str(out.resolve())
+    if key in _HELD:
+        return
+    try:
+        import fcntl
+    except ImportError:
+        return
+    f = open(out / _LOCK_FILE, "a+")  # noqa: SIM115 - kept open: the lock lives as long as the file
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.close()
+        raise CliError(f"--out {out} is in use by another batchlab run; results are never overwritten or mixed: wait "
+                       "for it to finish (then the same command resumes or shows its result), or choose another "
+                       "folder") from e
+    _HELD[key] = f
+
+
+def release_out_locks() -> None:
+    """Drop the --out locks this process holds (at the end of a command)."""
+    while _HELD:
+        _, f = _HELD.popitem()
+        f.close()
 
 
 def _holds_results(out: Path) -> bool:

@@ -101,7 +101,9 @@ def cmd_report(args: argparse.Namespace) -> int:
             out = prepare_out(path / "report", "the report folder")
         except CliError as e:
             raise CliError(f"{e}; write the report elsewhere with --out") from e
-    claim_out(out, args, keys=())  # a report is rebuilt from its folder; another command's results are not
+    # a report is rebuilt from its folder (the same DIR refreshes it); another folder's report is another result
+    args.source = str(path.resolve())
+    claim_out(out, args, keys=("source",))
     try:
         index = report_from_dir(path, out_dir=out)
     except ValueError as e:

@@ -334,6 +334,23 @@ def test_failed_branches_are_named_and_a_failed_base_gives_no_critical_batch(toy
     assert BatchSizeSchedule.from_critical_batch(r, 4).stages == ()
 
 
+def test_a_model_that_fails_while_b_simple_is_measured_leaves_the_branches_standing(toy_task, monkeypatch):
+    # an exception of the user's model in the B_simple step crashed the command with a traceback,
+    # every rerun again, though every branch was stored
+    import batchlab.batchsize.critical as crit
+
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("the model failed on this batch")
+
+    monkeypatch.setattr(crit, "_b_simple_at", broken)
+    r = critical_batch(toy_task, batch_size=4, checkpoints=(0.0,), factors=(1, 2), branch_examples=16, seeds=2,
+                       gns_groups=2, budget_examples=64)
+    p = r.points[0]
+    assert p.defined and math.isnan(p.b_simple)
+    assert any("B_simple could not be measured (RuntimeError: the model failed on this batch)" in n for n in r.notes)
+    assert "critical" in r.table()
+
+
 def test_quick_mode_for_suggest(toy_task):
     """The cheap mode suggest calls: checkpoints at 0 and 25% of the budget, factors 1-8, 2 seeds;
     explicit arguments win over it."""

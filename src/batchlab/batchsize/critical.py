@@ -456,7 +456,12 @@ def critical_batch(
                     failed.append(f"batch {b} seed {s}: {r['status'] if r['status'] != 'ok' else 'nan'} ({why})")
                 row.append(loss if math.isfinite(loss) else math.inf)  # a failed branch is not within tolerance
             losses.append(row)
-        b_simple, used = _b_simple_at(task, model, micro, gns_accumulation, groups, seed, device)
+        try:
+            b_simple, used = _b_simple_at(task, model, micro, gns_accumulation, groups, seed, device)
+        except Exception as e:  # noqa: BLE001 - the user's model failed on a batch: B_simple is missing here, the rest stands
+            b_simple, used = math.nan, 0
+            result.notes.append(f"at {int(saved['examples'])} examples, B_simple could not be measured "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
         processed += used
         point = _decide(saved, float(val_loss), batches, losses, float(tolerance), float(b_simple))
         point.failed = failed

@@ -321,3 +321,17 @@ def test_accumulation_pools_padded_token_losses_as_one_batch() -> None:
     for r in runs[1:]:
         assert r.final["val_loss"] == pytest.approx(runs[0].final["val_loss"], rel=1e-6, abs=1e-6)
         assert r.history[-1]["batch_loss"] == pytest.approx(runs[0].history[-1]["batch_loss"], rel=1e-6)
+
+
+def test_a_per_batch_callable_metric_is_scored_on_the_tasks_batch_size_whatever_the_run_trains_with() -> None:
+    # F1-like metrics depend on the chunk they see: scored on chunks of the training batch, runs at
+    # batch 4 and 64 were compared on different scales (0.9375 against 0.5 for the same weights)
+    from batchlab.tasks import Task
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(4, generator=g), int(i % 2)) for i in range(96)]
+    chunk = lambda out, batch: float(len(batch[1]))  # noqa: E731 - the size of the chunk it was given
+    task = Task.from_torch(name="chunky", model=lambda: torch.nn.Linear(4, 2), train=data, val=data[:40],
+                           metric=chunk, higher_is_better=True, batch_size=16)
+    got = {b: fit(task, TrainConfig(batch_size=b, max_steps=1, eval_every=0)).final["val_metric"] for b in (4, 64)}
+    assert got[4] == got[64] == pytest.approx((16 * 16 + 16 * 16 + 8 * 8) / 40)  # chunks of 16, 16, 8

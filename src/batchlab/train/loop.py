@@ -467,6 +467,11 @@ def _fit(
     if eval_idx is not None:
         train_eval_src: Source = _IndexedSubset(train_src, eval_idx)
     eval_bs = 1024 if isinstance(train_src, ArraySource) else cfg.batch_size * cfg.accumulation
+    if task.batch_metric is not None and not is_pooled_metric(task.batch_metric) and not isinstance(train_src, ArraySource):
+        # a per-batch callable metric (F1, balanced accuracy) depends on the chunks it is averaged
+        # over: every run of the task is scored on chunks of the task's own batch size, so runs at
+        # different batch sizes compare on one scale
+        eval_bs = task.batch_size
 
     total_examples = None
     if cfg.max_steps is None:

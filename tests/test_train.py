@@ -335,3 +335,34 @@ def test_a_per_batch_callable_metric_is_scored_on_the_tasks_batch_size_whatever_
                            metric=chunk, higher_is_better=True, batch_size=16)
     got = {b: fit(task, TrainConfig(batch_size=b, max_steps=1, eval_every=0)).final["val_metric"] for b in (4, 64)}
     assert got[4] == got[64] == pytest.approx((16 * 16 + 16 * 16 + 8 * 8) / 40)  # chunks of 16, 16, 8
+
+
+def test_a_pooled_metric_that_needs_both_classes_passes_the_check_on_a_sorted_validation_set() -> None:
+    # like sklearn's roc_auc_score, compute() raises with one class; the check's first 4 validation
+    # examples (sorted by class, as ImageFolder sets are) held one class, and the task was refused
+    from batchlab.tasks import Task
+
+    class MeanScoreGap:
+        name, higher_is_better = "score_gap", True
+
+        def reset(self) -> None:
+            self.pos: list[float] = []
+            self.neg: list[float] = []
+
+        def update(self, out, batch) -> None:  # type: ignore[no-untyped-def]
+            s = out[:, 1] - out[:, 0]
+            self.pos += s[batch[1] == 1].tolist()
+            self.neg += s[batch[1] == 0].tolist()
+
+        def compute(self) -> float:
+            if not self.pos or not self.neg:
+                raise ValueError("Only one class present in y_true")
+            return sum(self.pos) / len(self.pos) - sum(self.neg) / len(self.neg)
+
+    g = torch.Generator().manual_seed(0)
+    data = sorted(((torch.randn(4, generator=g), int(i % 2)) for i in range(64)), key=lambda p: p[1])
+    task = Task.from_torch(name="sorted", model=lambda: torch.nn.Linear(4, 2), train=data, val=data,
+                           metric=MeanScoreGap(), higher_is_better=True)
+    task.check()
+    r = fit(task, TrainConfig(batch_size=8, max_steps=2, eval_every=0))
+    assert r.status == "ok" and math.isfinite(r.final["val_metric"])

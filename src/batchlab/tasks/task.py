@@ -582,6 +582,9 @@ class Task:
                 value = self._metric_value(out, batch, nb)
             except TaskError:
                 raise
+            except _PooledComputeError:
+                continue  # a pooled metric (AUC) may need more than this small batch (both classes): its
+                # update() ran; compute() is judged on the whole validation set
             except Exception as e:  # noqa: BLE001
                 raise TaskError(f"task {name!r}: the metric {self.metric_name!r} failed on a {split} batch: "
                                 f"{type(e).__name__}: {e}") from e
@@ -594,7 +597,10 @@ class Task:
                 m = copy.deepcopy(self.batch_metric)  # the check leaves the task's metric as it was
                 m.reset()
                 m.update(out, batch)
-                v = m.compute()
+                try:
+                    v = m.compute()
+                except Exception as e:  # noqa: BLE001 - told apart from a failing update() by check()
+                    raise _PooledComputeError(str(e)) from e
             else:
                 v = self.batch_metric(out, batch)
             if isinstance(v, torch.Tensor) and v.numel() == 1:
@@ -669,6 +675,10 @@ class Task:
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         return h.hexdigest()
+
+
+class _PooledComputeError(Exception):
+    """A pooled metric's ``compute()`` failed on the check's small batch (it may need more data)."""
 
 
 def describe_batch(batch: Any, depth: int = 0) -> str:

@@ -310,3 +310,24 @@ def test_batch_size_counts_examples_not_boxes_or_channels() -> None:
     assert batch_size_of((torch.randn(5, 2), torch.zeros(5))) == 5
     assert batch_size_of(((torch.randn(6, 2), torch.randn(6, 2)), torch.zeros(6))) == 6  # a pair input
     assert batch_size_of({"x": torch.zeros(7, 9), "labels": list(range(7))}) == 7
+
+
+def test_a_batch_class_of_the_users_own_is_counted_by_its_len_or_its_tensors() -> None:
+    # a collate returning an object with tensor attributes and .to() was refused: "it holds no tensor"
+    from batchlab.data.sources import batch_size_of
+
+    class Batch:
+        def __init__(self, n: int) -> None:
+            self.x, self.y = torch.zeros(n, 3), torch.zeros(n)
+
+        def to(self, device):  # type: ignore[no-untyped-def]
+            return self
+
+    class SizedBatch(Batch):
+        def __len__(self) -> int:
+            return int(self.x.shape[0])
+
+    assert batch_size_of(SizedBatch(6)) == 6
+    assert batch_size_of(Batch(5)) == 5
+    with pytest.raises(TypeError, match="a batch class of your own can define __len__"):
+        batch_size_of(object())

@@ -112,9 +112,14 @@ def batch_size_of(batch: Any) -> int:
             if _per_example_items(v):
                 return len(v)
     t = _first_tensor(batch)
+    if t is None and not isinstance(batch, (Mapping, tuple, list, str, bytes)):
+        if callable(getattr(batch, "__len__", None)):  # a batch class of the user's own that says its size
+            return len(batch)
+        t = _first_tensor(list(getattr(batch, "__dict__", {}).values()))  # its tensors as attributes
     if t is None:
-        raise TypeError(f"cannot tell the number of examples of a batch of type {type(batch).__name__}: it holds no "
-                        "tensor (a collate_fn must return tensors, e.g. torch.stack or torch.tensor of the lists)")
+        raise TypeError(f"cannot tell the number of examples of a batch of type {type(batch).__name__}: no tensor "
+                        "found in it (a collate_fn must return tensors, e.g. torch.stack or torch.tensor of the "
+                        "lists; a batch class of your own can define __len__)")
     return int(t.shape[0])
 
 

@@ -505,3 +505,37 @@ def test_a_cut_inside_an_exact_tie_is_said() -> None:
     st["4"]["mean"] = 0.07
     assert _tie_note(r) == ""  # a cut by the metric
     assert _tie_note(SimpleNamespace(index=1, tested=[16, 8], promoted=[16, 8], stats=st)) == ""  # the last rung
+
+
+def test_the_majority_class_rate_of_a_causal_lm_counts_the_next_tokens() -> None:
+    # a Hugging Face causal LM scores position t against label t+1; the baseline counted the labels
+    # before that shift (0.208 where the bar is 0.2105)
+    from dataclasses import dataclass
+
+    from batchlab import Task
+    from batchlab.batchsize.suggest import _majority_rate
+
+    @dataclass
+    class CausalLMOutputWithPast:  # what transformers returns, by name
+        loss: torch.Tensor
+        logits: torch.Tensor
+
+    class TinyLM(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(4, 4)
+
+        def forward(self, input_ids, labels):  # type: ignore[no-untyped-def]
+            logits = self.emb(input_ids)
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 4), labels[:, 1:].reshape(-1))
+            return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    # every sequence starts 3, 3, 3 and goes on 0, 1, 2: unshifted, 3 is the most common label
+    # (3 of 6); the next tokens (what is scored) are 3, 3, 0, 1, 2: 3 is 2 of 5
+    seqs = torch.tensor([[3, 3, 3, 0, 1, 2]] * 6)
+    data = [{"input_ids": s, "labels": s} for s in seqs]
+    task = Task.from_torch("lm", TinyLM, data, data, metric="accuracy", batch_size=2)
+    assert _majority_rate(task, TinyLM(), "cpu") == pytest.approx(2 / 5)
+    plain = Task.from_torch("cls", lambda: torch.nn.Linear(2, 3), [(torch.zeros(2), k) for k in (0, 0, 0, 1)],
+                            [(torch.zeros(2), k) for k in (0, 0, 0, 1)], metric="accuracy")
+    assert _majority_rate(plain, torch.nn.Linear(2, 3), "cpu") == pytest.approx(3 / 4)

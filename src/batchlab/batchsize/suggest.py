@@ -58,7 +58,9 @@ from batchlab.batchsize.objective import OBJECTIVES, Objective, SeedStats, se_of
 from batchlab.batchsize.search import PRECISE_BN_BATCH, fit_trial, has_batchnorm
 from batchlab.batchsize.state import preserved_state
 from batchlab.batchsize.throughput import ThroughputResult, throughput
+from batchlab.data.sources import move_to_device
 from batchlab.tasks import Task, TaskError, get_task
+from batchlab.tasks.task import shifts_labels
 from batchlab.train import (
     TrainConfig,
     default_hparam_rule,
@@ -261,19 +263,39 @@ def _baseline(task: Task, device: str, seed: int) -> tuple[float, str]:
         best = -math.inf if task.higher_is_better else math.inf
         kind = f"none: the untrained model could not be evaluated ({last_error_line(str(e))})"
     if task.metric_name == "accuracy":
-        counts: dict[int, int] = {}
-        try:
-            for batch in task.val_source.ordered(1024, None):
-                y = task.targets_of(batch).reshape(-1)
-                for v, c in zip(*torch.unique(y[y != -100], return_counts=True)):
-                    counts[int(v)] = counts.get(int(v), 0) + int(c)
-        except Exception:  # noqa: BLE001 - a task without plain targets keeps the untrained baseline
-            counts = {}
-        if counts:
-            rate = max(counts.values()) / sum(counts.values())
-            if rate > best:
-                best, kind = rate, f"the majority-class rate ({rate:.4g})"
+        rate = _majority_rate(task, model, device)
+        if rate is not None and rate > best:
+            best, kind = rate, f"the majority-class rate ({rate:.4g})"
     return best, kind
+
+
+def _majority_rate(task: Task, model: torch.nn.Module, device: str) -> float | None:
+    """The share of the validation targets (not -100) that are the most common class: what always
+    predicting it scores. A causal LM that shifts its labels is scored against the next token, so
+    its labels are counted after the shift. None for targets that are not class indices."""
+    counts: dict[int, int] = {}
+    shift: bool | None = None
+    try:
+        for batch in task.val_source.ordered(1024, None):
+            y = task.targets_of(batch)
+            if shift is None:
+                shift = y.dim() >= 2 and _shifts_labels_on(task, model, batch, device)
+            y = (y[..., 1:] if shift else y).reshape(-1)
+            for v, c in zip(*torch.unique(y[y != -100], return_counts=True)):
+                counts[int(v)] = counts.get(int(v), 0) + int(c)
+    except Exception:  # noqa: BLE001 - a task without plain targets keeps the untrained baseline
+        return None
+    return max(counts.values()) / sum(counts.values()) if counts else None
+
+
+def _shifts_labels_on(task: Task, model: torch.nn.Module, batch: Any, device: str) -> bool:
+    """Whether ``model``'s output on ``batch`` shifts its labels itself (a Hugging Face causal LM);
+    False when the forward fails (the evaluation says why elsewhere)."""
+    try:
+        with torch.no_grad():
+            return shifts_labels(task.forward_batch(model.eval(), move_to_device(batch, device)))
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def _memory(task: Task, device: str, memory_limit: int | None, rng: BatchRange,

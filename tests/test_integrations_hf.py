@@ -270,6 +270,22 @@ def test_a_padded_causal_lm_is_scored_per_token_whatever_the_evaluation_batch() 
     assert [evaluate(model, seqs, task, batch_size=b)[1] for b in (1, 5, 48)] == pytest.approx([want_acc] * 3)
 
 
+def test_a_trainers_padded_causal_lm_is_scored_per_token_whatever_the_evaluation_batch(tmp_path) -> None:
+    # the Trainer's task took the model's loss through a function of its own, which pooled by examples:
+    # the validation loss moved with the evaluation batch (3.4433 / 3.4425 / 3.4418 at 1 / 8 / 100)
+    from batchlab.train import evaluate
+
+    _, model, seqs, collate = _causal_lm_task("loss")
+    items = [{"input_ids": s} for s in seqs]
+    args = TrainingArguments(str(tmp_path / "out"), per_device_train_batch_size=8, num_train_epochs=1,
+                             use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=items, eval_dataset=items,
+                      data_collator=lambda feats: collate([f["input_ids"] for f in feats]))
+    task = task_from_trainer(trainer)
+    got = [evaluate(model, task.val_source, task, batch_size=b)[0] for b in (1, 7, 48)]
+    assert got == pytest.approx([got[-1]] * 3, rel=1e-6)
+
+
 class _FakeSuggestion:
     """What suggest returns, reduced to what suggest_for_trainer reads."""
 

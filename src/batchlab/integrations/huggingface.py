@@ -299,6 +299,9 @@ def _trainer_loss(out: Any, batch: Any) -> torch.Tensor:
     return loss
 
 
+_trainer_loss.is_model_loss = True  # type: ignore[attr-defined]  # a per-token loss pools by tokens (Task.pools_by_tokens)
+
+
 class _TrainerOptimizer:
     """``optimizer(model, lr)`` as the Trainer builds it (``Trainer.create_optimizer``): its optimizer
     class and arguments (betas, eps, ...) from the training arguments, weight decay on the parameters

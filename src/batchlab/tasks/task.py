@@ -472,8 +472,9 @@ class Task:
     def pools_by_tokens(self, batch: Any) -> bool:
         """Whether this task's loss is a mean over tokens: per-token targets (an integer tensor of 2
         or more dimensions) with the default loss or the model's own (a user's loss averages over
-        what it likes, which batchlab cannot know: it pools by examples)."""
-        if self.batch_loss is not None:
+        what it likes, which batchlab cannot know: it pools by examples, unless the callable says it
+        returns the model's own loss with an ``is_model_loss = True`` attribute)."""
+        if self.batch_loss is not None and not getattr(self.batch_loss, "is_model_loss", False):
             return False
         try:
             y = self.targets_of(batch)

@@ -314,6 +314,26 @@ def test_apply_after_train_reaches_the_optimizer_the_trainer_reuses(tmp_path, mo
     assert trainer.lr_scheduler.base_lrs == pytest.approx([1e-3] * len(trainer.optimizer.param_groups))
 
 
+def test_apply_warns_that_a_scheduler_given_to_the_trainer_was_built_for_the_old_step_count(tmp_path, monkeypatch) -> None:
+    # a get_linear_schedule_with_warmup for 20 steps at 8 x 4, applied 16 x 1: 38 steps, 19 of them at LR 0
+    import warnings
+
+    model = BertForSequenceClassification(_config())
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1 - step / 20))
+    args = TrainingArguments(str(tmp_path / "out"), per_device_train_batch_size=8, gradient_accumulation_steps=4,
+                             use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=Tokens(96, 1), eval_dataset=Tokens(32, 2),
+                      data_collator=pad_collate, optimizers=(opt, sched))
+    _fake_suggest(monkeypatch, _FakeSuggestion(micro=16, lr=1e-3))
+    with pytest.warns(UserWarning, match=r"given its LR scheduler \(LambdaLR\), built for the steps of batch 8 x 4"):
+        suggest_for_trainer(trainer, apply=True)
+    _fake_suggest(monkeypatch, _FakeSuggestion(micro=16, accumulation=1, lr=1e-3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same batch again: nothing to say
+        suggest_for_trainer(trainer, apply=True)
+
+
 def test_apply_leaves_the_trainer_alone_when_the_recommendation_is_not_supported(tmp_path, monkeypatch) -> None:
     trainer = _trainer(tmp_path, 1, 2, lr=5e-4)
     _fake_suggest(monkeypatch, _FakeSuggestion(micro=64, lr=1e-2, status="not supported"))

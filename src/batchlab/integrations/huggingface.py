@@ -389,6 +389,18 @@ class TrainerSuggestion:
         from batchlab.train.optim import set_hparams
 
         args = trainer.args
+        before = (args.per_device_train_batch_size, args.gradient_accumulation_steps)
+        after = (self.per_device_train_batch_size, self.gradient_accumulation_steps)
+        given = getattr(trainer, "lr_scheduler", None)
+        if given is not None and not getattr(trainer, "_created_lr_scheduler", False) and \
+                before[0] * before[1] != after[0] * after[1]:
+            # the Trainer rebuilds a scheduler it made itself; one it was given keeps the step count it was
+            # built for, and at another batch the run takes another number of steps
+            warnings.warn(
+                f"suggest_for_trainer.apply: the Trainer was given its LR scheduler ({type(given).__name__}), built for "
+                f"the steps of batch {before[0]} x {before[1]}; at {after[0]} x {after[1]} the run takes another number "
+                "of steps, so its warmup and decay end at the wrong step (past its end the LR may stay 0): build it again "
+                "for the new step count, or let the Trainer make it (no optimizers= argument)", stacklevel=2)
         args.per_device_train_batch_size = self.per_device_train_batch_size
         args.gradient_accumulation_steps = self.gradient_accumulation_steps
         args.learning_rate = self.learning_rate

@@ -228,3 +228,30 @@ def test_noise_scale_without_a_defined_estimate_says_why_and_exits_1(cli, monkey
         examples_processed=640))
     r = cli("noise-scale", "--task", "digits-mlp", "--steps", "20")
     assert r.returncode == 1 and "B_simple is not defined here: the estimate of |G|^2 stayed <= 0" in r.stderr
+
+
+def test_train_records_a_model_that_fails_mid_run_as_a_failed_result(tmp_path) -> None:
+    # it exited 2 with "error:" (a usage error) and wrote nothing: the run's history was lost
+    (tmp_path / "flaky_task.py").write_text(
+        "import torch\n"
+        "from batchlab import Task\n"
+        "class Flaky(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.lin, self.calls = torch.nn.Linear(4, 2), 0\n"
+        "    def forward(self, x):\n"
+        "        self.calls += 1\n"
+        "        if self.training and self.calls > 5:\n"
+        "            raise RuntimeError('the model broke on this batch')\n"
+        "        return self.lin(x)\n"
+        "def make_task():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    data = [(torch.randn(4, generator=g), i % 2) for i in range(64)]\n"
+        "    return Task.from_torch('flaky', Flaky, data, data, batch_size=8)\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "batchlab.cli", "train", "--task", "flaky_task:make_task", "--epochs", "2",
+                        "--quiet", "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 1, r.stderr
+    assert "training failed at step" in r.stderr and "the model broke on this batch" in r.stderr
+    saved = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert saved["status"] == "failed" and "the model broke on this batch" in saved["error"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                            "config); it is never overwritten: move it away or choose another --out folder")
     result = maybe_run_distributed(args, task, config)  # under torchrun with 2+ processes
     if result is None:
-        result = fit(task, config, progress=not args.quiet)
+        # an exception of the model mid-run is the run's outcome ("failed", its traceback and history kept
+        # in the result), not a usage error: the task itself was checked before training
+        result = fit(task, config, progress=not args.quiet, raise_errors=False)
     summary = {k: v for k, v in result.to_dict().items() if k != "history"}
     if path is not None:
         try:
@@ -54,6 +57,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(result.to_json())
             raise CliError(f"{e}; the full result was printed on stdout instead") from e
     print(json.dumps(summary, indent=2))
+    if result.status == "failed":
+        from batchlab.train import last_error_line
+
+        sys.stderr.write(f"batchlab train: training failed at step {result.failed_step} "
+                         f"({last_error_line(result.error)}); the result records it\n")
     return 0 if result.ok else 1
 
 

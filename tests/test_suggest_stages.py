@@ -539,3 +539,14 @@ def test_the_majority_class_rate_of_a_causal_lm_counts_the_next_tokens() -> None
     plain = Task.from_torch("cls", lambda: torch.nn.Linear(2, 3), [(torch.zeros(2), k) for k in (0, 0, 0, 1)],
                             [(torch.zeros(2), k) for k in (0, 0, 0, 1)], metric="accuracy")
     assert _majority_rate(plain, torch.nn.Linear(2, 3), "cpu") == pytest.approx(3 / 4)
+
+
+def test_a_rung_says_how_its_unfinished_runs_ended() -> None:
+    # a batch whose runs diverged was reported as "128 failed"
+    from batchlab.batchsize.halving import RungTrial, batch_stats
+
+    trials = [RungTrial(128, s, 0, math.nan, "diverged", 64, 0.1) for s in (0, 1)]
+    st, entry = batch_stats(trials)
+    assert st.failed == 2 and entry["ended"] == "diverged"
+    _, entry = batch_stats([RungTrial(8, 0, 0, 0.9, "ok", 64, 0.1), RungTrial(8, 1, 0, math.nan, "oom", 0, 0.0)])
+    assert entry["ended"] == "oom"

@@ -53,19 +53,21 @@ class Rung:
     seeds: list[int]
     tested: list[int]
     byes: list[int]  # too few steps at this budget: promoted without a run
-    stats: dict[str, dict[str, float]]  # per tested batch: mean, se, n, failed, seconds
+    stats: dict[str, dict[str, Any]]  # per tested batch: mean, se, n, failed, seconds, ended (non-ok statuses)
     promoted: list[int]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def batch_stats(trials: Sequence[RungTrial]) -> tuple[SeedStats, dict[str, float]]:
+def batch_stats(trials: Sequence[RungTrial]) -> tuple[SeedStats, dict[str, Any]]:
     """One batch's trials on a rung: their seed statistics (a failed trial counts as NaN), and the
-    entry a :class:`Rung` keeps for it in ``stats`` (mean, se, n, failed, mean seconds per run)."""
+    entry a :class:`Rung` keeps for it in ``stats`` (mean, se, n, failed, mean seconds per run, and
+    how the runs that did not finish ended: "diverged", "oom", "failed")."""
     st = SeedStats.of([t.metric if t.status == "ok" else math.nan for t in trials])
     return st, {"mean": st.mean, "se": st.se, "n": st.n, "failed": st.failed,
-                "seconds": sum(t.seconds for t in trials) / max(1, len(trials))}
+                "seconds": sum(t.seconds for t in trials) / max(1, len(trials)),
+                "ended": ", ".join(sorted({t.status for t in trials if t.status != "ok"}))}
 
 
 def plan_rungs(n_candidates: int, available: float, eta: int = 2, seeds_last: int = 2, seeds_early: int = 1,

@@ -640,7 +640,7 @@ def search(task: Task, p: Prediction, m: Measurements, objective: Objective, ava
         f"successive halving over {', '.join(map(str, sorted(selected)))}: "
         + "; ".join(f"rung {r.index} ({_rung_text(r.to_dict(), objective)}, seeds {r.seeds}): "
                     + (", ".join(f"{b} {r.stats[str(b)]['mean']:.4g}" if not r.stats[str(b)]["failed"] else
-                                 f"{b} failed" for b in r.tested) if r.tested
+                                 f"{b} {r.stats[str(b)].get('ended') or 'failed'}" for b in r.tested) if r.tested
                        else "none run")
                     + (f" ({', '.join(map(str, r.byes))} {'go' if len(r.byes) > 1 else 'goes'} on to the next rung "
                        "untested: too few steps at this budget)" if r.byes else "")

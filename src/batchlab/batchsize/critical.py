@@ -151,7 +151,7 @@ class CriticalBatchResult:
             if not p.defined:
                 crit = "none (base branch failed)"
             rows.append([str(p.examples), f"{p.val_loss:.4f}", crit, f"{p.critical_low}-{p.critical_high}",
-                         f"{p.b_simple:.1f}", f"{p.ratio:.2f}"])
+                         f"{p.b_simple:.3g}", f"{p.ratio:.3g}"])
         if markdown:
             lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -478,7 +478,7 @@ def critical_batch(
         if progress:
             crit = f">={point.critical_batch}" if point.capped else str(point.critical_batch)
             print(f"[critical-batch] {task.name} at {point.examples} examples: critical {crit} "
-                  f"({point.critical_low}-{point.critical_high}), B_simple {b_simple:.1f}", flush=True)
+                  f"({point.critical_low}-{point.critical_high}), B_simple {b_simple:.3g}", flush=True)
     if loaded:
         result.notes.append(f"resumed: {loaded} of {len(ckpt.saved) * len(batches) * len(seed_list)} branches were "
                             "loaded from the store, not rerun (examples_processed counts them as the measurement's cost)")

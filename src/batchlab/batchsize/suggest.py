@@ -399,7 +399,7 @@ def measure(task: Task, rng: BatchRange, cost_budget: int, *, device: str, memor
     if math.isfinite(b_noise) and b_noise > 0:
         how = (f"stable within {ncfg['until_stable']:.0%} after {noise.get('stable_at')} steps" if noise.get("stable")
                else f"not yet stable after {noise.get('steps')} steps (the cost cap); it only orders the candidates")
-        notes.append(f"gradient noise scale B_simple ~ {b_noise:.0f} at {micro} x {acc} (McCandlish et al. 2018), {how}")
+        notes.append(f"gradient noise scale B_simple ~ {b_noise:.3g} at {micro} x {acc} (McCandlish et al. 2018), {how}")
     else:
         why = (f"the estimate came out {b_noise:.3g} after {noise.get('steps')} steps, not a usable positive number"
                if noise.get("status", "ok") == "ok" else

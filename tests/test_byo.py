@@ -787,3 +787,17 @@ def test_a_metric_object_without_reset_is_refused_not_taken_as_a_callable():
     with pytest.raises(TypeError, match="has no reset"):
         Task.from_torch(name="m", model=lambda: nn.Linear(4, 2), train=_Pairs(), val=_Pairs(), metric=NoReset(),
                         higher_is_better=True)
+
+
+def test_float_targets_with_a_loss_given_blame_the_accuracy_not_the_loss():
+    # multi-label targets with loss= given and metric="accuracy": the message named "the default loss
+    # and accuracy" and asked for loss= the user had already given
+    from batchlab import Task
+    from batchlab.tasks import TaskError
+
+    data = [(torch.randn(4), torch.tensor([1.0, 0.0, 1.0])) for _ in range(16)]
+    bce = lambda out, batch: F.binary_cross_entropy_with_logits(out, batch[1])  # noqa: E731
+    task = Task.from_torch("multilabel", lambda: nn.Linear(4, 3), data, data, loss=bce, metric="accuracy")
+    with pytest.raises(TaskError, match=r"integer class indices for accuracy, got dtype torch.float32 .*give a metric of "
+                                        r"your own"):
+        task.check()

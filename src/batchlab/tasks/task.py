@@ -552,14 +552,15 @@ class Task:
                 if (self.forward is None and isinstance(batch, Mapping) and isinstance(e, TypeError)
                         and "unexpected keyword argument" in str(e)):
                     hint = (f"; a mapping batch is passed as model(**batch), every key ({', '.join(map(str, batch))}) "
-                            "a keyword: give Task.from_torch(forward=lambda model, batch: model(batch['input_ids'], "
-                            "...)) to feed it your way")
+                            "a keyword: give Task.from_torch(forward=lambda model, batch: model(input_ids=batch["
+                            "'input_ids'], ...)) to feed it your way")
                 raise TaskError(f"task {name!r}: the model rejected a {split} batch ({describe_batch(batch)}): "
                                 f"{type(e).__name__}: {e}{hint}") from e
             default_loss = self.batch_loss is None and self.loss is F.cross_entropy and carried_loss(out) is None
             default_metric = self.batch_metric is None and self.metric is accuracy and self.metric_name == "accuracy"
             if default_loss or default_metric:
-                self._check_targets(out, batch)
+                self._check_targets(out, batch, "the default loss and accuracy" if default_loss and default_metric
+                                    else "the default loss" if default_loss else "accuracy")
             try:
                 loss = self.loss_of(out, batch)
             except TaskError:
@@ -613,14 +614,17 @@ class Task:
         s, w = self.metric_of(out, batch, n)
         return s / w if w else 0.0
 
-    def _check_targets(self, out: Any, batch: Any) -> None:
+    def _check_targets(self, out: Any, batch: Any, what: str = "the default loss and accuracy") -> None:
         try:
             logits, y = self.logits_of(out), self.targets_of(batch)
         except TaskError:
             return
         if y.is_floating_point():
-            raise TaskError(f"task {self.name!r}: targets must be integer class indices for the default loss and "
-                            f"accuracy, got dtype {y.dtype}; or give loss= and metric=")
+            fix = ("give loss= and metric=" if what.startswith("the default loss and") else
+                   "give loss=" if what == "the default loss" else
+                   "give a metric of your own (metric=callable or object, with higher_is_better) or metric='loss'")
+            raise TaskError(f"task {self.name!r}: targets must be integer class indices for {what}, got dtype "
+                            f"{y.dtype} (multi-label or regression targets); {fix}")
         if tuple(logits.shape[:-1]) != tuple(y.shape):
             raise TaskError(_shape_mismatch(self.name, logits, y))
         classes = logits.shape[-1]

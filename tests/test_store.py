@@ -328,3 +328,23 @@ def test_a_new_path_without_a_suffix_is_a_folder(tmp_path) -> None:
     assert (tmp_path / "other.db").is_file() and f.path.name == "other.db"
     (tmp_path / "plain").write_bytes(b"")  # an existing suffix-less file stays a file
     assert Store(tmp_path / "plain").path == (tmp_path / "plain").resolve()
+
+
+def test_damaged_rows_and_files_are_named_as_damage_with_the_store(tmp_path) -> None:
+    # a row that is not JSON said only "Expecting property name ..."; a garbage file opened read-only
+    # said "cannot open ... read-only", as if the folder were not writable
+    import sqlite3
+
+    from batchlab.store import Store, StoreError
+
+    with Store(tmp_path / "a.db") as st:
+        st.put("k", {"status": "ok"}, kind="x")
+    con = sqlite3.connect(tmp_path / "a.db")
+    con.execute("UPDATE runs SET payload = '{bad' WHERE key = 'k'")
+    con.commit()
+    con.close()
+    with Store(tmp_path / "a.db") as st, pytest.raises(StoreError, match=r"a\.db: the stored result k is damaged \(not JSON"):
+        st.get("k")
+    (tmp_path / "b.db").write_bytes(b"not a database at all" * 100)
+    with pytest.raises(StoreError, match=r"b\.db is damaged"):
+        Store(tmp_path / "b.db", readonly=True)

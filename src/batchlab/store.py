@@ -292,6 +292,9 @@ class Store:
                 last = e
                 if "no such table" in str(e):
                     break
+        if last is not None and "not a database" in str(last):
+            raise StoreError(f"results store {self.path} is damaged ({last}); restore it from a copy or move it away "
+                             "to start afresh (nothing was read from it or written to it)") from last
         raise StoreError(f"cannot open results store {self.path} read-only: {last}") from last
 
     def _open_readwrite(self) -> sqlite3.Connection:
@@ -335,7 +338,7 @@ class Store:
         row = self._conn().execute(
             "SELECT key, kind, status, payload, created, updated FROM runs WHERE key = ?", (key,)
         ).fetchone()
-        return None if row is None else _record(row)
+        return None if row is None else _record(row, self.path)
 
     def get(self, key: str) -> dict[str, Any] | None:
         """The stored payload of ``key``, or None when it was never stored."""
@@ -364,7 +367,7 @@ class Store:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created, rowid"
-        return [_record(r) for r in self._conn().execute(sql, args).fetchall()]
+        return [_record(r, self.path) for r in self._conn().execute(sql, args).fetchall()]
 
     def query(self, kind: str | None = None, status: str | Sequence[str] | None = None) -> list[dict[str, Any]]:
         """Payloads of the stored rows, oldest first (see :meth:`records`)."""
@@ -487,9 +490,14 @@ class _write:
             self.conn.execute("ROLLBACK")
 
 
-def _record(row: tuple[Any, ...]) -> Record:
+def _record(row: tuple[Any, ...], path: Any = None) -> Record:
     key, kind, status, payload, created, updated = row
-    return Record(key=key, kind=kind, status=status, payload=json.loads(payload), created=created, updated=updated)
+    try:
+        data = json.loads(payload)
+    except (TypeError, ValueError) as e:
+        raise StoreError(f"results store {path}: the stored result {str(key)[:16]} is damaged (not JSON: {e}); restore "
+                         "the store from a copy, or delete that row (Store.delete(key)) to run it again") from e
+    return Record(key=key, kind=kind, status=status, payload=data, created=created, updated=updated)
 
 
 def _check_key(key: Any) -> None:

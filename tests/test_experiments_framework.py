@@ -73,6 +73,11 @@ def test_a_failing_experiment_is_recorded_not_raised(tmp_path: Path):
     assert o.status == "failed" and "RuntimeError: boom" in o.error
     assert [v["verdict"] for v in o.verdicts] == ["inconclusive"]
     assert "failed" in summary_table([o])
+    # the markdown table does not call the validity check of an experiment that never ran "passed"
+    from batchlab.experiments.report import markdown_table
+
+    row = next(line for line in markdown_table(tmp_path).splitlines() if "C99" in line or "broken" in line)
+    assert "not checked (the experiment failed)" in row and "passed" not in row
 
 
 def test_select_by_claim_or_id_and_unknown_ids():

@@ -147,7 +147,8 @@ def markdown_table(out: str | Path) -> str:
         wall += o.get("compute_time") or o["wall_time"]
         for v in sorted(o["verdicts"], key=lambda v: v["claim"]):
             counts[v["verdict"]] += 1
-            valid = "failed" if v.get("valid") is False else "passed"
+            valid = ("not checked (the experiment failed)" if o["status"] != "ok" else
+                     "failed" if v.get("valid") is False else "passed")
             pub = v.get("published") or {}
             agrees = pub.get("trend_agrees")
             if isinstance(agrees, dict):

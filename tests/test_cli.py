@@ -255,3 +255,8 @@ def test_train_records_a_model_that_fails_mid_run_as_a_failed_result(tmp_path) -
     assert "training failed at step" in r.stderr and "the model broke on this batch" in r.stderr
     saved = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
     assert saved["status"] == "failed" and "the model broke on this batch" in saved["error"]
+
+
+def test_data_root_for_a_task_without_data_files_blames_the_flag(tmp_path) -> None:
+    r = run_cli("train", "--task", "digits-mlp", "--data-root", str(tmp_path), "--epochs", "1")
+    assert r.returncode == 2 and "--data-root is for tasks that read data files" in r.stderr, r.stderr

@@ -84,6 +84,9 @@ def load_task(args: argparse.Namespace) -> Any:
     try:
         task = get_task(args.task, **kwargs)
     except (ValueError, FileNotFoundError, TypeError) as e:
+        if args.data_root and "root" in str(e) and isinstance(e, TypeError):
+            raise CliError(f"--data-root is for tasks that read data files (mnist-cnn, cifar10-resnet); task "
+                           f"{args.task!r} does not take it ({e})") from e
         raise CliError(f"{given}: {e}") from e
     norm, activation = getattr(args, "norm", None), getattr(args, "activation", None)
     if norm is not None and norm not in known_norms():

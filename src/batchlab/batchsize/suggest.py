@@ -10,7 +10,8 @@ Five stages, each a function returning a dataclass the report renders:
 1. :func:`measure`: memory maximum (when the task can be probed), seconds per step at every
    candidate batch (:func:`throughput`), the gradient noise scale B_noise measured *until stable*
    (:func:`noise_scale` with ``until_stable``), and a trivial baseline (the untrained model's metric;
-   for accuracy also the majority-class rate). Each measurement's cost is capped at a fraction of
+   for accuracy also the majority-class rate, for other metrics the best constant prediction).
+   Each measurement's cost is capped at a fraction of
    the cost budget, so it shrinks with the model and the budget.
 2. :func:`predict`: McCandlish et al.'s ``S = S_min (1 + B_noise / B)`` steps times the measured
    step time ranks the candidates (Pollux's goodput in other words). The ranking only orders and
@@ -65,6 +66,7 @@ from batchlab.train import (
     TrainConfig,
     default_hparam_rule,
     default_lr_rule,
+    eval_batch_size,
     evaluate,
     last_error_line,
     optimizer_hparams,
@@ -251,13 +253,17 @@ class Suggestion:
 
 # ------------------------------------------------------------------------------------ stage 1
 def _baseline(task: Task, device: str, seed: int) -> tuple[float, str]:
-    """The untrained model's validation metric and, for accuracy, the majority-class rate: the
-    better of the two is the bar a recommendation must clear."""
+    """The bar a recommendation must clear: the best of the untrained model's validation metric,
+    for accuracy the majority-class rate, and for any other metric a constant prediction (the
+    training targets' mean for a regression, the most common class for a classifier) scored by the
+    task's own loss and metric."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = task.make_model().to(device)
+    bs = eval_batch_size(task, task.batch_size)  # the chunks the trials are scored on
+    better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
     try:
-        _, untrained = evaluate(model, task.val_source, task, device=device)
+        _, untrained = evaluate(model, task.val_source, task, device=device, batch_size=bs)
         best, kind = float(untrained), f"the untrained model's validation {task.metric_name} ({untrained:.4g})"
     except Exception as e:  # noqa: BLE001 - the user's model failing here fails its trials' evaluation too
         best = -math.inf if task.higher_is_better else math.inf
@@ -266,7 +272,71 @@ def _baseline(task: Task, device: str, seed: int) -> tuple[float, str]:
         rate = _majority_rate(task, model, device)
         if rate is not None and rate > best:
             best, kind = rate, f"the majority-class rate ({rate:.4g})"
+    else:
+        const = _constant_prediction(task, model, device, bs)
+        if const is not None and math.isfinite(const[0]) and better(const[0], best):
+            best, kind = const[0], f"{const[1]} ({const[0]:.4g})"
     return best, kind
+
+
+class _Constant(torch.nn.Module):
+    """The wrapped model's output (a tensor) replaced by one constant row: a trivial predictor that
+    the task's own forward, loss and metric score as they score the model."""
+
+    def __init__(self, inner: torch.nn.Module, row: torch.Tensor) -> None:
+        super().__init__()
+        self.inner, self.row = inner, row
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.inner(*args, **kwargs)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError("a constant prediction needs a tensor output")
+        return self.row.to(out.dtype).expand_as(out).clone()
+
+
+def _constant_prediction(task: Task, model: torch.nn.Module, device: str, bs: int,
+                         scan: int = 4096) -> tuple[float, str] | None:
+    """The validation metric of the best constant prediction, or None where it cannot be built (an
+    output that is not a tensor, targets of another shape, a forward that reaches into the model's
+    parts). Float targets of the output's shape: the training targets' mean (per output). Class
+    indices with (N, C) logits: the most common training class."""
+    try:
+        sums: torch.Tensor | None = None
+        counts: dict[int, int] = {}
+        n = 0
+        for batch in task.train_source.ordered(min(bs, scan), scan):
+            y = task.targets_of(batch)
+            if y.is_floating_point():
+                flat = y.reshape(y.shape[0], -1).double()
+                sums = flat.sum(0) if sums is None else sums + flat.sum(0)
+                n += y.shape[0]
+            else:
+                for v, c in zip(*torch.unique(y[y != -100], return_counts=True)):
+                    counts[int(v)] = counts.get(int(v), 0) + int(c)
+        first = move_to_device(next(iter(task.val_source.ordered(bs, bs))), device)
+        with torch.no_grad():
+            out = task.forward_batch(model.eval(), first)
+        if not isinstance(out, torch.Tensor):
+            return None
+        y = task.targets_of(first)
+        if sums is not None and n and out.numel() == y.numel() and out.shape[0] == y.shape[0]:
+            row = (sums / n).to(out.dtype).reshape(1, *out.shape[1:]).to(out.device)
+            what = "a constant prediction of the training targets' mean"
+        elif counts and out.dim() == 2 and out.shape[0] == y.shape[0] and y.dim() == 1:
+            # the class frequencies' logarithms: the best constant under cross-entropy, and the most
+            # common class under arg-max
+            freq = torch.full((out.shape[1],), 1e-6, dtype=torch.float64)
+            for c, k in counts.items():
+                if 0 <= c < out.shape[1]:
+                    freq[c] += k
+            row = (freq / freq.sum()).log().to(out.dtype).reshape(1, -1).to(out.device)
+            what = "a constant prediction of the training classes' frequencies"
+        else:
+            return None
+        _, value = evaluate(_Constant(model, row), task.val_source, task, device=device, batch_size=bs)
+        return float(value), what
+    except Exception:  # noqa: BLE001 - no constant baseline for this task; the others stand
+        return None
 
 
 def _majority_rate(task: Task, model: torch.nn.Module, device: str) -> float | None:

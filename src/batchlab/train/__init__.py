@@ -1,7 +1,7 @@
 """Training: ``fit(task, TrainConfig) -> RunResult``, optimizers, LR rules and schedules."""
 
 from batchlab.train.config import OPTIMIZERS, SCALE_RULES, SCHEDULES, RunResult, TrainConfig, last_error_line
-from batchlab.train.loop import Callback, StepContext, evaluate, fit, iterate_batches
+from batchlab.train.loop import Callback, StepContext, eval_batch_size, evaluate, fit, iterate_batches
 from batchlab.train.oom import is_oom
 from batchlab.train.optim import (
     LR_RULES,
@@ -19,6 +19,6 @@ from batchlab.train.optim import (
 
 __all__ = [
     "OPTIMIZERS", "SCALE_RULES", "SCHEDULES", "LR_RULES", "RunResult", "TrainConfig", "Callback", "StepContext",
-    "evaluate", "fit", "iterate_batches", "is_oom", "default_hparam_rule", "default_lr_rule", "lr_factor",
+    "eval_batch_size", "evaluate", "fit", "iterate_batches", "is_oom", "default_hparam_rule", "default_lr_rule", "lr_factor",
     "make_optimizer", "optimizer_hparams", "group_hparams", "scale_hparams", "scale_group_hparams", "scale_lr", "set_hparams", "last_error_line",
 ]

@@ -466,12 +466,7 @@ def _fit(
     eval_idx = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 1))[:eval_n] if train_src.indexable else None
     if eval_idx is not None:
         train_eval_src: Source = _IndexedSubset(train_src, eval_idx)
-    eval_bs = 1024 if isinstance(train_src, ArraySource) else cfg.batch_size * cfg.accumulation
-    if task.batch_metric is not None and not is_pooled_metric(task.batch_metric) and not isinstance(train_src, ArraySource):
-        # a per-batch callable metric (F1, balanced accuracy) depends on the chunks it is averaged
-        # over: every run of the task is scored on chunks of the task's own batch size, so runs at
-        # different batch sizes compare on one scale
-        eval_bs = task.batch_size
+    eval_bs = eval_batch_size(task, cfg.batch_size * cfg.accumulation)
 
     total_examples = None
     if cfg.max_steps is None:
@@ -676,6 +671,18 @@ class _Diverged(Exception):
     def __init__(self, loss: float) -> None:
         super().__init__(f"loss {loss}")
         self.loss = loss
+
+
+def eval_batch_size(task: Task, train_batch: int) -> int:
+    """The batch a run of ``task`` evaluates with: 1024 for in-memory arrays; a DataLoader's data at
+    the run's own training batch (known to fit), except with a per-batch callable metric (F1,
+    balanced accuracy), which depends on the chunks it is averaged over: then the task's own batch
+    size for every run, so runs at different batch sizes (and the untrained baseline) compare on one scale."""
+    if isinstance(task.train_source, ArraySource):
+        return 1024
+    if task.batch_metric is not None and not is_pooled_metric(task.batch_metric):
+        return task.batch_size
+    return train_batch
 
 
 def _clip_and_step(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any,

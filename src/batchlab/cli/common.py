@@ -158,8 +158,12 @@ def claim_out(out: Path, args: argparse.Namespace, keys: Sequence[str] | None = 
     elif _holds_results(out):
         legacy = "reproduce" if any(out.glob("*/outcome.json")) else None
         legacy = legacy or next((cmd for f, cmd in _RESULT_FILES if (out / f).exists()), "batchlab")
-        raise CliError(f"--out {out} holds results (of `batchlab {legacy}`) but no {_OWNER_FILE} saying which settings "
-                       "they were made with; results are never overwritten: choose another folder")
+        if not (legacy == "reproduce" == args.command):
+            raise CliError(f"--out {out} holds results (of `batchlab {legacy}`) but no {_OWNER_FILE} saying which "
+                           "settings they were made with; results are never overwritten: choose another folder")
+        # reproduce() called from Python writes no owner file; its trials are stored under keys of their
+        # own settings, and each claim's outcome is rebuilt from them, so the command may go on there
+        owner = {"command": "reproduce", "settings": None}
     if owner is not None:
         if owner.get("command") != args.command:
             raise CliError(f"--out {out} holds the results of `batchlab {owner.get('command')}`; results are never "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -108,6 +109,46 @@ def test_noise_scale_from_micro_batches_before_clipping(tmp_path) -> None:
         assert point.tr_sigma == pytest.approx(trs, rel=1e-4), f"step {s}: tr(Sigma) {point.tr_sigma} vs {trs}"
     logged = [row["b_simple"] for row in trainer.state.log_history if "b_simple" in row]
     assert logged == pytest.approx([p.b_simple for p in cb.tracker.history], nan_ok=True)
+
+
+def test_noise_scale_of_a_padded_causal_lm_normalizing_by_num_items_in_batch(tmp_path) -> None:
+    # the model divides each micro-batch's token-loss sum by the window's token count, so a
+    # micro-batch contributes (its tokens / total) x its per-token gradient; the callback took the
+    # contributions for equal shares (B_simple 1.97 where the same gradients give 1.54)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    k, steps = 2, 3
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+    def lm_collate(features):  # type: ignore[no-untyped-def]
+        batch = pad_collate([{"input_ids": f["input_ids"], "label": 0} for f in features])
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
+
+    cb = GradientNoiseScaleCallback(beta=0.5)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=MICRO, gradient_accumulation_steps=k,
+        max_steps=steps, learning_rate=0.0, weight_decay=0.0, report_to=[], use_cpu=True, logging_steps=1,
+        save_strategy="no", disable_tqdm=True, seed=0, dataloader_drop_last=True)
+    trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": t["input_ids"]} for t in Tokens(96, 1)],
+                      data_collator=lm_collate, callbacks=[cb])
+    rec = _Record(trainer.model)
+    trainer.train()
+    assert cb.tracker.updates == steps
+    ref = copy.deepcopy(trainer.model).train()
+    unequal = 0
+    for s, point in enumerate(cb.tracker.history):
+        batches = rec.batches[s * k:(s + 1) * k]
+        micro = [_flat_grad(ref, b) for b in batches]  # each micro-batch's per-token mean gradient
+        tokens = [float((b["labels"][:, 1:] != -100).sum()) for b in batches]
+        unequal += tokens[0] != tokens[1]  # padded: the shares differ
+        small = float(torch.stack([m.square().sum() for m in micro]).mean())
+        big = float((sum(t * m for t, m in zip(tokens, micro)) / sum(tokens)).square().sum())
+        g2, trs = unbiased_norms(small, big, MICRO, MICRO * k)
+        assert point.g2 == pytest.approx(g2, rel=1e-3) and point.tr_sigma == pytest.approx(trs, rel=1e-3)
+    assert unequal >= 1
 
 
 def test_noise_scale_by_splitting_without_accumulation(tmp_path) -> None:

@@ -14,7 +14,9 @@ one-call batch-size / learning-rate suggestion for a Trainer.
   the model's loss tensor, so contributions are turned back into micro-batch gradients and the
   accumulated ``.grad`` into the window's mean. Windows whose micro-batches differ in size, number
   or weight (the tail of an epoch) are skipped. A model that normalizes by ``num_items_in_batch``
-  gives gradients that are a common multiple of the true ones: B_simple (a ratio) is unchanged.
+  (the window's counted labels) weights each micro-batch by its own count over that total: the
+  counts are read from each micro-batch's labels (after a causal LM's shift), so padded
+  micro-batches with different numbers of tokens give each one's own per-token gradient.
 - with ``k = 1``: by splitting the batch. On every ``every``-th step, before the optimizer steps,
   the callback takes the step's inputs (captured by a forward pre-hook), runs the two halves
   through the model again (one extra forward and backward, ``torch.autograd.grad``: ``.grad`` is
@@ -55,7 +57,7 @@ from batchlab.batchsize.noise import GradientNoiseScale
 from batchlab.data.sources import batch_size_of
 from batchlab.integrations._split import rows, split_sqnorms
 from batchlab.tasks import Task
-from batchlab.tasks.task import carried_loss
+from batchlab.tasks.task import carried_loss, shifts_labels
 
 __all__ = ["GradientNoiseScaleCallback", "TrainerSuggestion", "suggest_for_trainer", "task_from_trainer"]
 
@@ -107,6 +109,11 @@ class GradientNoiseScaleCallback(TrainerCallback):
     def _reset_window(self) -> None:
         self._micro = 0
         self._weights: list[float] = []
+        # a model normalizing by the Trainer's num_items_in_batch: each micro-batch's counted labels
+        # (all, and after a causal LM's shift), the window's total, and whether the model shifts
+        self._label_counts: list[tuple[int, int]] = []
+        self._items: float | None = None
+        self._shift = False
         self._sizes: list[int] = []
         self._small: list[float] = []
         self._total: list[float] = []
@@ -122,6 +129,10 @@ class GradientNoiseScaleCallback(TrainerCallback):
             n = 0
         if self.mode == "accumulation":
             self._sizes.append(n)
+            labels, items = kwargs.get("labels"), kwargs.get("num_items_in_batch")
+            if isinstance(labels, torch.Tensor) and items is not None and labels.dim() >= 1:
+                self._items = float(items)
+                self._label_counts.append((int((labels != -100).sum()), int((labels[..., 1:] != -100).sum())))
         else:
             self._inputs = (args, kwargs)
 
@@ -130,6 +141,7 @@ class GradientNoiseScaleCallback(TrainerCallback):
         micro-batch (1/k when it divides the loss by the accumulation steps, else 1)."""
         if not (module.training and torch.is_grad_enabled()) or self._measuring or not self._measure_now:
             return
+        self._shift = shifts_labels(out)
         loss = _loss_of(out)
         if loss is not None and loss.requires_grad:
             loss.register_hook(self._loss_grad)
@@ -191,13 +203,19 @@ class GradientNoiseScaleCallback(TrainerCallback):
         k, sizes = self._k, self._sizes
         if self._micro + 1 != k or len(self._small) != k or len(sizes) != k or len(set(sizes)) != 1 or sizes[0] < 1:
             return  # a short window (the end of an epoch): its mean is not a k * b batch gradient
-        # each micro-batch contributed w * (its gradient); w from the loss hook (1/k without it)
+        # each micro-batch contributed w * (its gradient); w from the loss hook (1/k without it), or, for
+        # a model that normalizes by num_items_in_batch, its counted labels over the window's total
+        # (padded micro-batches hold different numbers of tokens)
         weights = self._weights if len(self._weights) == k else [1.0 / k] * k
-        w = weights[0]
-        if not w > 0 or any(abs(x - w) > 1e-6 * w for x in weights):
-            return  # unequal weights: the accumulated gradient is not the window's plain mean
-        small = sum(self._small) / k / (w * w)
-        big = self._total[-1] / (w * k) ** 2  # the accumulated gradient before clipping / (w k): the mean
+        if self._items and len(self._label_counts) == k:
+            counts = [c[1] if self._shift else c[0] for c in self._label_counts]
+            weights = [w * c / self._items for w, c in zip(weights, counts)]
+        elif any(abs(x - weights[0]) > 1e-6 * abs(weights[0]) for x in weights):
+            return  # unequal weights of unknown origin: the accumulated gradient is not the window's mean
+        if not all(w > 0 for w in weights):
+            return
+        small = sum(s / (w * w) for s, w in zip(self._small, weights)) / k  # each micro-batch's own gradient
+        big = self._total[-1] / sum(weights) ** 2  # the accumulated gradient before clipping, as a weighted mean
         self.tracker.update(small, big, sizes[0], sizes[0] * k, step=state.global_step)
         self._prev = {}
 

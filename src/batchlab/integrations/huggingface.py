@@ -130,7 +130,9 @@ class GradientNoiseScaleCallback(TrainerCallback):
         if self.mode == "accumulation":
             self._sizes.append(n)
             labels, items = kwargs.get("labels"), kwargs.get("num_items_in_batch")
-            if isinstance(labels, torch.Tensor) and items is not None and labels.dim() >= 1:
+            # per-token labels: the models whose losses divide by num_items_in_batch (causal and masked LMs,
+            # token classification); a sequence classifier takes the argument and keeps its own mean
+            if isinstance(labels, torch.Tensor) and items is not None and labels.dim() >= 2:
                 self._items = float(items)
                 self._label_counts.append((int((labels != -100).sum()), int((labels[..., 1:] != -100).sum())))
         else:

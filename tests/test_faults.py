@@ -455,7 +455,7 @@ def test_a_store_that_is_not_a_database_is_one_line(cli, tmp_path):
     (out / "batchlab.db").write_bytes(b"garbage" * 1000)
     r = cli("reproduce", "--only", "C01", "--out", str(out), "--quick", "--quiet")
     line = one_error_line(r, "reproduce")
-    assert f"cannot open results store {out / 'batchlab.db'}: file is not a database" in line
+    assert f"results store {out / 'batchlab.db'} is damaged (file is not a database)" in line
 
 
 # ------------------------------------------------------------------------------------ hangs and silent misconfiguration

@@ -49,6 +49,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         # an exception of the model mid-run is the run's outcome ("failed", its traceback and history kept
         # in the result), not a usage error: the task itself was checked before training
         result = fit(task, config, progress=not args.quiet, raise_errors=False)
+        if result.status == "failed" and not result.failed_step:
+            # the very first step failed: the task cannot run as given (a batch of one through BatchNorm,
+            # a shape the model rejects): a usage error, one line, nothing trained that could be lost
+            from batchlab.train import last_error_line
+
+            raise CliError(f"task {task.name!r}: training failed at step 0 (batch {config.batch_size}): "
+                           f"{last_error_line(result.error)}")
     summary = {k: v for k, v in result.to_dict().items() if k != "history"}
     if path is not None:
         try:

@@ -216,3 +216,26 @@ def test_a_failed_suggestion_still_writes_its_report(tmp_path) -> None:
     assert s.search.trials and all(t["status"] != "ok" for t in s.search.trials)
     page = write_suggestion_report(s, tmp_path).read_text()
     assert "diverged" in page
+
+
+def test_throughput_times_a_padded_batch_of_typical_length() -> None:
+    # one random batch per size: a small batch padded to 28 tokens where 34 is typical looked faster
+    from batchlab.batchsize.throughput import _elements, _representative_batch
+
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(1, 9, (int(n),), generator=g) for n in torch.randint(2, 40, (200,), generator=g)]
+
+    def pad(items):  # type: ignore[no-untyped-def]
+        t = max(len(s) for s in items)
+        x = torch.zeros(len(items), t, dtype=torch.long)
+        for i, s in enumerate(items):
+            x[i, : len(s)] = s
+        return x, torch.zeros(len(items), dtype=torch.long)
+
+    from batchlab import Task
+
+    task = Task.from_torch("padded", lambda: torch.nn.Embedding(9, 2), seqs, seqs, collate_fn=pad, forward=lambda m, b: m(b[0]).mean(1))
+    sizes = sorted(_elements(task.sample_batch(4, seed=s)) for s in range(5))
+    assert _elements(_representative_batch(task, 4, torch.device("cpu"))) == sizes[2]  # the median of the 5
+    fixed = make_toy_task(n_train=64)
+    assert torch.equal(_representative_batch(fixed, 8, torch.device("cpu"))[0], fixed.sample_batch(8, seed=0)[0])

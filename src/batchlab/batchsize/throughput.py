@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -214,6 +214,31 @@ def throughput(
                            model, progress)
 
 
+def _elements(batch: Any) -> int:
+    """Tensor elements in a batch (a padded batch's size: its examples times its longest one)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.numel()
+    if isinstance(batch, Mapping):
+        return sum(_elements(v) for v in batch.values())
+    if isinstance(batch, (tuple, list)):
+        return sum(_elements(v) for v in batch)
+    return 0
+
+
+def _representative_batch(task: Task, b: int, dev: torch.device, tries: int = 5) -> Any:
+    """The batch of ``b`` examples a size is timed on. Examples of one shape: the first sample. Of
+    varying length (a collate that pads to the longest): one random batch may be padded far less or
+    more than is typical at that size, so of ``tries`` samples the one whose padded size is the
+    median is taken (the step time is then the minimum over repeats of that one batch)."""
+    first = task.sample_batch(b, seed=0, device=dev)
+    second = task.sample_batch(b, seed=1, device=dev)
+    if _elements(first) == _elements(second):
+        return first
+    samples = [first, second] + [task.sample_batch(b, seed=s, device=dev) for s in range(2, tries)]
+    samples.sort(key=_elements)
+    return samples[len(samples) // 2]
+
+
 def _throughput(task: Task, sizes: list[int], dev: torch.device, warmup: int, repeats: int, max_repeats: int,
                 min_time: float, time_limit: float, allowance: int, norm: str | None, model: torch.nn.Module | None,
                 progress: bool) -> ThroughputResult:
@@ -221,7 +246,7 @@ def _throughput(task: Task, sizes: list[int], dev: torch.device, warmup: int, re
     task.check(dev)
     model = (model if model is not None else task.make_model(norm=norm)).to(dev)
     optimizer = task.build_optimizer(model, task.lr)
-    batches = {b: task.sample_batch(b, seed=0, device=dev) for b in sizes}
+    batches = {b: _representative_batch(task, b, dev) for b in sizes}
     times: dict[int, list[float]] = {b: [] for b in sizes}
     failed: set[int] = set()
     errors: dict[int, str] = {}

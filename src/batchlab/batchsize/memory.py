@@ -189,6 +189,8 @@ class MaxBatchResult:
         longest: how trial batches were made: ``scanned`` examples sized, the ``max`` and ``mean``
             bytes of one example and their ``ratio`` (1.0 for fixed-size data).
         world_size: ranks that agreed on every trial (1 without ``torch.distributed``).
+        examples_processed: examples pushed through the model by the trials (a CPU trial that reads
+            the resident peak runs its step twice).
     """
 
     batch_size: int | None
@@ -206,6 +208,7 @@ class MaxBatchResult:
     n_examples: int | None = None
     longest: dict[str, Any] = field(default_factory=dict)
     world_size: int = 1
+    examples_processed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -362,7 +365,8 @@ def _with_resident_peak(accounted: int, start_bytes: int, rss_delta: int | None)
 
 
 def cpu_step_bytes(task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any) -> int:
-    """One training step's memory on CPU: accounted, or the resident peak where clearly more."""
+    """One training step's memory on CPU: accounted, or the resident peak where clearly more (then
+    the step runs twice: see :func:`_steady_peak`)."""
     seen: set[int] = set()
     start = sum(_tensor_tree_bytes(t, seen) for t in [*model.parameters(), *model.buffers()])
     start += _tensor_tree_bytes(list(optimizer.state.values()), seen) + _tensor_tree_bytes(batch, seen)
@@ -660,9 +664,13 @@ def max_batch_size(
         else:
             budget = None
 
+        processed = [0]
+        runs_per_trial = 2 if dev.type == "cpu" and peak_rss_over(lambda: None)[1] is not None else 1
+
         def measure(b: int) -> float:
             """Bytes of one step at batch ``b``; raises on OOM."""
             batch = move_to_device(_trial_batch(source, order, b), dev)
+            processed[0] += b * runs_per_trial
             if mode == "train":
                 model.train()
             if dev.type == "cuda":
@@ -728,4 +736,5 @@ def max_batch_size(
         batch_size=best, device=str(dev), memory_limit=memory_limit, fixed_bytes=fixed, per_sample_bytes=slope,
         probes=[[b, m] for b, m in probes], tried=tried, predicted=predicted, capped_by=capped_by, mode=mode,
         margin=float(margin), budget_bytes=budget, n_examples=n, longest=longest_info, world_size=agree.world_size,
+        examples_processed=processed[0],
     )

@@ -388,7 +388,7 @@ def _memory(task: Task, device: str, memory_limit: int | None, rng: BatchRange,
     if mem.batch_size is None:
         raise ValueError(f"not even a batch of low={rng.low} fits in memory ({mem.memory_limit} bytes); lower low or "
                          "raise memory_limit")
-    used = int(sum(p[0] for p in mem.probes) + sum(t[0] for t in mem.tried))
+    used = int(mem.examples_processed)
     micro_max: int | None = mem.batch_size
     why = "training-set size" if mem.capped_by == "data" else mem.capped_by
     line = f"memory: the largest batch whose whole step fits is {mem.batch_size} ({why})"

@@ -315,6 +315,24 @@ def test_a_channel_every_coupled_bn_selected_is_removed_from_a_stage_of_two_bloc
     assert r.model(torch.randn(2, 3, 8, 8)).shape == (2, 4)
 
 
+def test_zero_initialized_residual_bns_do_not_use_up_the_budget() -> None:
+    # torchvision's zero_init_residual: every block's bn2 starts at gamma 0. Ranked channel by channel,
+    # their channels took the whole budget, the stem's BN (coupled through the sums, gammas ~1) did not
+    # select them, so they were kept: nothing at all was removed
+    torch.manual_seed(0)
+    m = _ResNetStage().eval()
+    with torch.no_grad():
+        for bn in (m.bn1, m.layer[0].bn1, m.layer[1].bn1):
+            bn.weight.uniform_(0.1, 1.5)
+        for block in m.layer:
+            block.bn2.weight.zero_()
+    r = slim(m, torch.randn(2, 3, 8, 8), prune=0.3)
+    assert r.removed_fraction == pytest.approx(0.3, abs=0.05)
+    assert r.model(torch.randn(2, 3, 8, 8)).shape == (2, 4)
+    # the coupled channels went together or not at all
+    assert r.channels_after["bn1"] == r.channels_after["layer.0.bn2"] == r.channels_after["layer.1.bn2"]
+
+
 def test_slim_keeps_frozen_parameters_frozen_and_l1_leaves_frozen_gammas_alone() -> None:
     torch.manual_seed(0)
     m = _ResNetStage().eval()

@@ -146,7 +146,8 @@ def _check_ratio(prune: Any) -> None:
 
 
 def select_channels(
-    gammas: Sequence[Tensor], prune: float, names: Sequence[str] | None = None
+    gammas: Sequence[Tensor], prune: float, names: Sequence[str] | None = None,
+    units: Sequence[Sequence[tuple[int, int]]] | None = None,
 ) -> tuple[list[Tensor], float, list[str]]:
     """Which channels to remove: the ``round(prune * total)`` smallest ``|gamma|`` over all layers.
 
@@ -155,10 +156,18 @@ def select_channels(
     one with the largest ``|gamma|`` (a layer with no channels cannot pass a signal); each such
     case adds a note and the total removed is then smaller than asked.
 
+    With ``units``, channels that can only go together (a residual sum's channel in every BN summed
+    there) are ranked as one: by their largest ``|gamma|`` (a channel is small only if it is small
+    in every BN it is coupled to), and taken whole, in that order, while they fit the count. Without
+    that, a zero-initialized residual BN's channels ranked first and used up the budget, and its
+    coupled BNs, which did not select them, kept them all: nothing was removed.
+
     Args:
         gammas: one 1-D tensor of scales per BN layer.
         prune: fraction of all channels to remove, in (0, 1).
         names: layer names for the notes (default: "layer <index>").
+        units: groups of ``(layer index, channel)`` removed together; channels in none are units of
+            their own. None: every channel on its own.
 
     Returns:
         ``(masks, threshold, notes)``: one boolean mask per layer (True = remove), the largest
@@ -167,22 +176,35 @@ def select_channels(
     _check_ratio(prune)
     if not gammas:
         raise ValueError("select_channels needs at least one BN layer's gammas, got none")
-    flat = torch.cat([g.detach().abs().flatten().double().cpu() for g in gammas])
-    k = int(round(prune * flat.numel()))
-    order = torch.sort(flat, stable=True).indices
-    remove = torch.zeros(flat.numel(), dtype=torch.bool)
-    remove[order[:k]] = True
-    threshold = float(flat[order[k - 1]]) if k > 0 else math.nan
-    masks, notes, start = [], [], 0
-    for i, g in enumerate(gammas):
+    absg = [g.detach().abs().flatten().double().cpu() for g in gammas]
+    total = sum(g.numel() for g in absg)
+    k = int(round(prune * total))
+    covered = {m for u in (units or ()) for m in u}
+    groups = [list(u) for u in (units or ()) if u] + [[(i, c)] for i, g in enumerate(absg)
+                                                      for c in range(g.numel()) if (i, c) not in covered]
+    groups.sort(key=lambda u: min(u))  # position order: the stable tie-break
+    scores = torch.tensor([max(float(absg[i][c]) for i, c in u) for u in groups], dtype=torch.float64)
+    remove = [torch.zeros(g.numel(), dtype=torch.bool) for g in absg]
+    taken, threshold = 0, math.nan
+    for j in torch.sort(scores, stable=True).indices.tolist():
+        if taken >= k:
+            break
+        if taken + len(groups[j]) > k:
+            continue  # a unit larger than what is left of the count; a smaller one may still fit
+        for i, c in groups[j]:
+            remove[i][c] = True
+        taken += len(groups[j])
+        threshold = float(scores[j])
+    masks, notes = [], []
+    for i, (g, m) in enumerate(zip(absg, remove)):
         n = g.numel()
-        m = remove[start : start + n].clone()
         if n and bool(m.all()):
-            keep = int(torch.argmax(flat[start : start + n]))
-            m[keep] = False
+            keep = int(torch.argmax(g))
+            unit = next((u for u in groups if (i, keep) in u), [(i, keep)])
+            for li, c in unit:  # the kept channel stays in every layer it is coupled to
+                remove[li][c] = False
             notes.append(f"{names[i] if names else f'layer {i}'} would lose all {n} channels at prune={prune:g}; kept 1 (the largest |gamma|)")
         masks.append(m)
-        start += n
     return masks, threshold, notes
 
 
@@ -283,13 +305,14 @@ def slim(
         out_shape = _shape(net(*_as_tuple(example_inputs)))
     layers = [(n, m) for n, m in bn_layers(net) if m not in set(ignored_layers)]
     before = {n: int(m.num_features) for n, m in bn_layers(net)}
-    masks, threshold, notes = select_channels([m.weight for _, m in layers], prune, [n for n, _ in layers])
-    pending = {m: mask for (_, m), mask in zip(layers, masks)}  # BN module -> remove-mask, kept current
-    name_of = {m: n for n, m in layers}
-
     dg = tp.DependencyGraph().build_dependency(
         net, example_inputs=example_inputs, ignored_layers=list(ignored_layers), verbose=False,
     )
+    masks, threshold, notes = select_channels([m.weight for _, m in layers], prune, [n for n, _ in layers],
+                                              units=_coupled_units(dg, layers))
+    pending = {m: mask for (_, m), mask in zip(layers, masks)}  # BN module -> remove-mask, kept current
+    name_of = {m: n for n, m in layers}
+
     frozen = {n for n, p in net.named_parameters() if not p.requires_grad}  # Torch-Pruning makes new Parameters
     for _, bn in layers:
         mask = pending[bn]
@@ -346,6 +369,35 @@ def slim(
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return SlimResult(net, float(prune), threshold, before, after, removed, notes)
+
+
+def _coupled_units(dg: Any, layers: Sequence[tuple[str, nn.Module]]) -> list[list[tuple[int, int]]]:
+    """Channels of different BN layers that Torch-Pruning's dependency graph couples one to one
+    (a residual sum: channel c of every BN summed there), as units for :func:`select_channels`."""
+    index = {m: i for i, (_, m) in enumerate(layers)}
+    parent: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def find(x: tuple[int, int]) -> tuple[int, int]:
+        while parent.get(x, x) != x:
+            x = parent[x]
+        return x
+
+    for i, (_, bn) in enumerate(layers):
+        n = int(bn.num_features)
+        handler = dg.get_pruner_of_module(bn).prune_out_channels
+        group = dg.get_pruning_group(bn, handler, idxs=list(range(n)))
+        for dep, tidxs in _group_items(group):
+            j = index.get(dep.target.module)
+            if j is None or j == i or not _is_out_fn(dg, dep.handler) or len(tidxs) != n:
+                continue
+            for c, t in zip(range(n), tidxs):
+                a, b = find((i, c)), find((j, t))
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+    units: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for x in parent:
+        units.setdefault(find(x), []).append(x)
+    return [sorted(set(u) | {root}) for root, u in units.items()]
 
 
 def _group_items(group: Any) -> list[tuple[Any, list[int]]]:

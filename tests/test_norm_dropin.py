@@ -4,6 +4,7 @@ fusion) on batchlab layers."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import subprocess
@@ -722,6 +723,24 @@ def test_renorm_and_caffe_second_derivatives_equal_torchs_batch_norm() -> None:
             g, = torch.autograd.grad(f(x).pow(3).sum(), x, create_graph=True)
             hess.append(torch.autograd.grad(g.sum(), x)[0])
         torch.testing.assert_close(hess[0], hess[1], rtol=1e-10, atol=1e-10)
+
+
+def test_freezing_a_batch_norm_without_bias_keeps_its_state_dict_keys() -> None:
+    # freeze_bn gave BatchNorm2d(8, bias=False) a "bias" key (strict loads failed both ways) and
+    # unfreeze a trainable bias it never had
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, bias=False))
+    net[1].running_mean.uniform_()
+    ref = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, bias=False))
+    frozen = N.freeze_bn(copy.deepcopy(net))
+    assert "1.bias" not in frozen.state_dict()
+    ref.load_state_dict(frozen.state_dict())
+    frozen.load_state_dict(net.state_dict())
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(frozen.eval()(x), net.eval()(x), rtol=0, atol=0)
+    back = N.unfreeze_bn(frozen)
+    assert back[1].bias is None and back[1].weight is not None
+    back.load_state_dict(net.state_dict())  # strict
 
 
 def test_torch_func_grad_through_batch_renorm_equals_torchs_batch_norm() -> None:

@@ -488,12 +488,15 @@ class FrozenBatchNorm(nn.Module):
         dims: spatial dimensions of the layer :meth:`unfreeze` returns (1, 2 or 3).
         affine: whether the layer :meth:`unfreeze` returns has a weight and bias (the frozen
             layer always applies its weight and bias buffers, ones and zeros without affine).
+        bias: with ``affine``, whether it has a bias (torch 2.13's keyword: a BatchNorm made with
+            ``bias=False`` has no bias in its state dict, and neither has its frozen copy).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, device: Any = None, dtype: torch.dtype | None = None, *,
-                 dims: int = 2, affine: bool = True) -> None:
+                 dims: int = 2, affine: bool = True, bias: bool = True) -> None:
         super().__init__()
         self.affine = bool(affine)
+        self.has_bias = bool(affine) and bool(bias)
         # requires_grad of the source layer's weight and bias, restored by unfreeze
         self.affine_requires_grad = (True, True)
         C.check_positive_int("num_features", num_features)
@@ -507,7 +510,7 @@ class FrozenBatchNorm(nn.Module):
         # without affine the weight and bias are not part of the state dict, as for a BatchNorm
         # with affine=False, so checkpoints load both ways
         self.register_buffer("weight", torch.ones(num_features, **fk), persistent=self.affine)
-        self.register_buffer("bias", torch.zeros(num_features, **fk), persistent=self.affine)
+        self.register_buffer("bias", torch.zeros(num_features, **fk), persistent=self.has_bias)
         self.register_buffer("running_mean", torch.zeros(num_features, **fk))
         self.register_buffer("running_var", torch.ones(num_features, **fk))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
@@ -533,7 +536,7 @@ class FrozenBatchNorm(nn.Module):
         rm = bn.running_mean
         w, b = getattr(bn, "weight", None), getattr(bn, "bias", None)
         out = cls(bn.num_features, bn.eps if eps is None else eps, device=rm.device, dtype=rm.dtype, dims=batchnorm_dims(bn),
-                  affine=w is not None)
+                  affine=w is not None, bias=b is not None)
         out.affine_requires_grad = (bool(getattr(w, "requires_grad", True)), bool(getattr(b, "requires_grad", True)))
         with torch.no_grad():
             out.running_mean.copy_(rm)
@@ -552,15 +555,17 @@ class FrozenBatchNorm(nn.Module):
         and bias as parameters with their ``requires_grad``; in this layer's train/eval mode."""
         ref = self.running_mean
         bn = _BN_BY_DIMS[self.dims](self.num_features, self.eps, momentum, affine=self.affine, device=ref.device,
-                                    dtype=ref.dtype)
+                                    dtype=ref.dtype, bias=self.has_bias or not self.affine)
         bn.load_state_dict(self.state_dict())
         if self.affine:
             bn.weight.requires_grad_(self.affine_requires_grad[0])
-            bn.bias.requires_grad_(self.affine_requires_grad[1])
+            if bn.bias is not None:
+                bn.bias.requires_grad_(self.affine_requires_grad[1])
         return bn.train(self.training)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}" + ("" if self.affine else ", affine=False")
+        return (f"{self.num_features}, eps={self.eps}" + ("" if self.affine else ", affine=False")
+                + (", bias=False" if self.affine and not self.has_bias else ""))
 
     def forward(self, x: Tensor) -> Tensor:
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)

@@ -794,3 +794,39 @@ def test_fold_bn_keeps_a_frozen_model_frozen() -> None:
     m.requires_grad_(False)
     folded = N.fold_bn(m)
     assert not any(p.requires_grad for p in folded.parameters())  # the new conv bias too, as torch's fuse does
+
+
+def test_bn_health_judges_a_norm_act_layers_own_activation_before_it() -> None:
+    # BatchNormAct2d(act_layer="relu") with bias -6: every output is 0, yet the layer was reported with
+    # activation None, rule "|y| > 3", 0% saturated (the hook saw the output after its ReLU)
+    import batchlab.norm as N
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), N.BatchNormAct2d(8, act_layer="relu"), nn.Conv2d(8, 4, 3))
+    with torch.no_grad():
+        m[1].bias.fill_(-6.0)
+    m.train()(torch.randn(16, 3, 10, 10))
+    layer = N.bn_health(m, torch.randn(16, 3, 10, 10)).layers[0]
+    assert layer.activation == "relu" and layer.saturated_fraction == pytest.approx(1.0)
+    assert any("saturated" in p for p in layer.problems)
+    sig = nn.Sequential(nn.Conv2d(3, 8, 3), N.BatchNormAct2d(8, act_layer="sigmoid"))
+    with torch.no_grad():
+        sig[1].bias.fill_(9.0)  # sigmoid's input |y| > 4 everywhere: judged before the activation
+    sig.train()(torch.randn(16, 3, 10, 10))
+    layer = N.bn_health(sig, torch.randn(16, 3, 10, 10)).layers[0]
+    assert layer.activation == "sigmoid" and layer.saturated_fraction == pytest.approx(1.0)
+
+
+def test_a_zero_initialized_bn_a_few_steps_into_training_has_no_dead_channels() -> None:
+    # layer2.0.bn2 of a zero-init ResNet after 8 steps: max |gamma| 0.0048, 44% at or below 1e-3;
+    # "7 dead channels" was reported
+    import batchlab.norm as N
+
+    m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16))
+    with torch.no_grad():
+        m[1].weight.copy_(torch.linspace(0.0, 0.0048, 16))
+    m.train()(torch.randn(8, 3, 6, 6))
+    assert N.bn_health(m, torch.randn(8, 3, 6, 6)).layers[0].dead_channels == []
+    with torch.no_grad():  # a trained layer with some channels gone is still flagged
+        m[1].weight.copy_(torch.cat([torch.zeros(3), torch.ones(13)]))
+    assert N.bn_health(m, torch.randn(8, 3, 6, 6)).layers[0].dead_channels == [0, 1, 2]

@@ -5,7 +5,8 @@ What is measured per layer (thresholds in :class:`HealthThresholds`):
 * dead channels: ``|gamma| <= dead_gamma`` (1e-3). Such a channel outputs ``beta`` whatever its
   input (Network Slimming prunes them on purpose; unplanned they waste capacity). A layer whose
   gammas are all exactly 0 is taken as zero-initialized (a residual block's last BN), not dead, and
-  so is one still near that early in training (every ``|gamma| <= 0.1``, most at or below ``dead_gamma``).
+  so is one still near that early in training (every ``|gamma| <= 0.1``, and most at or below
+  ``dead_gamma`` or every one within ``10 * dead_gamma``).
 * collapsed running variance: ``running_var <= collapsed_var`` (1e-6). In eval the channel is
   divided by about ``sqrt(eps)``, which amplifies any deviation from the running mean.
 * non-finite buffers/parameters: NaN or infinity in any of them (e.g. after an fp16 overflow).
@@ -42,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from batchlab.norm._graph import activation_after, direct_successors
+from batchlab.norm._graph import activation_after, activation_name, direct_successors
 from batchlab.norm.layers import CaffeBatchNorm, FrozenBatchNorm, is_batchnorm
 
 __all__ = ["BNHealth", "LayerHealth", "HealthThresholds", "bn_health", "format_bn_health"]
@@ -223,11 +224,13 @@ def bn_health(model: nn.Module, batch: Any, thresholds: HealthThresholds | None 
             c = int(getattr(m, "num_features", mean.numel() if mean is not None else 0))
             # every gamma exactly 0 is a deliberate zero init (the last BN of a residual block, as in
             # torchvision's zero_init_residual or timm's zero_init_last), not channels that died in
-            # training; so is a layer still near it early in training (every |gamma| <= 0.1, most
-            # at or below dead_gamma), where a layer that lost channels keeps its large gammas
+            # training; so is a layer still near it early in training (every |gamma| <= 0.1, and most
+            # at or below dead_gamma or all within 10x of it), where a layer that lost channels keeps
+            # its large gammas
             small = None if w is None else w.detach().abs() <= th.dead_gamma
+            top = 0.0 if w is None else float(w.detach().abs().max())
             if w is None or bool((w.detach() == 0).all()) or (
-                    float(w.detach().abs().max()) <= 0.1 and float(small.float().mean()) >= 0.5):
+                    top <= 0.1 and (float(small.float().mean()) >= 0.5 or top <= 10 * th.dead_gamma)):
                 dead = []
             else:
                 dead = torch.nonzero(small).flatten().tolist()
@@ -236,10 +239,16 @@ def bn_health(model: nn.Module, batch: Any, thresholds: HealthThresholds | None 
             if name == "":
                 nonfinite = [k for k, v in state.items() if "." not in k and v.is_floating_point() and not torch.isfinite(v).all()]
             act, act_mod = activation_after(model, succ, name)
+            own_act = getattr(m, "act", None)  # a norm+activation layer (BatchNormAct): its own activation,
+            if isinstance(own_act, nn.Module) and activation_name(own_act) is not None:  # judged on the norm's output
+                act, act_mod = activation_name(own_act), own_act
             gap: float | None = None
             rule, frac = _saturation(torch.zeros(0), act, act_mod, th)[0], None
             if name in captured:
                 xin, yout = captured[name]
+                if act_mod is own_act and mean is not None and var is not None:  # before the activation
+                    yout = F.batch_norm(xin.float(), mean.float(), var.float(), None if w is None else w.float(),
+                                        None if b is None else b.float(), False, 0.0, float(getattr(m, "eps", 1e-5)))
                 rule, sat = _saturation(yout.float(), act, act_mod, th)
                 frac = _finite_or_none(sat.float().mean().item()) if sat.numel() else None
                 n_per_channel = xin.numel() // max(xin.shape[1], 1) if xin.dim() >= 2 else 0

@@ -424,7 +424,7 @@ def test_norm_act_registered_and_folded_with_its_activation() -> None:
         assert type(layer) is cls and isinstance(layer.act, nn.SiLU)
     assert type(N.create_norm("layer_act", 8, dims=0)) is N.LayerNormAct
     assert type(N.create_norm("rms", 8, dims=0)) is N.RMSNorm
-    with pytest.raises(ValueError, match="norm 'rms' .* needs dims=0.*got dims=2"):
+    with pytest.raises(ValueError, match=r"norm 'rms' normalizes the trailing .* \(dims=0.* layer \(dims=2\)"):
         N.create_norm("rms", 8)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), N.BatchNormAct2d(4, act_layer="relu"))
     net(torch.randn(4, 3, 6, 6))

@@ -208,9 +208,11 @@ def fold_bn(model: nn.Module, example_input: object = None) -> nn.Module:
         new = copy.deepcopy(model)
     except RuntimeError as e:
         raise ValueError(
-            f"fold_bn works on a copy, and torch cannot copy this {type(model).__name__} ({e.args[0].split('.')[0]}); "
-            "a model using the deprecated torch.nn.utils.weight_norm cannot be copied after a forward pass: use "
-            "torch.nn.utils.parametrizations.weight_norm, or torch.nn.utils.remove_weight_norm first"
+            f"fold_bn works on a copy, and torch cannot copy this {type(model).__name__} ({e.args[0].split('.')[0]}): "
+            "it holds a tensor that is not a leaf of the autograd graph, as a model does that keeps an activation "
+            "of a training forward as an attribute (delete it, or run the forward under torch.no_grad()) or uses "
+            "the deprecated torch.nn.utils.weight_norm (use torch.nn.utils.parametrizations.weight_norm, or "
+            "remove_weight_norm first)"
         ) from e
     pairs, method = find_foldable_pairs(new)
     unchecked = [a for a, _ in pairs if isinstance(new.get_submodule(a), nn.Linear)] if example_input is None else []

@@ -118,7 +118,9 @@ def _layer_act(num_features: int, dims: int = 2, **kw: Any) -> nn.Module:
 
 def _rms(num_features: int, dims: int = 2, **kw: Any) -> nn.Module:
     if dims != 0:
-        raise ValueError(f"norm 'rms' normalizes the trailing (feature) dimension: it needs dims=0, (N, C) or (..., C) inputs, got dims={dims}")
+        raise ValueError(f"norm 'rms' normalizes the trailing (feature) dimension of a transformer's (..., C) "
+                         f"activations (dims=0, how convert_norm replaces an nn.LayerNorm); a batch norm's layer (dims="
+                         f"{dims}) is not one, even a BatchNorm1d on (N, C): use 'layer' or 'group' there")
     affine = kw.pop("affine", True)
     return L.RMSNorm(num_features, elementwise_affine=affine, **kw)
 

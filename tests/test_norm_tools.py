@@ -830,3 +830,23 @@ def test_a_zero_initialized_bn_a_few_steps_into_training_has_no_dead_channels() 
     with torch.no_grad():  # a trained layer with some channels gone is still flagged
         m[1].weight.copy_(torch.cat([torch.zeros(3), torch.ones(13)]))
     assert N.bn_health(m, torch.randn(8, 3, 6, 6)).layers[0].dead_channels == [0, 1, 2]
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_fold_bn_folds_a_transposed_convolution(groups: int) -> None:
+    # a U-Net's ConvTranspose2d + BN was left unfolded; its weight holds the output channels in dim 1
+    import batchlab.norm as N
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.ConvTranspose2d(4, 6, 3, stride=2, groups=groups, bias=groups == 1), nn.BatchNorm2d(6),
+                      nn.ReLU()).double()
+    with torch.no_grad():
+        m[1].running_mean.uniform_(-1, 1)
+        m[1].running_var.uniform_(0.5, 2)
+        m[1].weight.uniform_(0.5, 2)
+        m[1].bias.uniform_(-1, 1)
+    m.eval()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.double)
+    folded = N.fold_bn(m, example_input=x)
+    assert isinstance(folded[1], nn.Identity)
+    torch.testing.assert_close(folded(x), m(x), rtol=0, atol=1e-12)

@@ -20,7 +20,8 @@ from batchlab.norm.layers import CaffeBatchNorm, FrozenBatchNorm, is_batchnorm
 
 __all__ = ["fold_bn", "find_foldable_pairs", "bn_scale_shift"]
 
-_FOLDABLE_INTO = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_FOLDABLE_INTO = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                  nn.Linear)
 
 
 def bn_scale_shift(bn: nn.Module) -> tuple[Tensor, Tensor] | None:
@@ -87,8 +88,15 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 @torch.no_grad()
 def _fold_into(layer: nn.Module, scale: Tensor, shift: Tensor) -> None:
     w = layer.weight
-    shape = (-1,) + (1,) * (w.dim() - 1)
-    new_w = w.double() * scale.view(shape)
+    if isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        # weight (in, out / groups, *k): output channel g * (out / groups) + j is column j of group g's rows
+        groups = layer.groups
+        per = w.shape[1]
+        s = scale.view(groups, 1, per, *(1,) * (w.dim() - 2))
+        new_w = (w.double().view(groups, w.shape[0] // groups, per, *w.shape[2:]) * s).view(w.shape)
+    else:
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        new_w = w.double() * scale.view(shape)
     b = layer.bias.double() if layer.bias is not None else torch.zeros_like(scale)
     new_b = b * scale + shift
     w.copy_(new_w.to(w.dtype))

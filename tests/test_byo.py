@@ -139,6 +139,26 @@ def test_fingerprint_of_a_loss_object_is_the_same_in_another_process(tmp_path):
     assert runs[0].stdout == runs[1].stdout
 
 
+def test_fingerprint_of_a_task_whose_batches_are_a_class_of_the_users_own_is_the_same_in_another_process(tmp_path):
+    # the data digest took such a batch's repr, whose address differs in every process: a rerun or a
+    # resume of an unchanged task was refused as "another version of task"
+    (tmp_path / "objtask.py").write_text(
+        "import torch\nfrom batchlab import Task\n"
+        "class Batch:\n"
+        "    def __init__(self, x, y):\n        self.x, self.y = x, y\n"
+        "    def to(self, device):\n        return Batch(self.x.to(device), self.y.to(device))\n"
+        "    def __len__(self):\n        return len(self.y)\n"
+        "def collate(items):\n    return Batch(torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items]))\n"
+        "def make_task():\n    g = torch.Generator().manual_seed(0)\n"
+        "    data = [(torch.randn(4, generator=g), i % 2) for i in range(32)]\n"
+        "    return Task.from_torch('objbatch', lambda: torch.nn.Linear(4, 2), data, data, collate_fn=collate,\n"
+        "        forward=lambda m, b: m(b.x), loss=lambda o, b: torch.nn.functional.cross_entropy(o, b.y), metric='loss')\n")
+    code = f"import sys, json; sys.path.insert(0, {str(tmp_path)!r}); import objtask; print(json.dumps(objtask.make_task().fingerprint()))"
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120) for _ in range(2)]
+    assert runs[0].returncode == 0, runs[0].stderr
+    assert runs[0].stdout == runs[1].stdout
+
+
 def test_norm_swap_on_a_plain_model_goes_through_convert_norm():
     task = small_task("cifar_resnet")
     model = task.make_model(norm="group")

@@ -720,8 +720,10 @@ def _digest_value(h: Any, v: Any) -> None:
         h.update(f"seq{len(v)}".encode())
         for x in v:
             _digest_value(h, x)
-    else:
+    elif isinstance(v, _PLAIN):
         h.update(repr(v).encode()[:4096])
+    else:  # an object of the user's own (a batch class): by its content, never its repr's address
+        _digest_state(h, v, 0)
 
 
 def _data_digest(source: Source, k: int = 16) -> dict[str, Any]:

@@ -366,3 +366,15 @@ def test_a_pooled_metric_that_needs_both_classes_passes_the_check_on_a_sorted_va
     task.check()
     r = fit(task, TrainConfig(batch_size=8, max_steps=2, eval_every=0))
     assert r.status == "ok" and math.isfinite(r.final["val_metric"])
+
+    class Typo(MeanScoreGap):
+        def compute(self) -> float:
+            return float(self.vv)  # type: ignore[attr-defined]  # a bug: fails on any data
+
+    from batchlab.tasks import TaskError
+
+    broken = Task.from_torch(name="typo", model=lambda: torch.nn.Linear(4, 2), train=data, val=data, metric=Typo(),
+                             higher_is_better=True)
+    with pytest.raises(TaskError, match=r"the metric 'score_gap' failed on 64 validation examples spread over the set: "
+                                        r"compute\(\) raised AttributeError"):
+        broken.check()  # refused before any trial, not after every run of a search failed

@@ -262,8 +262,15 @@ def cmd_critical_batch(args: argparse.Namespace) -> int:
                 raise CliError(f"--out {out} already holds a critical_batch.json that cannot be read ({e}); it is never "
                                "overwritten: choose another folder") from e
             print(done.table())
+            for note in done.notes:
+                print(f"note: {note}")
             print(f"--out {out} already holds this measurement (critical_batch.json, same settings); it is never "
                   "overwritten: nothing was run")
+            undefined = [p.examples for p in done.points if not p.defined]
+            if undefined:  # the same exit status as the run that made it
+                print(f"batchlab critical-batch: no critical batch at {', '.join(map(str, undefined))} examples: the "
+                      "base batch's branches failed there (see the notes)", file=sys.stderr)
+                return 1
             return 0
     n = task.size("train")  # None for an IterableDataset without a length: the budget must come in examples
     if args.budget is not None and args.budget_examples is not None:

@@ -157,13 +157,14 @@ def claim_out(out: Path, args: argparse.Namespace, keys: Sequence[str] | None = 
             owner = None  # nothing finished here: the folder is free
     elif _holds_results(out):
         legacy = "reproduce" if any(out.glob("*/outcome.json")) else None
-        legacy = legacy or next((cmd for f, cmd in _RESULT_FILES if (out / f).exists()), "batchlab")
+        legacy = legacy or next((cmd for f, cmd in _RESULT_FILES if (out / f).exists()), None)
         if (out / "batchlab.db").is_file():  # a damaged store is that, not results: say so
             from batchlab.store import Store
 
             Store(out / "batchlab.db", readonly=True).close()
         if not (legacy == "reproduce" == args.command):
-            raise CliError(f"--out {out} holds results (of `batchlab {legacy}`) but no {_OWNER_FILE} saying which "
+            whose = f"of `batchlab {legacy}`" if legacy else "a results store"
+            raise CliError(f"--out {out} holds results ({whose}) but no {_OWNER_FILE} saying which "
                            "settings they were made with; results are never overwritten: choose another folder")
         # reproduce() called from Python writes no owner file; its trials are stored under keys of their
         # own settings, and each claim's outcome is rebuilt from them, so the command may go on there

@@ -585,13 +585,35 @@ class Task:
             except TaskError:
                 raise
             except _PooledComputeError:
-                continue  # a pooled metric (AUC) may need more than this small batch (both classes): its
-                # update() ran; compute() is judged on the whole validation set
+                # a pooled metric (AUC) may need more than this small batch (both classes, as a class-sorted
+                # validation set's first rows are not): judged again on examples spread over the set
+                self._check_pooled_spread(model, source, device)
+                continue
             except Exception as e:  # noqa: BLE001
                 raise TaskError(f"task {name!r}: the metric {self.metric_name!r} failed on a {split} batch: "
                                 f"{type(e).__name__}: {e}") from e
             if not math.isfinite(value) and self.metric_name != "loss":
                 raise TaskError(f"task {name!r}: the metric {self.metric_name!r} returned {value!r}")
+
+    def _check_pooled_spread(self, model: nn.Module, source: Source, device: Any, k: int = 64) -> None:
+        """A pooled metric's ``compute()`` on ``k`` validation examples spread evenly over the set
+        (one batch); its error, if it still fails there, names the metric. A stream without a length
+        is left to the evaluation."""
+        try:
+            n = len(source)
+        except TypeError:
+            return
+        if not source.indexable or not n:
+            return
+        idx = torch.linspace(0, n - 1, min(k, n)).round().long().unique()
+        try:
+            batch = move_to_device(source.fetch(idx), device)
+            with torch.no_grad():
+                out = self.forward_batch(model.eval(), batch)
+            self._metric_value(out, batch, batch_size_of(batch))
+        except _PooledComputeError as e:
+            raise TaskError(f"task {self.name!r}: the metric {self.metric_name!r} failed on {len(idx)} validation "
+                            f"examples spread over the set: compute() raised {e.__cause__!r}") from e
 
     def _metric_value(self, out: Any, batch: Any, n: int) -> float:
         if self.batch_metric is not None:

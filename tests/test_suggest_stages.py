@@ -580,3 +580,19 @@ def test_the_baseline_of_a_regression_or_an_own_metric_is_the_best_constant_pred
     value, kind = _baseline(task, "cpu", 0)
     assert kind.startswith("a constant prediction of the training classes' frequencies")
     assert value == pytest.approx(float((labels[200:] == 1).float().mean()))
+
+    # a rank metric on a class-sorted validation set: equal scores ordered by position would make the
+    # constant a perfect ranker (AUC 1.0); ties are broken at random, so it scores about chance
+    def auc(out, b):  # type: ignore[no-untyped-def]
+        s, y = out[:, 1] - out[:, 0], b[1]
+        r = s.argsort().argsort().double() + 1
+        npos, nneg = int(y.sum()), int((1 - y).sum())
+        return float((r[y == 1].sum() - npos * (npos + 1) / 2) / (npos * nneg))
+
+    balanced = sorted(zip(x, (torch.arange(300) % 2)), key=lambda p: int(p[1]))
+    task = Task.from_torch("sorted-auc", lambda: torch.nn.Linear(5, 2), balanced, balanced, metric=auc,
+                           higher_is_better=True, batch_size=300)
+    from batchlab.batchsize.suggest import _constant_prediction, eval_batch_size
+
+    value, _ = _constant_prediction(task, torch.nn.Linear(5, 2), "cpu", eval_batch_size(task, 300))
+    assert 0.35 < value < 0.65

@@ -281,17 +281,22 @@ def _baseline(task: Task, device: str, seed: int) -> tuple[float, str]:
 
 class _Constant(torch.nn.Module):
     """The wrapped model's output (a tensor) replaced by one constant row: a trivial predictor that
-    the task's own forward, loss and metric score as they score the model."""
+    the task's own forward, loss and metric score as they score the model. A jitter of 1e-6 of the
+    row's scale (a fixed generator) breaks ties at random, as a rank metric (AUC) would otherwise
+    order equal scores by position and could call a constant perfect on a class-sorted set."""
 
     def __init__(self, inner: torch.nn.Module, row: torch.Tensor) -> None:
         super().__init__()
         self.inner, self.row = inner, row
+        self.gen = torch.Generator().manual_seed(0)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.inner(*args, **kwargs)
         if not isinstance(out, torch.Tensor):
             raise TypeError("a constant prediction needs a tensor output")
-        return self.row.to(out.dtype).expand_as(out).clone()
+        scale = 1e-6 * (float(self.row.abs().mean()) + 1e-3)
+        jitter = torch.randn(out.shape, generator=self.gen, dtype=torch.float64) * scale
+        return (self.row.double().expand_as(out) + jitter.to(out.device)).to(out.dtype)
 
 
 def _constant_prediction(task: Task, model: torch.nn.Module, device: str, bs: int,

@@ -213,7 +213,8 @@ def test_tuner_memory_mode_sets_batch_and_lr_and_restores_the_module(tmp_path: P
 
 
 def test_tuner_suggest_mode(tmp_path: Path) -> None:
-    tuner = BatchSizeTuner("suggest", store=tmp_path / "store")
+    # the Trainer stops after one step here (max_steps=1), which is also suggest's budget unless told otherwise
+    tuner = BatchSizeTuner("suggest", store=tmp_path / "store", suggest_kwargs={"budget_epochs": 20})
     module, dm, seen, _, trainer = _tune(tmp_path, tuner, n=256, steps=1, max_epochs=20)
     r = tuner.result
     s = r["measured"]
@@ -343,3 +344,59 @@ def test_tuner_memory_arguments_are_checked_when_it_is_made() -> None:
         BatchSizeTuner(margin=2)
     with pytest.raises(ValueError, match="memory_limit must be a positive number of bytes, got -5"):
         BatchSizeTuner(memory_limit=-5)
+
+
+class MomentumTiny(Tiny):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.5, weight_decay=0.05)
+
+
+class RMSTiny(Tiny):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.RMSprop(self.parameters(), lr=self.lr)
+
+
+def test_suggest_trials_train_with_the_modules_own_optimizer_and_its_budget(tmp_path: Path, monkeypatch) -> None:
+    # the trials built SGD(momentum 0.9, no decay) for SGD(momentum 0.5, decay 0.05), AdamW for RMSprop,
+    # and took one epoch as the budget of a Trainer stopping at max_steps
+    task = _task_suggest_gets(tmp_path, monkeypatch, module_cls=MomentumTiny, steps=12)
+    opt = task.build_optimizer(task.make_model(), 0.3)
+    g = opt.param_groups[0]
+    assert isinstance(opt, torch.optim.SGD) and g["momentum"] == 0.5 and g["weight_decay"] == 0.05 and g["lr"] == 0.3
+    assert task.epochs == pytest.approx(12 * 4 / 64)  # max_steps x batch / examples (the data module's batch 4)
+    with pytest.raises(ValueError, match="built RMSprop, whose batch-size scaling rule batchlab does not know"):
+        _tune(tmp_path, BatchSizeTuner("suggest"), n=64, module_cls=RMSTiny)
+
+
+def test_the_tuner_refuses_a_dataloader_given_to_fit(tmp_path: Path) -> None:
+    # its batch cannot change: the LR was scaled 4x for a batch the run never trained with
+    from torch.utils.data import DataLoader
+
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, callbacks=[BatchSizeTuner(memory_limit=2**40)])
+    module = Tiny(lr=0.1)
+    module.batch_size = 16
+    with pytest.raises(ValueError, match="the training DataLoader was passed to trainer.fit\\(\\) itself"):
+        trainer.fit(module, train_dataloaders=DataLoader(_data(64), batch_size=16))
+    assert module.lr == 0.1
+
+
+def test_suggest_mode_says_why_it_cannot_go_with_a_gradient_accumulation_scheduler(tmp_path: Path, monkeypatch) -> None:
+    import batchlab.batchsize as bs
+
+    class FakeSuggestion:
+        status, batch_size, micro_batch, accumulation, lr, rule, rationale = "ok", 16, 4, 4, 0.8, "linear", []
+
+        def to_dict(self):
+            return {"batch_size": 16}
+
+    monkeypatch.setattr(bs, "suggest", lambda *a, **k: FakeSuggestion())
+    with pytest.raises(ValueError, match="Lightning refuses that next to a GradientAccumulationScheduler"):
+        _tune_with(tmp_path, BatchSizeTuner("suggest"), pl.callbacks.GradientAccumulationScheduler({0: 1}))
+
+
+def _tune_with(tmp_path: Path, tuner: BatchSizeTuner, *extra: pl.Callback):  # type: ignore[no-untyped-def]
+    module, dm = Tiny(lr=0.1), TinyDM(64)
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False, callbacks=[tuner, *extra])
+    trainer.fit(module, datamodule=dm)

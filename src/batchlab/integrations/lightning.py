@@ -62,7 +62,6 @@ from batchlab.batchsize.noise import GradientNoiseScale
 from batchlab.batchsize.state import preserved_state
 from batchlab.integrations._split import rows, split_sqnorms
 from batchlab.tasks import Task
-from batchlab.train.optim import optimizer_name
 
 __all__ = ["BatchSizeTuner", "GradientNoiseScaleCallback", "default_batch_size", "task_from_lightning"]
 
@@ -311,6 +310,23 @@ def _reload_dataloaders(trainer: pl.Trainer) -> None:
         val_loop._combined_loader = None
 
 
+def _loader_given_to_fit(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    """Whether the training DataLoader was passed to ``trainer.fit`` itself (not built by a hook of the
+    DataModule or the module): its batch size is fixed, a tuner cannot change it."""
+    holders = [h for h in (trainer.datamodule, pl_module) if h is not None]
+    for h in holders:
+        fn = getattr(h, "train_dataloader", None)
+        if fn is None:
+            continue
+        try:
+            if fn() is not None:
+                return False
+        except (NotImplementedError, MisconfigurationException):
+            continue
+    source = getattr(trainer.fit_loop, "_data_source", None)
+    return source is not None and getattr(source, "instance", None) is not None and not source.is_module()
+
+
 def _loaders(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Any, Any]:
     """The training and validation DataLoaders of the DataModule, the module, or ``fit``'s arguments."""
     holders = [h for h in (trainer.datamodule, pl_module) if h is not None]
@@ -365,16 +381,43 @@ def task_from_lightning(trainer: pl.Trainer, pl_module: pl.LightningModule, *, b
     lr = _configured_lr(pl_module, optimizer)
     batch = int(lightning_getattr(pl_module, batch_arg_name)) if lightning_hasattr(pl_module, batch_arg_name) else 32
     # the optimizer's LR goes with the examples per optimizer step: the loader's batch times the
-    # Trainer's gradient accumulation (as the Hugging Face integration counts it)
-    batch *= max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
+    # Trainer's gradient accumulation times the processes (as the Hugging Face integration counts it)
+    batch *= max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1)) * max(1, int(trainer.world_size or 1))
+    epochs = float(trainer.max_epochs) if trainer.max_epochs and trainer.max_epochs > 0 else math.inf
+    try:
+        n = len(train_loader.dataset)
+    except TypeError:
+        n = None
+    if trainer.max_steps and trainer.max_steps > 0 and n:  # Lightning stops at whichever comes first
+        epochs = min(epochs, trainer.max_steps * batch / n)
+    attr = next((a for a in ("lr", "learning_rate") if lightning_hasattr(template, a)), None)
     task = Task.from_torch(
         name=name or type(pl_module).__name__, model=factory, train=train_loader.dataset,
         val=(val_loader if val_loader is not None else train_loader).dataset, forward=_lightning_forward,
-        loss=_lightning_loss, metric="loss", collate_fn=train_loader.collate_fn, optimizer=optimizer_name(optimizer) or "adamw",
-        lr=lr, batch_size=max(1, batch),
-        epochs=float(trainer.max_epochs) if trainer.max_epochs and trainer.max_epochs > 0 else 1.0,
+        loss=_lightning_loss, metric="loss", collate_fn=train_loader.collate_fn,
+        optimizer=_ConfiguredOptimizer(trainer, attr), lr=lr, batch_size=max(1, batch),
+        epochs=epochs if math.isfinite(epochs) else 1.0,
     )
     return task, model, optimizer
+
+
+class _ConfiguredOptimizer:
+    """``optimizer(model, lr)`` as the module configures it (``configure_optimizers`` with its LR
+    attribute set to ``lr``): the trials train with the user's optimizer, its momentum, betas and
+    weight decay, and refuse one whose batch-size rule batchlab does not know. Its LR scheduler is
+    left out (the trials run a constant LR); every group keeps its ratio to the first."""
+
+    def __init__(self, trainer: pl.Trainer, lr_attr: str | None) -> None:
+        self.trainer, self.lr_attr = trainer, lr_attr
+
+    def __call__(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+        if self.lr_attr is not None:
+            lightning_setattr(model, self.lr_attr, lr)
+        opt = _configured_optimizer(model, self.trainer)  # type: ignore[arg-type]
+        bases = [float(g.get("max_lr", g.get("initial_lr", g["lr"]))) for g in opt.param_groups]
+        for g, b in zip(opt.param_groups, bases):
+            g["lr"] = lr * (b / bases[0]) if bases[0] else lr
+        return opt
 
 
 class BatchSizeTuner(pl.Callback):
@@ -440,6 +483,11 @@ class BatchSizeTuner(pl.Callback):
         from batchlab.batchsize import max_batch_size, suggest
         from batchlab.train import default_lr_rule, scale_lr
 
+        if _loader_given_to_fit(trainer, pl_module):
+            raise ValueError("BatchSizeTuner: the training DataLoader was passed to trainer.fit() itself, so its batch "
+                             "size cannot be changed (nor the LR scaled to a batch it would not train with); build it "
+                             "in a LightningDataModule's or the module's train_dataloader() from the batch_size "
+                             "attribute, as Lightning's BatchSizeFinder asks too")
         task, model, optimizer = task_from_lightning(trainer, pl_module, batch_arg_name=self.batch_arg_name)
         old_batch = int(lightning_getattr(pl_module, self.batch_arg_name))
         lr_attr = self._lr_attr(pl_module)
@@ -477,6 +525,11 @@ class BatchSizeTuner(pl.Callback):
                                    f"'suggest', suggest_kwargs={{'cost_budget': N}}), in examples; the default is "
                                    f"one full training run, {task.epochs:g} epoch(s) of the Trainer)")
             batch, lr, accumulation = int(s.micro_batch), float(s.lr), int(s.accumulation)
+            world = max(1, int(trainer.world_size or 1))
+            if world > 1:  # the task's batch counts every process: each rank's loader takes its share
+                step = batch * accumulation
+                batch = max(1, batch // world)
+                lr = scale_lr(lr, step, batch * world * accumulation, s.rule)
             if self.max_batch is not None and batch > self.max_batch:
                 # a smaller loader batch, more accumulation: the step's examples (and so the LR) as
                 # close to the recommendation as whole micro-batches allow, the LR rescaled to them
@@ -484,6 +537,11 @@ class BatchSizeTuner(pl.Callback):
                 batch = self.max_batch
                 accumulation = max(1, round(step / batch))
                 lr = scale_lr(lr, step, batch * accumulation, s.rule)
+            if accumulation != int(trainer.accumulate_grad_batches) and any(
+                    isinstance(cb, pl.callbacks.GradientAccumulationScheduler) for cb in trainer.callbacks):
+                raise ValueError(f"BatchSizeTuner('suggest') recommends {accumulation} accumulated batches, which it sets "
+                                 "as accumulate_grad_batches, and Lightning refuses that next to a "
+                                 "GradientAccumulationScheduler: remove the scheduler, or use mode='memory' with it")
             measured = s.to_dict()
         lightning_setattr(pl_module, self.batch_arg_name, batch)
         _reload_dataloaders(trainer)  # the loaders Lightning built have the old batch

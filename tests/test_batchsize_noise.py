@@ -158,3 +158,27 @@ def test_noise_scale_until_stable_stops_early_and_says_so(toy_task) -> None:
     assert strict.stable is False and strict.steps == 30
     with pytest.raises(ValueError, match="until_stable must be None or a positive relative tolerance, got -1"):
         noise_scale(toy_task, steps=5, micro_batch=4, until_stable=-1)
+
+
+def test_a_resumed_tracker_equals_an_uninterrupted_one() -> None:
+    # a hand-written loop resumed from a checkpoint: the tracker started again (B_simple 799.5 after
+    # 40 updates against 715.7 after 60); state_dict / load_state_dict carry it over
+    import json
+
+    from batchlab.batchsize import GradientNoiseScale
+
+    g = torch.Generator().manual_seed(0)
+    pairs = [(float(torch.rand(1, generator=g)) * 4 + 1, float(torch.rand(1, generator=g)) + 0.5) for _ in range(60)]
+    whole = GradientNoiseScale(beta=0.9)
+    for small, big in pairs:
+        whole.update(small, big, 8, 32)
+    first = GradientNoiseScale(beta=0.9)
+    for small, big in pairs[:20]:
+        first.update(small, big, 8, 32)
+    resumed = GradientNoiseScale(beta=0.9)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    for small, big in pairs[20:]:
+        resumed.update(small, big, 8, 32)
+    assert resumed.b_simple == whole.b_simple and resumed.updates == 60 and len(resumed.history) == 60
+    with pytest.raises(ValueError, match="beta=0.9, this one 0.5"):
+        GradientNoiseScale(beta=0.5).load_state_dict(first.state_dict())

@@ -21,7 +21,7 @@ Cheap sources of the two sizes, needing no extra forward/backward pass:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -88,7 +88,8 @@ class GradientNoiseScale(Callback):
     The current value is logged as ``b_simple`` into the training history.
 
     By hand, in any loop: ``gns.update(small_sqnorm, big_sqnorm, b_small, b_big)`` or
-    ``gns.update_from_ranks(rank_sqnorms, allreduced_sqnorm, per_rank_batch)``.
+    ``gns.update_from_ranks(rank_sqnorms, allreduced_sqnorm, per_rank_batch)``; save
+    ``gns.state_dict()`` with a checkpoint and ``load_state_dict`` it to resume.
 
     Args:
         beta: EMA factor of both accumulators (0.99 in the paper; smaller for short runs).
@@ -156,6 +157,23 @@ class GradientNoiseScale(Callback):
             "beta": self.beta, "every": self.every, "ema_g2": self.ema_g2, "ema_tr_sigma": self.ema_tr_sigma,
             "updates": self.updates, "b_simple": self.b_simple, "history": [asdict(p) for p in self.history],
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The EMAs, the update count and the history (plain data), to save with a checkpoint."""
+        return {"beta": self.beta, "every": self.every, "ema_g2": self.ema_g2, "ema_tr_sigma": self.ema_tr_sigma,
+                "updates": self.updates, "history": [asdict(p) for p in self.history]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Go on from :meth:`state_dict`: a resumed run's B_simple equals an uninterrupted one's. The
+        tracker's own settings must match (another ``beta`` or ``every`` is refused, naming it)."""
+        if not isinstance(state, Mapping) or not {"ema_g2", "ema_tr_sigma", "updates"} <= set(state):
+            raise ValueError(f"state must be a mapping from GradientNoiseScale.state_dict(), got {state!r}")
+        for key in ("beta", "every"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f"the checkpoint's tracker has {key}={state[key]!r}, this one {getattr(self, key)!r}")
+        self.ema_g2, self.ema_tr_sigma = float(state["ema_g2"]), float(state["ema_tr_sigma"])
+        self.updates = int(state["updates"])
+        self.history = [NoisePoint(**p) for p in state.get("history", [])]
 
     # ------------------------------------------------------------------ callback
     def on_train_begin(self, ctx: StepContext) -> None:

@@ -269,16 +269,23 @@ def test_tuner_counts_accumulation_in_the_batch_the_lr_goes_with(tmp_path: Path,
     assert free.result["batch_size"] == 50 and free.result["accumulation"] == 2
 
 
-def test_tuner_suggest_mode_capped_by_max_batch_keeps_the_step_and_rescales_the_lr(tmp_path: Path, monkeypatch) -> None:
+def _fake_suggest(monkeypatch, micro: int, accumulation: int, lr: float) -> None:  # type: ignore[no-untyped-def]
+    """suggest() replaced by one that returns this recommendation (what the tuner reads of it)."""
     import batchlab.batchsize as bs
 
     class FakeSuggestion:
-        status, batch_size, micro_batch, accumulation, lr, rule, rationale = "ok", 64, 64, 1, 0.8, "linear", []
+        status, rule, rationale = "ok", "linear", []
+        batch_size, micro_batch = micro * accumulation, micro
 
-        def to_dict(self):
-            return {"batch_size": 64}
+        def to_dict(self):  # type: ignore[no-untyped-def]
+            return {"batch_size": self.batch_size}
 
+    FakeSuggestion.accumulation, FakeSuggestion.lr = accumulation, lr
     monkeypatch.setattr(bs, "suggest", lambda *a, **k: FakeSuggestion())
+
+
+def test_tuner_suggest_mode_capped_by_max_batch_keeps_the_step_and_rescales_the_lr(tmp_path: Path, monkeypatch) -> None:
+    _fake_suggest(monkeypatch, 64, 1, 0.8)
     tuner = BatchSizeTuner("suggest", max_batch=16)
     module, dm, seen, _, trainer = _tune(tmp_path, tuner, n=256, steps=1)
     r = tuner.result
@@ -382,15 +389,7 @@ def test_the_tuner_refuses_a_dataloader_given_to_fit(tmp_path: Path) -> None:
 
 
 def test_suggest_mode_says_why_it_cannot_go_with_a_gradient_accumulation_scheduler(tmp_path: Path, monkeypatch) -> None:
-    import batchlab.batchsize as bs
-
-    class FakeSuggestion:
-        status, batch_size, micro_batch, accumulation, lr, rule, rationale = "ok", 16, 4, 4, 0.8, "linear", []
-
-        def to_dict(self):
-            return {"batch_size": 16}
-
-    monkeypatch.setattr(bs, "suggest", lambda *a, **k: FakeSuggestion())
+    _fake_suggest(monkeypatch, 4, 4, 0.8)
     with pytest.raises(ValueError, match="Lightning refuses that next to a GradientAccumulationScheduler"):
         _tune_with(tmp_path, BatchSizeTuner("suggest"), pl.callbacks.GradientAccumulationScheduler({0: 1}))
 

@@ -69,13 +69,18 @@ def _steps(layer: nn.Module, shape: tuple[int, ...], fn: Callable[[torch.Tensor]
     return out
 
 
-@pytest.mark.parametrize("name", list(LAYERS))
-def test_fullgraph_compile_equals_eager(name: str) -> None:
+def _eager_and_compiled(name: str) -> tuple[nn.Module, nn.Module, Callable[[torch.Tensor], torch.Tensor], tuple[int, ...]]:
+    """The layer ``name`` (initialized), an identical copy, that copy compiled with fullgraph, and its input shape."""
     make, shape = LAYERS[name]
     eager = _init(make())
-    compiled_layer = copy.deepcopy(eager)
+    ours = copy.deepcopy(eager)
     torch._dynamo.reset()
-    compiled = torch.compile(compiled_layer, fullgraph=True, backend="aot_eager")
+    return eager, ours, torch.compile(ours, fullgraph=True, backend="aot_eager"), shape
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_fullgraph_compile_equals_eager(name: str) -> None:
+    eager, compiled_layer, compiled, shape = _eager_and_compiled(name)
     want = _steps(eager, shape, eager)
     got = _steps(compiled_layer, shape, compiled)
     for i, (a, b) in enumerate(zip(got, want)):
@@ -91,11 +96,7 @@ def test_fullgraph_compile_equals_eager(name: str) -> None:
 def test_fullgraph_compile_survives_a_new_batch_size(name: str) -> None:
     # the second size recompiles with a symbolic batch dimension (a short last batch of an epoch);
     # Renorm, Caffe BN and tracked InstanceNorm failed there: their statistics kernel has no fake-tensor rule
-    make, shape = LAYERS[name]
-    eager = _init(make())
-    ours = copy.deepcopy(eager)
-    torch._dynamo.reset()
-    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    eager, ours, compiled, shape = _eager_and_compiled(name)
     g = torch.Generator().manual_seed(2)
     for n in (8, 6, 4):  # 6 and 4 leave a short virtual batch for Ghost BN
         x = torch.randn((n, *shape[1:]), generator=g) * 2 + 1

@@ -189,8 +189,7 @@ class MaxBatchResult:
         longest: how trial batches were made: ``scanned`` examples sized, the ``max`` and ``mean``
             bytes of one example and their ``ratio`` (1.0 for fixed-size data).
         world_size: ranks that agreed on every trial (1 without ``torch.distributed``).
-        examples_processed: examples pushed through the model by the trials (a CPU trial that reads
-            the resident peak runs its step twice).
+        examples_processed: examples pushed through the model by the trials.
     """
 
     batch_size: int | None
@@ -365,12 +364,13 @@ def _with_resident_peak(accounted: int, start_bytes: int, rss_delta: int | None)
 
 
 def cpu_step_bytes(task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any) -> int:
-    """One training step's memory on CPU: accounted, or the resident peak where clearly more (then
-    the step runs twice: see :func:`_steady_peak`)."""
+    """One training step's memory on CPU: accounted, or the resident peak where clearly more (read on
+    the step's one run at that shape: what stays allocated for the shape, kernel primitives and their
+    scratch space, counts, as training at that batch holds it too)."""
     seen: set[int] = set()
     start = sum(_tensor_tree_bytes(t, seen) for t in [*model.parameters(), *model.buffers()])
     start += _tensor_tree_bytes(list(optimizer.state.values()), seen) + _tensor_tree_bytes(batch, seen)
-    accounted, delta = _steady_peak(lambda: accounted_step_bytes(task, model, optimizer, batch))
+    accounted, delta = peak_rss_over(lambda: accounted_step_bytes(task, model, optimizer, batch))
     return _with_resident_peak(accounted, start, delta)
 
 
@@ -379,19 +379,8 @@ def cpu_eval_bytes(task: Task, model: nn.Module, batch: Any) -> int:
     seen: set[int] = set()
     start = sum(_tensor_tree_bytes(t, seen) for t in [*model.parameters(), *model.buffers()])
     start += _tensor_tree_bytes(batch, seen)
-    accounted, delta = _steady_peak(lambda: accounted_eval_bytes(task, model, batch))
+    accounted, delta = peak_rss_over(lambda: accounted_eval_bytes(task, model, batch))
     return _with_resident_peak(accounted, start, delta)
-
-
-def _steady_peak(step: Callable[[], int]) -> tuple[int, int | None]:
-    """The accounted bytes and the resident peak of ``step``, run twice: the first run at a new shape
-    also allocates one-time caches (kernel primitives, thread pools, lazily built optimizer state),
-    so the smaller of the two peaks is the step's own. Only where the peak can be read; else once."""
-    accounted, first = peak_rss_over(step)
-    if first is None:
-        return accounted, None
-    _, second = peak_rss_over(step)
-    return accounted, first if second is None else min(first, second)
 
 
 def eval_step(task: Task, model: nn.Module, batch: Any) -> torch.Tensor:
@@ -665,12 +654,11 @@ def max_batch_size(
             budget = None
 
         processed = [0]
-        runs_per_trial = 2 if dev.type == "cpu" and peak_rss_over(lambda: None)[1] is not None else 1
 
         def measure(b: int) -> float:
             """Bytes of one step at batch ``b``; raises on OOM."""
             batch = move_to_device(_trial_batch(source, order, b), dev)
-            processed[0] += b * runs_per_trial
+            processed[0] += b
             if mode == "train":
                 model.train()
             if dev.type == "cuda":

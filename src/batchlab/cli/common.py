@@ -198,7 +198,8 @@ _LOCK_FILE = ".batchlab.lock"
 def _lock_out(out: Path) -> None:
     """An exclusive lock on ``out`` for the rest of this command (``flock``: the system drops it when
     the process ends, however it ends); refused at once when another process holds it. Where
-    ``fcntl`` is missing (Windows) folders are not locked."""
+    ``fcntl`` is missing (Windows) or the file system has no ``flock`` (some network mounts) folders
+    are not locked."""
     key = str(out.resolve())
     if key in _HELD:
         return
@@ -206,14 +207,20 @@ def _lock_out(out: Path) -> None:
         import fcntl
     except ImportError:
         return
-    f = open(out / _LOCK_FILE, "a+")  # noqa: SIM115 - kept open: the lock lives as long as the file
+    try:
+        f = open(out / _LOCK_FILE, "a+")  # noqa: SIM115 - kept open: the lock lives as long as the file
+    except OSError:
+        return  # a folder where no lock file can be made: not locked (prepare_out checked it is writable)
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
+    except BlockingIOError as e:
         f.close()
         raise CliError(f"--out {out} is in use by another batchlab run; results are never overwritten or mixed: wait "
                        "for it to finish (then the same command resumes or shows its result), or choose another "
                        "folder") from e
+    except OSError:  # a file system without flock (some network mounts): not locked
+        f.close()
+        return
     _HELD[key] = f
 
 

@@ -707,6 +707,14 @@ def max_batch_size(
 
         with preserved_state(model, optimizer):
             probes: list[tuple[int, float]] = []
+            if dev.type == "cpu":
+                # one unmeasured step first: what a process allocates once (thread pools, the first use of a
+                # kernel, the optimizer's state) would otherwise count as the first probe's memory and bend
+                # the fit; its outcome is the first probe's to report
+                try:
+                    measure(min(max(min(probe_batches), low), cap))
+                except Exception:  # noqa: BLE001
+                    free_memory()
             for b in sorted({min(max(p, low), cap) for p in probe_batches}):
                 status, used = trial(b, within_budget=False)
                 if status != FITS:  # an OOM on some rank: no larger probe
